@@ -1,0 +1,26 @@
+# The two commands a new user runs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APP    ?= examples.streaming_chat.app:app
+DIRTY  ?= examples.streaming_chat.chat_app:ChatApp
+
+.PHONY: run test bench clean
+
+$(STAMP): setup.cfg setup.py pyproject.toml scripts/bootstrap.sh
+	PYTHON=$(PYTHON) scripts/bootstrap.sh
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m greenqueue.server --bind 127.0.0.1:8000 --dirty-app $(DIRTY) $(APP)
+
+test: $(STAMP)
+	scripts/system-deps.sh
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info test-artifacts

@@ -1,0 +1,43 @@
+"""greenqueue: one gevent process serves a WSGI app, runs tasks, schedules and process pools.
+
+The public names below are imported lazily (on first use), so ``import
+greenqueue`` stays cheap and does not import gevent before the server has
+monkey-patched the standard library.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; the one explicit list of the public API.
+_EXPORTS = {
+    # tasks
+    "task": "tasks", "spawn": "tasks", "spawn_later": "tasks", "spawn_at": "tasks",
+    "spawn_idle": "tasks", "TaskResult": "tasks", "result": "tasks", "configure": "tasks",
+    "cooperate": "tasks", "run_in_thread": "tasks",
+    # scheduler
+    "periodic": "scheduler", "crontab": "scheduler", "every": "scheduler", "Scheduler": "scheduler",
+    # process pool
+    "DirtyApp": "procpool", "ProcessPool": "procpool",
+    # lifecycle hooks
+    "on_startup": "hooks", "on_shutdown": "hooks",
+    # errors
+    "GreenqueueError": "errors", "ConfigError": "errors", "Overloaded": "errors",
+    "TaskTimeout": "errors", "TaskCancelled": "errors", "WorkerError": "errors",
+    "RemoteError": "errors", "WorkerCrashed": "errors", "WorkerTimeout": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError("module 'greenqueue' has no attribute %r" % name)
+    value = getattr(importlib.import_module("." + module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,206 @@
+"""One table of server settings: it makes the CLI, config-file names, env vars and help.
+
+Concurrency model: pure functions run once in the main greenlet at start-up.
+Precedence, lowest first: default, ``GREENQUEUE_*`` environment variable,
+``--config`` file, command line.
+"""
+
+import argparse
+import ipaddress
+import os
+import runpy
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .errors import ConfigError
+
+__all__ = ["Setting", "SETTINGS", "build_parser", "load", "parse_ips"]
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more, got %r" % text)
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if value < 0:
+        raise ValueError("must be 0 or more, got %r" % text)
+    return value
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(text):
+    level = str(text).lower()
+    if level not in LOG_LEVELS:
+        raise ValueError("must be one of %s, got %r" % (", ".join(LOG_LEVELS), text))
+    return level
+
+
+def parse_ips(text):
+    """Parse ``"127.0.0.1, 10.0.0.0/8"`` or ``"*"`` (or a list of those) into networks; None means any."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    nets = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        if item == "*":
+            return None
+        nets.append(ipaddress.ip_network(item, strict=False))
+    return tuple(nets)
+
+
+def _ips(text):
+    parse_ips(text)  # validate now so a typo fails at start-up
+    return text
+
+
+@dataclass
+class Setting:
+    """One server option: its name is the config-file name and ``--flag`` spelling."""
+
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+    multiple: bool = False
+    metavar: Optional[str] = None
+    flag: bool = False  # a boolean switch with no value
+
+    @property
+    def option(self):
+        """The long CLI flag, e.g. ``--graceful-timeout``."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self):
+        """The environment variable that can set this option."""
+        return "GREENQUEUE_" + self.name.upper()
+
+
+SETTINGS = [
+    Setting("bind", ["127.0.0.1:8000"], "address to listen on: HOST:PORT, [IPV6]:PORT or unix:PATH (repeatable)",
+            multiple=True, metavar="ADDR"),
+    Setting("config", None, "python file whose top-level names match these options", metavar="FILE.py"),
+    Setting("graceful_timeout", 30.0, "seconds to drain requests, streams and tasks on SIGTERM/SIGINT",
+            _non_negative_float, metavar="S"),
+    Setting("max_connections", 1000, "concurrent client connections; more wait in the accept backlog",
+            _positive_int, metavar="N"),
+    Setting("backlog", 2048, "listen backlog (connections waiting to be accepted)", _positive_int, metavar="N"),
+    Setting("header_timeout", 10.0, "seconds a client may take to send a request's line and headers",
+            _non_negative_float, metavar="S"),
+    Setting("keepalive_timeout", 75.0, "seconds an idle keep-alive connection is kept open",
+            _non_negative_float, metavar="S"),
+    Setting("max_request_line", 8190, "longest request line in bytes (longer: 414)", _positive_int, metavar="BYTES"),
+    Setting("max_header_size", 65536, "total size of request headers in bytes (larger: 431)",
+            _positive_int, metavar="BYTES"),
+    Setting("max_headers", 100, "most request header fields (more: 431)", _positive_int, metavar="N"),
+    Setting("forwarded_allow_ips", "127.0.0.1,::1",
+            "trust X-Forwarded-For/-Proto only from these addresses or networks ('*' = any)", _ips, metavar="IPS"),
+    Setting("access_log", None, "write one line per request to FILE, or '-' for stderr", metavar="FILE|-"),
+    Setting("log_level", "info", "log level: " + ", ".join(LOG_LEVELS), _log_level, metavar="LEVEL"),
+    Setting("max_blocking_ms", 0.0, "log the greenlet that blocks the hub longer than this (0 = off)",
+            _non_negative_float, metavar="MS"),
+    Setting("dirty_apps", [], "start a process pool for MODULE:CLASS (a DirtyApp; repeatable)",
+            multiple=True, metavar="MODULE:CLASS"),
+    Setting("dirty_workers", None, "worker processes per dirty app (default: the app's `workers`)",
+            _positive_int, metavar="N"),
+    Setting("dirty_timeout", None, "seconds per dirty call (default: the app's `timeout`)",
+            _non_negative_float, metavar="S"),
+    Setting("max_concurrency", None, "task greenlets running at once (default 100)", _positive_int, metavar="N"),
+    Setting("max_pending", None, "waiting tasks before spawn raises Overloaded (default 10000)",
+            _positive_int, metavar="N"),
+]
+
+# --dirty-app is the spelling DESIGN.md gives the repeatable flag.
+_FLAG_OVERRIDES = {"dirty_apps": "--dirty-app"}
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def build_parser(prog="greenqueue"):
+    """Build the argparse parser from :data:`SETTINGS`."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Serve a WSGI app with greenlet tasks, schedules and process pools.",
+        epilog="Every option can also be set in the --config file (same name, underscores) "
+               "or as a GREENQUEUE_<NAME> environment variable.",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("app", metavar="MODULE:APP", help="the WSGI app, e.g. myproject.web:app")
+    parser.add_argument("--version", action="version", version="greenqueue %s" % __version__)
+    for s in SETTINGS:
+        flag = _FLAG_OVERRIDES.get(s.name, s.option)
+        kwargs = {"dest": s.name, "metavar": s.metavar, "help": "%s (default: %s)" % (s.help, _show(s.default))}
+        if s.multiple:
+            kwargs["action"] = "append"
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def _show(value):
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return "none" if value is None else value
+
+
+def _coerce(setting, value, source):
+    try:
+        if setting.multiple:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            return [setting.parse(v) if isinstance(v, str) else v for v in values]
+        if value is None:
+            return None
+        return setting.parse(value) if isinstance(value, str) else setting.parse(str(value))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("%s %s: %s" % (source, setting.option, exc)) from None
+
+
+def _from_env(environ):
+    values = {}
+    for s in SETTINGS:
+        raw = environ.get(s.env)
+        if raw is not None and s.name != "config":
+            values[s.name] = _coerce(s, raw.split() if s.multiple else raw, "environment " + s.env + " for")
+    return values
+
+
+def _from_file(path):
+    if not os.path.isfile(path):
+        raise ConfigError("config file %s: no such file" % path)
+    try:
+        names = runpy.run_path(path)
+    except Exception as exc:
+        raise ConfigError("config file %s: %s: %s" % (path, type(exc).__name__, exc)) from None
+    values = {}
+    aliases = {"dirty_app": "dirty_apps"}
+    for key, value in names.items():
+        if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+            continue
+        key = aliases.get(key, key)
+        if key in _BY_NAME and key != "config":
+            values[key] = _coerce(_BY_NAME[key], value, "config file %s:" % path)
+    return values
+
+
+def load(argv=None, environ=None):
+    """Parse argv/env/config into ``(app_spec, settings dict)``; raise ConfigError when invalid."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    app_spec = args.pop("app")
+    cli = {}
+    for name, value in args.items():
+        cli[name] = _coerce(_BY_NAME[name], value, "option")
+    values = {s.name: s.default for s in SETTINGS}
+    values.update(_from_env(environ))
+    config_path = cli.get("config") or environ.get("GREENQUEUE_CONFIG")
+    if config_path:
+        values.update(_from_file(config_path))
+        values["config"] = config_path
+    values.update(cli)
+    return app_spec, values

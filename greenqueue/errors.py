@@ -1,0 +1,78 @@
+"""greenqueue's exception hierarchy: one base, one class per failure.
+
+Concurrency model: plain data, no state. Errors that cross a worker pipe are
+turned into dicts by :func:`to_dict` and back by :func:`from_dict`, so one
+table decides what a parent process can rebuild.
+"""
+
+__all__ = [
+    "GreenqueueError", "ConfigError", "Overloaded", "TaskTimeout",
+    "TaskCancelled", "WorkerError", "RemoteError", "WorkerCrashed",
+    "WorkerTimeout", "to_dict", "from_dict",
+]
+
+
+class GreenqueueError(Exception):
+    """Base class of every error greenqueue raises."""
+
+
+class ConfigError(GreenqueueError, ValueError):
+    """A setting, CLI flag or config file value is invalid."""
+
+
+class Overloaded(GreenqueueError):
+    """A queue is full; retry later (views turn this into 503)."""
+
+
+class TaskTimeout(GreenqueueError):
+    """A task ran past its timeout, or a wait for its result ran out."""
+
+
+class TaskCancelled(GreenqueueError):
+    """The task was cancelled before it could finish."""
+
+
+class WorkerError(GreenqueueError):
+    """Base of the errors a process-pool call can end with."""
+
+
+class RemoteError(WorkerError):
+    """The worker's app raised; carries the remote type, message and traceback."""
+
+    def __init__(self, message, remote_type="Exception", remote_traceback=""):
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+    def __str__(self):
+        return "%s: %s" % (self.remote_type, self.args[0] if self.args else "")
+
+
+class WorkerCrashed(WorkerError):
+    """The worker process died during the call; a new one is being started."""
+
+
+class WorkerTimeout(WorkerError):
+    """The call ran past the pool's timeout; the worker was killed and replaced."""
+
+
+_WIRE_TYPES = {cls.__name__: cls for cls in (
+    GreenqueueError, ConfigError, Overloaded, TaskTimeout, TaskCancelled,
+    WorkerError, RemoteError, WorkerCrashed, WorkerTimeout)}
+
+
+def to_dict(exc, traceback_text=""):
+    """Describe an exception as a plain dict that can cross a process pipe."""
+    cls = type(exc)
+    name = cls.__name__ if cls.__module__ in ("builtins", __name__) else (
+        "%s.%s" % (cls.__module__, cls.__qualname__))
+    return {"type": name, "message": str(exc), "traceback": traceback_text}
+
+
+def from_dict(data):
+    """Rebuild an error sent by :func:`to_dict`; foreign types become RemoteError."""
+    cls = _WIRE_TYPES.get(data.get("type"))
+    if cls is not None and cls is not RemoteError:
+        return cls(data.get("message", ""))
+    return RemoteError(data.get("message", ""), data.get("type", "Exception"),
+                       data.get("traceback", ""))

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install what the real-process tests drive: nginx and Chromium (Debian packages).
+set -euo pipefail
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ ${#need[@]} -eq 0 ] && exit 0
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+        echo "system-deps: need ${need[*]} but not root and no sudo; those tests will be skipped" >&2
+        exit 0
+    fi
+fi
+echo "system-deps: installing ${need[*]} with apt-get" >&2
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
