@@ -97,7 +97,7 @@ class ServerProcess:
         except FileNotFoundError:
             return ""
 
-    def signal(self, sig):
+    def send_signal(self, sig):
         """Send ``sig`` to the server process."""
         self.proc.send_signal(sig)
 

@@ -1,0 +1,405 @@
+"""The greenqueue server: CLI, listeners, and the start-up and shutdown lifecycle.
+
+Concurrency model: ``main()`` monkey-patches the standard library before it
+imports anything else, then runs in the main greenlet: it binds, starts the
+process pools and the scheduler, serves (gevent's StreamServer spawns one
+greenlet per connection, see ``_http``), and waits for a signal. Signal
+handlers only set an event; the shutdown itself runs in the main greenlet:
+stop accepting, drain connections, drain tasks, stop pools, run shutdown
+hooks, exit 0. A second signal exits at once with status 1.
+"""
+
+import sys
+
+__all__ = ["main", "load_app", "parse_bind"]
+
+EXIT_USAGE = 2
+EXIT_STARTUP = 1
+
+
+class StartupError(Exception):
+    """A one-line, user-facing reason the server cannot start."""
+
+    def __init__(self, message, status=EXIT_USAGE):
+        super().__init__(message)
+        self.status = status
+
+
+def load_app(spec):
+    """Import ``MODULE:APP`` (cwd on sys.path, like gunicorn) and return the WSGI callable."""
+    import importlib
+    import os
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise StartupError("app %r: expected MODULE:APP, e.g. myproject.web:app" % spec)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise StartupError("app %r: no module named %r (run from your project's directory "
+                               "or set PYTHONPATH)" % (spec, exc.name)) from None
+        raise StartupError("app %r: importing %s failed: %s: %s"
+                           % (spec, module_name, type(exc).__name__, exc)) from None
+    except Exception as exc:
+        raise StartupError("app %r: importing %s failed: %s: %s (at %s)"
+                           % (spec, module_name, type(exc).__name__, exc, _where(exc))) from None
+    app = module
+    for part in attr.split("."):
+        app = getattr(app, part, None)
+        if app is None:
+            raise StartupError("app %r: module %s has no attribute %r" % (spec, module_name, attr))
+    if not callable(app):
+        raise StartupError("app %r: %s is a %s, not a WSGI callable" % (spec, attr, type(app).__name__))
+    return app
+
+
+def _where(exc):
+    import traceback
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return "%s:%s" % (last.filename, last.lineno)
+
+
+def parse_bind(text):
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` or ``unix:PATH`` into ``(family, address)``."""
+    import socket
+
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise StartupError("--bind %r: unix: needs a socket path" % text)
+        return socket.AF_UNIX, path
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        family = socket.AF_INET6
+    else:
+        host, sep, port = text.rpartition(":")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if not sep:
+            host, port, sep = "127.0.0.1", text, ":"
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise StartupError("--bind %r: expected HOST:PORT, [IPV6]:PORT or unix:PATH" % text)
+    return family, (host or "0.0.0.0", int(port))
+
+
+def _listen(bind, backlog):
+    import errno
+    import os
+    import socket
+
+    from gevent import socket as gsocket
+
+    family, address = parse_bind(bind)
+    sock = gsocket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_UNIX:
+            _remove_stale_unix_socket(address)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError("--bind %s: address already in use (is another server running?)" % bind) from None
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            raise StartupError("--bind %s: address not available on this machine" % bind) from None
+        if exc.errno == errno.EACCES:
+            raise StartupError("--bind %s: permission denied (ports below 1024 need root)" % bind) from None
+        raise StartupError("--bind %s: %s" % (bind, os.strerror(exc.errno or 0) or exc)) from None
+    except socket.gaierror as exc:
+        sock.close()
+        raise StartupError("--bind %s: cannot resolve host: %s" % (bind, exc)) from None
+    return sock
+
+
+def _remove_stale_unix_socket(path):
+    import os
+    import socket
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError("--bind unix:%s: exists and is not a socket" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: a leftover from a crashed run
+        return
+    finally:
+        probe.close()
+    raise StartupError("--bind unix:%s: address already in use (is another server running?)" % path)
+
+
+def _display(bind):
+    if bind.startswith("unix:"):
+        return bind
+    return "http://" + bind
+
+
+def _setup_logging(settings):
+    import logging
+
+    level = getattr(logging, settings["log_level"].upper())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    access = logging.getLogger("greenqueue.access")
+    access.propagate = False
+    access.handlers[:] = []
+    if settings["access_log"]:
+        target = settings["access_log"]
+        ah = logging.StreamHandler(sys.stderr) if target == "-" else logging.FileHandler(target)
+        ah.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(ah)
+        access.setLevel(logging.INFO)
+
+
+def _watch_blocking(max_blocking_ms):
+    import logging
+
+    import gevent
+    from gevent import events as gevent_events
+
+    log = logging.getLogger("greenqueue.server")
+    gevent.config.monitor_thread = True
+    gevent.config.max_blocking_time = max_blocking_ms / 1000.0
+    # One log line per event instead of gevent's multi-line report on stderr.
+    gevent.config.print_blocking_reports = False
+
+    def on_blocked(event):
+        if isinstance(event, gevent_events.EventLoopBlocked):
+            stack = next((item for item in event.info if 'File "' in item), "")
+            frames = [line.strip() for line in stack.splitlines() if line.strip().startswith('File "')]
+            where = frames[-1] if frames else "unknown location"
+            name = getattr(event.greenlet, "name", None) or type(event.greenlet).__name__
+            log.warning("hub blocked for more than %.0f ms by greenlet %s at %s",
+                        event.blocking_time * 1000, name, where)
+
+    import zope.event
+    zope.event.subscribers.append(on_blocked)
+    gevent.get_hub().start_periodic_monitoring_thread()
+
+
+class Server:
+    """Owns listeners, the connection pool and the shutdown sequence."""
+
+    def __init__(self, app_spec, settings):
+        self.app_spec = app_spec
+        self.settings = settings
+        self.servers = []
+        self.unix_paths = []
+        self.connections = set()
+
+    def _stream_servers(self, app, listeners):
+        from gevent.pool import Pool
+        from gevent.server import StreamServer
+
+        from . import _http
+        from .config import parse_ips
+
+        s = self.settings
+        pool = Pool(s["max_connections"])
+        for bind, sock in listeners:
+            family, address = parse_bind(bind)
+            name, port = (address[0], address[1]) if isinstance(address, tuple) else ("localhost", "")
+            http = _http.HTTPSettings(
+                app, max_request_line=s["max_request_line"], max_header_size=s["max_header_size"],
+                max_headers=s["max_headers"], header_timeout=s["header_timeout"],
+                keepalive_timeout=s["keepalive_timeout"], forwarded_allow=parse_ips(s["forwarded_allow_ips"]),
+                server_name=name, server_port=port, access_log_enabled=bool(s["access_log"]))
+
+            def handle(client, address, http=http):
+                _http.Connection(client, address, http, self.connections).handle()
+
+            srv = StreamServer(sock, handle, spawn=pool)
+            srv.http_settings = http
+            self.servers.append(srv)
+        self.pool = pool
+
+    def run(self):
+        """Start everything, serve until a signal, shut down; return the exit status."""
+        import logging
+        import os
+        import signal
+
+        import gevent
+        from gevent.event import Event
+
+        from . import events, hooks
+
+        log = logging.getLogger("greenqueue.server")
+        s = self.settings
+        app = load_app(self.app_spec)
+        listeners = []
+        try:
+            for bind in s["bind"]:
+                listeners.append((bind, _listen(bind, s["backlog"])))
+                if bind.startswith("unix:"):
+                    self.unix_paths.append(bind[5:])
+        except StartupError:
+            for _, sock in listeners:
+                sock.close()
+            self._remove_unix_sockets()
+            raise
+        self._stream_servers(app, listeners)
+        self._configure_tasks()
+        try:
+            hooks.run_startup()
+        except Exception as exc:
+            self._remove_unix_sockets()
+            raise StartupError("startup hook failed: %s: %s (at %s)" % (type(exc).__name__, exc, _where(exc)),
+                               EXIT_STARTUP) from None
+        pools_started = self._start_pools()
+        self._start_scheduler()
+        stop = Event()
+        reason = []
+
+        def on_signal(signum):
+            if stop.is_set():
+                log.warning("second %s: exiting now without draining", signal.Signals(signum).name)
+                sys.stderr.flush()
+                os._exit(1)
+            reason.append(signal.Signals(signum).name)
+            stop.set()
+
+        gevent.signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
+        gevent.signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
+        for srv in self.servers:
+            srv.start()
+        addresses = tuple(_display(b) for b, _ in listeners)
+        events.notify(events.ServerStarting(addresses=addresses, app=self.app_spec))
+        log.info("greenqueue %s serving %s on %s (pid %d%s)", _version(), self.app_spec,
+                 ", ".join(addresses), os.getpid(),
+                 ", dirty apps: " + ", ".join(pools_started) if pools_started else "")
+        stop.wait()
+        return self.shutdown(reason[0] if reason else "stop")
+
+    def _configure_tasks(self):
+        s = self.settings
+        opts = {k: s[k] for k in ("max_concurrency", "max_pending") if s.get(k) is not None}
+        if opts:
+            from . import tasks
+            tasks.configure(**opts)
+
+    def _start_pools(self):
+        s = self.settings
+        if not s["dirty_apps"]:
+            return []
+        from . import procpool
+        try:
+            procpool.start_pools(s["dirty_apps"], workers=s["dirty_workers"], timeout=s["dirty_timeout"])
+        except Exception as exc:
+            self._remove_unix_sockets()
+            raise StartupError("--dirty-app: %s: %s" % (type(exc).__name__, exc), EXIT_STARTUP) from None
+        return list(s["dirty_apps"])
+
+    def _start_scheduler(self):
+        scheduler = sys.modules.get("greenqueue.scheduler")
+        if scheduler is not None:
+            # Only apps that declared @periodic jobs imported the scheduler; others pay nothing.
+            scheduler.get_scheduler().start()
+
+    def shutdown(self, reason):
+        """Graceful shutdown: stop accepting, drain connections and tasks, stop pools, run hooks."""
+        import logging
+        import time
+
+        from . import events, hooks
+
+        log = logging.getLogger("greenqueue.server")
+        deadline = time.monotonic() + self.settings["graceful_timeout"]
+        events.notify(events.ServerStopping(reason=reason))
+        for srv in self.servers:
+            srv.stop_accepting()
+            srv.http_settings.shutting_down = True
+            try:
+                srv.socket.close()
+            except OSError:
+                pass  # already closed
+        self._remove_unix_sockets()
+        busy = sum(1 for c in self.connections if not c.idle)
+        log.info("%s: stopped accepting; draining %d busy connection(s), graceful timeout %.0fs",
+                 reason, busy, self.settings["graceful_timeout"])
+        scheduler = sys.modules.get("greenqueue.scheduler")
+        if scheduler is not None:
+            scheduler.get_scheduler().stop()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        self.pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        left = len(self.pool)
+        if left:
+            log.warning("graceful timeout: closing %d connection(s) still busy", left)
+            self.pool.kill(block=True, timeout=5)
+        else:
+            log.info("connections drained")
+        self._drain_tasks(log, deadline)
+        procpool = sys.modules.get("greenqueue.procpool")
+        if procpool is not None:
+            procpool.stop_all(max(1.0, deadline - time.monotonic()))
+            log.info("worker pools stopped")
+        hooks.run_shutdown()
+        log.info("shutdown complete")
+        return 0
+
+    def _drain_tasks(self, log, deadline):
+        tasks = sys.modules.get("greenqueue.tasks")
+        if tasks is None:
+            return
+        info = tasks.drain(max(0.0, deadline - time.monotonic()))
+        log.info("tasks drained: %s", info)
+
+    def _remove_unix_sockets(self):
+        import os
+        for path in self.unix_paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.unix_paths = []
+
+
+def _version():
+    from . import __version__
+    return __version__
+
+
+def main(argv=None):
+    """Entry point of ``python -m greenqueue.server`` and the ``greenqueue`` command."""
+    # Patch before anything imports socket/threading users, and before the app is imported.
+    from gevent import monkey
+    monkey.patch_all()
+
+    from .config import load
+    from .errors import ConfigError
+
+    try:
+        app_spec, settings = load(argv)
+    except ConfigError as exc:
+        print("greenqueue: error: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(settings)
+    if settings["max_blocking_ms"]:
+        _watch_blocking(settings["max_blocking_ms"])
+    try:
+        return Server(app_spec, settings).run()
+    except StartupError as exc:
+        print("greenqueue: error: %s" % exc, file=sys.stderr)
+        return exc.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""A small Flask app the server tests drive over real HTTP."""
+
+import os
+import time
+
+import gevent
+from gevent.event import Event
+from flask import Flask, Response, jsonify, request, stream_with_context
+
+app = Flask(__name__)
+_release = Event()
+
+
+@app.get("/")
+def hello():
+    return "Hello, greenqueue!"
+
+
+@app.route("/echo", methods=["POST", "PUT"])
+def echo():
+    return request.get_data()
+
+
+@app.get("/env")
+def env():
+    return jsonify(remote_addr=request.environ.get("REMOTE_ADDR"), scheme=request.scheme,
+                   path=request.path, query=request.query_string.decode())
+
+
+@app.get("/slow")
+def slow():
+    marker = request.args.get("marker")
+    if marker:
+        with open(marker, "w") as fh:
+            fh.write(str(os.getpid()))
+    gevent.sleep(float(request.args.get("seconds", "1")))
+    return "slow done"
+
+
+@app.get("/stream")
+def stream():
+    """Yields one chunk, then waits for /release before the last one."""
+    _release.clear()
+
+    def generate():
+        yield "first\n"
+        _release.wait(30)
+        yield "last\n"
+
+    return Response(stream_with_context(generate()), mimetype="text/plain")
+
+
+@app.get("/release")
+def release():
+    _release.set()
+    return "released"
+
+
+@app.get("/count/<int:n>")
+def count(n):
+    def generate():
+        for i in range(n):
+            yield "%d\n" % i
+    return Response(generate(), mimetype="text/plain")
+
+
+@app.get("/boom")
+def boom():
+    raise RuntimeError("boom")
+
+
+@app.get("/nocontent")
+def nocontent():
+    return "", 204
+
+
+@app.get("/time")
+def now():
+    return str(time.time())

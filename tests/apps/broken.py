@@ -1,0 +1,3 @@
+"""An app module that fails on import (for the CLI error tests)."""
+
+ratio = 1 / 0
