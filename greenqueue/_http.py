@@ -23,6 +23,8 @@ import time
 from email.utils import formatdate
 from urllib.parse import unquote_to_bytes
 
+import gevent
+import gevent.socket
 import httptools
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ class RequestError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class ClientDisconnected(Exception):
+    """Raised in a streaming greenlet when its client has closed the connection."""
 
 
 class _Request:
@@ -253,6 +259,20 @@ class Connection:
         if not data:
             raise EOFError
         self.parser.feed(data)
+
+    def watch_disconnect(self, handler):
+        """Kill ``handler`` (the greenlet streaming a response) when the client hangs up."""
+        raw = getattr(self.sock, "_sock", self.sock)
+        try:
+            gevent.socket.wait_read(self.sock.fileno())
+            data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # spurious wake-up; the stream's own writes will notice a close
+        except OSError:
+            data = b""
+        if not data:
+            handler.kill(ClientDisconnected("client closed the connection"), block=False)
+        # Data means a pipelined request; we stop watching rather than consume it.
 
     def send_raw(self, data):
         """Send bytes now (disconnects propagate as OSError)."""
@@ -584,7 +604,7 @@ class _Response:
             return
         try:
             self._send_result(result)
-        except _DISCONNECTS:
+        except (ClientDisconnected,) + _DISCONNECTS:
             self.keep_alive = False
             log.debug("client %s went away during the response", self.conn._peer())
         except OSError as exc:
@@ -615,11 +635,17 @@ class _Response:
                 self.sent_body = len(body)
                 self.conn.send_raw(head + body)
             return
-        for chunk in result:
-            if chunk:
-                self.write(chunk)
-            elif not self.headers_sent and self.status is not None and self._wants_early_headers():
-                self.write(b"")
+        # A stream may sit idle (waiting on a worker); watch for the client leaving
+        # so the source generator is closed at once instead of at the next write.
+        watcher = gevent.spawn(self.conn.watch_disconnect, gevent.getcurrent())
+        try:
+            for chunk in result:
+                if chunk:
+                    self.write(chunk)
+                elif not self.headers_sent and self.status is not None and self._wants_early_headers():
+                    self.write(b"")
+        finally:
+            watcher.kill(block=False)
         if not self.headers_sent:
             if self.status is None:
                 raise AssertionError("the app returned without calling start_response()")

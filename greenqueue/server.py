@@ -392,6 +392,8 @@ def main(argv=None):
         print("greenqueue: error: %s" % exc, file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(settings)
+    from . import eventlog
+    eventlog.install()  # one log line per task/job/worker/server event
     if settings["max_blocking_ms"]:
         _watch_blocking(settings["max_blocking_ms"])
     try:

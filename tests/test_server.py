@@ -80,6 +80,17 @@ def test_first_stream_chunk_arrives_before_the_generator_ends(server):
         assert next(lines) == b"last"
 
 
+def test_client_leaving_an_idle_stream_closes_its_generator_at_once(server):
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    s.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"first" in s.recv(1000)
+    assert requests.get(server.url + "/stream-closed").text == "no"
+    s.close()  # the generator is blocked (no write will come) until /release
+    started = time.monotonic()
+    assert requests.get(server.url + "/stream-closed", params={"wait": "5"}).text == "yes"
+    assert time.monotonic() - started < 1.0
+
+
 def test_head_and_204_have_no_body(server):
     data = raw_request(server.port, b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")

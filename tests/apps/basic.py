@@ -9,6 +9,7 @@ from flask import Flask, Response, jsonify, request, stream_with_context
 
 app = Flask(__name__)
 _release = Event()
+_stream_closed = Event()
 
 
 @app.get("/")
@@ -41,13 +42,22 @@ def slow():
 def stream():
     """Yields one chunk, then waits for /release before the last one."""
     _release.clear()
+    _stream_closed.clear()
 
     def generate():
-        yield "first\n"
-        _release.wait(30)
-        yield "last\n"
+        try:
+            yield "first\n"
+            _release.wait(30)
+            yield "last\n"
+        finally:
+            _stream_closed.set()
 
     return Response(stream_with_context(generate()), mimetype="text/plain")
+
+
+@app.get("/stream-closed")
+def stream_closed():
+    return "yes" if _stream_closed.wait(float(request.args.get("wait", "0"))) else "no"
 
 
 @app.get("/release")
