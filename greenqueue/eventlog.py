@@ -1,0 +1,113 @@
+"""The default logging listener: one log line per greenqueue event.
+
+Concurrency model: the listener runs synchronously in whichever greenlet
+published the event (see greenqueue.events); it only formats and logs, so
+it never blocks the hub beyond what the configured logging handlers do.
+``install()`` and ``uninstall()`` are meant for start-up and tests.
+"""
+
+import logging
+
+from . import events
+
+log = logging.getLogger(__name__)
+
+__all__ = ["install", "uninstall", "installed", "describe"]
+
+_unsubscribe = None
+
+
+def _task(e):
+    r = e.result
+    return getattr(r, "name", "?"), getattr(r, "id", "?")
+
+
+def _error(exc):
+    return "%s: %s" % (type(exc).__name__, exc) if exc is not None else "unknown error"
+
+
+def _job(e):
+    job = e.job
+    return getattr(job, "name", None) or repr(job)
+
+
+def _pool(e):
+    pool = e.pool
+    return getattr(pool, "name", None) or repr(pool)
+
+
+# event type -> (level, function returning (format, args)); %-style so nothing
+# is formatted when the level is off.
+_FORMATS = {
+    events.TaskSpawned: (logging.DEBUG, lambda e: (
+        "task %s[%s] spawned%s", _task(e) + (
+            " for %s" % e.result.eta.isoformat() if getattr(e.result, "eta", None) else "",))),
+    events.TaskStarted: (logging.DEBUG, lambda e: (
+        "task %s[%s] started (attempt %d)", _task(e) + (getattr(e.result, "retries", 0) + 1,))),
+    events.TaskSucceeded: (logging.INFO, lambda e: (
+        "task %s[%s] succeeded in %.3fs", _task(e) + (e.duration,))),
+    events.TaskFailed: (logging.ERROR, lambda e: (
+        "task %s[%s] failed in %.3fs: %s", _task(e) + (e.duration, _error(e.exception)))),
+    events.TaskRetrying: (logging.WARNING, lambda e: (
+        "task %s[%s] retry %d in %.3fs after %s",
+        _task(e) + (getattr(e.result, "retries", 0), e.delay, _error(e.exception)))),
+    events.TaskCancelled: (logging.INFO, lambda e: ("task %s[%s] cancelled", _task(e))),
+    events.JobFired: (logging.INFO, lambda e: (
+        "job %s fired (scheduled for %s) as task %s",
+        (_job(e), e.scheduled_for, getattr(e.result, "id", None)))),
+    events.JobSkipped: (logging.WARNING, lambda e: (
+        "job %s skipped run for %s: %s", (_job(e), e.scheduled_for, e.reason))),
+    events.JobMissed: (logging.WARNING, lambda e: (
+        "job %s missed %d run(s), late by %.3fs (scheduled for %s)",
+        (_job(e), e.missed_runs, e.late_by, e.scheduled_for))),
+    events.WorkerStarted: (logging.INFO, lambda e: (
+        "worker %d (pid %d) of pool %s started", (e.index, e.pid, _pool(e)))),
+    events.WorkerExited: (logging.INFO, lambda e: (
+        "worker %d (pid %d) of pool %s exited: %s (exit code %s)",
+        (e.index, e.pid, _pool(e), e.reason or "unknown", e.exitcode))),
+    events.ServerStarting: (logging.INFO, lambda e: (
+        "server starting on %s for %s", (", ".join(map(str, e.addresses)) or "?", e.app or "?"))),
+    events.ServerStopping: (logging.INFO, lambda e: (
+        "server stopping: %s", (e.reason or "requested",))),
+}
+
+_LOUD_EXITS = ("crashed", "timeout", "init-failed")
+
+
+def describe(event):
+    """Return ``(level, format, args)`` for the log line of ``event``."""
+    for cls in type(event).__mro__:
+        entry = _FORMATS.get(cls)
+        if entry is not None:
+            level, build = entry
+            fmt, args = build(event)
+            if cls is events.WorkerExited and event.reason in _LOUD_EXITS:
+                level = logging.WARNING
+            return level, fmt, args
+    return logging.DEBUG, "event %r", (event,)
+
+
+def _listener(event):
+    level, fmt, args = describe(event)
+    if log.isEnabledFor(level):
+        log.log(level, fmt, *args)
+
+
+def install():
+    """Start logging every greenqueue event through this module's logger (idempotent)."""
+    global _unsubscribe
+    if _unsubscribe is None:
+        _unsubscribe = events.subscribe(_listener, events.Event)
+
+
+def uninstall():
+    """Stop logging events (no-op when not installed)."""
+    global _unsubscribe
+    if _unsubscribe is not None:
+        _unsubscribe()
+        _unsubscribe = None
+
+
+def installed():
+    """True while the listener is subscribed."""
+    return _unsubscribe is not None

@@ -1,0 +1,102 @@
+"""Background tasks: ``@task``, the spawn family, TaskResult and the runner.
+
+Concurrency model: one gevent hub thread. Every task attempt runs in its own
+greenlet, started by the default :class:`Runner` (``get_runner()``), which
+lets at most ``max_concurrency`` of them hold a slot; the rest wait in FIFO
+order (idle tasks last, released from ``gevent.idle()``), and delayed tasks
+wait in one heap served by one timer greenlet. Spawning never blocks: past
+``max_pending`` waiting tasks it raises :class:`greenqueue.Overloaded`. A task
+blocked in ``TaskResult.get()`` lends its slot out, so tasks waiting on tasks
+never deadlock. Code in a task must yield to the hub (I/O under monkey
+patching, :func:`cooperate`, :func:`run_in_thread`) or it stalls every other
+request and task. State lives in this process only; a forked child (gipc
+worker) must not use the parent's runner. Flask is imported by nobody here:
+a spawn made inside an app or request context runs in ``app.app_context()``.
+"""
+
+import functools
+import logging
+from typing import Callable, Optional, ParamSpec, TypeVar
+
+import gevent
+
+from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED,
+                      SUCCESS, TaskResult)
+from ._runner import DrainReport, Runner, TaskOptions, get_runner, reset
+from ._task import Task, get_task, registered, task
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "task", "Task", "TaskResult", "spawn", "spawn_later", "spawn_at", "spawn_idle",
+    "result", "configure", "drain", "cooperate", "run_in_thread", "get_runner", "reset",
+    "Runner", "DrainReport", "TaskOptions", "get_task", "registered",
+    "PENDING", "SCHEDULED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED",
+    "READY_STATES",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def spawn(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskResult[R]:
+    """Run ``fn(*args, **kwargs)`` soon in a task greenlet; returns a TaskResult at once."""
+    if isinstance(fn, Task):
+        return fn.spawn(*args, **kwargs)
+    return get_runner().spawn(fn, args, kwargs)
+
+
+def spawn_later(seconds: float, fn: Optional[Callable] = None, /, *args, **kwargs):
+    """Run ``fn`` after ``seconds``; ``@spawn_later(s)`` makes every call schedule the function."""
+    if fn is None:
+        def decorate(f):
+            @functools.wraps(f)
+            def schedule(*a, **kw):
+                return spawn_later(seconds, f, *a, **kw)
+            return schedule
+        return decorate
+    if isinstance(fn, Task):
+        return fn.spawn_later(seconds, *args, **kwargs)
+    return get_runner().spawn(fn, args, kwargs, delay=seconds)
+
+
+def spawn_at(when, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskResult[R]:
+    """Run ``fn`` at the datetime ``when`` (naive means UTC)."""
+    if isinstance(fn, Task):
+        return fn.spawn_at(when, *args, **kwargs)
+    return get_runner().spawn(fn, args, kwargs, eta=when)
+
+
+def spawn_idle(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskResult[R]:
+    """Run ``fn`` when the hub has nothing else to do, after normal waiting tasks."""
+    if isinstance(fn, Task):
+        return fn.spawn_idle(*args, **kwargs)
+    return get_runner().spawn(fn, args, kwargs, idle=True)
+
+
+def result(task_id: str) -> Optional[TaskResult]:
+    """Look up a TaskResult by id (None when unknown or expired)."""
+    return get_runner().result(task_id)
+
+
+def configure(max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
+              result_ttl: Optional[float] = None, max_results: Optional[int] = None,
+              eager: Optional[bool] = None) -> Runner:
+    """Set the default runner's limits (defaults 100, 10000, 3600 s, 10000, False); None keeps one."""
+    return get_runner().configure(max_concurrency=max_concurrency, max_pending=max_pending,
+                                  result_ttl=result_ttl, max_results=max_results, eager=eager)
+
+
+def drain(timeout: Optional[float] = None) -> DrainReport:
+    """Wait up to ``timeout`` s for running and waiting tasks of the default runner (shutdown)."""
+    return get_runner().drain(timeout)
+
+
+def cooperate() -> None:
+    """Yield to the hub so other greenlets run (call it inside CPU-heavy loops)."""
+    gevent.sleep(0)
+
+
+def run_in_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run blocking ``fn`` in gevent's threadpool; only this greenlet waits for the value."""
+    return gevent.get_hub().threadpool.apply(fn, args, kwargs)

@@ -1,0 +1,36 @@
+"""Helpers for testing code that spawns greenqueue tasks.
+
+Concurrency model: these helpers run in the test's greenlet and change the
+default runner in place (``eager``) or block that greenlet until tasks are
+done (``wait_for_tasks``); the hub keeps running task greenlets meanwhile.
+"""
+
+import contextlib
+import logging
+
+from .errors import TaskTimeout
+from .tasks import get_runner
+
+log = logging.getLogger(__name__)
+
+__all__ = ["eager", "wait_for_tasks"]
+
+
+@contextlib.contextmanager
+def eager(enabled=True):
+    """Run spawned tasks inline in the caller while inside the block; their exceptions propagate."""
+    runner = get_runner()
+    before = runner.eager
+    runner.eager = bool(enabled)
+    try:
+        yield runner
+    finally:
+        runner.eager = before
+
+
+def wait_for_tasks(timeout=5.0):
+    """Wait until the tasks running or waiting now have finished; TaskTimeout if some have not."""
+    report = get_runner().drain(timeout)
+    if not report.complete:
+        raise TaskTimeout("tasks still unfinished after %ss: %s" % (timeout, report))
+    return report
