@@ -1,7 +1,9 @@
 """The greenqueue server: CLI, listeners, and the start-up and shutdown lifecycle.
 
 Concurrency model: ``main()`` monkey-patches the standard library before it
-imports anything else, then runs in the main greenlet: it binds, starts the
+imports gevent's servers, greenqueue's runners or the app (the plain stdlib
+modules imported at the top are patched in place, so that order is safe),
+then runs in the main greenlet: it binds, starts the
 process pools and the scheduler, serves (gevent's StreamServer spawns one
 greenlet per connection, see ``_http``), and waits for a signal. Signal
 handlers only set an event; the shutdown itself runs in the main greenlet:
@@ -9,7 +11,16 @@ stop accepting, drain connections, drain tasks, stop pools, run shutdown
 hooks, exit 0. A second signal exits at once with status 1.
 """
 
+import errno
+import importlib
+import logging
+import os
+import signal
+import socket
+import stat
 import sys
+import time
+import traceback
 
 __all__ = ["main", "load_app", "parse_bind"]
 
@@ -27,8 +38,6 @@ class StartupError(Exception):
 
 def load_app(spec):
     """Import ``MODULE:APP`` (cwd on sys.path, like gunicorn) and return the WSGI callable."""
-    import importlib
-    import os
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -57,7 +66,6 @@ def load_app(spec):
 
 
 def _where(exc):
-    import traceback
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return "?"
@@ -67,7 +75,6 @@ def _where(exc):
 
 def parse_bind(text):
     """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` or ``unix:PATH`` into ``(family, address)``."""
-    import socket
 
     if text.startswith("unix:"):
         path = text[5:]
@@ -88,9 +95,6 @@ def parse_bind(text):
 
 
 def _listen(bind, backlog):
-    import errno
-    import os
-    import socket
 
     from gevent import socket as gsocket
 
@@ -121,9 +125,6 @@ def _listen(bind, backlog):
 
 
 def _remove_stale_unix_socket(path):
-    import os
-    import socket
-    import stat
 
     try:
         mode = os.stat(path).st_mode
@@ -149,7 +150,6 @@ def _display(bind):
 
 
 def _setup_logging(settings):
-    import logging
 
     level = getattr(logging, settings["log_level"].upper())
     handler = logging.StreamHandler(sys.stderr)
@@ -169,7 +169,6 @@ def _setup_logging(settings):
 
 
 def _watch_blocking(max_blocking_ms):
-    import logging
 
     import gevent
     from gevent import events as gevent_events
@@ -232,9 +231,6 @@ class Server:
 
     def run(self):
         """Start everything, serve until a signal, shut down; return the exit status."""
-        import logging
-        import os
-        import signal
 
         import gevent
         from gevent.event import Event
@@ -315,8 +311,6 @@ class Server:
 
     def shutdown(self, reason):
         """Graceful shutdown: stop accepting, drain connections and tasks, stop pools, run hooks."""
-        import logging
-        import time
 
         from . import events, hooks
 
@@ -359,11 +353,13 @@ class Server:
         tasks = sys.modules.get("greenqueue.tasks")
         if tasks is None:
             return
-        info = tasks.drain(max(0.0, deadline - time.monotonic()))
-        log.info("tasks drained: %s", info)
+        report = tasks.drain(max(0.0, deadline - time.monotonic()))
+        if not report.complete:
+            log.warning("graceful timeout: cancelling %d running and %d waiting task(s)",
+                        report.running, report.pending)
+            tasks.get_runner().kill()
 
     def _remove_unix_sockets(self):
-        import os
         for path in self.unix_paths:
             try:
                 os.unlink(path)

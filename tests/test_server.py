@@ -136,6 +136,26 @@ def test_sigterm_lets_an_in_flight_request_finish(server_factory, tmp_path):
     assert "stopped accepting" in log and "shutdown complete" in log
 
 
+def test_a_task_spawned_by_a_view_finishes_and_can_be_looked_up(server, tmp_path):
+    path = str(tmp_path / "out")
+    spawned = requests.post(server.url + "/spawn", data={"path": path}).json()
+    assert spawned["state"] in ("PENDING", "STARTED")
+    state = wait_for(lambda: requests.get(server.url + "/task/" + spawned["id"]).json()["state"] == "SUCCESS"
+                     and requests.get(server.url + "/task/" + spawned["id"]).json(), 10, message="the task")
+    assert state["result"] == path
+    assert (tmp_path / "out").read_text() == "done"
+
+
+def test_sigterm_drains_running_tasks(server_factory, tmp_path):
+    srv = server_factory(APP)
+    path = tmp_path / "drained"
+    requests.post(srv.url + "/spawn", data={"path": str(path), "seconds": "1"})
+    srv.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(20) == 0
+    assert path.read_text() == "done"
+    assert "1 task(s) finished" in srv.log()
+
+
 def test_second_signal_exits_at_once(server_factory, tmp_path):
     srv = server_factory(APP, "--graceful-timeout", "60")
     marker = tmp_path / "in-flight"

@@ -7,7 +7,19 @@ import gevent
 from gevent.event import Event
 from flask import Flask, Response, jsonify, request, stream_with_context
 
+import greenqueue
+from greenqueue import task
+
 app = Flask(__name__)
+
+
+@task
+def write_later(path, seconds):
+    """Sleeps, then writes ``path``: observable proof the task ran to the end."""
+    gevent.sleep(seconds)
+    with open(path, "w") as fh:
+        fh.write("done")
+    return path
 _release = Event()
 _stream_closed = Event()
 
@@ -87,3 +99,17 @@ def nocontent():
 @app.get("/time")
 def now():
     return str(time.time())
+
+
+@app.post("/spawn")
+def spawn_task():
+    r = write_later.spawn(request.form["path"], float(request.form.get("seconds", "0")))
+    return jsonify(id=r.id, state=r.state)
+
+
+@app.get("/task/<task_id>")
+def task_state(task_id):
+    r = greenqueue.result(task_id)
+    if r is None:
+        return jsonify(error="unknown task"), 404
+    return jsonify(id=r.id, state=r.state, result=r.result if r.successful() else None)
