@@ -1,0 +1,1 @@
+"""Runnable examples of greenqueue (importable from the repository root)."""

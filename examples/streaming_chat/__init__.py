@@ -1,0 +1,1 @@
+"""A chat UI that streams tokens from a DirtyApp worker over SSE."""
