@@ -25,6 +25,7 @@ _EXPORTS = {
     "GreenqueueError": "errors", "ConfigError": "errors", "Overloaded": "errors",
     "TaskTimeout": "errors", "TaskCancelled": "errors", "WorkerError": "errors",
     "RemoteError": "errors", "WorkerCrashed": "errors", "WorkerTimeout": "errors",
+    "JournalError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

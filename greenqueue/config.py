@@ -112,6 +112,8 @@ SETTINGS = [
             _positive_int, metavar="N"),
     Setting("dirty_timeout", None, "seconds per dirty call (default: the app's `timeout`)",
             _non_negative_float, metavar="S"),
+    Setting("journal", None, "SQLite journal file: tasks and schedules survive restarts and crashes",
+            metavar="PATH"),
     Setting("max_concurrency", None, "task greenlets running at once (default 100)", _positive_int, metavar="N"),
     Setting("max_pending", None, "waiting tasks before spawn raises Overloaded (default 10000)",
             _positive_int, metavar="N"),

@@ -76,3 +76,11 @@ def from_dict(data):
         return cls(data.get("message", ""))
     return RemoteError(data.get("message", ""), data.get("type", "Exception"),
                        data.get("traceback", ""))
+
+
+class JournalError(GreenqueueError):
+    """The task journal cannot be opened or written (names the file and what to do)."""
+
+
+_WIRE_TYPES["JournalError"] = JournalError
+__all__.append("JournalError")

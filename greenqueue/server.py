@@ -260,6 +260,7 @@ class Server:
             raise StartupError("startup hook failed: %s: %s (at %s)" % (type(exc).__name__, exc, _where(exc)),
                                EXIT_STARTUP) from None
         pools_started = self._start_pools()
+        self._open_journal()
         self._start_scheduler()
         stop = Event()
         reason = []
@@ -303,6 +304,20 @@ class Server:
             raise StartupError("--dirty-app: %s: %s" % (type(exc).__name__, exc), EXIT_STARTUP) from None
         return list(s["dirty_apps"])
 
+    def _open_journal(self):
+        path = self.settings["journal"]
+        if not path:
+            return
+        from . import journal
+        try:
+            journal.enable(path)
+        except Exception as exc:
+            self._remove_unix_sockets()
+            procpool = sys.modules.get("greenqueue.procpool")
+            if procpool is not None:
+                procpool.stop_all(5)
+            raise StartupError("--journal: %s" % exc) from None
+
     def _start_scheduler(self):
         scheduler = sys.modules.get("greenqueue.scheduler")
         if scheduler is not None:
@@ -345,6 +360,9 @@ class Server:
         if procpool is not None:
             procpool.stop_all(max(1.0, deadline - time.monotonic()))
             log.info("worker pools stopped")
+        journal = sys.modules.get("greenqueue.journal")
+        if journal is not None:
+            journal.close()
         hooks.run_shutdown()
         log.info("shutdown complete")
         return 0
@@ -354,6 +372,12 @@ class Server:
         if tasks is None:
             return
         report = tasks.drain(max(0.0, deadline - time.monotonic()))
+        journal = sys.modules.get("greenqueue.journal")
+        if journal is not None and journal.get() is not None:
+            # From here on, what is unfinished stays unfinished in the file and runs at the next start.
+            journal.stop_recording()
+            log.info("journal: %d delayed and %d unfinished task(s) kept for the next start",
+                     report.scheduled, report.running + report.pending)
         if not report.complete:
             log.warning("graceful timeout: cancelling %d running and %d waiting task(s)",
                         report.running, report.pending)

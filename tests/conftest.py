@@ -133,11 +133,14 @@ def _connectable(bind):
     else:
         host, _, port = bind.rpartition(":")
         family, addr = socket.AF_INET, (host, int(port))
+    # A bound socket accepts connections into its backlog before the server is
+    # serving (start-up may still fail), so wait for an HTTP answer, any answer.
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         try:
             s.connect(addr)
-            return True
+            s.sendall(b"GET /__ready_probe__ HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+            return s.recv(12).startswith(b"HTTP/1.")
         except OSError:
             return False
 
@@ -165,7 +168,8 @@ def server_factory(tmp_path):
 def _reset_greenqueue_state():
     """Give every test fresh default runner, scheduler, pools and hooks."""
     yield
-    for name in ("greenqueue.scheduler", "greenqueue.tasks", "greenqueue.procpool", "greenqueue.hooks"):
+    for name in ("greenqueue.journal", "greenqueue.scheduler", "greenqueue.tasks", "greenqueue.procpool",
+                 "greenqueue.hooks"):
         module = sys.modules.get(name)
         reset = getattr(module, "reset", None)
         if reset is not None:

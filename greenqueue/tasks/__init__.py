@@ -16,6 +16,7 @@ a spawn made inside an app or request context runs in ``app.app_context()``.
 
 import functools
 import logging
+import sys
 from typing import Callable, Optional, ParamSpec, TypeVar
 
 import gevent
@@ -75,16 +76,28 @@ def spawn_idle(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Task
 
 
 def result(task_id: str) -> Optional[TaskResult]:
-    """Look up a TaskResult by id (None when unknown or expired)."""
-    return get_runner().result(task_id)
+    """Look up a TaskResult by id (None when unknown or expired); asks the journal too."""
+    r = get_runner().result(task_id)
+    if r is None:
+        journal = sys.modules.get("greenqueue.journal")
+        if journal is not None:
+            r = journal.lookup(task_id)
+    return r
 
 
 def configure(max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
               result_ttl: Optional[float] = None, max_results: Optional[int] = None,
-              eager: Optional[bool] = None) -> Runner:
-    """Set the default runner's limits (defaults 100, 10000, 3600 s, 10000, False); None keeps one."""
-    return get_runner().configure(max_concurrency=max_concurrency, max_pending=max_pending,
-                                  result_ttl=result_ttl, max_results=max_results, eager=eager)
+              eager: Optional[bool] = None, journal=None) -> Runner:
+    """Set the default runner's limits (defaults 100, 10000, 3600 s, 10000, False); None keeps one.
+
+    ``journal=PATH`` opens the SQLite journal so tasks survive restarts.
+    """
+    runner = get_runner().configure(max_concurrency=max_concurrency, max_pending=max_pending,
+                                    result_ttl=result_ttl, max_results=max_results, eager=eager)
+    if journal is not None:
+        from .. import journal as _journal
+        _journal.enable(journal)
+    return runner
 
 
 def drain(timeout: Optional[float] = None) -> DrainReport:

@@ -191,16 +191,18 @@ class Runner:
     # -- spawning -------------------------------------------------------------
 
     def spawn(self, fn, args=(), kwargs=None, *, name=None, opts=None, delay=None,
-              eta=None, idle=False, force=False, on_done=None):
+              eta=None, idle=False, force=False, on_done=None, task_id=None, retries=0):
         """Accept ``fn(*args, **kwargs)`` as a task and return its TaskResult at once.
 
         ``force`` skips the max_pending check (work already accepted in another
         form, such as a batch); ``on_done(result)`` runs when it is ready.
+        ``task_id`` and ``retries`` restore a task replayed from the journal.
         """
         if self._closed:
             raise GreenqueueError("this task runner was reset; use greenqueue.tasks.get_runner()")
-        r = TaskResult(self, _new_id(), name or _callable_name(fn), fn, args, kwargs or {},
+        r = TaskResult(self, task_id or _new_id(), name or _callable_name(fn), fn, args, kwargs or {},
                        opts or _NO_OPTIONS, _flask_app(), idle)
+        r.retries = retries
         if on_done is not None:
             r._callbacks = [on_done]
         if self.eager:

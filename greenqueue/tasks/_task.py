@@ -92,12 +92,14 @@ def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1.0,
          retry_jitter: float = 0.0, timeout: Optional[float] = None, name: Optional[str] = None,
          batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
-         ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+         serializer: str = "json") -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def task(fn=None, /, *, retries=0, retry_delay=0.0, retry_backoff=1.0, retry_jitter=0.0,
-         timeout=None, name=None, batch_size=None, batch_interval=None):
+         timeout=None, name=None, batch_size=None, batch_interval=None, serializer="json"):
     """Register a function as a task; works as ``@task`` and ``@task(retries=3, ...)``."""
+    if serializer not in ("json", "pickle"):
+        raise ConfigError("serializer must be 'json' or 'pickle', got %r" % (serializer,))
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError("batch_size must be an integer >= 1 or None, got %r" % (batch_size,))
     if batch_interval is not None and batch_interval <= 0:
@@ -117,6 +119,7 @@ def task(fn=None, /, *, retries=0, retry_delay=0.0, retry_backoff=1.0, retry_jit
         if isinstance(f, Task):
             f = f.fn
         t = Task(f, name or _callable_name(f), opts, batch_size, batch_interval)
+        t.serializer = serializer  # how the journal stores this task's arguments and result
         _register(t)
         return t
 

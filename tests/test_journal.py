@@ -1,0 +1,186 @@
+"""The SQLite journal with real server processes: restarts, crashes and bad files."""
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from greenqueue.journal import SCHEMA_VERSION, SQLiteStore
+
+from .conftest import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.realproc
+
+APP = "tests.apps.journal_app:app"
+
+
+@pytest.fixture
+def journal_server(server_factory, tmp_path):
+    """Start the journal app on ``tmp_path/journal.db``; slow=False makes replayed tasks instant."""
+    def start(slow=True, *args):
+        env = {"JOURNAL_TEST_OUT": str(tmp_path), "JOURNAL_TEST_SLOW": "1" if slow else "0"}
+        return server_factory(APP, "--journal", str(tmp_path / "journal.db"), *args, env=env)
+    return start
+
+
+def done(tmp_path):
+    """{name: time} of every task that finished (from done.log)."""
+    try:
+        lines = (tmp_path / "done.log").read_text().split("\n")
+    except FileNotFoundError:
+        return {}
+    return {name: float(ts) for name, ts in (line.split() for line in lines if line)}
+
+
+def spawn(srv, name, **form):
+    return requests.post(srv.url + "/spawn", data=dict(name=name, **form), timeout=10).json()["id"]
+
+
+def test_kill_9_loses_no_spawned_task(journal_server, tmp_path):
+    srv = journal_server()
+    ids = {spawn(srv, "t%d" % i, seconds="60"): "t%d" % i for i in range(20)}
+    srv.kill_group()  # kill -9: nothing gets to run a shutdown path
+    assert done(tmp_path) == {}
+    again = journal_server(False)
+    wait_for(lambda: len(done(tmp_path)) == 20, 20, message="20 replayed tasks")
+    assert set(done(tmp_path)) == set(ids.values())
+    some_id = next(iter(ids))
+    state = requests.get(again.url + "/task/" + some_id, timeout=5).json()
+    assert state["state"] == "SUCCESS"
+    assert state["retries"] >= 1, "a task that was running at the crash must show its earlier attempt"
+
+
+def test_sigterm_keeps_unfinished_and_delayed_tasks_for_the_next_start(journal_server, tmp_path):
+    srv = journal_server(True, "--max-concurrency", "1", "--graceful-timeout", "2")
+    spawn(srv, "quick", seconds="0.2")
+    slow_id = spawn(srv, "slow", seconds="60")
+    spawned_at = time.time()
+    spawn(srv, "later", delay="4")
+    srv.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(30) == 0
+    assert set(done(tmp_path)) == {"quick"}
+    assert "kept for the next start" in srv.log()
+    again = journal_server(False)
+    wait_for(lambda: "slow" in done(tmp_path), 10, message="the interrupted task to run again")
+    assert requests.get(again.url + "/task/" + slow_id, timeout=5).json()["retries"] == 1
+    wait_for(lambda: "later" in done(tmp_path), 15, message="the delayed task")
+    assert done(tmp_path)["later"] >= spawned_at + 4 - 0.05, "the delayed task ran before its eta"
+
+
+def test_results_are_found_after_a_restart(journal_server, tmp_path):
+    srv = journal_server()
+    ok_id = spawn(srv, "answer")
+    bad_id = requests.post(srv.url + "/explode", timeout=5).json()["id"]
+    for task_id in (ok_id, bad_id):
+        wait_for(lambda: requests.get(srv.url + "/task/" + task_id, timeout=5).json()["state"]
+                 in ("SUCCESS", "FAILURE"), 10, message="task %s" % task_id)
+    assert srv.stop() == 0
+    again = journal_server()
+    ok = requests.get(again.url + "/task/" + ok_id, timeout=5).json()
+    assert ok["state"] == "SUCCESS" and ok["result"] == "answer"
+    bad = requests.get(again.url + "/task/" + bad_id, timeout=5).json()
+    assert bad["state"] == "FAILURE" and "ValueError: nope" in bad["error"]
+
+
+def run_server(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "greenqueue.server", "--bind", "127.0.0.1:%d" % free_port(),
+                           *args, APP], capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+
+
+def _foreign(path):
+    with sqlite3.connect(path) as c:
+        c.execute("CREATE TABLE invoices (id INTEGER)")
+
+
+def _newer(path):
+    store = SQLiteStore(path)
+    store.open()
+    store.conn.execute("UPDATE greenqueue_meta SET value = '%d' WHERE key = 'schema_version'" % (SCHEMA_VERSION + 1))
+    store.close()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b"this is not a database at all" * 100), "not a greenqueue journal or corrupt"),
+    (_foreign, "SQLite database of something else"),
+    (_newer, "written by a newer greenqueue"),
+])
+def test_bad_journal_files_stop_the_server_with_one_clear_line(tmp_path, make, message):
+    path = tmp_path / "journal.db"
+    make(path)
+    before = path.read_bytes()
+    proc = run_server("--journal", str(path))
+    assert proc.returncode == 2
+    assert message in proc.stderr and str(path) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert path.read_bytes() == before, "the server changed a file it refused"
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    proc = run_server("--journal", str(tmp_path / "nope" / "journal.db"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_unknown_task_names_are_kept_and_reported(journal_server, tmp_path):
+    path = tmp_path / "journal.db"
+    store = SQLiteStore(path)
+    store.open()
+    store.apply([("enqueue", ({"id": "deadbeef", "name": "removed.module.task", "serializer": "json",
+                               "payload": b'{"args": [], "kwargs": {}}', "state": "PENDING", "eta": None,
+                               "attempts": 0, "now": time.time()},))])
+    store.close()
+    srv = journal_server()
+    assert "kept 1 task(s) whose function is not registered: removed.module.task" in srv.log()
+    assert srv.stop() == 0
+    out = cli(path)
+    assert "PENDING   1" in out and "need attention" in out and "removed.module.task" in out
+
+
+def cli(path, *args):
+    proc = subprocess.run([sys.executable, "-m", "greenqueue.journal", str(path), *args], capture_output=True,
+                          text=True, timeout=30, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_cli_lists_retries_and_purges_failed_tasks(journal_server, tmp_path):
+    srv = journal_server()
+    bad_id = requests.post(srv.url + "/explode", timeout=5).json()["id"]
+    wait_for(lambda: requests.get(srv.url + "/task/" + bad_id, timeout=5).json()["state"] == "FAILURE", 10)
+    assert srv.stop() == 0
+    path = tmp_path / "journal.db"
+    assert "FAILURE   1" in cli(path)
+    listed = cli(path, "list", "--state", "failure")
+    assert bad_id in listed and "ValueError: nope" in listed
+    assert "1 task(s) will run at the next start" in cli(path, "retry", bad_id)
+    assert "PENDING   1" in cli(path)
+    again = journal_server()
+    wait_for(lambda: requests.get(again.url + "/task/" + bad_id, timeout=5).json()["state"] == "FAILURE", 10,
+             message="the retried task to fail again")
+    assert again.stop() == 0
+    assert "1 FAILURE task(s) deleted" in cli(path, "purge", "--state", "FAILURE")
+    assert "FAILURE   0" in cli(path)
+
+
+def test_non_json_arguments_fail_at_spawn_with_advice():
+    import gevent  # noqa: F401  (the journal's thread pool needs a hub)
+
+    import greenqueue
+    from greenqueue import journal, task
+
+    @task
+    def takes_object(obj):
+        return obj
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        greenqueue.configure(journal=d + "/j.db")
+        try:
+            with pytest.raises(TypeError, match="serializer='pickle'"):
+                takes_object.spawn(object())
+            assert takes_object.spawn([1, 2]).get(5) == [1, 2]
+        finally:
+            journal.close()
