@@ -151,37 +151,46 @@ class SQLiteStore:
 
     # -- writes: applied in batches, one transaction per batch --------------------
 
+    _BULK = {
+        "enqueue": "INSERT INTO greenqueue_tasks (id, name, serializer, payload, state, eta, attempts, "
+                   "created_at, updated_at) VALUES (:id, :name, :serializer, :payload, :state, :eta, :attempts, "
+                   ":now, :now) ON CONFLICT (id) DO UPDATE SET state = excluded.state, eta = excluded.eta, "
+                   "updated_at = excluded.updated_at, note = NULL",
+        "started": "UPDATE greenqueue_tasks SET state = 'STARTED', attempts = attempts + 1, started_at = ?2, "
+                   "updated_at = ?2 WHERE id = ?1",
+        "finish": "UPDATE greenqueue_tasks SET state = ?2, result = ?3, error_type = ?4, error = ?5, "
+                  "traceback = ?6, finished_at = ?7, updated_at = ?7, expires_at = ?8 WHERE id = ?1",
+    }
+    # Lifecycle order, so grouping a batch by operation keeps each task's story in order.
+    _ORDER = ("enqueue", "started", "retry", "finish")
+
     def apply(self, ops):
-        """Apply ``[(method name, args), ...]`` in one transaction."""
+        """Apply ``[(method name, args), ...]`` in one transaction, like operations together."""
         c = self.conn
+        groups = {}
+        for name, args in ops:
+            groups.setdefault(name, []).append(args)
         c.execute("BEGIN IMMEDIATE")
         try:
-            for name, args in ops:
-                getattr(self, "w_" + name)(*args)
+            for name in self._ORDER + tuple(n for n in groups if n not in self._ORDER):
+                batch = groups.get(name)
+                if not batch:
+                    continue
+                if name in self._BULK:
+                    c.executemany(self._BULK[name], [a[0] if name == "enqueue" else a for a in batch])
+                else:
+                    method = getattr(self, "w_" + name)
+                    for args in batch:
+                        method(*args)
         except BaseException:
             c.execute("ROLLBACK")
             raise
         c.execute("COMMIT")
 
-    def w_enqueue(self, rec):
-        self.conn.execute(
-            "INSERT INTO greenqueue_tasks (id, name, serializer, payload, state, eta, attempts, created_at, "
-            "updated_at) VALUES (:id, :name, :serializer, :payload, :state, :eta, :attempts, :now, :now) "
-            "ON CONFLICT (id) DO UPDATE SET state = excluded.state, eta = excluded.eta, "
-            "updated_at = excluded.updated_at, note = NULL", rec)
-
-    def w_started(self, task_id, now):
-        self.conn.execute("UPDATE greenqueue_tasks SET state = 'STARTED', attempts = attempts + 1, "
-                          "started_at = ?, updated_at = ? WHERE id = ?", (now, now, task_id))
-
     def w_retry(self, task_id, eta, error_type, error, now):
         self.conn.execute("UPDATE greenqueue_tasks SET state = 'RETRY', eta = ?, error_type = ?, error = ?, "
                           "updated_at = ? WHERE id = ?", (eta, error_type, error, now, task_id))
 
-    def w_finish(self, task_id, state, result, error_type, error, tb, now, expires):
-        self.conn.execute("UPDATE greenqueue_tasks SET state = ?, result = ?, error_type = ?, error = ?, "
-                          "traceback = ?, finished_at = ?, updated_at = ?, expires_at = ? WHERE id = ?",
-                          (state, result, error_type, error, tb, now, now, expires, task_id))
 
     def w_note(self, task_id, note):
         self.conn.execute("UPDATE greenqueue_tasks SET note = ? WHERE id = ?", (note, task_id))

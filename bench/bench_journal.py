@@ -1,0 +1,77 @@
+"""Journal cost: journaled spawn->complete throughput vs in-memory tasks, same run.
+
+Usage: ``python bench/bench_journal.py [--quick]``. Many greenlets spawn
+no-op ``@task`` calls at once (as concurrent requests would), so journal
+writes group-commit; each spawn still returns only after its row is
+committed. Targets: >= 10,000 journaled tasks/s and >= 0.3x in-memory.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gevent  # noqa: E402
+
+from bench._common import markdown, row  # noqa: E402
+from greenqueue import journal, tasks  # noqa: E402
+
+
+def _noop(i):
+    return i
+
+
+def _throughput(n, spawners, path=None):
+    tasks.reset()
+    tasks.configure(max_pending=10_000_000, max_concurrency=100)
+    t = tasks.task(name="bench.noop")(_noop)
+    if path:
+        journal.enable(path)
+    results = []
+
+    def spawner(k):
+        for i in range(k, n, spawners):
+            results.append(t.spawn(i))
+
+    t0 = time.perf_counter()
+    gevent.joinall([gevent.spawn(spawner, k) for k in range(spawners)])
+    for r in results:
+        r.wait(60)
+    elapsed = time.perf_counter() - t0
+    if path:
+        journal.close()
+    tasks.reset()
+    assert all(r.successful() for r in results)
+    return n / elapsed
+
+
+def run(quick: bool = False, smoke: bool = False) -> list:
+    """Measure and return rows (ratio > 1: greenqueue better; here ours is the journaled rate)."""
+    n = 2_000 if smoke else (20_000 if quick else 100_000)
+    spawners = 100
+    memory = _throughput(n, spawners)
+    with tempfile.TemporaryDirectory() as d:
+        journaled = _throughput(n, spawners, d + "/journal.db")
+        sequential = _throughput(n // 10, 1, d + "/journal2.db")
+    return [
+        row("journal", "journaled spawn->complete (%d concurrent spawners)" % spawners, journaled,
+            "tasks/s", "in-memory tasks", memory, True, note="target >= 10,000/s and >= 0.3x"),
+        row("journal", "journaled spawn->complete (1 spawner, a commit per spawn)", sequential,
+            "tasks/s", "in-memory tasks", memory, True),
+    ]
+
+
+def main(argv=None):
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    print(markdown(run(args.quick)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
