@@ -1,0 +1,76 @@
+"""Flask helpers that stream: server-sent events and plain chunked responses.
+
+Concurrency model: the returned response's iterator runs in the request's
+greenlet, one chunk at a time; the server flushes each chunk as it comes.
+When the client goes away the server closes the response, which closes the
+source iterator here (so a worker's generator behind ``pool.stream()`` is
+stopped at once instead of running to the end for nobody).
+"""
+
+import json
+import logging
+
+from flask import Response, stream_with_context
+
+log = logging.getLogger(__name__)
+
+__all__ = ["sse_response", "stream_response", "sse_event"]
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(data, event=None, id=None):
+    """Format one server-sent event; ``data`` becomes a JSON ``data:`` line."""
+    lines = []
+    if id is not None:
+        lines.append("id: %s" % id)
+    if event:
+        lines.append("event: %s" % event)
+    lines.append("data: %s" % json.dumps(data, separators=(",", ":"), default=str))
+    return "\n".join(lines) + "\n\n"
+
+
+def _closing(source, frames):
+    """Yield ``frames`` and close ``source`` however the iteration ends."""
+    try:
+        yield from frames
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
+def _sse_frames(source, event):
+    try:
+        for item in source:
+            yield sse_event(item, event)
+    except Exception as exc:
+        # Headers are gone already: tell the client in-band, then end the stream properly.
+        log.warning("SSE source failed: %s: %s", type(exc).__name__, exc)
+        yield sse_event({"error": str(exc), "type": type(exc).__name__}, "error")
+    yield "data: [DONE]\n\n"
+
+
+def sse_response(iterable, event=None, status=200, headers=None):
+    """Stream ``iterable`` as ``text/event-stream``: one JSON ``data:`` event per item, then ``[DONE]``."""
+    source = iter(iterable)
+    body = _closing(source, _sse_frames(source, event))
+    resp = Response(_with_context(body), status=status, mimetype="text/event-stream")
+    resp.headers.update(SSE_HEADERS)
+    resp.headers.update(headers or {})
+    return resp
+
+
+def stream_response(iterable, mimetype="application/octet-stream", status=200, headers=None):
+    """Stream ``iterable`` (bytes or str chunks) with chunked encoding, flushing each chunk."""
+    source = iter(iterable)
+    resp = Response(_with_context(_closing(source, source)), status=status, mimetype=mimetype)
+    resp.headers["X-Accel-Buffering"] = "no"
+    resp.headers.update(headers or {})
+    return resp
+
+
+def _with_context(gen):
+    """Keep the request context for the generator when there is one (views may read ``request``)."""
+    from flask import has_request_context
+    return stream_with_context(gen) if has_request_context() else gen

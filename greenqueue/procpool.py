@@ -1,0 +1,588 @@
+"""Process pools: DirtyApp instances in gipc worker processes, called and streamed from greenlets.
+
+Concurrency model: in the server process, each worker has one reader
+greenlet that receives its messages and routes them to the caller's
+AsyncResult or stream queue; callers block only their own greenlet. A worker
+runs one call at a time (apps are stateful and single-threaded); callers
+beyond the free workers wait in a bounded FIFO (``Overloaded`` past it).
+Each child is forked by gipc, re-initialises gevent, monkey-patches (so an
+app's blocking sleeps and I/O let it notice cancellation), imports the app by
+its ``module:Class`` path (no app state crosses the fork) and serves calls in
+a greenlet while its main greenlet reads the pipe, so a ``cancel`` closes a
+running generator at once. Children die with the parent (PR_SET_PDEATHSIG)
+and ignore SIGINT: Ctrl-C is the parent's to handle.
+
+Failure handling: a dead child (EOF on its pipe) fails its call with
+WorkerCrashed at once and is replaced; a call past ``timeout`` gets
+WorkerTimeout and the child is killed and replaced; an exception in the app
+becomes RemoteError (type, message, traceback) and the worker lives on.
+"""
+
+import collections
+import ctypes
+import importlib
+import itertools
+import logging
+import os
+import random
+import signal
+import time
+import traceback
+
+import gevent
+import gipc
+from gevent.event import AsyncResult
+
+from . import events
+from .errors import (GreenqueueError, Overloaded, WorkerCrashed, WorkerError,
+                     WorkerTimeout, from_dict, to_dict)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DirtyApp", "ProcessPool", "start_pools", "get", "stop_all", "reset"]
+
+_CREDIT = 16          # chunks a worker may send ahead of the consumer
+_RELEASE_WAIT = 2.0   # seconds a cancelled stream may take to close before its worker is killed
+
+
+class DirtyApp:
+    """Base class of apps that live in worker processes; public methods are the actions."""
+
+    workers = 1
+    timeout = 30.0
+    max_requests = 0
+
+    def init(self):
+        """Called once in each worker process before its first call (load models here)."""
+
+    def close(self):
+        """Called once in each worker process when the pool stops it."""
+
+    def __call__(self, action, *args, **kwargs):
+        """Run the method named ``action``; generator methods stream."""
+        if not isinstance(action, str) or action.startswith("_") or action in ("init", "close"):
+            raise AttributeError("%s has no public action %r" % (type(self).__name__, action))
+        method = getattr(self, action, None)
+        if not callable(method):
+            raise AttributeError("%s has no action %r" % (type(self).__name__, action))
+        return method(*args, **kwargs)
+
+
+def _spec_of(app_or_path):
+    if isinstance(app_or_path, str):
+        if ":" not in app_or_path:
+            raise GreenqueueError("dirty app %r: expected MODULE:CLASS" % app_or_path)
+        return app_or_path
+    return "%s:%s" % (app_or_path.__module__, app_or_path.__qualname__)
+
+
+def _load_class(spec):
+    module, _, name = spec.partition(":")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, DirtyApp)):
+        raise GreenqueueError("dirty app %s is not a DirtyApp subclass" % spec)
+    return obj
+
+
+def _error_dict(exc):
+    return to_dict(exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+# -- the child process ------------------------------------------------------------------
+
+def _die_with_parent(parent_pid):
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the pipe EOF below still ends the worker
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the parent died before prctl took effect
+
+
+def _worker_main(conn, spec, parent_pid):
+    """Entry point of a worker process."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import warnings
+
+    from gevent import monkey
+    if not monkey.is_module_patched("time"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "patched late" warnings: this process has no threads to worry about
+            monkey.patch_all(thread=False)  # blocking sleeps in the app must yield so cancel works
+    try:
+        app = _load_class(spec)()
+        app.init()
+    except BaseException as exc:
+        conn.put(("init_failed", _error_dict(exc)))
+        return
+    conn.put(("ready", os.getpid()))
+    state = {"greenlet": None, "credit": 0, "credit_event": gevent.event.Event(), "id": None}
+    while True:
+        try:
+            msg = conn.get()
+        except EOFError:
+            os._exit(0)  # the parent is gone
+        kind = msg[0]
+        if kind == "call":
+            _, call_id, action, args, kwargs, streaming = msg
+            state["id"] = call_id
+            state["credit"] = _CREDIT
+            state["greenlet"] = gevent.spawn(_serve_call, conn, app, state, call_id, action, args, kwargs,
+                                             streaming)
+        elif kind == "credit" and msg[1] == state["id"]:
+            state["credit"] += msg[2]
+            state["credit_event"].set()
+        elif kind == "cancel" and msg[1] == state["id"]:
+            g = state["greenlet"]
+            if g is not None and not g.dead:
+                g.kill(block=True)
+        elif kind == "stop":
+            g = state["greenlet"]
+            if g is not None:
+                g.kill(block=True)
+            try:
+                app.close()
+            finally:
+                conn.put(("stopped",))
+            return
+
+
+def _serve_call(conn, app, state, call_id, action, args, kwargs, streaming):
+    it = None
+    cancelled = False
+    try:
+        value = app(action, *args, **kwargs)
+        if not hasattr(value, "__next__"):
+            conn.put(("ok", call_id, value))
+            return
+        it = value
+        if not streaming:
+            raise GreenqueueError("%s is a generator; use pool.stream() to read it" % action)
+        for item in it:
+            while state["credit"] <= 0:
+                state["credit_event"].clear()
+                state["credit_event"].wait()
+            state["credit"] -= 1
+            conn.put(("chunk", call_id, item))
+        conn.put(("end", call_id))
+    except gevent.GreenletExit:
+        cancelled = True
+    except BaseException as exc:
+        conn.put(("err", call_id, _error_dict(exc)))
+    finally:
+        if it is not None and hasattr(it, "close"):
+            it.close()  # runs the generator's finally now, not when it is garbage-collected
+    if cancelled:
+        conn.put(("end", call_id))  # only after close(): the worker is really free
+
+
+# -- the parent side ----------------------------------------------------------------------
+
+class _Worker:
+    """Parent-side handle of one worker process."""
+
+    def __init__(self, pool, index):
+        self.pool = pool
+        self.index = index
+        self.proc = None
+        self.conn = None
+        self.pid = None
+        self.calls = 0
+        self.limit = 0
+        self.call = None         # (call_id, AsyncResult or Queue) in flight
+        self.dead = False
+        self.reason = None       # why we ended it: "timeout", "recycled", "stopped"
+        self.reader = None
+
+    def start(self):
+        """Fork the child and wait for it to initialise; raise WorkerError if init fails."""
+        parent_end, child_end = gipc.pipe(duplex=True)
+        self.conn = parent_end
+        self.proc = gipc.start_process(_worker_main, args=(child_end, self.pool.spec, os.getpid()),
+                                       daemon=True)
+        try:
+            with gevent.Timeout(max(self.pool.timeout or 0, 60.0)):
+                msg = self.conn.get()
+        except (EOFError, gevent.Timeout):
+            self._reap()
+            raise WorkerError("worker for %s exited during start-up (exit code %s)"
+                              % (self.pool.spec, self.proc.exitcode)) from None
+        if msg[0] == "init_failed":
+            self._reap()
+            err = from_dict(msg[1])
+            raise WorkerError("%s init() failed: %s" % (self.pool.spec, err))
+        self.pid = msg[1]
+        mr = self.pool.max_requests
+        # Jitter so workers started together do not all recycle at once.
+        self.limit = mr + random.randint(0, max(0, mr // 10)) if mr else 0
+        self.reader = gevent.spawn(self._read_loop)
+        events.notify(events.WorkerStarted(self.pool, pid=self.pid, index=self.index))
+        return self
+
+    def _read_loop(self):
+        try:
+            while True:
+                msg = self.conn.get()
+                kind = msg[0]
+                if kind == "stopped":
+                    break
+                call = self.call
+                if call is None or msg[1] != call[0]:
+                    continue  # a late message for a call we gave up on
+                target = call[1]
+                if isinstance(target, AsyncResult):
+                    if kind in ("ok", "err"):
+                        target.set((kind, msg[2]))
+                else:
+                    target.put(msg)
+        except (EOFError, OSError):
+            pass
+        finally:
+            self._on_exit()
+
+    def _on_exit(self):
+        if self.dead:
+            return
+        self.dead = True
+        self._reap()
+        reason = self.reason or "crashed"
+        exitcode = self.proc.exitcode if self.proc is not None else None
+        call, self.call = self.call, None
+        if call is not None:
+            if reason == "timeout":
+                exc = WorkerTimeout("%s call ran past %ss; the worker was killed and is being replaced"
+                                    % (self.pool.spec, self.pool.timeout))
+            else:
+                exc = WorkerCrashed("worker %d (pid %s) of %s died during the call (exit code %s); "
+                                    "a new one is being started" % (self.index, self.pid, self.pool.spec,
+                                                                   exitcode))
+            target = call[1]
+            if isinstance(target, AsyncResult):
+                target.set(("exc", exc))
+            else:
+                target.put(("exc", None, exc))
+        if reason == "crashed":
+            log.warning("worker %d (pid %s) of %s died (exit code %s)", self.index, self.pid,
+                        self.pool.spec, exitcode)
+        events.notify(events.WorkerExited(self.pool, pid=self.pid or 0, index=self.index,
+                                          exitcode=exitcode, reason=reason))
+        self.pool._worker_gone(self)
+
+    def _reap(self):
+        try:
+            self.conn.close()
+        except Exception:
+            pass  # already closed
+        if self.proc is not None:
+            self.proc.join(timeout=2)
+            if self.proc.is_alive():
+                self.kill()
+                self.proc.join(timeout=2)
+
+    def send(self, msg):
+        """Send a message to the child (a dead child is noticed by the reader)."""
+        try:
+            self.conn.put(msg)
+        except (OSError, EOFError, gipc.GIPCClosed):
+            pass
+
+    def kill(self, reason=None):
+        """SIGKILL the child; the reader sees EOF and finishes the bookkeeping."""
+        if reason and not self.reason:
+            self.reason = reason
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class ProcessPool:
+    """A pool of worker processes, each running one instance of a DirtyApp."""
+
+    def __init__(self, app_or_path, workers=None, timeout=None, max_requests=None, max_queue=None):
+        self.spec = _spec_of(app_or_path)
+        cls = app_or_path if isinstance(app_or_path, type) else _load_class(self.spec)
+        self.name = cls.__name__
+        self.size = int(workers or cls.workers or 1)
+        self.timeout = float(cls.timeout if timeout is None else timeout) or None
+        self.max_requests = int(cls.max_requests if max_requests is None else max_requests)
+        self.max_queue = int(max_queue if max_queue is not None else max(64, self.size * 32))
+        self._workers = []
+        self._idle = []
+        self._waiters = collections.deque()
+        self._ids = itertools.count(1)
+        self._restarts = 0
+        self._failures = 0
+        self._stopping = False
+        self._started = False
+
+    def __repr__(self):
+        return "<ProcessPool %s workers=%d>" % (self.spec, self.size)
+
+    def start(self):
+        """Start every worker; raise WorkerError (and start none) if one fails to initialise."""
+        try:
+            for index in range(self.size):
+                w = _Worker(self, index).start()
+                self._workers.append(w)
+                self._idle.append(w)
+        except WorkerError:
+            self.stop(5)
+            raise
+        self._started = True
+        log.info("started %d worker(s) for %s", self.size, self.spec)
+        return self
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def _acquire(self):
+        if self._stopping:
+            raise WorkerError("the pool for %s is stopping" % self.spec)
+        if self._idle:
+            # Least busy: the idle worker that has served the fewest calls.
+            w = min(self._idle, key=lambda w: w.calls)
+            self._idle.remove(w)
+            return w
+        if len(self._waiters) >= self.max_queue:
+            raise Overloaded("all %d %s workers are busy and %d calls are waiting"
+                             % (self.size, self.name, len(self._waiters)))
+        waiter = AsyncResult()
+        self._waiters.append(waiter)
+        try:
+            return waiter.get(timeout=self.timeout)
+        except gevent.Timeout:
+            if waiter.successful():
+                return waiter.value  # handed a worker in the same instant the wait ran out
+            raise WorkerTimeout("no %s worker became free within %ss" % (self.name, self.timeout)) from None
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _release(self, w):
+        w.call = None
+        if w.dead:
+            return
+        w.calls += 1
+        if w.limit and w.calls >= w.limit:
+            w.reason = "recycled"
+            log.info("recycling worker %d (pid %s) of %s after %d calls", w.index, w.pid, self.spec, w.calls)
+            gevent.spawn(self._recycle, w)
+            return
+        self._hand_over(w)
+
+    def _hand_over(self, w):
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.ready():
+                waiter.set(w)
+                return
+        self._idle.append(w)
+
+    def _recycle(self, w):
+        w.send(("stop",))
+        w.proc.join(timeout=10)
+        if w.proc.is_alive():
+            w.kill()
+
+    def _worker_gone(self, w):
+        if w in self._idle:
+            self._idle.remove(w)
+        if w in self._workers:
+            self._workers.remove(w)
+        if not self._stopping:
+            self._restarts += 1
+            gevent.spawn(self._replace, w.index, w.reason)
+
+    def _replace(self, index, reason):
+        while not self._stopping:
+            # Back off on repeated failures so a broken init() cannot eat the CPU.
+            delay = 0 if self._failures == 0 else min(30.0, 0.5 * 2 ** (self._failures - 1))
+            if delay:
+                gevent.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                w = _Worker(self, index).start()
+            except WorkerError as exc:
+                self._failures += 1
+                log.error("%s; retrying in %.1fs", exc, min(30.0, 0.5 * 2 ** (self._failures - 1)))
+                continue
+            self._failures = 0
+            if self._stopping:
+                w.send(("stop",))
+                return
+            self._workers.append(w)
+            self._hand_over(w)
+            return
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def call(self, action, *args, **kwargs):
+        """Run ``action`` in a worker and return its value (only this greenlet waits)."""
+        w = self._acquire()
+        call_id = next(self._ids)
+        result = AsyncResult()
+        w.call = (call_id, result)
+        w.send(("call", call_id, action, args, kwargs, False))
+        try:
+            kind, value = result.get(timeout=self.timeout)
+        except gevent.Timeout:
+            w.kill("timeout")
+            kind, value = result.get()
+        except BaseException:
+            # The caller went away mid-call: the worker is in an unknown state; replace it.
+            w.kill("abandoned")
+            raise
+        if kind == "exc":
+            raise value
+        self._release(w)
+        if kind == "err":
+            raise from_dict(value)
+        return value
+
+    def stream(self, action, *args, **kwargs):
+        """Iterate the chunks a generator ``action`` yields; closing the iterator stops the worker's generator."""
+        w = self._acquire()
+        return self._stream(w, action, args, kwargs)
+
+    def _stream(self, w, action, args, kwargs):
+        from gevent.queue import Queue
+
+        call_id = next(self._ids)
+        q = Queue()
+        w.call = (call_id, q)
+        w.send(("call", call_id, action, args, kwargs, True))
+        finished = False
+        consumed = 0
+        try:
+            while True:
+                try:
+                    msg = q.get(timeout=self.timeout)
+                except gevent.queue.Empty:
+                    w.kill("timeout")
+                    msg = q.get()
+                kind = msg[0]
+                if kind == "chunk":
+                    consumed += 1
+                    if consumed % (_CREDIT // 2) == 0:
+                        w.send(("credit", call_id, _CREDIT // 2))
+                    yield msg[2]
+                elif kind == "ok":
+                    finished = True
+                    self._release(w)
+                    if msg[1] is not None:
+                        yield msg[1]
+                    return
+                elif kind == "end":
+                    finished = True
+                    self._release(w)
+                    return
+                elif kind == "err":
+                    finished = True
+                    self._release(w)
+                    raise from_dict(msg[2])
+                elif kind == "exc":
+                    finished = True
+                    raise msg[2]
+        finally:
+            if not finished:
+                # The consumer stopped early (client gone): close the worker's generator now,
+                # and hand the worker back once it says the generator is closed.
+                w.send(("cancel", call_id))
+                gevent.spawn(self._await_cancel, w, q)
+
+    def _await_cancel(self, w, q):
+        deadline = time.monotonic() + _RELEASE_WAIT
+        while True:
+            try:
+                msg = q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except gevent.queue.Empty:
+                log.warning("worker %d of %s did not close a cancelled stream in %ss; killing it",
+                            w.index, self.spec, _RELEASE_WAIT)
+                w.kill("timeout")
+                return
+            if msg[0] in ("end", "err", "ok"):
+                self._release(w)
+                return
+            if msg[0] == "exc":
+                return
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def stats(self):
+        """Pool state for health checks and the dashboard."""
+        return {"app": self.spec, "size": self.size, "queued": len(self._waiters), "max_queue": self.max_queue,
+                "restarts": self._restarts,
+                "workers": [{"index": w.index, "pid": w.pid, "busy": w.call is not None, "calls": w.calls}
+                            for w in sorted(self._workers, key=lambda w: w.index)]}
+
+    def stop(self, timeout=10.0):
+        """Ask each worker to run close() and exit; kill those still running after ``timeout``."""
+        self._stopping = True
+        workers = list(self._workers)
+        for w in workers:
+            w.reason = "stopped"
+            w.send(("stop",))
+        deadline = time.monotonic() + (timeout or 0)
+        for w in workers:
+            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if w.proc.is_alive():
+                log.warning("worker %d (pid %s) of %s did not stop in time; killing it", w.index, w.pid, self.spec)
+                w.kill()
+                w.proc.join(timeout=2)
+        if workers:
+            gevent.joinall([w.reader for w in workers if w.reader is not None], timeout=2)
+        for waiter in list(self._waiters):
+            waiter.set_exception(WorkerError("the pool for %s stopped" % self.spec))
+        self._waiters.clear()
+        self._workers.clear()
+        self._idle.clear()
+
+
+_pools = {}
+
+
+def start_pools(specs, workers=None, timeout=None):
+    """Start (and register) a pool for each ``module:Class`` spec; stop them all if one fails."""
+    started = []
+    try:
+        for spec in specs:
+            pool = ProcessPool(spec, workers=workers, timeout=timeout).start()
+            _pools[pool.spec] = pool
+            started.append(pool)
+    except BaseException:
+        for pool in started:
+            pool.stop(5)
+            _pools.pop(pool.spec, None)
+        raise
+    return started
+
+
+def get(name_or_path):
+    """The running pool for a ``module:Class`` path or a class name (KeyError lists the known ones)."""
+    pool = _pools.get(name_or_path)
+    if pool is None:
+        matches = [p for p in _pools.values() if p.name == name_or_path]
+        if len(matches) == 1:
+            pool = matches[0]
+    if pool is None:
+        raise KeyError("no process pool %r is running (known: %s); start the server with --dirty-app %s"
+                       % (name_or_path, ", ".join(sorted(_pools)) or "none", name_or_path))
+    return pool
+
+
+def stop_all(timeout=10.0):
+    """Stop every registered pool."""
+    for pool in list(_pools.values()):
+        pool.stop(timeout)
+    _pools.clear()
+
+
+def reset():
+    """Stop all pools (tests)."""
+    stop_all(5)

@@ -1,0 +1,75 @@
+"""DirtyApps for the process-pool tests: echo, sleep, crash, raise, stream."""
+
+import ctypes
+import os
+import signal
+import time
+
+from greenqueue import DirtyApp
+
+
+class EchoApp(DirtyApp):
+    """Answers at once; streams on request; can be made to crash or raise."""
+
+    workers = 2
+    timeout = 5
+
+    def init(self):
+        self.pid = os.getpid()
+        self.closed_marker = os.environ.get("DIRTY_TEST_MARKERS")
+
+    def echo(self, value):
+        return value
+
+    def whoami(self):
+        return os.getpid()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+    def spin(self, seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+        return "spun"
+
+    def fail(self, message):
+        raise ValueError(message)
+
+    def exit_now(self):
+        os._exit(3)
+
+    def kill_self(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def segfault(self):
+        ctypes.string_at(0)
+
+    def count(self, n, delay=0.0, marker=None):
+        try:
+            for i in range(n):
+                if delay:
+                    time.sleep(delay)
+                yield i
+        finally:
+            if marker:
+                with open(marker, "w") as fh:
+                    fh.write("closed")
+
+    def chunks(self, n, size):
+        block = b"x" * size
+        for _ in range(n):
+            yield block
+
+    def close(self):
+        if self.closed_marker:
+            with open(os.path.join(self.closed_marker, "close-%d" % os.getpid()), "w") as fh:
+                fh.write("closed")
+
+
+class BadInitApp(DirtyApp):
+    """init() always fails."""
+
+    def init(self):
+        raise RuntimeError("model file missing")
