@@ -1,0 +1,102 @@
+"""The chat page in a real headless Chromium, through a real nginx."""
+
+import json
+import time
+
+import pytest
+import requests
+
+from .conftest import ARTIFACTS, require_binary, wait_for
+from .nginx_support import CHAT_POOL, NginxFront, read_sse
+
+pytestmark = [pytest.mark.realproc, pytest.mark.nginx, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def front(tmp_path):
+    f = NginxFront(tmp_path, args=("--dirty-app", CHAT_POOL, "--dirty-workers", "1"),
+                   env={"CHAT_TOKEN_DELAY": "0.04"})
+    f.start()
+    yield f
+    assert f.stop() == 0
+
+
+@pytest.fixture
+def page(tmp_path):
+    require_binary(CHROMIUM, "Chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 420, "height": 760})
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
+def answer_text(page):
+    return page.eval_on_selector_all(".bot .answer", "els => els.length ? els[els.length - 1].textContent : ''")
+
+
+def test_answer_grows_token_by_token_in_the_browser(front, page):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(front.url + "/")
+    page.fill("#prompt", "please explain")
+    page.click("#send")
+    lengths = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lengths.append(len(answer_text(page)))
+        if page.query_selector(".bot[data-done]"):
+            break
+        page.wait_for_timeout(50)  # the browser's own clock: sample the DOM as it changes
+    assert page.query_selector(".bot[data-done]"), "the stream never finished"
+    growing = sorted(set(n for n in lengths if n > 0))
+    assert len(growing) >= 5, "the answer did not grow token by token: %s" % lengths
+    assert answer_text(page).startswith("greenqueue keeps your web app")
+    assert not page.query_selector(".bot .error")
+    page.screenshot(path=str(ARTIFACTS / "chat-answer.png"), full_page=True)
+
+
+def test_thinking_is_shown_apart_from_the_answer(front, page):
+    page.goto(front.url + "/")
+    page.check("#thinking")
+    page.fill("#prompt", "hi")
+    page.click("#send")
+    page.wait_for_selector(".bot[data-done]", timeout=30000)
+    thought = page.text_content(".bot .thinking")
+    assert thought.startswith("Let me think about this.")
+    assert answer_text(page).startswith("Hello!")
+    assert "Let me think" not in answer_text(page)
+
+
+def test_stop_button_ends_the_stream_and_frees_the_worker(front, page):
+    page.goto(front.url + "/")
+    page.fill("#prompt", "please explain")
+    page.click("#send")
+    wait_for(lambda: len(answer_text(page)) > 10, 15, message="the first tokens")
+    page.click("#stop")
+    page.wait_for_selector(".bot[data-stopped]", timeout=5000)
+    stopped_at = len(answer_text(page))
+    page.screenshot(path=str(ARTIFACTS / "chat-stopped.png"), full_page=True)
+    # The only worker was mid-answer (~2 s left); it must be free for the next prompt now.
+    started = time.monotonic()
+    with requests.post(front.url + "/chat", json={"prompt": "hi"}, stream=True, timeout=30) as r:
+        _, _, data = next(read_sse(r))
+    assert json.loads(data)["token"] == "Hello!"
+    assert time.monotonic() - started < 1.0
+    assert len(answer_text(page)) == stopped_at, "tokens kept arriving after Stop"
+
+
+def test_server_errors_are_shown_to_the_user(front, page):
+    page.goto(front.url + "/")
+    page.fill("#prompt", "x" * 4001)  # over the server's limit; the textarea's maxlength is bypassed
+    page.eval_on_selector("#prompt", "el => { el.removeAttribute('maxlength'); el.value = 'x'.repeat(4001); }")
+    page.click("#send")
+    page.wait_for_selector(".bot .error", timeout=10000)
+    assert "longer than" in page.text_content(".bot .error")
