@@ -475,8 +475,8 @@ class ProcessPool:
                 elif kind == "ok":
                     finished = True
                     self._release(w)
-                    if msg[1] is not None:
-                        yield msg[1]
+                    if msg[2] is not None:
+                        yield msg[2]
                     return
                 elif kind == "end":
                     finished = True

@@ -1,0 +1,237 @@
+"""The process pool with real gipc worker processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import pytest
+
+from greenqueue import (DirtyApp, GreenqueueError, Overloaded, ProcessPool, RemoteError, WorkerCrashed, WorkerError,
+                        WorkerTimeout, events, procpool)
+from greenqueue.procpool import _CREDIT
+
+from .conftest import ROOT
+
+
+def wait_for(predicate, timeout=10.0, interval=0.01, message="condition"):
+    """Poll with a deadline, sleeping on the hub so the pool's greenlets keep running."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
+        gevent.sleep(interval)
+
+pytestmark = pytest.mark.realproc
+
+ECHO = "tests.apps.dirty_apps:EchoApp"
+
+
+def _children():
+    path = Path("/proc/%d/task/%d/children" % (os.getpid(), os.getpid()))
+    try:
+        return [int(p) for p in path.read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    before = set(_children())
+    yield
+    procpool.reset()
+    wait_for(lambda: not (set(_children()) - before), 10, message="worker processes to exit")
+
+
+@pytest.fixture
+def pool():
+    p = ProcessPool(ECHO, timeout=3).start()
+    yield p
+    p.stop(5)
+
+
+def test_call_returns_the_value_and_stats_show_workers(pool):
+    assert pool.call("echo", {"a": [1, 2]}) == {"a": [1, 2]}
+    stats = pool.stats()
+    assert stats["size"] == 2 and len(stats["workers"]) == 2
+    assert all(w["pid"] for w in stats["workers"])
+
+
+def test_dispatch_goes_to_the_least_busy_worker(pool):
+    pids = {pool.call("whoami") for _ in range(6)}
+    assert len(pids) == 2
+    # While one worker is busy, calls go to the other.
+    busy = gevent.spawn(pool.call, "sleep", 0.5)
+    gevent.sleep(0.05)
+    busy_pid = next(w["pid"] for w in pool.stats()["workers"] if w["busy"])
+    assert all(pool.call("whoami") != busy_pid for _ in range(3))
+    busy.join()
+
+
+def test_app_exception_is_a_remote_error_and_the_worker_lives(pool):
+    pids = {w["pid"] for w in pool.stats()["workers"]}
+    with pytest.raises(RemoteError) as info:
+        pool.call("fail", "bad input")
+    err = info.value
+    assert err.remote_type == "ValueError" and "bad input" in str(err)
+    assert "dirty_apps.py" in err.remote_traceback and "raise ValueError" in err.remote_traceback
+    assert {w["pid"] for w in pool.stats()["workers"]} == pids
+
+
+def test_unknown_and_private_actions_are_refused(pool):
+    for action in ("nope", "_private", "init"):
+        with pytest.raises(RemoteError, match="AttributeError"):
+            pool.call(action)
+
+
+@pytest.mark.parametrize("action", ["exit_now", "kill_self", "segfault"])
+def test_crash_gives_worker_crashed_fast_and_the_pool_heals(pool, action):
+    other = gevent.spawn(pool.call, "sleep", 0.3)
+    gevent.sleep(0.02)
+    started = time.monotonic()
+    with pytest.raises(WorkerCrashed):
+        pool.call(action)
+    assert time.monotonic() - started < 1.0
+    assert other.get(timeout=5) == 0.3, "the other caller was disturbed"
+    wait_for(lambda: len(pool.stats()["workers"]) == 2, 10, message="a replacement worker")
+    assert pool.call("echo", "alive") == "alive"
+    assert pool.stats()["restarts"] == 1
+
+
+def test_timeout_kills_and_replaces_the_worker():
+    pool = ProcessPool(ECHO, workers=1, timeout=0.5).start()
+    old = pool.call("whoami")
+    with pytest.raises(WorkerTimeout):
+        pool.call("spin", 30)
+    wait_for(lambda: pool.stats()["workers"], 10, message="a replacement")
+    assert pool.call("whoami") != old
+    pool.stop()
+
+
+def test_init_failure_is_a_clear_error_at_start_and_leaves_nothing():
+    with pytest.raises(WorkerError, match="init\\(\\) failed: .*model file missing"):
+        ProcessPool("tests.apps.dirty_apps:BadInitApp").start()
+
+
+def test_closing_a_stream_early_closes_the_worker_generator_at_once(tmp_path):
+    pool = ProcessPool(ECHO, workers=1).start()
+    marker = tmp_path / "closed"
+    stream = pool.stream("count", 1000, 0.05, str(marker))
+    assert next(stream) == 0
+    closed_at = time.monotonic()
+    stream.close()
+    wait_for(marker.exists, 2, interval=0.002, message="the generator's finally")
+    assert time.monotonic() - closed_at < 0.1
+    assert pool.call("echo", "next") == "next"
+    pool.stop()
+
+
+def test_stream_yields_every_chunk_in_order(pool):
+    assert list(pool.stream("count", 500)) == list(range(500))
+    assert list(pool.stream("echo", "not a generator")) == ["not a generator"]
+    with pytest.raises(GreenqueueError, match="use pool.stream"):
+        pool.call("count", 3)
+
+
+def test_slow_consumer_holds_the_worker_back(tmp_path):
+    pool = ProcessPool(ECHO, workers=1).start()
+    stream = pool.stream("count", 100000)
+    assert next(stream) == 0
+    worker = pool._workers[0]
+    queue = worker.call[1]
+    wait_for(lambda: queue.qsize() >= _CREDIT - 1, 5, message="the credit window to fill")
+    gevent.sleep(0.3)  # a window in which an unbounded producer would send thousands
+    assert queue.qsize() <= _CREDIT
+    assert sum(1 for _ in stream) == 99999
+    pool.stop()
+
+
+def test_calls_queue_when_busy_and_overload_past_the_bound():
+    pool = ProcessPool(ECHO, workers=1, max_queue=1).start()
+    running = gevent.spawn(pool.call, "sleep", 0.5)
+    gevent.sleep(0.05)
+    queued = gevent.spawn(pool.call, "echo", "queued")
+    gevent.sleep(0.05)
+    with pytest.raises(Overloaded):
+        pool.call("echo", "one too many")
+    assert running.get(timeout=5) == 0.5 and queued.get(timeout=5) == "queued"
+    pool.stop()
+
+
+def test_max_requests_recycles_workers_without_failing_calls():
+    exits = []
+    unsubscribe = events.subscribe(exits.append, events.WorkerExited)
+    pool = ProcessPool(ECHO, workers=1, max_requests=3).start()
+    pids = [pool.call("whoami") for _ in range(10)]
+    assert len(set(pids)) >= 3
+    assert any(e.reason == "recycled" for e in exits)
+    pool.stop()
+    unsubscribe()
+
+
+def test_stop_calls_close_in_every_worker(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIRTY_TEST_MARKERS", str(tmp_path))
+    pool = ProcessPool(ECHO, workers=2).start()
+    pids = {w["pid"] for w in pool.stats()["workers"]}
+    pool.stop(5)
+    assert {p.name for p in tmp_path.iterdir()} == {"close-%d" % pid for pid in pids}
+
+
+def test_children_ignore_sigint(pool):
+    pid = pool.call("whoami")
+    os.kill(pid, signal.SIGINT)
+    assert {pool.call("whoami") for _ in range(4)} >= {pid}
+
+
+def test_parent_killed_with_sigkill_leaves_no_orphans(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, gevent\n"
+        "sys.path.insert(0, %r)\n"
+        "from greenqueue.procpool import ProcessPool\n"
+        "p = ProcessPool(%r, workers=2).start()\n"
+        "print(' '.join(str(w['pid']) for w in p.stats()['workers']), flush=True)\n"
+        "gevent.sleep(60)\n" % (str(ROOT), ECHO))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2
+    parent.kill()
+    parent.wait(5)
+    parent.stdout.close()
+
+    def gone(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path("/proc/%d/stat" % pid).read_text().split()[2] == "Z"
+    wait_for(lambda: all(gone(p) for p in pids), 5, message="orphaned workers to die")
+
+
+def test_registry_start_get_and_stop_all():
+    [pool] = procpool.start_pools([ECHO], workers=1)
+    assert procpool.get(ECHO) is pool and procpool.get("EchoApp") is pool
+    with pytest.raises(KeyError, match="--dirty-app"):
+        procpool.get("NoSuchApp")
+    procpool.stop_all()
+    with pytest.raises(KeyError):
+        procpool.get(ECHO)
+
+
+def test_a_class_works_as_well_as_a_path():
+    from tests.apps.dirty_apps import EchoApp
+    pool = ProcessPool(EchoApp, workers=1).start()
+    assert pool.call("echo", 1) == 1
+    pool.stop()
+
+
+def test_dirty_app_dispatch_in_process():
+    class Local(DirtyApp):
+        def hello(self, name):
+            return "hi " + name
+    assert Local()("hello", "you") == "hi you"
+    with pytest.raises(AttributeError):
+        Local()("close")
