@@ -1,0 +1,399 @@
+"""Periodic jobs: ``@periodic(crontab(...) | every(...) | validate_fn)``, run as tasks.
+
+Concurrency model: the logic is a pure function of time, :meth:`Scheduler.tick`
+(``now`` in, runs out), which the tests call with fixed datetimes. The loop
+greenlet (``start()``) only sleeps until the earliest due time (no polling;
+adding a job or stopping wakes it) and calls ``tick(clock.now())``. Runs are
+spawned on the task runner, so they get retries, timeouts, events and the
+Flask app context like any task; ``max_instances`` looks at those results.
+Lateness (hub blocked, machine suspended, server down) is judged against the
+due times, and ``catch_up`` decides what to run. Wall-clock times are aware
+datetimes in UTC; each job computes its own due times in its own time zone.
+"""
+
+import datetime
+import importlib
+import logging
+import random
+import sys
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+
+from . import events
+
+log = logging.getLogger(__name__)
+
+__all__ = ["crontab", "every", "periodic", "Scheduler", "Job", "SystemClock", "get_scheduler",
+           "start", "stop", "reset"]
+
+UTC = datetime.timezone.utc
+CATCH_UP = ("once", "skip", "all")
+_FIELDS = ("second", "minute", "hour", "day", "month", "day_of_week")
+_RANGES = {"second": "0-59", "minute": "0-59", "hour": "0-23", "day": "1-31 or L",
+           "month": "1-12 or jan-dec", "day_of_week": "0-7 or sun-sat, n#k, nL"}
+#: Lateness tolerated before a run counts as missed (JobMissed).
+MISS_TOLERANCE = 1.0
+
+
+def _aware(dt):
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
+
+
+class crontab:
+    """A cron schedule: ``crontab("3 17 * * sun")``, 6 fields with seconds first, or huey keywords."""
+
+    def __init__(self, expr=None, *, second=None, minute="*", hour="*", day="*", month="*", day_of_week="*"):
+        if expr is None:
+            parts = [str(minute), str(hour), str(day), str(month), str(day_of_week)]
+            if second is not None:
+                parts.insert(0, str(second))
+            expr = " ".join(parts)
+        if not isinstance(expr, str):
+            raise ValueError("crontab expects a string like '3 17 * * sun', got %r" % (expr,))
+        self.expr = " ".join(expr.split())
+        parts = self.expr.split()
+        if len(parts) not in (5, 6):
+            raise ValueError("crontab %r: expected 5 fields (minute hour day month day_of_week) or 6 "
+                             "(second first), got %d" % (expr, len(parts)))
+        names = _FIELDS if len(parts) == 6 else _FIELDS[1:]
+        try:
+            CronSim(self.expr, datetime.datetime(2000, 1, 1, tzinfo=UTC))
+        except CronSimError as exc:
+            bad = str(exc).replace("Bad ", "").replace("day-of-month", "day").replace("day-of-week", "day_of_week")
+            field = next((n for n in names if n.replace("_", " ") == bad.replace("_", " ")), bad)
+            value = parts[names.index(field)] if field in names else "?"
+            raise ValueError("crontab %r: %s field: %r is not valid (allowed: %s, with ranges a-b, "
+                             "steps */n and lists a,b)" % (expr, field, value, _RANGES.get(field, "?"))) from None
+
+    def next_after(self, after, tz):
+        """The first due time strictly after ``after`` (aware), computed in ``tz``; aware UTC."""
+        local = after.astimezone(tz)
+        return next(CronSim(self.expr, local)).astimezone(UTC)
+
+    def __str__(self):
+        return self.expr
+
+    def __repr__(self):
+        return "crontab(%r)" % self.expr
+
+
+class every:
+    """A fixed interval: ``every(seconds=5)``; ``align=True`` fires on clock multiples (:00, :05 ...)."""
+
+    def __init__(self, seconds=0, minutes=0, hours=0, align=False):
+        self.interval = float(seconds) + 60.0 * float(minutes) + 3600.0 * float(hours)
+        if self.interval <= 0:
+            raise ValueError("every(): the interval must be more than 0 seconds")
+        self.align = align
+
+    def first_after(self, now):
+        """The first due time after the scheduler starts watching at ``now``."""
+        if self.align:
+            return self.next_after(now, UTC)
+        return now + datetime.timedelta(seconds=self.interval)
+
+    def next_after(self, after, tz):
+        """The next due time strictly after ``after``."""
+        if self.align:
+            ts = after.timestamp()
+            n = (ts // self.interval + 1) * self.interval
+            return datetime.datetime.fromtimestamp(n, UTC)
+        return after + datetime.timedelta(seconds=self.interval)
+
+    def __str__(self):
+        return "every %gs%s" % (self.interval, " aligned" if self.align else "")
+
+    __repr__ = __str__
+
+
+class _Validate:
+    """A MiniHuey-style ``validate(datetime) -> bool``, checked at the start of each minute."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def next_after(self, after, tz):
+        return (after.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)).astimezone(UTC)
+
+    def wants(self, due, tz):
+        return bool(self.fn(due.astimezone(tz)))
+
+    def __str__(self):
+        return "validate %s" % getattr(self.fn, "__qualname__", repr(self.fn))
+
+
+class SystemClock:
+    """The real clock: aware UTC datetimes."""
+
+    def now(self):
+        """Now, as an aware UTC datetime."""
+        return datetime.datetime.now(UTC)
+
+
+class Job:
+    """One periodic job: its schedule, policy and run history."""
+
+    def __init__(self, fn, schedule, *, timezone=None, max_instances=1, catch_up="once", jitter=0.0,
+                 name=None, task_options=None):
+        from .tasks import task
+
+        if catch_up not in CATCH_UP:
+            raise ValueError("catch_up must be one of %s, got %r" % (", ".join(CATCH_UP), catch_up))
+        if not isinstance(max_instances, int) or max_instances < 1:
+            raise ValueError("max_instances must be an integer >= 1, got %r" % (max_instances,))
+        if jitter < 0:
+            raise ValueError("jitter must be >= 0 seconds, got %r" % (jitter,))
+        if not isinstance(schedule, (crontab, every)):
+            if not callable(schedule):
+                raise ValueError("periodic() needs crontab(...), every(...) or a validate(datetime) callable")
+            schedule = _Validate(schedule)
+        try:
+            self.tz = ZoneInfo(timezone) if timezone else UTC
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown timezone %r (use an IANA name like 'Europe/Berlin')" % (timezone,)) from None
+        self.fn = fn
+        self.schedule = schedule
+        self.name = name or "%s.%s" % (fn.__module__, fn.__qualname__)
+        self.max_instances = max_instances
+        self.catch_up = catch_up
+        self.jitter = float(jitter)
+        self.task = task(name=self.name, **(task_options or {}))(fn)
+        self.next_run = None
+        self.last_run = None
+        self.last_state = None
+        self.running = []
+
+    def first_run(self, now):
+        """The first due time once the scheduler sees this job at ``now``."""
+        if isinstance(self.schedule, every):
+            return self.schedule.first_after(now)
+        return self.schedule.next_after(now, self.tz)
+
+    def info(self):
+        """A dict for listings and the dashboard."""
+        return {"name": self.name, "schedule": str(self.schedule),
+                "timezone": getattr(self.tz, "key", "UTC"), "next_run": self.next_run,
+                "last_run": self.last_run, "last_state": self.last_state,
+                "running": sum(1 for r in self.running if not r.ready())}
+
+
+class Scheduler:
+    """Holds jobs, decides what is due at ``now`` and runs a loop greenlet that sleeps in between."""
+
+    def __init__(self, clock=None, rng=None):
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self._jobs = {}
+        self._loop = None
+        self._wake = None
+
+    def add(self, job):
+        """Add a job (a second job with the same name raises ValueError)."""
+        if job.name in self._jobs:
+            raise ValueError("a periodic job named %r already exists" % job.name)
+        self._jobs[job.name] = job
+        if self._wake is not None:
+            self._wake.set()
+        return job
+
+    def jobs(self):
+        """Every job's name, schedule text, timezone, next_run, last_run and last_state."""
+        return [job.info() for job in self._jobs.values()]
+
+    def get(self, name):
+        """The Job called ``name``."""
+        return self._jobs[name]
+
+    # -- the pure core ---------------------------------------------------------------
+
+    def tick(self, now=None):
+        """Run what is due at ``now`` (default: the clock); returns the TaskResults spawned."""
+        now = _aware(now or self.clock.now())
+        spawned = []
+        for job in list(self._jobs.values()):
+            if job.next_run is None:
+                job.next_run = self._resume_point(job, now)
+            if job.next_run > now:
+                continue
+            due = [job.next_run]
+            nxt = job.schedule.next_after(job.next_run, job.tz)
+            while nxt <= now:
+                if len(due) < 10000:  # a long outage with catch_up="all" is capped, not unbounded
+                    due.append(nxt)
+                nxt = job.schedule.next_after(nxt, job.tz)
+            job.next_run = nxt
+            if isinstance(job.schedule, _Validate):
+                due = [d for d in due if job.schedule.wants(d, job.tz)]
+                if not due:
+                    continue
+            spawned.extend(self._due(job, due, now))
+        return spawned
+
+    def _resume_point(self, job, now):
+        """First due time: after the journal's last recorded run if there is one (catch-up after downtime)."""
+        journal = sys.modules.get("greenqueue.journal")
+        if journal is not None:
+            last = journal.last_periodic_run(job.name)
+            if last is not None:
+                job.last_run = last
+                return job.schedule.next_after(last, job.tz)
+        return job.first_run(now)
+
+    def _due(self, job, due, now):
+        late = (now - due[0]).total_seconds()
+        if len(due) > 1 or late > MISS_TOLERANCE:
+            events.notify(events.JobMissed(job, scheduled_for=due[0], late_by=late, missed_runs=len(due)))
+            log.warning("job %s is %.1fs late (%d run(s) due); catch_up=%s", job.name, late, len(due),
+                        job.catch_up)
+            if job.catch_up == "skip":
+                events.notify(events.JobSkipped(job, reason="missed (catch_up='skip')", scheduled_for=due[-1]))
+                return []
+            if job.catch_up == "once":
+                due = due[-1:]
+        return [r for r in (self._submit(job, when) for when in due) if r is not None]
+
+    def _submit(self, job, scheduled_for):
+        """Spawn one run as a task, unless max_instances runs are still going."""
+        job.running = [r for r in job.running if not r.ready()]
+        if len(job.running) >= job.max_instances:
+            events.notify(events.JobSkipped(job, reason="max_instances=%d runs still going" % job.max_instances,
+                                            scheduled_for=scheduled_for))
+            log.info("job %s skipped: %d run(s) still going", job.name, len(job.running))
+            return None
+        delay = self.rng.uniform(0, job.jitter) if job.jitter else 0
+        r = job.task.spawn_later(delay) if delay else job.task.spawn()
+        job.running.append(r)
+        job.last_run = scheduled_for
+        job.last_state = r.state
+
+        def finished(result, job=job):
+            job.last_state = result.state
+        r.add_done_callback(finished)
+        events.notify(events.JobFired(job, result=r, scheduled_for=scheduled_for))
+        journal = sys.modules.get("greenqueue.journal")
+        if journal is not None:
+            journal.record_periodic_run(job.name, scheduled_for)
+        return r
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def seconds_until_next(self, now=None):
+        """Seconds until the earliest due time (None when there are no jobs)."""
+        now = _aware(now or self.clock.now())
+        times = [j.next_run or j.first_run(now) for j in self._jobs.values()]
+        if not times:
+            return None
+        return max(0.0, (min(times) - now).total_seconds())
+
+    def start(self):
+        """Start the loop greenlet (idempotent)."""
+        import gevent
+        from gevent.event import Event
+
+        if self._loop is None or self._loop.dead:
+            self._wake = Event()
+            self._loop = gevent.spawn(self._run)
+        return self
+
+    def stop(self):
+        """Stop the loop greenlet; running job tasks are the task runner's to drain."""
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.kill(block=True)
+
+    def _run(self):
+        while True:
+            try:
+                self.tick()
+            except Exception:
+                log.exception("scheduler tick failed; continuing")
+            wait = self.seconds_until_next()
+            self._wake.clear()
+            # Sleep until the earliest due time; add() and stop() wake us early.
+            self._wake.wait(timeout=wait)
+
+
+_default = None
+
+
+def get_scheduler():
+    """The default scheduler that ``@periodic`` registers on (the server starts it)."""
+    global _default
+    if _default is None:
+        _default = Scheduler()
+    return _default
+
+
+def start():
+    """Start the default scheduler's loop."""
+    return get_scheduler().start()
+
+
+def stop():
+    """Stop the default scheduler's loop."""
+    if _default is not None:
+        _default.stop()
+
+
+def reset():
+    """Stop the default scheduler and forget its jobs (tests)."""
+    global _default
+    old, _default = _default, None
+    if old is not None:
+        old.stop()
+
+
+def periodic(schedule, timezone=None, max_instances=1, catch_up="once", jitter=0, name=None, **task_options):
+    """Register the decorated function as a periodic job on the default scheduler; it stays callable."""
+    def decorate(fn):
+        job = Job(fn, schedule, timezone=timezone, max_instances=max_instances, catch_up=catch_up,
+                  jitter=jitter, name=name, task_options=task_options)
+        get_scheduler().add(job)
+        fn.job = job
+        return fn
+    return decorate
+
+
+def main(argv=None):
+    """``python -m greenqueue.scheduler MODULE``: list a module's jobs and their next 5 run times."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m greenqueue.scheduler",
+                                     description="List the periodic jobs a module declares and when they run next.")
+    parser.add_argument("module", help="the module that declares @periodic jobs, e.g. myproject.jobs")
+    parser.add_argument("-n", type=int, default=5, help="how many run times to show per job")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.getcwd())
+    try:
+        importlib.import_module(args.module.partition(":")[0])
+    except Exception as exc:
+        print("greenqueue.scheduler: error: cannot import %s: %s: %s" % (args.module, type(exc).__name__, exc),
+              file=sys.stderr)
+        return 2
+    scheduler = get_scheduler()
+    if not scheduler._jobs:
+        print("%s declares no @periodic jobs" % args.module)
+        return 0
+    now = datetime.datetime.now(UTC)
+    for job in scheduler._jobs.values():
+        print("%s  [%s, %s, max_instances=%d, catch_up=%s]" % (job.name, job.schedule,
+                                                              getattr(job.tz, "key", "UTC"), job.max_instances,
+                                                              job.catch_up))
+        when = job.first_run(now)
+        shown = 0
+        for _ in range(100000):
+            if shown >= args.n:
+                break
+            if not isinstance(job.schedule, _Validate) or job.schedule.wants(when, job.tz):
+                print("    %s" % when.astimezone(job.tz).strftime("%a %Y-%m-%d %H:%M:%S %Z"))
+                shown += 1
+            when = job.schedule.next_after(when, job.tz)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, so jobs register on the same default scheduler it lists.
+    from greenqueue.scheduler import main as _main
+    sys.exit(_main())
