@@ -131,8 +131,13 @@ def _worker_main(conn, spec, parent_pid):
             _, call_id, action, args, kwargs, streaming = msg
             state["id"] = call_id
             state["credit"] = _CREDIT
-            state["greenlet"] = gevent.spawn(_serve_call, conn, app, state, call_id, action, args, kwargs,
-                                             streaming)
+            if streaming:
+                # A stream runs in its own greenlet so this loop can take credits and cancels meanwhile.
+                state["greenlet"] = gevent.spawn(_serve_call, conn, app, state, call_id, action, args, kwargs,
+                                                 streaming)
+            else:
+                # A plain call runs inline: nothing can interrupt it but a kill from the parent anyway.
+                _serve_call(conn, app, state, call_id, action, args, kwargs, streaming)
         elif kind == "credit" and msg[1] == state["id"]:
             state["credit"] += msg[2]
             state["credit_event"].set()

@@ -1,0 +1,188 @@
+"""Process-pool calls and streams: greenqueue vs a bare gipc pipe vs gunicorn 27's dirty workers.
+
+Usage: ``python bench/bench_procpool.py [--quick]``. greenqueue and the gipc
+baseline run in this process (one gevent hub, like a server greenlet would);
+gunicorn's figures are timed inside a gunicorn sync worker calling its dirty
+arbiter with ``gunicorn.dirty.get_dirty_client()``, the path its docs show.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gevent  # noqa: E402
+import gipc  # noqa: E402
+
+from bench._common import PY, free_port, markdown, row, server  # noqa: E402
+from greenqueue.procpool import ProcessPool  # noqa: E402
+
+APP = "bench.apps.procpool_app:EchoApp"
+DICT = {"key-%d" % i: i for i in range(1000)}
+
+
+def _pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))] * 1e6
+
+
+def _gipc_child(conn):
+    while True:
+        msg = conn.get()
+        if msg is None:
+            return
+        if msg[0] == "stream":
+            block = b"x" * msg[2] if msg[2] else 0
+            for _ in range(msg[1]):
+                conn.put(block)
+            conn.put(None)
+        else:
+            conn.put(msg[1])
+
+
+def bare_gipc(n, n_chunks, size):
+    """Baseline: a gipc duplex pipe to a child that echoes (no pool, no errors, no flow control)."""
+    with gipc.pipe(duplex=True) as (parent, child):
+        proc = gipc.start_process(_gipc_child, args=(child,))
+        parent.put(("echo", None))
+        parent.get()
+        lat = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            s = time.perf_counter()
+            parent.put(("echo", None))
+            parent.get()
+            lat.append(time.perf_counter() - s)
+        calls = n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        parent.put(("stream", n_chunks, 16))
+        while parent.get() is not None:
+            pass
+        chunks = n_chunks / (time.perf_counter() - t0)
+        big = max(1, n_chunks // 100)
+        t0 = time.perf_counter()
+        parent.put(("stream", big, size))
+        while parent.get() is not None:
+            pass
+        mbs = big * size / (time.perf_counter() - t0) / 1e6
+        parent.put(None)
+        proc.join()
+    return {"calls": calls, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "chunks": chunks, "mbs": mbs}
+
+
+def greenqueue(n, n_chunks, size):
+    """greenqueue's ProcessPool: 1 and 8 concurrent callers, dict echo, small and large chunks."""
+    pool = ProcessPool(APP, workers=1).start()
+    try:
+        pool.call("echo")
+        lat = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            s = time.perf_counter()
+            pool.call("echo")
+            lat.append(time.perf_counter() - s)
+        calls = n / (time.perf_counter() - t0)
+        res = {"calls": calls, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}
+        t0 = time.perf_counter()
+        gevent.joinall([gevent.spawn(lambda: [pool.call("echo") for _ in range(n // 8)]) for _ in range(8)])
+        res["calls8"] = (n // 8 * 8) / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(max(1, n // 10)):
+            pool.call("echo", DICT)
+        res["dict"] = max(1, n // 10) / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        assert sum(1 for _ in pool.stream("chunks", n_chunks, 16)) == n_chunks
+        res["chunks"] = n_chunks / (time.perf_counter() - t0)
+        big = max(1, n_chunks // 100)
+        t0 = time.perf_counter()
+        sum(1 for _ in pool.stream("chunks", big, size))
+        res["mbs"] = big * size / (time.perf_counter() - t0) / 1e6
+    finally:
+        pool.stop()
+    return res
+
+
+def gunicorn_dirty(n, n_chunks, size):
+    """gunicorn 27 dirty workers, timed inside a gunicorn worker; None with a reason if it cannot run."""
+    import requests
+
+    gunicorn = Path(PY).with_name("gunicorn")
+    if not gunicorn.exists():
+        return None, "gunicorn is not installed (pip install gunicorn)"
+    port = free_port()
+    with tempfile.TemporaryDirectory() as d:
+        conf = Path(d) / "conf.py"
+        conf.write_text("dirty_apps = ['bench.apps.dirty_peer:EchoDirty']\ndirty_workers = 1\n"
+                        "dirty_timeout = 60\nworkers = 1\ntimeout = 120\nloglevel = 'warning'\n")
+        cmd = [str(gunicorn), "-c", str(conf), "-b", "127.0.0.1:%d" % port, "bench.apps.dirty_peer:app"]
+        try:
+            with server(cmd, port):
+                url = "http://127.0.0.1:%d/" % port
+                deadline = time.monotonic() + 30
+                while True:  # the dirty arbiter boots after the HTTP port is open
+                    warm = requests.get(url, params={"n": 10}, timeout=60)
+                    if warm.status_code == 200:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("dirty arbiter not ready: HTTP %d" % warm.status_code)
+                    time.sleep(0.2)
+                r = requests.get(url, params={"n": n}, timeout=300).json()
+                res = {"calls": n / r["elapsed"], "p50": _pct(r["latencies"], 0.5),
+                       "p99": _pct(r["latencies"], 0.99)}
+                m = max(1, n // 10)
+                r = requests.post(url, params={"n": m}, data=json.dumps(DICT), timeout=300).json()
+                res["dict"] = m / r["elapsed"]
+                r = requests.get(url, params={"n": n_chunks, "kind": "stream", "size": 16}, timeout=300).json()
+                res["chunks"] = n_chunks / r["elapsed"]
+                big = max(1, n_chunks // 100)
+                r = requests.get(url, params={"n": big, "kind": "stream", "size": size}, timeout=300).json()
+                res["mbs"] = big * size / r["elapsed"] / 1e6
+                return res, ""
+        except Exception as exc:
+            return None, "gunicorn dirty workers could not be driven: %s: %s" % (type(exc).__name__, exc)
+
+
+def run(quick: bool = False, smoke: bool = False) -> list:
+    """Measure and return rows (ratio > 1: greenqueue better)."""
+    n = 300 if smoke else (2000 if quick else 10000)
+    n_chunks = 3000 if smoke else (30000 if quick else 200000)
+    size = 64 * 1024
+    ours = greenqueue(n, n_chunks, size)
+    bare = bare_gipc(n, n_chunks, size)
+    peer, why = gunicorn_dirty(n, n_chunks, size)
+    rows = []
+    for base_name, base in (("bare gipc pipe", bare), ("gunicorn 27 dirty", peer)):
+        note = "" if base is not None else why
+        b = base or {}
+        rows += [
+            row("procpool", "empty call, 1 caller", ours["calls"], "calls/s", base_name, b.get("calls"), True, note),
+            row("procpool", "empty call p50", ours["p50"], "us", base_name, b.get("p50"), False),
+            row("procpool", "empty call p99", ours["p99"], "us", base_name, b.get("p99"), False),
+            row("procpool", "16-byte stream chunks", ours["chunks"], "chunks/s", base_name, b.get("chunks"), True),
+            row("procpool", "64 KiB stream chunks", ours["mbs"], "MB/s", base_name, b.get("mbs"), True),
+        ]
+        if base_name != "bare gipc pipe":
+            rows.append(row("procpool", "1,000-key dict echo", ours["dict"], "calls/s", base_name, b.get("dict"), True))
+    rows.append(row("procpool", "empty call, 8 callers (1 worker)", ours["calls8"], "calls/s", "greenqueue, 1 caller",
+                    ours["calls"], True))
+    return rows
+
+
+def main(argv=None):
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    print(markdown(run(args.quick)))
+    print("\ntargets: >= 5x gunicorn calls/s, >= 10x gunicorn chunks/s, p50 <= 1.25x bare gipc (ratio >= 0.8)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
