@@ -22,8 +22,9 @@ from bench._common import PY, ROOT, markdown, row  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 MARK = "@@GREENQUEUE-BENCH-ROWS@@"
-CHILD = ("import json, sys; sys.path.insert(0, %r); import bench.{name} as b; "
-         "rows = b.run(quick={quick}); print(%r + json.dumps(rows, default=str))")
+CHILD = ("import inspect, json, sys; sys.path.insert(0, %r); import bench.{name} as b; "
+         "kw = {{'smoke': True}} if {smoke} and 'smoke' in inspect.signature(b.run).parameters else {{}}; "
+         "rows = b.run(quick={quick}, **kw); print(%r + json.dumps(rows, default=str))")
 
 
 def discover():
@@ -31,9 +32,9 @@ def discover():
     return sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
 
 
-def run_one(name, quick, limit):
+def run_one(name, quick, limit, smoke=False):
     """Run one bench module in a subprocess; return its rows (or one row saying why it failed)."""
-    code = CHILD.format(name=name, quick=quick) % (str(ROOT), MARK)
+    code = CHILD.format(name=name, quick=quick, smoke=smoke) % (str(ROOT), MARK)
     started = time.monotonic()
     try:
         proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=limit,

@@ -190,7 +190,11 @@ def _watch_blocking(max_blocking_ms):
 
     import zope.event
     zope.event.subscribers.append(on_blocked)
-    gevent.get_hub().start_periodic_monitoring_thread()
+    import warnings
+    with warnings.catch_warnings():
+        # gevent would also watch memory if psutil were installed; blocking is what we asked for.
+        warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
+        gevent.get_hub().start_periodic_monitoring_thread()
 
 
 class Server:

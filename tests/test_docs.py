@@ -31,3 +31,21 @@ def test_public_names_resolve():
         except (AttributeError, ImportError) as exc:
             missing.append("%s (%s)" % (name, exc))
     assert not missing, "greenqueue.__all__ names that do not import: %s" % ", ".join(missing)
+
+
+def _python_block_after(heading):
+    section = README[README.index(heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+def test_readme_flask_example_runs_in_the_real_server(server_factory, tmp_path):
+    import requests
+
+    (tmp_path / "readme_app.py").write_text(_python_block_after("## Your own Flask app"))
+    srv = server_factory("readme_app:app", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    r = requests.post(srv.url + "/signup", timeout=5)
+    assert r.status_code == 200 and r.text == "welcome!"
+    assert srv.stop() == 0
+    log = srv.log()
+    assert "readme_app.send_welcome" in log  # the task's events reached the log
