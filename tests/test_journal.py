@@ -184,3 +184,25 @@ def test_non_json_arguments_fail_at_spawn_with_advice():
             assert takes_object.spawn([1, 2]).get(5) == [1, 2]
         finally:
             journal.close()
+
+
+def test_periodic_job_catches_up_once_after_downtime(server_factory, tmp_path):
+    env = {"JOURNAL_TEST_OUT": str(tmp_path)}
+    path = tmp_path / "journal.db"
+    runs = tmp_path / "runs.log"
+    srv = server_factory("tests.apps.journal_sched_app:app", "--journal", str(path), env=env)
+    wait_for(runs.exists, 10, message="a first run")
+    assert srv.stop() == 0
+    # Pretend the server stayed down for a minute: move the recorded runs back.
+    with sqlite3.connect(path) as c:
+        c.execute("UPDATE greenqueue_periodic SET scheduled_for = scheduled_for - 60")
+    c.close()
+    before = len(runs.read_text().split())
+    started = time.monotonic()
+    again = server_factory("tests.apps.journal_sched_app:app", "--journal", str(path), env=env)
+    wait_for(lambda: len(runs.read_text().split()) > before, 10, message="the catch-up run")
+    # The ~30 runs missed while "down" coalesce into one late run at start.
+    import re
+    missed = re.search(r"late \((\d+) run\(s\) due\); catch_up=once", again.log())
+    assert missed and int(missed.group(1)) >= 25, again.log()
+    assert time.monotonic() - started < 10
