@@ -20,6 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	scripts/system-deps.sh
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
 
 clean:
