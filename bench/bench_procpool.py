@@ -8,8 +8,6 @@ arbiter with ``gunicorn.dirty.get_dirty_client()``, the path its docs show.
 
 import argparse
 import json
-import os
-import statistics
 import sys
 import tempfile
 import time
