@@ -14,7 +14,7 @@ from flask import Response, stream_with_context
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sse_response", "stream_response", "sse_event"]
+__all__ = ["sse_response", "stream_response", "sse_event", "prime"]
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -38,6 +38,31 @@ def _closing(source, frames):
         close = getattr(source, "close", None)
         if close is not None:
             close()
+
+
+def prime(iterable):
+    """Take the first item now, so errors (busy pool, crash) surface before the response starts.
+
+    Returns an iterator over every item, the first included, that closes the
+    source however iteration ends. A view raising here still gets to answer
+    with a proper status (503, 502) instead of an error event inside a 200.
+    """
+    source = iter(iterable)
+    try:
+        first = next(source)
+    except StopIteration:
+        return iter(())
+    except BaseException:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+        raise
+    return _closing(source, _chain_first(first, source))
+
+
+def _chain_first(first, rest):
+    yield first
+    yield from rest
 
 
 def _sse_frames(source, event):

@@ -81,3 +81,19 @@ def test_stream_response_passes_chunks_through():
 
 def test_sse_event_with_name_and_id():
     assert sse_event({"x": 1}, "tick", 7) == 'id: 7\nevent: tick\ndata: {"x":1}\n\n'
+
+
+def test_prime_raises_before_the_response_and_keeps_every_item():
+    import pytest
+
+    from greenqueue.flask import prime
+
+    failing = Source([], fail_at=0)
+    with pytest.raises(RuntimeError, match="source broke"):
+        prime(failing)
+    assert failing.closed
+    src = Source([1, 2, 3])
+    it = prime(src)
+    assert src.i == 1  # the first item was taken at once
+    assert list(it) == [1, 2, 3] and src.closed
+    assert list(prime(Source([]))) == []

@@ -10,7 +10,7 @@ import json
 from flask import Flask, jsonify, render_template, request
 
 from greenqueue import Overloaded, WorkerError, procpool
-from greenqueue.flask import sse_response
+from greenqueue.flask import prime, sse_response
 
 POOL = "examples.streaming_chat.chat_app:ChatApp"
 MAX_PROMPT_CHARS = 4000
@@ -56,17 +56,6 @@ def worker_error(exc):
     return jsonify(error="the model failed: %s" % exc), 502
 
 
-def _resume(first, rest):
-    """Yield ``first`` then the rest of the stream, closing the stream however we stop."""
-    try:
-        yield first
-        yield from rest
-    finally:
-        close = getattr(rest, "close", None)
-        if close is not None:
-            close()
-
-
 @app.get("/")
 def index():
     return render_template("index.html")
@@ -75,17 +64,9 @@ def index():
 @app.post("/chat")
 def chat():
     prompt, thinking = _chat_request()
-    stream = iter(procpool.get(POOL).stream("generate", prompt, thinking))
-    # Wait for the first token here, so "busy" or a crash is a proper HTTP
-    # status rather than an error event inside a 200 stream.
-    try:
-        first = next(stream)
-    except StopIteration:
-        return sse_response(iter(()))
-    except BaseException:
-        getattr(stream, "close", lambda: None)()
-        raise
-    return sse_response(_resume(first, stream))
+    # prime() waits for the first token here, so "busy" or a crash is a proper
+    # HTTP status rather than an error event inside a 200 stream.
+    return sse_response(prime(procpool.get(POOL).stream("generate", prompt, thinking)))
 
 
 @app.post("/chat/sync")
