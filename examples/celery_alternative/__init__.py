@@ -1,0 +1,1 @@
+"""gunicorn's celery_alternative example on greenqueue: four stateful worker pools with SSE progress."""
