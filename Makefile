@@ -13,7 +13,8 @@ $(STAMP): setup.cfg setup.py pyproject.toml scripts/bootstrap.sh
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m greenqueue.server --bind 127.0.0.1:8000 --dirty-app $(DIRTY) $(APP)
+	$(BIN)/python -m greenqueue.server --bind 127.0.0.1:8000 --dirty-app $(DIRTY) \
+		--dashboard-path /_greenqueue --metrics-path /metrics $(APP)
 
 test: $(STAMP)
 	scripts/system-deps.sh

@@ -14,7 +14,7 @@ _EXPORTS = {
     # tasks
     "task": "tasks", "spawn": "tasks", "spawn_later": "tasks", "spawn_at": "tasks",
     "spawn_idle": "tasks", "TaskResult": "tasks", "result": "tasks", "configure": "tasks",
-    "cooperate": "tasks", "run_in_thread": "tasks",
+    "cooperate": "tasks", "run_in_thread": "tasks", "progress": "tasks",
     # scheduler
     "periodic": "scheduler", "crontab": "scheduler", "every": "scheduler", "Scheduler": "scheduler",
     # process pool

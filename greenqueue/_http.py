@@ -59,6 +59,8 @@ class HTTPSettings:
         self.server_port = str(server_port)
         self.access_log_enabled = access_log_enabled
         self.shutting_down = False
+        #: ``observe(environ, status, seconds)`` after each request (metrics), or None.
+        self.observe = None
 
 
 class RequestError(Exception):
@@ -460,8 +462,11 @@ class Connection:
         try:
             resp.run(self.settings.app)
         finally:
+            duration = time.monotonic() - started
             if self.settings.access_log_enabled:
-                self._log_access(environ, resp, time.monotonic() - started)
+                self._log_access(environ, resp, duration)
+            if self.settings.observe is not None:
+                self.settings.observe(environ, resp.status_code, duration)
         if not resp.keep_alive or req.upgrade or self.settings.shutting_down:
             return False
         return self._finish_body(req, environ["wsgi.input"])

@@ -29,7 +29,7 @@ from .errors import JournalError, RemoteError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SQLiteStore", "Journal", "enable", "get", "lookup", "stop_recording", "close", "reset",
+__all__ = ["SQLiteStore", "Journal", "enable", "get", "lookup", "stop_recording", "close", "reset", "retry",
            "record_periodic_run", "last_periodic_run", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
@@ -539,6 +539,24 @@ def close():
 def reset():
     """Close the journal without replaying anything (tests)."""
     close()
+
+
+def retry(task_id):
+    """Run a failed or cancelled journaled task again now, with the same id; returns its TaskResult."""
+    if _current is None:
+        raise JournalError("no journal is open; only journaled tasks can be retried")
+    row = _current.call("get", task_id)
+    if row is None:
+        raise JournalError("task %s is not in the journal %s" % (task_id, _current.path))
+    if row["state"] not in ("FAILURE", "CANCELLED"):
+        raise JournalError("task %s is %s; only failed or cancelled tasks can be retried" % (task_id, row["state"]))
+    t = _find_task(row["name"])
+    if t is None:
+        raise JournalError("task %s: no task named %r is registered" % (task_id, row["name"]))
+    from .tasks import get_runner
+    data = _loads(row["serializer"], row["payload"])
+    return get_runner().spawn(t.fn, tuple(data["args"]), data["kwargs"], name=t.name, opts=t.opts,
+                              task_id=row["id"])
 
 
 def record_periodic_run(job, scheduled_for):

@@ -429,6 +429,7 @@ class ProcessPool:
 
     def call(self, action, *args, **kwargs):
         """Run ``action`` in a worker and return its value (only this greenlet waits)."""
+        started = time.monotonic()
         w = self._acquire()
         call_id = next(self._ids)
         result = AsyncResult()
@@ -446,16 +447,19 @@ class ProcessPool:
         if kind == "exc":
             raise value
         self._release(w)
+        if observe is not None:
+            observe(self, "call", time.monotonic() - started)
         if kind == "err":
             raise from_dict(value)
         return value
 
     def stream(self, action, *args, **kwargs):
         """Iterate the chunks a generator ``action`` yields; closing the iterator stops the worker's generator."""
+        started = time.monotonic()
         w = self._acquire()
-        return self._stream(w, action, args, kwargs)
+        return self._stream(w, action, args, kwargs, started)
 
-    def _stream(self, w, action, args, kwargs):
+    def _stream(self, w, action, args, kwargs, started):
         from gevent.queue import Queue
 
         call_id = next(self._ids)
@@ -495,6 +499,8 @@ class ProcessPool:
                     finished = True
                     raise msg[2]
         finally:
+            if observe is not None:
+                observe(self, "stream", time.monotonic() - started)
             if not finished:
                 # The consumer stopped early (client gone): close the worker's generator now,
                 # and hand the worker back once it says the generator is closed.
@@ -550,6 +556,9 @@ class ProcessPool:
 
 
 _pools = {}
+
+#: ``observe(pool, kind, seconds)`` after each call ("call") or finished stream ("stream"); metrics set it.
+observe = None
 
 
 def start_pools(specs, workers=None, timeout=None):

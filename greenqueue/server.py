@@ -228,6 +228,8 @@ class Server:
             def handle(client, address, http=http):
                 _http.Connection(client, address, http, self.connections).handle()
 
+            if self.metrics is not None:
+                http.observe = self.metrics.observe_http
             srv = StreamServer(sock, handle, spawn=pool)
             srv.http_settings = http
             self.servers.append(srv)
@@ -243,7 +245,7 @@ class Server:
 
         log = logging.getLogger("greenqueue.server")
         s = self.settings
-        app = load_app(self.app_spec)
+        app = self._observed(load_app(self.app_spec))
         listeners = []
         try:
             for bind in s["bind"]:
@@ -283,11 +285,34 @@ class Server:
             srv.start()
         addresses = tuple(_display(b) for b, _ in listeners)
         events.notify(events.ServerStarting(addresses=addresses, app=self.app_spec))
+        extras = []
+        if pools_started:
+            extras.append("dirty apps: " + ", ".join(pools_started))
+        first = addresses[0] if addresses[0].startswith("http") else "http://localhost"
+        if s["dashboard_path"]:
+            extras.append("dashboard: %s%s/" % (first, s["dashboard_path"].rstrip("/")))
+        if s["metrics_path"]:
+            extras.append("metrics: %s%s" % (first, s["metrics_path"]))
         log.info("greenqueue %s serving %s on %s (pid %d%s)", _version(), self.app_spec,
-                 ", ".join(addresses), os.getpid(),
-                 ", dirty apps: " + ", ".join(pools_started) if pools_started else "")
+                 ", ".join(addresses), os.getpid(), "".join(", " + e for e in extras))
         stop.wait()
         return self.shutdown(reason[0] if reason else "stop")
+
+    def _observed(self, app):
+        """Wrap the app with /metrics and the dashboard when asked for."""
+        s = self.settings
+        self.metrics = None
+        if not (s["metrics_path"] or s["dashboard_path"]):
+            return app
+        from . import dashboard
+        from .config import parse_ips
+        for name in ("metrics_path", "dashboard_path"):
+            if s[name] and not s[name].startswith("/"):
+                raise StartupError("--%s %r: must start with /" % (name.replace("_", "-"), s[name]))
+        wrapped, self.metrics = dashboard.install(app, s["metrics_path"], s["dashboard_path"],
+                                                  parse_ips(s["dashboard_allow_ips"]), s["dashboard_token"],
+                                                  self.connections)
+        return wrapped
 
     def _configure_tasks(self):
         s = self.settings

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "task", "Task", "TaskResult", "spawn", "spawn_later", "spawn_at", "spawn_idle",
-    "result", "configure", "drain", "cooperate", "run_in_thread", "get_runner", "reset",
+    "result", "configure", "drain", "cooperate", "run_in_thread", "get_runner", "reset", "progress",
+    "current",
     "Runner", "DrainReport", "TaskOptions", "get_task", "registered",
     "PENDING", "SCHEDULED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED",
     "READY_STATES",
@@ -113,3 +114,15 @@ def cooperate() -> None:
 def run_in_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     """Run blocking ``fn`` in gevent's threadpool; only this greenlet waits for the value."""
     return gevent.get_hub().threadpool.apply(fn, args, kwargs)
+
+
+def current() -> Optional[TaskResult]:
+    """The TaskResult of the task running in this greenlet (None outside a task)."""
+    return get_runner()._running.get(gevent.getcurrent())
+
+
+def progress(done, total=None, message=None) -> None:
+    """Report progress of the current task (shown on the dashboard, read as ``TaskResult.progress``)."""
+    r = current()
+    if r is not None:
+        r.progress = {"done": done, "total": total, "message": message}

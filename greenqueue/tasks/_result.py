@@ -49,7 +49,7 @@ class TaskResult(Generic[R]):
 
     # Slots keep a waiting task small: 100,000 scheduled tasks are a normal load.
     __slots__ = (
-        "id", "name", "state", "result", "exception", "traceback", "retries",
+        "id", "name", "state", "result", "exception", "traceback", "retries", "progress",
         "eta", "_started_ts", "_finished_ts", "duration",
         "_fn", "_args", "_kwargs", "_opts", "_runner", "_greenlet", "_done",
         "_app", "_where", "_slot", "_idle", "_finished_mono", "_callbacks", "__weakref__",
@@ -63,6 +63,8 @@ class TaskResult(Generic[R]):
         self.exception: Optional[BaseException] = None
         self.traceback: Optional[str] = None
         self.retries: int = 0
+        #: The last ``greenqueue.progress()`` report: {"done", "total", "message"} or None.
+        self.progress = None
         self.eta = None
         # Wall-clock floats; the datetimes are built only when someone reads them.
         self._started_ts = None
