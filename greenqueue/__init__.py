@@ -19,6 +19,8 @@ _EXPORTS = {
     "periodic": "scheduler", "crontab": "scheduler", "every": "scheduler", "Scheduler": "scheduler",
     # process pool
     "DirtyApp": "procpool", "ProcessPool": "procpool",
+    # consumers
+    "consume": "consumers",
     # lifecycle hooks
     "on_startup": "hooks", "on_shutdown": "hooks",
     # errors

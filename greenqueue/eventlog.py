@@ -69,6 +69,11 @@ _FORMATS = {
         "server starting on %s for %s", (", ".join(map(str, e.addresses)) or "?", e.app or "?"))),
     events.ServerStopping: (logging.INFO, lambda e: (
         "server stopping: %s", (e.reason or "requested",))),
+    events.MessagesHandled: (logging.DEBUG, lambda e: (
+        "consumer %s handled %d message(s) in %.3fs", (getattr(e.consumer, "name", "?"), e.count, e.seconds))),
+    events.MessagesFailed: (logging.WARNING, lambda e: (
+        "consumer %s failed on %d message(s): %s; %d requeued",
+        (getattr(e.consumer, "name", "?"), e.count, _error(e.exception), e.requeued))),
 }
 
 _LOUD_EXITS = ("crashed", "timeout", "init-failed")

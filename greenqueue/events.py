@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Event", "TaskSpawned", "TaskStarted", "TaskSucceeded", "TaskFailed",
     "TaskRetrying", "TaskCancelled", "JobFired", "JobSkipped", "JobMissed",
-    "WorkerStarted", "WorkerExited", "ServerStarting", "ServerStopping",
+    "WorkerStarted", "WorkerExited", "ServerStarting", "ServerStopping", "MessagesHandled", "MessagesFailed",
     "notify", "subscribe",
 ]
 
@@ -139,6 +139,26 @@ class ServerStopping(Event):
     """The server begins its graceful shutdown."""
 
     reason: str = ""
+
+
+@dataclass
+class MessagesHandled(Event):
+    """A consumer's handler took a batch of ``count`` messages in ``seconds``."""
+
+    consumer: Any
+    count: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class MessagesFailed(Event):
+    """A consumer's handler raised on a batch; ``requeued`` messages go back to the queue."""
+
+    consumer: Any
+    count: int = 0
+    seconds: float = 0.0
+    exception: Optional[BaseException] = None
+    requeued: int = 0
 
 
 def notify(event):

@@ -268,6 +268,9 @@ class Server:
         pools_started = self._start_pools()
         self._open_journal()
         self._start_scheduler()
+        consumers = sys.modules.get("greenqueue.consumers")
+        if consumers is not None:
+            consumers.start_all()  # only apps that declared @consume handlers imported the module
         stop = Event()
         reason = []
 
@@ -375,6 +378,11 @@ class Server:
         scheduler = sys.modules.get("greenqueue.scheduler")
         if scheduler is not None:
             scheduler.get_scheduler().stop()
+        consumers = sys.modules.get("greenqueue.consumers")
+        if consumers is not None and consumers.consumers():
+            # Stop taking messages first; batches in hand finish (and ack) before anything closes.
+            consumers.stop_all(max(1.0, deadline - time.monotonic()))
+            log.info("consumers stopped")
         for conn in list(self.connections):
             conn.close_if_idle()
         self.pool.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install what the real-process tests and benches drive (Debian packages): nginx, Chromium,
-# wrk (HTTP load) and redis-server (the Celery peer's broker).
+# wrk (HTTP load), redis-server (the Celery peer's broker) and rabbitmq-server (consumer tests).
 set -euo pipefail
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 if [ "$(id -u)" != 0 ]; then

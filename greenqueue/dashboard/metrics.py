@@ -110,6 +110,14 @@ class Metrics:
             c["greenqueue_job_runs"][(e.job.name, "missed")] += 1
         elif kind is events.WorkerExited:
             c["greenqueue_worker_exits"][(getattr(e.pool, "name", "?"), e.reason or "?")] += 1
+        elif kind is events.MessagesHandled or kind is events.MessagesFailed:
+            name = getattr(e.consumer, "name", "?")
+            ok = kind is events.MessagesHandled
+            c["greenqueue_consumer_messages"][(name, "handled" if ok else "failed")] += e.count
+            if not ok and e.requeued:
+                c["greenqueue_consumer_messages"][(name, "requeued")] += e.requeued
+            self.hists["greenqueue_consumer_batch_seconds"][(name,)].observe(e.seconds)
+            self.hists["greenqueue_consumer_batch_size"][(name,)].observe(e.count)
 
     def observe_pool(self, pool, kind, seconds):
         """Record one process-pool call or stream."""
@@ -132,12 +140,15 @@ _COUNTERS = [
     ("greenqueue_job_runs", "Periodic job runs by outcome", ["job", "outcome"]),
     ("greenqueue_http_requests", "HTTP requests by status", ["status"]),
     ("greenqueue_worker_exits", "Worker processes that ended, by reason", ["pool", "reason"]),
+    ("greenqueue_consumer_messages", "Consumer messages by outcome", ["consumer", "outcome"]),
 ]
 _HISTOGRAMS = [
     ("greenqueue_task_duration_seconds", "Duration of a task's last attempt", ["task"]),
     ("greenqueue_schedule_lateness_seconds", "How late a periodic run fired", ["job"]),
     ("greenqueue_procpool_seconds", "Process-pool call and stream time", ["pool", "kind"]),
     ("greenqueue_http_request_seconds", "HTTP request time", []),
+    ("greenqueue_consumer_batch_seconds", "Consumer handler time per batch", ["consumer"]),
+    ("greenqueue_consumer_batch_size", "Messages per consumer batch (bucket bounds are counts)", ["consumer"]),
 ]
 
 

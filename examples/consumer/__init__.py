@@ -1,0 +1,1 @@
+"""A Flask app and a RabbitMQ consumer in one greenqueue process."""

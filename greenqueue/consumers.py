@@ -1,0 +1,414 @@
+"""Consumers: ``@consume(source)`` handlers fed from RabbitMQ queues or a remote SSE stream, in batches.
+
+Concurrency model: each consumer runs in its own greenlet in the server
+process. It reads from its source (kombu/py-amqp sockets, or an HTTP
+stream; both cooperative under the server's monkey-patching), collects
+messages until ``batch_size`` are waiting or ``batch_interval`` seconds have
+passed since the first, and calls the handler with the list, in that same
+greenlet, so at most one batch per consumer is in flight and a slow handler
+holds back delivery (RabbitMQ's prefetch is bounded by the batch size). A
+lost connection is retried with backoff, each attempt logged. ``stop()``
+stops reading, finishes the batch in hand and closes; with RabbitMQ, what was
+delivered but not acknowledged goes back to the queue.
+
+Handlers always get a list (as asyncworker's do, even for batch_size=1) of
+:class:`Message`; a handler may ``ack()``/``reject()`` single messages;
+the rest are settled by ``on_success`` when it returns and by ``on_error``
+when it raises.
+"""
+
+import json
+import logging
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import gevent
+
+from . import events
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["consume", "publish", "Message", "Consumer", "start_all", "stop_all", "reset", "consumers"]
+
+SETTLE = ("ack", "reject", "requeue")
+_EOF = object()
+_BACKOFF_MAX = 10.0
+
+
+class Message:
+    """One message handed to a handler: ``body`` (decoded), ``id``, ``headers``, ``ack()``, ``reject(requeue)``."""
+
+    __slots__ = ("body", "id", "event", "headers", "settled", "_raw")
+
+    def __init__(self, body, id=None, event=None, headers=None, raw=None):
+        self.body = body
+        self.id = id
+        self.event = event
+        self.headers = headers or {}
+        self.settled = None
+        self._raw = raw
+
+    def ack(self):
+        """Confirm the message (RabbitMQ removes it from the queue)."""
+        self._settle("ack")
+
+    def reject(self, requeue=True):
+        """Refuse the message; with ``requeue`` it is delivered again."""
+        self._settle("requeue" if requeue else "reject")
+
+    def _settle(self, how):
+        if self.settled is not None:
+            return
+        self.settled = how
+        raw = self._raw
+        if raw is None:
+            return
+        if how == "ack":
+            raw.ack()
+        else:
+            raw.reject(requeue=(how == "requeue"))
+
+    def __repr__(self):
+        return "<Message %s %r>" % (self.id, self.body)
+
+
+class Consumer:
+    """One ``@consume`` handler, its source and its batching."""
+
+    def __init__(self, fn, source, queues=None, batch_size=1, batch_interval=None, on_success="ack",
+                 on_error="requeue", prefetch=None, name=None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError("batch_size must be an integer >= 1, got %r" % (batch_size,))
+        if batch_interval is not None and batch_interval <= 0:
+            raise ConfigError("batch_interval must be > 0 seconds or None, got %r" % (batch_interval,))
+        for label, value in (("on_success", on_success), ("on_error", on_error)):
+            if value not in SETTLE:
+                raise ConfigError("%s must be one of %s, got %r" % (label, ", ".join(SETTLE), value))
+        scheme = urlsplit(source).scheme
+        if scheme in ("amqp", "amqps"):
+            if not queues:
+                raise ConfigError("consume(%r): name the queues to read, e.g. queues=['events']" % source)
+            self.reader = _AMQPReader(self, source, list(queues), prefetch or max(batch_size, 1))
+        elif scheme in ("sse+http", "sse+https"):
+            self.reader = _SSEReader(self, source)
+        else:
+            raise ConfigError("consume(%r): unknown source; use amqp://... or sse+http://..." % source)
+        self.fn = fn
+        self.name = name or "%s.%s" % (fn.__module__, fn.__qualname__)
+        self.source = source
+        self.batch_size = batch_size
+        self.batch_interval = batch_interval
+        self.on_success = on_success
+        self.on_error = on_error
+        self.running = False
+        self.greenlet = None
+        self.handled = self.failed = 0
+
+    def start(self):
+        """Start reading in a greenlet."""
+        if self.greenlet is None or self.greenlet.dead:
+            self.running = True
+            self.greenlet = gevent.spawn(self.reader.run)
+        return self
+
+    def stop(self, timeout=10.0):
+        """Stop reading, finish the batch in hand, close the connection."""
+        self.running = False
+        if self.greenlet is not None:
+            self.greenlet.join(timeout)
+            if not self.greenlet.dead:
+                log.warning("consumer %s did not stop within %ss; killing it", self.name, timeout)
+                self.greenlet.kill(block=True, timeout=2)
+
+    def due(self, batch, first_at):
+        """True when ``batch`` should go to the handler now."""
+        if not batch:
+            return False
+        if len(batch) >= self.batch_size or not self.running:
+            return True
+        return self.batch_interval is not None and time.monotonic() - first_at >= self.batch_interval
+
+    def wait_time(self, batch, first_at):
+        """How long the reader may block before the batch is due (None: until a message comes)."""
+        if batch and self.batch_interval is not None:
+            return max(0.0, self.batch_interval - (time.monotonic() - first_at))
+        return 1.0  # wake now and then to notice stop()
+
+    def handle(self, batch):
+        """Call the handler with ``batch`` and settle what it left unsettled; True if it succeeded."""
+        started = time.monotonic()
+        try:
+            self.fn(batch)
+        except Exception as exc:
+            seconds = time.monotonic() - started
+            left = [m for m in batch if m.settled is None]
+            for m in left:
+                m._settle(self.on_error)
+            self.failed += len(batch)
+            log.warning("consumer %s: batch of %d failed (%s: %s); %d message(s) %s", self.name, len(batch),
+                        type(exc).__name__, exc, len(left), {"requeue": "requeued", "reject": "rejected",
+                                                              "ack": "acknowledged"}[self.on_error])
+            events.notify(events.MessagesFailed(self, count=len(batch), seconds=seconds, exception=exc,
+                                                requeued=len(left) if self.on_error == "requeue" else 0))
+            return False
+        for m in batch:
+            if m.settled is None:
+                m._settle(self.on_success)
+        self.handled += len(batch)
+        events.notify(events.MessagesHandled(self, count=len(batch), seconds=time.monotonic() - started))
+        return True
+
+
+class _AMQPReader:
+    """RabbitMQ through kombu: QoS bounded by the batch, ack/requeue per message, reconnect with backoff."""
+
+    def __init__(self, consumer, url, queues, prefetch):
+        self.consumer = consumer
+        self.url = url
+        self.queues = queues
+        self.prefetch = prefetch
+
+    def run(self):
+        c = self.consumer
+        attempt = 0
+        while c.running:
+            try:
+                self._session()
+                return
+            except Exception as exc:
+                if not c.running:
+                    return
+                attempt += 1
+                delay = min(_BACKOFF_MAX, 0.5 * 2 ** (attempt - 1))
+                log.warning("consumer %s: broker %s unreachable (%s: %s); reconnect attempt %d in %.1fs",
+                            c.name, _safe_url(self.url), type(exc).__name__, exc, attempt, delay)
+                _sleep_while(c, delay)
+
+    def _session(self):
+        from kombu import Connection, Queue
+        from kombu import Consumer as KombuConsumer
+
+        c = self.consumer
+        batch, first_at = [], 0.0
+
+        def on_message(body, raw):
+            nonlocal first_at
+            if not batch:
+                first_at = time.monotonic()
+            batch.append(Message(body, id=raw.delivery_tag, headers=raw.headers, raw=raw))
+
+        with Connection(self.url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+            channel = conn.channel()
+            channel.basic_qos(0, self.prefetch, False)
+            queues = [Queue(q, durable=True, channel=channel) for q in self.queues]
+            consumer = KombuConsumer(channel, queues, callbacks=[on_message],
+                                     accept=["json", "text/plain", "application/octet-stream"])
+            consumer.consume()
+            log.info("consumer %s: reading %s from %s (prefetch %d)", c.name, ", ".join(self.queues),
+                     _safe_url(self.url), self.prefetch)
+            try:
+                while c.running or batch:
+                    if c.due(batch, first_at):
+                        current, batch[:] = list(batch), []
+                        c.handle(current)
+                        continue
+                    if not c.running:
+                        break
+                    try:
+                        conn.drain_events(timeout=c.wait_time(batch, first_at) or 0.001)
+                    except TimeoutError:
+                        pass  # no message within the wait: check the batch timer and stop()
+            finally:
+                try:
+                    consumer.cancel()
+                except Exception:
+                    pass  # the connection may already be gone; unacked messages return to the queue anyway
+
+
+class _SSEReader:
+    """A remote event stream: reconnects with Last-Event-ID; a failed batch is read again from its start."""
+
+    def __init__(self, consumer, url):
+        self.consumer = consumer
+        parts = urlsplit(url)
+        self.url = urlunsplit((parts.scheme.split("+", 1)[1],) + tuple(parts[1:]))
+        self.last_id = None  # the id of the last event of the last handled batch
+
+    def run(self):
+        c = self.consumer
+        attempt = 0
+        while c.running:
+            try:
+                if self._session():
+                    attempt = 0
+            except Exception as exc:
+                if not c.running:
+                    return
+                attempt += 1
+                log.warning("consumer %s: stream %s failed (%s: %s); reconnect attempt %d", c.name, self.url,
+                            type(exc).__name__, exc, attempt)
+            if c.running:
+                _sleep_while(c, min(_BACKOFF_MAX, 0.2 * 2 ** max(0, attempt - 1)))
+
+    def _session(self):
+        """Read one connection's worth of events; returns True if the stream ended normally."""
+        import http.client
+
+        from gevent.queue import Empty, Queue
+
+        c = self.consumer
+        parts = urlsplit(self.url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.hostname, parts.port, timeout=60)
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        if self.last_id is not None:
+            headers["Last-Event-ID"] = self.last_id
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            conn.close()
+            raise ConnectionError("HTTP %d from %s" % (resp.status, self.url))
+        # A reader greenlet owns the socket (a read timeout would spoil the buffered
+        # file); this greenlet waits on its queue, so it can honour batch_interval.
+        lines = Queue()
+        reader = gevent.spawn(_read_lines, resp, lines)
+        batch, first_at = [], 0.0
+        event = {"data": [], "id": None, "event": None}
+        try:
+            while c.running:
+                try:
+                    line = lines.get(timeout=c.wait_time(batch, first_at))
+                except Empty:
+                    line = None
+                if isinstance(line, BaseException):
+                    raise line
+                if line is _EOF:
+                    break  # the server ended the stream: deliver what we have, then reconnect
+                if line is not None:
+                    msg = _sse_line(line, event)
+                    if msg is not None:
+                        if not batch:
+                            first_at = time.monotonic()
+                        batch.append(msg)
+                        event = {"data": [], "id": None, "event": None}
+                if c.due(batch, first_at) and not self._deliver(batch):
+                    return False  # read the failed batch again from the last good event
+            if batch:
+                self._deliver(batch)
+        finally:
+            reader.kill(block=False)
+            conn.close()
+        return True
+
+    def _deliver(self, batch):
+        ok = self.consumer.handle(list(batch))
+        if ok:
+            ids = [m.id for m in batch if m.id is not None]
+            if ids:
+                self.last_id = ids[-1]
+            batch.clear()
+        return ok
+
+
+def _read_lines(resp, queue):
+    """Put each line of the HTTP body on ``queue`` (then _EOF, or the error)."""
+    try:
+        while True:
+            raw = resp.readline()  # HTTPResponse.readline undoes chunked framing
+            if not raw:
+                queue.put(_EOF)
+                return
+            queue.put(raw.decode("utf-8").rstrip("\r\n"))
+    except Exception as exc:
+        queue.put(exc)
+
+
+def _sse_line(line, event):
+    """Feed one SSE line; returns a finished Message at a blank line."""
+    if line == "":
+        if not event["data"]:
+            return None
+        data = "\n".join(event["data"])
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = data
+        return Message(body, id=event["id"], event=event["event"])
+    if line.startswith(":"):
+        return None
+    field, _, value = line.partition(":")
+    value = value[1:] if value.startswith(" ") else value
+    if field == "data":
+        event["data"].append(value)
+    elif field == "id":
+        event["id"] = value
+    elif field == "event":
+        event["event"] = value
+    return None
+
+
+def _sleep_while(consumer, seconds):
+    end = time.monotonic() + seconds
+    while consumer.running and time.monotonic() < end:
+        gevent.sleep(min(0.1, end - time.monotonic()))
+
+
+def _safe_url(url):
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+_consumers = []
+
+
+def consume(source, queues=None, batch_size=1, batch_interval=None, on_success="ack", on_error="requeue",
+            prefetch=None, name=None):
+    """Register the decorated ``handler(messages)`` to consume ``source`` (amqp://... or sse+http://...)."""
+    def decorate(fn):
+        c = Consumer(fn, source, queues, batch_size, batch_interval, on_success, on_error, prefetch, name)
+        _consumers.append(c)
+        fn.consumer = c
+        return fn
+    return decorate
+
+
+def consumers():
+    """The registered consumers."""
+    return list(_consumers)
+
+
+def start_all():
+    """Start every registered consumer (the server calls this after start-up hooks)."""
+    for c in _consumers:
+        c.start()
+    return list(_consumers)
+
+
+def stop_all(timeout=10.0):
+    """Stop every consumer, letting in-flight batches finish."""
+    for c in _consumers:
+        c.running = False
+    for c in _consumers:
+        c.stop(timeout)
+
+
+def reset():
+    """Stop and forget every consumer (tests)."""
+    stop_all(2)
+    _consumers.clear()
+
+
+def publish(url, queue, body, headers=None):
+    """Publish ``body`` (JSON-serialisable) to ``queue`` on the broker at ``url`` (declared durable)."""
+    from kombu import Connection, Queue
+
+    with Connection(url, connect_timeout=5) as conn:
+        q = Queue(queue, durable=True)
+        conn.Producer().publish(body, routing_key=queue, declare=[q], serializer="json", delivery_mode=2,
+                                headers=headers or {}, retry=True, retry_policy={"max_retries": 3})
