@@ -72,8 +72,12 @@ class RequestError(Exception):
         self.reason = reason
 
 
-class ClientDisconnected(Exception):
-    """Raised in a streaming greenlet when its client has closed the connection."""
+class ClientDisconnected(gevent.GreenletExit):
+    """Raised in a streaming greenlet when its client has closed the connection.
+
+    A GreenletExit, so ``except Exception`` in app code (and in sse_response)
+    does not mistake a departed client for a failure.
+    """
 
 
 class _Request:

@@ -65,7 +65,7 @@ _FORMATS = {
     events.WorkerExited: (logging.INFO, lambda e: (
         "worker %d (pid %d) of pool %s exited: %s (exit code %s)",
         (e.index, e.pid, _pool(e), e.reason or "unknown", e.exitcode))),
-    events.ServerStarting: (logging.INFO, lambda e: (
+    events.ServerStarting: (logging.DEBUG, lambda e: (
         "server starting on %s for %s", (", ".join(map(str, e.addresses)) or "?", e.app or "?"))),
     events.ServerStopping: (logging.INFO, lambda e: (
         "server stopping: %s", (e.reason or "requested",))),
