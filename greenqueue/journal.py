@@ -16,6 +16,7 @@ Storage sits behind :class:`SQLiteStore`, whose methods use portable SQL
 methods.
 """
 
+import collections
 import datetime
 import json
 import logging
@@ -159,7 +160,8 @@ class SQLiteStore:
         "started": "UPDATE greenqueue_tasks SET state = 'STARTED', attempts = attempts + 1, started_at = ?2, "
                    "updated_at = ?2 WHERE id = ?1",
         "finish": "UPDATE greenqueue_tasks SET state = ?2, result = ?3, error_type = ?4, error = ?5, "
-                  "traceback = ?6, finished_at = ?7, updated_at = ?7, expires_at = ?8 WHERE id = ?1",
+                  "traceback = ?6, finished_at = ?7, updated_at = ?7, expires_at = ?8, "
+                  "attempts = attempts + ?9 WHERE id = ?1",
     }
     # Lifecycle order, so grouping a batch by operation keeps each task's story in order.
     _ORDER = ("enqueue", "started", "retry", "finish")
@@ -170,6 +172,14 @@ class SQLiteStore:
         groups = {}
         for name, args in ops:
             groups.setdefault(name, []).append(args)
+        # A task that started and finished within one batch needs one UPDATE, not two:
+        # fold its "started" rows into the attempt count its "finish" row writes.
+        if "started" in groups and "finish" in groups:
+            finishing = {a[0] for a in groups["finish"]}
+            folded = collections.Counter(a[0] for a in groups["started"] if a[0] in finishing)
+            if folded:
+                groups["started"] = [a for a in groups["started"] if a[0] not in folded]
+                groups["finish"] = [a[:8] + (folded.get(a[0], 0),) for a in groups["finish"]]
         c.execute("BEGIN IMMEDIATE")
         try:
             for name in self._ORDER + tuple(n for n in groups if n not in self._ORDER):
@@ -382,7 +392,7 @@ class Journal:
                 blob = _dumps("json", repr(r.result))  # keep something readable rather than nothing
             exc = r.exception
             self.write("finish", r.id, r.state, blob, type(exc).__name__ if exc else None,
-                       str(exc) if exc else None, r.traceback, now, now + self.result_ttl)
+                       str(exc) if exc else None, r.traceback, now, now + self.result_ttl, 0)
 
     def _journaled_task_by_name(self, name):
         return _find_task(name)
