@@ -32,7 +32,7 @@ def _servers():
 
 def measure(quick=False, smoke=False):
     """Return {server: {(path, conns): wrk result}}."""
-    seconds = 1 if smoke else (2 if quick else 5)
+    seconds = 1 if smoke or quick else 5
     conns = (1, 50) if smoke else (1, 50, 500)
     paths = ("/",) if smoke else ("/", "/json")
     results = {}
