@@ -1,8 +1,9 @@
 """Process pools: DirtyApp instances in gipc worker processes, called and streamed from greenlets.
 
-Concurrency model: in the server process, each worker has one reader
-greenlet that receives its messages and routes them to the caller's
-AsyncResult or stream queue; callers block only their own greenlet. A worker
+Concurrency model: in the server process, the greenlet holding a worker
+(a caller during ``call()`` or while iterating ``stream()``) reads that
+worker's replies itself; an idle worker's pipe is watched by a plain I/O
+watcher, so a crash is noticed even between calls. A worker
 runs one call at a time (apps are stateful and single-threaded); callers
 beyond the free workers wait in a bounded FIFO (``Overloaded`` past it).
 Each child is forked by gipc, re-initialises gevent, monkey-patches (so an
@@ -188,7 +189,12 @@ def _serve_call(conn, app, state, call_id, action, args, kwargs, streaming):
 # -- the parent side ----------------------------------------------------------------------
 
 class _Worker:
-    """Parent-side handle of one worker process."""
+    """Parent-side handle of one worker process.
+
+    Whoever holds the worker reads its replies: the caller during a call or
+    stream (no hop through another greenlet), an I/O watcher while it is
+    idle (so a crash, seen as EOF on the pipe, is noticed even then).
+    """
 
     def __init__(self, pool, index):
         self.pool = pool
@@ -198,10 +204,12 @@ class _Worker:
         self.pid = None
         self.calls = 0
         self.limit = 0
-        self.call = None         # (call_id, AsyncResult or Queue) in flight
+        self.busy = False
+        self.deadline = None     # monotonic time the current wait must end by (the pool's watchdog checks)
         self.dead = False
-        self.reason = None       # why we ended it: "timeout", "recycled", "stopped"
-        self.reader = None
+        self.reason = None       # why we ended it: "timeout", "recycled", "stopped", "abandoned"
+        self.exit_error = None   # what a caller waiting on this worker gets once it is dead
+        self._io = None
 
     def start(self):
         """Fork the child and wait for it to initialise; raise WorkerError if init fails."""
@@ -224,52 +232,70 @@ class _Worker:
         mr = self.pool.max_requests
         # Jitter so workers started together do not all recycle at once.
         self.limit = mr + random.randint(0, max(0, mr // 10)) if mr else 0
-        self.reader = gevent.spawn(self._read_loop)
+        self._io = gevent.get_hub().loop.io(self.conn._reader._fd, 1)
+        self.watch()
         events.notify(events.WorkerStarted(self.pool, pid=self.pid, index=self.index))
         return self
 
-    def _read_loop(self):
+    # -- idle watching ------------------------------------------------------------------
+
+    def watch(self):
+        """While idle, wake up if the pipe becomes readable (EOF after a crash, or the stop ack)."""
+        if not self.dead and self._io is not None:
+            self._io.start(self._readable)
+
+    def unwatch(self):
+        """Stop the idle watcher: the new holder reads the pipe itself."""
+        if self._io is not None:
+            self._io.stop()
+
+    def _readable(self):
+        self._io.stop()
+        gevent.spawn(self._drain_idle)  # runs in the hub: do the reading in a greenlet
+
+    def _drain_idle(self):
+        if self.busy or self.dead:
+            return
+        msg = self.recv()
+        if msg[0] != "exc":
+            self.watch()  # a late or "stopped" message; keep watching for the EOF
+
+    # -- talking to the child ------------------------------------------------------------
+
+    def recv(self):
+        """Next message from the child; ``("exc", None, error)`` once it is dead."""
+        if self.dead:
+            return ("exc", None, self.exit_error)
         try:
-            while True:
-                msg = self.conn.get()
-                kind = msg[0]
-                if kind == "stopped":
-                    break
-                call = self.call
-                if call is None or msg[1] != call[0]:
-                    continue  # a late message for a call we gave up on
-                target = call[1]
-                if isinstance(target, AsyncResult):
-                    if kind in ("ok", "err"):
-                        target.set((kind, msg[2]))
-                else:
-                    target.put(msg)
-        except (EOFError, OSError):
-            pass
-        finally:
+            return self.conn.get()
+        except (EOFError, OSError, gipc.GIPCClosed):
             self._on_exit()
+            return ("exc", None, self.exit_error)
+
+    def send(self, msg):
+        """Send a message to the child (a dead child is noticed by whoever reads next)."""
+        try:
+            self.conn.put(msg)
+        except (OSError, EOFError, gipc.GIPCClosed):
+            pass
 
     def _on_exit(self):
         if self.dead:
             return
         self.dead = True
+        self.unwatch()
         self._reap()
         reason = self.reason or "crashed"
         exitcode = self.proc.exitcode if self.proc is not None else None
-        call, self.call = self.call, None
-        if call is not None:
-            if reason == "timeout":
-                exc = WorkerTimeout("%s call ran past %ss; the worker was killed and is being replaced"
-                                    % (self.pool.spec, self.pool.timeout))
-            else:
-                exc = WorkerCrashed("worker %d (pid %s) of %s died during the call (exit code %s); "
-                                    "a new one is being started" % (self.index, self.pid, self.pool.spec,
-                                                                   exitcode))
-            target = call[1]
-            if isinstance(target, AsyncResult):
-                target.set(("exc", exc))
-            else:
-                target.put(("exc", None, exc))
+        if reason == "timeout":
+            self.exit_error = WorkerTimeout("%s call ran past %ss; the worker was killed and is being replaced"
+                                            % (self.pool.spec, self.pool.timeout))
+        elif reason == "stopped":
+            self.exit_error = WorkerError("the pool for %s stopped during the call" % self.pool.spec)
+        else:
+            self.exit_error = WorkerCrashed("worker %d (pid %s) of %s died during the call (exit code %s); "
+                                            "a new one is being started" % (self.index, self.pid, self.pool.spec,
+                                                                           exitcode))
         if reason == "crashed":
             log.warning("worker %d (pid %s) of %s died (exit code %s)", self.index, self.pid,
                         self.pool.spec, exitcode)
@@ -288,15 +314,8 @@ class _Worker:
                 self.kill()
                 self.proc.join(timeout=2)
 
-    def send(self, msg):
-        """Send a message to the child (a dead child is noticed by the reader)."""
-        try:
-            self.conn.put(msg)
-        except (OSError, EOFError, gipc.GIPCClosed):
-            pass
-
     def kill(self, reason=None):
-        """SIGKILL the child; the reader sees EOF and finishes the bookkeeping."""
+        """SIGKILL the child; the next read sees EOF and finishes the bookkeeping."""
         if reason and not self.reason:
             self.reason = reason
         if self.pid:
@@ -325,6 +344,7 @@ class ProcessPool:
         self._failures = 0
         self._stopping = False
         self._started = False
+        self._watchdog = None
 
     def __repr__(self):
         return "<ProcessPool %s workers=%d>" % (self.spec, self.size)
@@ -352,24 +372,57 @@ class ProcessPool:
             # Least busy: the idle worker that has served the fewest calls.
             w = min(self._idle, key=lambda w: w.calls)
             self._idle.remove(w)
-            return w
+            return self._hold(w)
         if len(self._waiters) >= self.max_queue:
             raise Overloaded("all %d %s workers are busy and %d calls are waiting"
                              % (self.size, self.name, len(self._waiters)))
         waiter = AsyncResult()
         self._waiters.append(waiter)
         try:
-            return waiter.get(timeout=self.timeout)
+            return self._hold(waiter.get(timeout=self.timeout))
         except gevent.Timeout:
             if waiter.successful():
-                return waiter.value  # handed a worker in the same instant the wait ran out
+                return self._hold(waiter.value)  # handed a worker in the same instant the wait ran out
             raise WorkerTimeout("no %s worker became free within %ss" % (self.name, self.timeout)) from None
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
+    def _arm(self, w):
+        """Start the timeout clock for ``w``'s current wait."""
+        if self.timeout is None:
+            return
+        w.deadline = time.monotonic() + self.timeout
+        if self._watchdog is None:
+            self._watchdog = gevent.spawn(self._watch)
+
+    def _watch(self):
+        # One greenlet per pool enforces timeouts: cheaper than a timer per call,
+        # which cost a third of an empty call's round trip.
+        try:
+            while True:
+                armed = [w for w in self._workers if w.deadline is not None]
+                if not armed:
+                    return
+                now = time.monotonic()
+                for w in armed:
+                    if w.deadline <= now:
+                        w.deadline = None
+                        w.kill("timeout")
+                earliest = min((w.deadline for w in armed if w.deadline is not None), default=None)
+                if earliest is not None:
+                    gevent.sleep(max(0.001, earliest - now))
+        finally:
+            self._watchdog = None
+
+    def _hold(self, w):
+        w.busy = True
+        w.unwatch()
+        return w
+
     def _release(self, w):
-        w.call = None
+        w.busy = False
+        w.deadline = None
         if w.dead:
             return
         w.calls += 1
@@ -384,15 +437,18 @@ class ProcessPool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.ready():
+                w.busy = True
                 waiter.set(w)
                 return
         self._idle.append(w)
+        w.watch()
 
     def _recycle(self, w):
         w.send(("stop",))
         w.proc.join(timeout=10)
         if w.proc.is_alive():
             w.kill()
+        w._on_exit()  # nobody reads this worker's pipe any more; account for it and replace it
 
     def _worker_gone(self, w):
         if w in self._idle:
@@ -432,26 +488,31 @@ class ProcessPool:
         started = time.monotonic()
         w = self._acquire()
         call_id = next(self._ids)
-        result = AsyncResult()
-        w.call = (call_id, result)
+        self._arm(w)
         w.send(("call", call_id, action, args, kwargs, False))
         try:
-            kind, value = result.get(timeout=self.timeout)
-        except gevent.Timeout:
-            w.kill("timeout")
-            kind, value = result.get()
+            msg = self._reply(w, call_id)  # the watchdog kills the worker past the timeout
         except BaseException:
             # The caller went away mid-call: the worker is in an unknown state; replace it.
             w.kill("abandoned")
             raise
+        kind = msg[0]
         if kind == "exc":
-            raise value
+            raise msg[2]
         self._release(w)
         if observe is not None:
             observe(self, "call", time.monotonic() - started)
         if kind == "err":
-            raise from_dict(value)
-        return value
+            raise from_dict(msg[2])
+        return msg[2]
+
+    @staticmethod
+    def _reply(w, call_id):
+        """The next message for ``call_id`` (stale ones from an abandoned call are skipped)."""
+        while True:
+            msg = w.recv()
+            if msg[0] == "exc" or msg[1] == call_id:
+                return msg
 
     def stream(self, action, *args, **kwargs):
         """Iterate the chunks a generator ``action`` yields; closing the iterator stops the worker's generator."""
@@ -460,21 +521,15 @@ class ProcessPool:
         return self._stream(w, action, args, kwargs, started)
 
     def _stream(self, w, action, args, kwargs, started):
-        from gevent.queue import Queue
-
         call_id = next(self._ids)
-        q = Queue()
-        w.call = (call_id, q)
         w.send(("call", call_id, action, args, kwargs, True))
         finished = False
         consumed = 0
         try:
             while True:
-                try:
-                    msg = q.get(timeout=self.timeout)
-                except gevent.queue.Empty:
-                    w.kill("timeout")
-                    msg = q.get()
+                self._arm(w)  # the timeout covers the wait for each chunk, not the consumer's time
+                msg = self._reply(w, call_id)
+                w.deadline = None
                 kind = msg[0]
                 if kind == "chunk":
                     consumed += 1
@@ -505,23 +560,26 @@ class ProcessPool:
                 # The consumer stopped early (client gone): close the worker's generator now,
                 # and hand the worker back once it says the generator is closed.
                 w.send(("cancel", call_id))
-                gevent.spawn(self._await_cancel, w, q)
+                gevent.spawn(self._await_cancel, w, call_id)
 
-    def _await_cancel(self, w, q):
-        deadline = time.monotonic() + _RELEASE_WAIT
-        while True:
-            try:
-                msg = q.get(timeout=max(0.01, deadline - time.monotonic()))
-            except gevent.queue.Empty:
-                log.warning("worker %d of %s did not close a cancelled stream in %ss; killing it",
-                            w.index, self.spec, _RELEASE_WAIT)
-                w.kill("timeout")
-                return
-            if msg[0] in ("end", "err", "ok"):
-                self._release(w)
-                return
-            if msg[0] == "exc":
-                return
+    def _await_cancel(self, w, call_id):
+        timer = gevent.Timeout.start_new(_RELEASE_WAIT)
+        try:
+            while True:
+                msg = self._reply(w, call_id)
+                if msg[0] in ("end", "err", "ok"):
+                    timer.close()
+                    self._release(w)
+                    return
+                if msg[0] == "exc":
+                    return
+        except gevent.Timeout:
+            log.warning("worker %d of %s did not close a cancelled stream in %ss; killing it",
+                        w.index, self.spec, _RELEASE_WAIT)
+            w.kill("timeout")
+            w.recv()  # reads the EOF and replaces the worker
+        finally:
+            timer.close()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -529,7 +587,7 @@ class ProcessPool:
         """Pool state for health checks and the dashboard."""
         return {"app": self.spec, "size": self.size, "queued": len(self._waiters), "max_queue": self.max_queue,
                 "restarts": self._restarts,
-                "workers": [{"index": w.index, "pid": w.pid, "busy": w.call is not None, "calls": w.calls}
+                "workers": [{"index": w.index, "pid": w.pid, "busy": w.busy, "calls": w.calls}
                             for w in sorted(self._workers, key=lambda w: w.index)]}
 
     def stop(self, timeout=10.0):
@@ -546,8 +604,8 @@ class ProcessPool:
                 log.warning("worker %d (pid %s) of %s did not stop in time; killing it", w.index, w.pid, self.spec)
                 w.kill()
                 w.proc.join(timeout=2)
-        if workers:
-            gevent.joinall([w.reader for w in workers if w.reader is not None], timeout=2)
+        for w in workers:
+            w._on_exit()  # an idle worker's EOF may not have been read yet
         for waiter in list(self._waiters):
             waiter.set_exception(WorkerError("the pool for %s stopped" % self.spec))
         self._waiters.clear()

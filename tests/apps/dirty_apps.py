@@ -57,6 +57,13 @@ class EchoApp(DirtyApp):
                 with open(marker, "w") as fh:
                     fh.write("closed")
 
+    def count_progress(self, n, path):
+        """Yield 0..n-1, writing how far the producer got to ``path`` (to watch flow control)."""
+        for i in range(n):
+            with open(path, "w") as fh:
+                fh.write(str(i))
+            yield i
+
     def chunks(self, n, size):
         block = b"x" * size
         for _ in range(n):
