@@ -191,6 +191,9 @@ def _watch_blocking(max_blocking_ms):
     import zope.event
     zope.event.subscribers.append(on_blocked)
     import warnings
+    # The hub is a greenlet and is falsy until it first runs; gevent's monitor
+    # thread takes a falsy hub for a dead one and quits. Let the hub run first.
+    gevent.sleep(0)
     with warnings.catch_warnings():
         # gevent would also watch memory if psutil were installed; blocking is what we asked for.
         warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
