@@ -1,5 +1,6 @@
 """The SQLite journal with real server processes: restarts, crashes and bad files."""
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -206,3 +207,57 @@ def test_periodic_job_catches_up_once_after_downtime(server_factory, tmp_path):
     missed = re.search(r"late \((\d+) run\(s\) due\); catch_up=once", again.log())
     assert missed and int(missed.group(1)) >= 25, again.log()
     assert time.monotonic() - started < 10
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs, so the journal can really run out of space (needs root, as in CI)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = tmp_path / "disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % mounted.stderr.decode().strip())
+    yield path
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _fill(directory):
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"x" * 4096):
+            pass
+    except OSError:
+        pass  # ENOSPC: the disk is full, as wanted
+    finally:
+        os.close(fd)
+
+
+def test_full_disk_at_startup_is_a_clear_error(tiny_disk):
+    _fill(tiny_disk)
+    path = tiny_disk / "journal.db"
+    proc = run_server("--journal", str(path))
+    assert proc.returncode == 2, proc.stderr
+    assert str(path) in proc.stderr and "Traceback" not in proc.stderr
+    assert "full" in proc.stderr or "cannot use it" in proc.stderr
+
+
+def test_full_disk_while_running_refuses_spawns_and_loses_nothing_accepted(server_factory, tiny_disk, tmp_path):
+    env = {"JOURNAL_TEST_OUT": str(tmp_path), "JOURNAL_TEST_SLOW": "0"}
+    srv = server_factory(APP, "--journal", str(tiny_disk / "journal.db"), env=env)
+    accepted, refused = [], None
+    for i in range(200):
+        r = requests.post(srv.url + "/spawn", data={"name": "t%d-" % i + "x" * 8000}, timeout=10)
+        if r.status_code == 200:
+            accepted.append(r.json()["id"])
+        else:
+            refused = r
+            break
+    assert refused is not None, "the tiny disk never filled up"
+    assert refused.status_code == 503 and "disk full" in refused.json()["error"]
+    assert str(tiny_disk / "journal.db") in refused.json()["error"]
+    assert accepted, "nothing was accepted before the disk filled"
+    # The server keeps serving, and what it accepted ran.
+    wait_for(lambda: len(done(tmp_path)) >= len(accepted), 10, message="the accepted tasks")
+    assert requests.get(srv.url + "/task/" + accepted[0], timeout=5).json()["state"] == "SUCCESS"

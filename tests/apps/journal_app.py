@@ -31,6 +31,12 @@ def explode():
     raise ValueError("nope")
 
 
+@app.errorhandler(greenqueue.JournalError)
+def journal_failed(exc):
+    """The task was not accepted; say so instead of pretending it will run."""
+    return jsonify(error=str(exc)), 503
+
+
 @app.post("/spawn")
 def spawn():
     name = request.form["name"]
