@@ -139,3 +139,25 @@ def wrk(url, connections, seconds, core=1, script=None):
     if m:
         result["errors"] += int(m.group(1))
     return result
+
+
+def percentile(values, p, scale=1.0):
+    """The ``p`` quantile (0..1) of ``values`` times ``scale`` (None when empty)."""
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))] * scale
+
+
+def bench_main(run, doc, argv=None, footer=""):
+    """The command line every bench shares: ``[--quick]``, then the table (and ``footer``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the short run make bench QUICK=1 uses")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    print(markdown(run(quick=args.quick)))
+    print("\n%sratio > 1 means greenqueue is better (%.0fs)" % (footer + "; " if footer else "",
+                                                              time.monotonic() - started))
+    return 0

@@ -6,15 +6,13 @@ and 500 connections, for a hello world and a 4 KiB JSON document. All three
 servers run the same Flask app with one process and gevent.
 """
 
-import argparse
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import PY, free_port, markdown, row, server, wrk  # noqa: E402
+from bench._common import PY, bench_main, free_port, row, server, wrk  # noqa: E402
 
 APP = "bench.apps.http_app:app"
 
@@ -70,14 +68,7 @@ def run(quick: bool = False, smoke: bool = False) -> list:
 
 def main(argv=None):
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    t0 = time.monotonic()
-    print(markdown(run(args.quick)))
-    print("\nload generator: wrk, 1 thread, keep-alive; ratio > 1 means greenqueue is better (%.0fs)"
-          % (time.monotonic() - t0))
-    return 0
+    return bench_main(run, __doc__, argv, footer='load generator: wrk, 1 thread, keep-alive')
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ writes group-commit; each spawn still returns only after its row is
 committed. Targets: >= 10,000 journaled tasks/s and >= 0.3x in-memory.
 """
 
-import argparse
 import sys
 import tempfile
 import time
@@ -16,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gevent  # noqa: E402
 
-from bench._common import markdown, row  # noqa: E402
+from bench._common import bench_main, row  # noqa: E402
 from greenqueue import journal, tasks  # noqa: E402
 
 
@@ -66,11 +65,7 @@ def run(quick: bool = False, smoke: bool = False) -> list:
 
 def main(argv=None):
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(markdown(run(args.quick)))
-    return 0
+    return bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

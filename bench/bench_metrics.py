@@ -3,7 +3,6 @@
 Usage: ``python bench/bench_metrics.py [--quick]``. Target: under 10 % overhead.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gevent  # noqa: E402
 
-from bench._common import markdown, row  # noqa: E402
+from bench._common import bench_main, row  # noqa: E402
 from greenqueue import tasks  # noqa: E402
 from greenqueue.dashboard import Metrics  # noqa: E402
 
@@ -72,11 +71,7 @@ def run(quick: bool = False, smoke: bool = False) -> list:
 
 def main(argv=None):
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(markdown(run(args.quick)))
-    return 0
+    return bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

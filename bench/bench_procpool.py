@@ -6,7 +6,6 @@ gunicorn's figures are timed inside a gunicorn sync worker calling its dirty
 arbiter with ``gunicorn.dirty.get_dirty_client()``, the path its docs show.
 """
 
-import argparse
 import json
 import sys
 import tempfile
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gevent  # noqa: E402
 import gipc  # noqa: E402
 
-from bench._common import PY, free_port, markdown, row, server  # noqa: E402
+from bench._common import PY, bench_main, free_port, percentile, row, server  # noqa: E402
 from greenqueue.procpool import ProcessPool  # noqa: E402
 
 APP = "bench.apps.procpool_app:EchoApp"
@@ -26,8 +25,7 @@ DICT = {"key-%d" % i: i for i in range(1000)}
 
 
 def _pct(values, p):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))] * 1e6
+    return percentile(values, p, 1e6)  # microseconds
 
 
 def _gipc_child(conn):
@@ -174,12 +172,7 @@ def run(quick: bool = False, smoke: bool = False) -> list:
 
 def main(argv=None):
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(markdown(run(args.quick)))
-    print("\ntargets: >= 5x gunicorn calls/s, >= 10x gunicorn chunks/s, p50 <= 1.25x bare gipc (ratio >= 0.8)")
-    return 0
+    return bench_main(run, __doc__, argv, footer='targets: >= 5x gunicorn calls/s, >= 10x gunicorn chunks/s, p50 <= 1.25x bare gipc')
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ the in-process peer, checks its cron tasks once a minute, so its lateness is
 up to 60 s by design; that row is its documented resolution, not a run.
 """
 
-import argparse
 import datetime
 import resource
 import shutil
@@ -26,7 +25,7 @@ monkey.patch_all(thread=False)
 import gevent  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from bench._common import free_port, markdown, pinned, row  # noqa: E402
+from bench._common import bench_main, free_port, percentile, pinned, row  # noqa: E402
 from greenqueue import events, every, tasks  # noqa: E402
 from greenqueue.scheduler import Job, Scheduler  # noqa: E402
 
@@ -98,7 +97,7 @@ def idle_cpu(seconds):
 
 
 def _pct(values, p):
-    return values[min(len(values) - 1, int(len(values) * p))] if values else None
+    return percentile(values, p)
 
 
 def run(quick: bool = False, smoke: bool = False) -> list:
@@ -117,11 +116,7 @@ def run(quick: bool = False, smoke: bool = False) -> list:
 
 def main(argv=None):
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(markdown(run(args.quick)))
-    return 0
+    return bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

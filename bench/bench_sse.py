@@ -7,7 +7,6 @@ connections come from a gevent client in its own process. Target: 10,000
 idle connections in one greenqueue process under 0.5 GiB.
 """
 
-import argparse
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import PY, ROOT, free_port, markdown, row, rss_kib, server  # noqa: E402
+from bench._common import PY, ROOT, bench_main, free_port, row, rss_kib, server  # noqa: E402
 
 APP = "bench.apps.sse_app:app"
 
@@ -86,11 +85,7 @@ def run(quick: bool = False, smoke: bool = False) -> list:
 
 def main(argv=None):
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(markdown(run(args.quick)))
-    return 0
+    return bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

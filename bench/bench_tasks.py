@@ -11,7 +11,6 @@ system runs the same no-op function, one after the other, with a fresh
 runner and a gc pass between runs.
 """
 
-import argparse
 import gc
 import logging
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gevent  # noqa: E402
 from gevent.event import Event  # noqa: E402
 
+from bench._common import bench_main, row  # noqa: E402
 from greenqueue import tasks  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,11 @@ def _best(fn, n, repeat):
 
 
 def _row(metric, value, unit, baseline, baseline_value, higher_is_better):
-    if baseline_value and value:
-        ratio = value / baseline_value if higher_is_better else baseline_value / value
-    else:
-        ratio = None
-    return {"bench": "tasks", "metric": metric, "value": value, "unit": unit,
-            "baseline": baseline, "baseline_value": baseline_value, "ratio": ratio}
+    r = row("tasks", metric, value, unit, baseline, baseline_value, higher_is_better)
+    target = TARGETS.get(baseline)
+    if target is not None and r["ratio"] is not None:
+        r["note"] = ("target >= %.1fx met" if r["ratio"] >= target else "target >= %.1fx MISSED") % target
+    return r
 
 
 # -- memory per waiting task -----------------------------------------------------------------
@@ -168,36 +167,9 @@ def run(quick: bool = False) -> list:
     return rows
 
 
-def _fmt(value):
-    if value is None:
-        return "-"
-    return "%.3g" % value if abs(value) < 1000 else "{:,.0f}".format(value)
-
-
-def markdown(rows):
-    """Render rows as a markdown table with a target check column."""
-    lines = ["| metric | greenqueue | unit | baseline | baseline value | ratio | target |",
-             "|---|---:|---|---|---:|---:|---|"]
-    for r in rows:
-        target = TARGETS.get(r["baseline"])
-        ok = "" if target is None or r["ratio"] is None else (
-            ("ok >=%.1fx" if r["ratio"] >= target else "MISS <%.1fx") % target)
-        lines.append("| %s | %s | %s | %s | %s | %sx | %s |" % (
-            r["metric"], _fmt(r["value"]), r["unit"], r["baseline"], _fmt(r["baseline_value"]),
-            _fmt(r["ratio"]), ok))
-    return "\n".join(lines)
-
-
 def main(argv=None):
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, under 20 s")
-    args = parser.parse_args(argv)
-    t0 = time.monotonic()
-    rows = run(quick=args.quick)
-    print(markdown(rows))
-    print("\n(ratio > 1 means greenqueue is better; %.1fs)" % (time.monotonic() - t0))
-    return 0
+    return bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

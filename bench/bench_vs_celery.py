@@ -9,7 +9,6 @@ requests served, task completion latency p50/p99, and the total RSS of
 every process involved.
 """
 
-import argparse
 import os
 import shutil
 import signal
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gevent  # noqa: E402
 from gevent import socket as gsocket  # noqa: E402
 
-from bench._common import PY, free_port, markdown, row, rss_kib, server  # noqa: E402
+from bench._common import PY, bench_main, free_port, percentile, row, rss_kib, server  # noqa: E402
 
 
 def _post(sock, path):
@@ -68,8 +67,7 @@ def drive(port, rate, seconds, conns=20):
 
 
 def _pct(values, p):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))] * 1000 if values else None
+    return percentile(values, p, 1000)  # milliseconds
 
 
 def _settle(fetch, expected, timeout=30):
@@ -101,7 +99,8 @@ def celery_run(rate, seconds):
     if not redis_server:
         return None, "redis-server is not installed (apt-get install redis-server)"
     try:
-        import celery  # noqa: F401  (only checking it is installed)
+        import importlib
+        importlib.import_module("celery")  # only checking it is installed
         import redis
     except ImportError as exc:
         return None, "celery/redis client missing (pip install 'celery[redis]'): %s" % exc
@@ -163,11 +162,7 @@ def run(quick: bool = False, smoke: bool = False) -> list:
 
 def main(argv=None):
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(markdown(run(args.quick)))
-    return 0
+    return bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
