@@ -26,6 +26,7 @@ import sqlite3
 import sys
 import time
 
+from . import events
 from .errors import JournalError, RemoteError
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,14 @@ _SCHEMA = [
 ]
 
 
+# json.dumps() with arguments builds a new encoder per call; reuse one.
+_json_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _dumps(serializer, value):
     if serializer == "pickle":
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _json_encode(value).encode()
 
 
 def _loads(serializer, blob):
@@ -309,7 +314,8 @@ class Journal:
             from gevent.event import AsyncResult
             done = AsyncResult()
         self._queue.append((op, args, done))
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
         if done is not None:
             done.get()
 
@@ -365,25 +371,25 @@ class Journal:
         return t
 
     def _on_event(self, event):
-        from . import events
-        r = getattr(event, "result", None)
-        if r is None or not hasattr(r, "_runner"):
-            return
-        now = time.time()
-        if isinstance(event, events.TaskSpawned):
+        kind = type(event)
+        if kind is events.TaskSpawned:
+            r = event.result
             t = self._journaled_task(r)
-            if t is None:
-                return
-            self._record_spawn(r, t, now)
-        elif r.id not in self._ids:
+            if t is not None:
+                self._record_spawn(r, t, time.time())
             return
-        elif isinstance(event, events.TaskStarted):
-            self.write("started", r.id, now)
-        elif isinstance(event, events.TaskRetrying):
+        r = getattr(event, "result", None)
+        if r is None or r.id not in self._ids:
+            return
+        if kind is events.TaskStarted:
+            self.write("started", r.id, time.time())
+        elif kind is events.TaskRetrying:
+            now = time.time()
             exc = event.exception
             self.write("retry", r.id, now + (event.delay or 0), type(exc).__name__ if exc else None,
                        str(exc) if exc else None, now)
-        elif isinstance(event, (events.TaskSucceeded, events.TaskFailed, events.TaskCancelled)):
+        elif kind is events.TaskSucceeded or kind is events.TaskFailed or kind is events.TaskCancelled:
+            now = time.time()
             self._ids.discard(r.id)
             serializer = getattr(self._journaled_task_by_name(r.name), "serializer", "json")
             try:
@@ -469,8 +475,13 @@ class Journal:
                 self._pool.kill()
 
 
+_registry = None
+
+
 def _find_task(name):
-    from .tasks._task import _registry  # read-only peek: this runs on every task event
+    global _registry
+    if _registry is None:
+        from .tasks._task import _registry  # read-only peek: this runs on every task event
     return _registry.get(name)
 
 
