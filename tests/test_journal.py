@@ -167,8 +167,6 @@ def test_cli_lists_retries_and_purges_failed_tasks(journal_server, tmp_path):
 
 
 def test_non_json_arguments_fail_at_spawn_with_advice():
-    import gevent  # noqa: F401  (the journal's thread pool needs a hub)
-
     import greenqueue
     from greenqueue import journal, task
 
