@@ -316,7 +316,7 @@ def test_malformed_request_gets_4xx_and_others_are_still_served(server, name):
 
 
 def test_response_splitting_by_the_app_is_refused():
-    from greenqueue._http import _Response
+    from greenqueue._response import _Response
 
     class Req:
         keep_alive, method, version = True, b"GET", "1.1"

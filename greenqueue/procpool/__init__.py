@@ -20,173 +20,28 @@ becomes RemoteError (type, message, traceback) and the worker lives on.
 """
 
 import collections
-import ctypes
-import importlib
 import itertools
 import logging
 import os
 import random
 import signal
 import time
-import traceback
 
 import gevent
 import gipc
 from gevent.event import AsyncResult
 
-from . import events
-from .errors import (GreenqueueError, Overloaded, WorkerCrashed, WorkerError,
-                     WorkerTimeout, from_dict, to_dict)
+from .. import events
+from ..errors import Overloaded, WorkerCrashed, WorkerError, WorkerTimeout, from_dict
+from ._app import _CREDIT, DirtyApp, _load_class, _spec_of
+from ._child import _worker_main
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DirtyApp", "ProcessPool", "start_pools", "get", "stop_all", "reset"]
 
-_CREDIT = 16          # chunks a worker may send ahead of the consumer
 _RELEASE_WAIT = 2.0   # seconds a cancelled stream may take to close before its worker is killed
 
-
-class DirtyApp:
-    """Base class of apps that live in worker processes; public methods are the actions."""
-
-    workers = 1
-    timeout = 30.0
-    max_requests = 0
-
-    def init(self):
-        """Called once in each worker process before its first call (load models here)."""
-
-    def close(self):
-        """Called once in each worker process when the pool stops it."""
-
-    def __call__(self, action, *args, **kwargs):
-        """Run the method named ``action``; generator methods stream."""
-        if not isinstance(action, str) or action.startswith("_") or action in ("init", "close"):
-            raise AttributeError("%s has no public action %r" % (type(self).__name__, action))
-        method = getattr(self, action, None)
-        if not callable(method):
-            raise AttributeError("%s has no action %r" % (type(self).__name__, action))
-        return method(*args, **kwargs)
-
-
-def _spec_of(app_or_path):
-    if isinstance(app_or_path, str):
-        if ":" not in app_or_path:
-            raise GreenqueueError("dirty app %r: expected MODULE:CLASS" % app_or_path)
-        return app_or_path
-    return "%s:%s" % (app_or_path.__module__, app_or_path.__qualname__)
-
-
-def _load_class(spec):
-    module, _, name = spec.partition(":")
-    obj = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, DirtyApp)):
-        raise GreenqueueError("dirty app %s is not a DirtyApp subclass" % spec)
-    return obj
-
-
-def _error_dict(exc):
-    return to_dict(exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-
-
-# -- the child process ------------------------------------------------------------------
-
-def _die_with_parent(parent_pid):
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the pipe EOF below still ends the worker
-    if os.getppid() != parent_pid:
-        os._exit(0)  # the parent died before prctl took effect
-
-
-def _worker_main(conn, spec, parent_pid):
-    """Entry point of a worker process."""
-    _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import warnings
-
-    from gevent import monkey
-    if not monkey.is_module_patched("time"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "patched late" warnings: this process has no threads to worry about
-            monkey.patch_all(thread=False)  # blocking sleeps in the app must yield so cancel works
-    try:
-        app = _load_class(spec)()
-        app.init()
-    except BaseException as exc:
-        conn.put(("init_failed", _error_dict(exc)))
-        return
-    conn.put(("ready", os.getpid()))
-    state = {"greenlet": None, "credit": 0, "credit_event": gevent.event.Event(), "id": None}
-    while True:
-        try:
-            msg = conn.get()
-        except EOFError:
-            os._exit(0)  # the parent is gone
-        kind = msg[0]
-        if kind == "call":
-            _, call_id, action, args, kwargs, streaming = msg
-            state["id"] = call_id
-            state["credit"] = _CREDIT
-            if streaming:
-                # A stream runs in its own greenlet so this loop can take credits and cancels meanwhile.
-                state["greenlet"] = gevent.spawn(_serve_call, conn, app, state, call_id, action, args, kwargs,
-                                                 streaming)
-            else:
-                # A plain call runs inline: nothing can interrupt it but a kill from the parent anyway.
-                _serve_call(conn, app, state, call_id, action, args, kwargs, streaming)
-        elif kind == "credit" and msg[1] == state["id"]:
-            state["credit"] += msg[2]
-            state["credit_event"].set()
-        elif kind == "cancel" and msg[1] == state["id"]:
-            g = state["greenlet"]
-            if g is not None and not g.dead:
-                g.kill(block=True)
-        elif kind == "stop":
-            g = state["greenlet"]
-            if g is not None:
-                g.kill(block=True)
-            try:
-                app.close()
-            finally:
-                conn.put(("stopped",))
-            return
-
-
-def _serve_call(conn, app, state, call_id, action, args, kwargs, streaming):
-    it = None
-    cancelled = False
-    try:
-        value = app(action, *args, **kwargs)
-        if not hasattr(value, "__next__"):
-            conn.put(("ok", call_id, value))
-            return
-        it = value
-        if not streaming:
-            raise GreenqueueError("%s is a generator; use pool.stream() to read it" % action)
-        for item in it:
-            while state["credit"] <= 0:
-                state["credit_event"].clear()
-                state["credit_event"].wait()
-            state["credit"] -= 1
-            conn.put(("chunk", call_id, item))
-        conn.put(("end", call_id))
-    except gevent.GreenletExit:
-        cancelled = True
-    except BaseException as exc:
-        conn.put(("err", call_id, _error_dict(exc)))
-    finally:
-        if it is not None and hasattr(it, "close"):
-            it.close()  # runs the generator's finally now, not when it is garbage-collected
-    if cancelled:
-        conn.put(("end", call_id))  # only after close(): the worker is really free
-
-
-# -- the parent side ----------------------------------------------------------------------
 
 class _Worker:
     """Parent-side handle of one worker process.

@@ -1,0 +1,62 @@
+"""DirtyApp, and loading an app class by its ``module:Class`` path (both sides of the pipe use these).
+
+Concurrency model: plain definitions; the methods of a DirtyApp run in a
+worker process, one call at a time.
+"""
+
+import importlib
+import traceback
+
+from ..errors import GreenqueueError, to_dict
+
+__all__ = ["DirtyApp"]
+
+_CREDIT = 16          # chunks a worker may send ahead of the consumer
+
+
+class DirtyApp:
+    """Base class of apps that live in worker processes; public methods are the actions."""
+
+    workers = 1
+    timeout = 30.0
+    max_requests = 0
+
+    def init(self):
+        """Called once in each worker process before its first call (load models here)."""
+
+    def close(self):
+        """Called once in each worker process when the pool stops it."""
+
+    def __call__(self, action, *args, **kwargs):
+        """Run the method named ``action``; generator methods stream."""
+        if not isinstance(action, str) or action.startswith("_") or action in ("init", "close"):
+            raise AttributeError("%s has no public action %r" % (type(self).__name__, action))
+        method = getattr(self, action, None)
+        if not callable(method):
+            raise AttributeError("%s has no action %r" % (type(self).__name__, action))
+        return method(*args, **kwargs)
+
+
+def _spec_of(app_or_path):
+    if isinstance(app_or_path, str):
+        if ":" not in app_or_path:
+            raise GreenqueueError("dirty app %r: expected MODULE:CLASS" % app_or_path)
+        return app_or_path
+    return "%s:%s" % (app_or_path.__module__, app_or_path.__qualname__)
+
+
+def _load_class(spec):
+    module, _, name = spec.partition(":")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, DirtyApp)):
+        raise GreenqueueError("dirty app %s is not a DirtyApp subclass" % spec)
+    return obj
+
+
+def _error_dict(exc):
+    return to_dict(exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+# -- the child process ------------------------------------------------------------------
