@@ -18,6 +18,7 @@ when it raises.
 """
 
 import json
+import os
 import logging
 import time
 from urllib.parse import urlsplit, urlunsplit
@@ -89,7 +90,12 @@ class Consumer:
         if scheme in ("amqp", "amqps"):
             if not queues:
                 raise ConfigError("consume(%r): name the queues to read, e.g. queues=['events']" % source)
-            self.reader = _AMQPReader(self, source, list(queues), prefetch or max(batch_size, 1))
+            if prefetch is not None and prefetch < batch_size:
+                # asyncworker's rule: a batch larger than the prefetch could never fill.
+                log.warning("consume(%s): batch_size %d is above prefetch %d; batches hold at most %d",
+                            _safe_url(source), batch_size, prefetch, prefetch)
+                batch_size = prefetch
+            self.reader = _AMQPReader(self, source, list(queues), prefetch or batch_size)
         elif scheme in ("sse+http", "sse+https"):
             self.reader = _SSEReader(self, source)
         else:
@@ -103,7 +109,7 @@ class Consumer:
         self.on_error = on_error
         self.running = False
         self.greenlet = None
-        self.handled = self.failed = 0
+        self.handled = self.failed = self.requeued = self.rejected = 0
 
     def start(self):
         """Start reading in a greenlet."""
@@ -118,7 +124,7 @@ class Consumer:
         if self.greenlet is not None:
             self.greenlet.join(timeout)
             if not self.greenlet.dead:
-                log.warning("consumer %s did not stop within %ss; killing it", self.name, timeout)
+                log.warning("consumer %s did not stop within %.1fs; killing it", self.name, timeout)
                 self.greenlet.kill(block=True, timeout=2)
 
     def due(self, batch, first_at):
@@ -146,18 +152,30 @@ class Consumer:
             for m in left:
                 m._settle(self.on_error)
             self.failed += len(batch)
+            requeued, rejected = _count(batch, "requeue"), _count(batch, "reject")
+            self.requeued += requeued
+            self.rejected += rejected
             log.warning("consumer %s: batch of %d failed (%s: %s); %d message(s) %s", self.name, len(batch),
                         type(exc).__name__, exc, len(left), {"requeue": "requeued", "reject": "rejected",
                                                               "ack": "acknowledged"}[self.on_error])
             events.notify(events.MessagesFailed(self, count=len(batch), seconds=seconds, exception=exc,
-                                                requeued=len(left) if self.on_error == "requeue" else 0))
+                                                requeued=requeued, rejected=rejected))
             return False
+        seconds = time.monotonic() - started
         for m in batch:
             if m.settled is None:
                 m._settle(self.on_success)
+        requeued, rejected = _count(batch, "requeue"), _count(batch, "reject")
         self.handled += len(batch)
-        events.notify(events.MessagesHandled(self, count=len(batch), seconds=time.monotonic() - started))
+        self.requeued += requeued
+        self.rejected += rejected
+        events.notify(events.MessagesHandled(self, count=len(batch), seconds=seconds, requeued=requeued,
+                                             rejected=rejected))
         return True
+
+
+def _count(batch, how):
+    return sum(1 for m in batch if m.settled == how)
 
 
 class _AMQPReader:
@@ -168,18 +186,20 @@ class _AMQPReader:
         self.url = url
         self.queues = queues
         self.prefetch = prefetch
+        self.connected = False  # set once a session is consuming; a later failure restarts the backoff
 
     def run(self):
         c = self.consumer
         attempt = 0
         while c.running:
+            self.connected = False
             try:
                 self._session()
                 return
             except Exception as exc:
                 if not c.running:
                     return
-                attempt += 1
+                attempt = 1 if self.connected else attempt + 1
                 delay = min(_BACKOFF_MAX, 0.5 * 2 ** (attempt - 1))
                 log.warning("consumer %s: broker %s unreachable (%s: %s); reconnect attempt %d in %.1fs",
                             c.name, _safe_url(self.url), type(exc).__name__, exc, attempt, delay)
@@ -198,14 +218,22 @@ class _AMQPReader:
                 first_at = time.monotonic()
             batch.append(Message(body, id=raw.delivery_tag, headers=raw.headers, raw=raw))
 
+        def on_undecodable(raw, exc):
+            # A body kombu cannot decode (unknown content type, bad JSON) reaches the
+            # handler as bytes rather than failing the connection forever.
+            log.warning("consumer %s: message %s not decoded (%s: %s); handing over its raw bytes",
+                        c.name, raw.delivery_tag, type(exc).__name__, exc)
+            on_message(raw.body, raw)
+
         with Connection(self.url, connect_timeout=5) as conn:
             conn.ensure_connection(max_retries=1)
             channel = conn.channel()
             channel.basic_qos(0, self.prefetch, False)
             queues = [Queue(q, durable=True, channel=channel) for q in self.queues]
-            consumer = KombuConsumer(channel, queues, callbacks=[on_message],
+            consumer = KombuConsumer(channel, queues, callbacks=[on_message], on_decode_error=on_undecodable,
                                      accept=["json", "text/plain", "application/octet-stream"])
             consumer.consume()
+            self.connected = True
             log.info("consumer %s: reading %s from %s (prefetch %d)", c.name, ", ".join(self.queues),
                      _safe_url(self.url), self.prefetch)
             try:
@@ -295,7 +323,7 @@ class _SSEReader:
                         batch.append(msg)
                         event = {"data": [], "id": None, "event": None}
                 if c.due(batch, first_at) and not self._deliver(batch):
-                    return False  # read the failed batch again from the last good event
+                    return False  # on_error="requeue": read the failed batch again from the last good event
             if batch:
                 self._deliver(batch)
         finally:
@@ -304,13 +332,14 @@ class _SSEReader:
         return True
 
     def _deliver(self, batch):
-        ok = self.consumer.handle(list(batch))
-        if ok:
-            ids = [m.id for m in batch if m.id is not None]
-            if ids:
-                self.last_id = ids[-1]
-            batch.clear()
-        return ok
+        """Handle ``batch``; False if it failed and must be read again (on_error="requeue")."""
+        if not self.consumer.handle(list(batch)) and self.consumer.on_error == "requeue":
+            return False
+        ids = [m.id for m in batch if m.id is not None]  # "reject"/"ack" on error: move past the batch
+        if ids:
+            self.last_id = ids[-1]
+        batch.clear()
+        return True
 
 
 def _read_lines(resp, queue):
@@ -391,24 +420,50 @@ def start_all():
 
 
 def stop_all(timeout=10.0):
-    """Stop every consumer, letting in-flight batches finish."""
+    """Stop every consumer, letting in-flight batches finish within ``timeout`` seconds in all."""
+    deadline = time.monotonic() + timeout
     for c in _consumers:
-        c.running = False
+        c.running = False  # all stop reading at once; then each finishes its batch
     for c in _consumers:
-        c.stop(timeout)
+        c.stop(max(0.1, deadline - time.monotonic()))
 
 
 def reset():
-    """Stop and forget every consumer (tests)."""
+    """Stop and forget every consumer and pooled publishing connection (tests)."""
     stop_all(2)
     _consumers.clear()
+    _close_publishers()
 
 
 def publish(url, queue, body, headers=None):
-    """Publish ``body`` (JSON-serialisable) to ``queue`` on the broker at ``url`` (declared durable)."""
-    from kombu import Connection, Queue
+    """Publish ``body`` (JSON-serialisable) to ``queue`` on the broker at ``url`` (declared durable).
 
-    with Connection(url, connect_timeout=5) as conn:
-        q = Queue(queue, durable=True)
-        conn.Producer().publish(body, routing_key=queue, declare=[q], serializer="json", delivery_mode=2,
-                                headers=headers or {}, retry=True, retry_policy={"max_retries": 3})
+    Connections are pooled per process and broker URL (kombu's producer pool),
+    so a view can publish on every request without a new AMQP handshake each
+    time; a lost connection is re-established (up to 3 retries).
+    """
+    from kombu import Queue, pools
+
+    with pools.producers[_connection(url)].acquire(block=True, timeout=10) as producer:
+        producer.publish(body, routing_key=queue, declare=[Queue(queue, durable=True)], serializer="json",
+                         delivery_mode=2, headers=headers or {}, retry=True, retry_policy={"max_retries": 3})
+
+
+_connections = {}  # (pid, url) -> kombu Connection: the key of kombu's per-connection producer pool
+
+
+def _connection(url):
+    from kombu import Connection
+
+    key = (os.getpid(), url)  # never reuse a parent's sockets after fork
+    conn = _connections.get(key)
+    if conn is None:
+        conn = _connections[key] = Connection(url, connect_timeout=5)
+    return conn
+
+
+def _close_publishers():
+    if _connections:
+        from kombu import pools
+        pools.reset()  # closes every pooled connection and producer
+        _connections.clear()

@@ -143,22 +143,29 @@ class ServerStopping(Event):
 
 @dataclass
 class MessagesHandled(Event):
-    """A consumer's handler took a batch of ``count`` messages in ``seconds``."""
+    """A consumer's handler took a batch of ``count`` messages in ``seconds``.
+
+    ``requeued``/``rejected`` count the messages the handler itself sent back
+    or dropped with ``message.reject()``; the rest were settled by ``on_success``.
+    """
 
     consumer: Any
     count: int = 0
     seconds: float = 0.0
+    requeued: int = 0
+    rejected: int = 0
 
 
 @dataclass
 class MessagesFailed(Event):
-    """A consumer's handler raised on a batch; ``requeued`` messages go back to the queue."""
+    """A consumer's handler raised on a batch; ``requeued`` messages go back to the queue, ``rejected`` are dropped."""
 
     consumer: Any
     count: int = 0
     seconds: float = 0.0
     exception: Optional[BaseException] = None
     requeued: int = 0
+    rejected: int = 0
 
 
 def notify(event):

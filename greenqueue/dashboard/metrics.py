@@ -114,8 +114,11 @@ class Metrics:
             name = getattr(e.consumer, "name", "?")
             ok = kind is events.MessagesHandled
             c["greenqueue_consumer_messages"][(name, "handled" if ok else "failed")] += e.count
-            if not ok and e.requeued:
+            # Handlers may requeue or drop single messages even when the batch succeeds.
+            if e.requeued:
                 c["greenqueue_consumer_messages"][(name, "requeued")] += e.requeued
+            if e.rejected:
+                c["greenqueue_consumer_messages"][(name, "rejected")] += e.rejected
             self.hists["greenqueue_consumer_batch_seconds"][(name,)].observe(e.seconds)
             self.hists["greenqueue_consumer_batch_size"][(name,)].observe(e.count)
 

@@ -24,7 +24,7 @@ import gevent
 from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED,
                       SUCCESS, TaskResult)
 from ._runner import DrainReport, Runner, TaskOptions, get_runner, reset
-from ._task import Task, get_task, registered, task
+from ._task import PerItem, Task, get_task, registered, task
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ __all__ = [
     "task", "Task", "TaskResult", "spawn", "spawn_later", "spawn_at", "spawn_idle",
     "result", "configure", "drain", "cooperate", "run_in_thread", "get_runner", "reset", "progress",
     "current",
-    "Runner", "DrainReport", "TaskOptions", "get_task", "registered",
+    "Runner", "DrainReport", "TaskOptions", "get_task", "registered", "PerItem",
     "PENDING", "SCHEDULED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED",
     "READY_STATES",
 ]

@@ -23,12 +23,29 @@ from ._runner import TaskOptions, _callable_name, _new_id, get_runner
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Task", "task", "get_task", "registered"]
+__all__ = ["Task", "task", "get_task", "registered", "PerItem"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _registry = {}
+
+
+class PerItem:
+    """Returned by a batch task: one outcome per item, in order (an exception instance fails that item).
+
+    ``return PerItem([doc_id, ValueError("no title"), doc_id2])`` succeeds the
+    first and third items with their ids and fails the second; a plain return
+    value (or a raised exception) still goes to every item of the batch.
+    """
+
+    __slots__ = ("outcomes",)
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+
+    def __repr__(self):
+        return "PerItem(%r)" % (self.outcomes,)
 
 
 class Task(Generic[P, R]):
@@ -194,22 +211,47 @@ class _Batcher:
 
     def _run(self, items):
         started = time.time()
-        values = []
+        values, taken = [], []
         for r in items:
             if r.state not in READY_STATES:
                 r.state = STARTED
                 r._started_ts = started
                 values.append(r._args[0])
-        return self.task.fn(values)
+                taken.append(r)
+        value = self.task.fn(values)
+        if isinstance(value, PerItem):
+            if len(value.outcomes) != len(taken):
+                raise TypeError("%s returned PerItem with %d outcomes for a batch of %d items"
+                                % (self.task.name, len(value.outcomes), len(taken)))
+            return _Outcomes((r.id, outcome) for r, outcome in zip(taken, value.outcomes))
+        return value
 
     def _mirror(self, items, batch):
         runner = self.runner
         for r in items:
             r.retries = batch.retries
-            if batch.state == SUCCESS:
+            if batch.state == SUCCESS and isinstance(batch.result, _Outcomes):
+                outcome = batch.result.get(r.id, _NOT_TAKEN)
+                if outcome is _NOT_TAKEN:
+                    runner._cancel(r)  # cancelled after the flush, before the batch started
+                elif isinstance(outcome, BaseException):
+                    runner._finish(r, FAILURE, exc=outcome, duration=batch.duration)
+                else:
+                    runner._finish(r, SUCCESS, value=outcome, duration=batch.duration)
+            elif batch.state == SUCCESS:
                 runner._finish(r, SUCCESS, value=batch.result, duration=batch.duration)
             elif batch.state == FAILURE:
                 runner._finish(r, FAILURE, exc=batch.exception, duration=batch.duration,
                                tb=batch.traceback)
             else:
                 runner._cancel(r)
+
+
+_NOT_TAKEN = object()
+
+
+class _Outcomes(dict):
+    """The batch greenlet's result when the function returned PerItem: item task id -> outcome."""
+
+    def __repr__(self):
+        return "<%d per-item outcomes>" % len(self)
