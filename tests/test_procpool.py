@@ -240,3 +240,28 @@ def test_dirty_app_dispatch_in_process():
     assert Local()("hello", "you") == "hi you"
     with pytest.raises(AttributeError):
         Local()("close")
+
+
+def test_payloads_larger_than_the_pipe_cross_whole_both_ways(pool):
+    # 3 MiB each way: many partial reads and writes; a frame must never be cut or interleaved.
+    blob = os.urandom(3 << 20)
+    assert pool.call("echo", blob) == blob
+    got = list(pool.stream("count", 5000))  # thousands of small frames arrive per read()
+    assert got == list(range(5000))
+    assert pool.call("echo", "after") == "after"
+
+
+def test_closing_a_channel_wakes_its_waiting_reader_with_eof():
+    import gipc
+
+    from greenqueue.procpool._wire import Channel
+
+    a, b = gipc.pipe(duplex=True)
+    left, right = Channel(a), Channel(b)
+    reader = gevent.spawn(left.get)
+    gevent.sleep(0)  # the reader runs until it blocks on the empty pipe
+    assert not reader.dead and left._rio is not None and left._rio.active
+    left.close()
+    with pytest.raises(EOFError):
+        reader.get(timeout=2)
+    right.close()

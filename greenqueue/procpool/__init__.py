@@ -35,6 +35,7 @@ from .. import events
 from ..errors import Overloaded, WorkerCrashed, WorkerError, WorkerTimeout, from_dict
 from ._app import _CREDIT, DirtyApp, _load_class, _spec_of
 from ._child import _worker_main
+from ._wire import Channel
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class _Worker:
     def start(self):
         """Fork the child and wait for it to initialise; raise WorkerError if init fails."""
         parent_end, child_end = gipc.pipe(duplex=True)
-        self.conn = parent_end
+        self.conn = Channel(parent_end)
         self.proc = gipc.start_process(_worker_main, args=(child_end, self.pool.spec, os.getpid()),
                                        daemon=True)
         try:
@@ -87,7 +88,7 @@ class _Worker:
         mr = self.pool.max_requests
         # Jitter so workers started together do not all recycle at once.
         self.limit = mr + random.randint(0, max(0, mr // 10)) if mr else 0
-        self._io = gevent.get_hub().loop.io(self.conn._reader._fd, 1)
+        self._io = gevent.get_hub().loop.io(self.conn.rfd, 1)
         self.watch()
         events.notify(events.WorkerStarted(self.pool, pid=self.pid, index=self.index))
         return self
@@ -97,7 +98,10 @@ class _Worker:
     def watch(self):
         """While idle, wake up if the pipe becomes readable (EOF after a crash, or the stop ack)."""
         if not self.dead and self._io is not None:
-            self._io.start(self._readable)
+            if self.conn.pending():
+                gevent.spawn(self._drain_idle)  # already read into the buffer: the fd will not wake us
+            else:
+                self._io.start(self._readable)
 
     def unwatch(self):
         """Stop the idle watcher: the new holder reads the pipe itself."""

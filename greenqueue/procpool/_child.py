@@ -15,6 +15,7 @@ import gevent
 
 from ..errors import GreenqueueError
 from ._app import _CREDIT, _error_dict, _load_class
+from ._wire import Channel
 
 
 def _die_with_parent(parent_pid):
@@ -27,9 +28,10 @@ def _die_with_parent(parent_pid):
         os._exit(0)  # the parent died before prctl took effect
 
 
-def _worker_main(conn, spec, parent_pid):
+def _worker_main(handle, spec, parent_pid):
     """Entry point of a worker process."""
     _die_with_parent(parent_pid)
+    conn = Channel(handle)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import warnings
 
