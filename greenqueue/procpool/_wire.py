@@ -65,9 +65,7 @@ class Channel:
             try:
                 chunk = os.read(self.rfd, want)
             except BlockingIOError:
-                if self._rio is None:
-                    self._rio = gevent.get_hub().loop.io(self.rfd, 1)
-                gevent.get_hub().wait(self._rio)
+                self._wait_readable()
                 continue
             except InterruptedError:
                 continue
@@ -75,6 +73,16 @@ class Channel:
                 raise EOFError("the other end of the pipe is closed")
             self._buf += chunk
             return
+
+    def _wait_readable(self):
+        if self._rio is None:
+            self._rio = gevent.get_hub().loop.io(self.rfd, 1)
+        gevent.get_hub().wait(self._rio)
+
+    def _wait_writable(self):
+        if self._wio is None:
+            self._wio = gevent.get_hub().loop.io(self.wfd, 2)
+        gevent.get_hub().wait(self._wio)
 
     def put(self, obj):
         """Send ``obj``; wait cooperatively while the pipe is full. OSError if the reader is gone."""
@@ -87,9 +95,7 @@ class Channel:
                 try:
                     n = os.write(self.wfd, frame)
                 except BlockingIOError:
-                    if self._wio is None:
-                        self._wio = gevent.get_hub().loop.io(self.wfd, 2)
-                    gevent.get_hub().wait(self._wio)
+                    self._wait_writable()
                     continue
                 except InterruptedError:
                     continue
