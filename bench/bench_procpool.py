@@ -22,10 +22,16 @@ from greenqueue.procpool import ProcessPool  # noqa: E402
 
 APP = "bench.apps.procpool_app:EchoApp"
 DICT = {"key-%d" % i: i for i in range(1000)}
+REPEAT = 3  # every side runs this many times and reports its best
 
 
 def _pct(values, p):
     return percentile(values, p, 1e6)  # microseconds
+
+
+def _best(runs):
+    """Each figure's best over ``runs`` (lowest latency, highest rate)."""
+    return {k: (min if k in ("p50", "p99") else max)(r[k] for r in runs) for k in runs[0]}
 
 
 def _gipc_child(conn):
@@ -128,17 +134,20 @@ def gunicorn_dirty(n, n_chunks, size):
                     if time.monotonic() > deadline:
                         raise RuntimeError("dirty arbiter not ready: HTTP %d" % warm.status_code)
                     time.sleep(0.2)
-                r = requests.get(url, params={"n": n}, timeout=300).json()
+                def elapsed(method, params, data=None):
+                    # Best of REPEAT, as for greenqueue and bare gipc: the fairest figure on a noisy machine.
+                    runs = [requests.request(method, url, params=params, data=data, timeout=300).json()
+                            for _ in range(REPEAT)]
+                    return min(runs, key=lambda r: r["elapsed"])
+
+                r = elapsed("GET", {"n": n})
                 res = {"calls": n / r["elapsed"], "p50": _pct(r["latencies"], 0.5),
                        "p99": _pct(r["latencies"], 0.99)}
                 m = max(1, n // 10)
-                r = requests.post(url, params={"n": m}, data=json.dumps(DICT), timeout=300).json()
-                res["dict"] = m / r["elapsed"]
-                r = requests.get(url, params={"n": n_chunks, "kind": "stream", "size": 16}, timeout=300).json()
-                res["chunks"] = n_chunks / r["elapsed"]
+                res["dict"] = m / elapsed("POST", {"n": m}, json.dumps(DICT))["elapsed"]
+                res["chunks"] = n_chunks / elapsed("GET", {"n": n_chunks, "kind": "stream", "size": 16})["elapsed"]
                 big = max(1, n_chunks // 100)
-                r = requests.get(url, params={"n": big, "kind": "stream", "size": size}, timeout=300).json()
-                res["mbs"] = big * size / r["elapsed"] / 1e6
+                res["mbs"] = big * size / elapsed("GET", {"n": big, "kind": "stream", "size": size})["elapsed"] / 1e6
                 return res, ""
         except Exception as exc:
             return None, "gunicorn dirty workers could not be driven: %s: %s" % (type(exc).__name__, exc)
@@ -149,8 +158,11 @@ def run(quick: bool = False, smoke: bool = False) -> list:
     n = 300 if smoke else (2000 if quick else 10000)
     n_chunks = 3000 if smoke else (30000 if quick else 200000)
     size = 64 * 1024
-    ours = greenqueue(n, n_chunks, size)
-    bare = bare_gipc(n, n_chunks, size)
+    ours_runs, bare_runs = [], []
+    for _ in range(REPEAT):  # interleaved, so a slow moment of the machine does not land on one side only
+        ours_runs.append(greenqueue(n, n_chunks, size))
+        bare_runs.append(bare_gipc(n, n_chunks, size))
+    ours, bare = _best(ours_runs), _best(bare_runs)
     peer, why = gunicorn_dirty(n, n_chunks, size)
     rows = []
     for base_name, base in (("bare gipc pipe", bare), ("gunicorn 27 dirty", peer)):
