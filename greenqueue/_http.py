@@ -228,6 +228,9 @@ class Connection:
         self.idle = True
         self.expect_continue = False
         self.body_timeout = settings.keepalive_timeout or 60.0
+        self.tcp = False          # Nagle can be switched (not on unix sockets)
+        self._nagle = False       # Nagle is on for the current burst of chunks
+        self._burst_end = None    # hub callback that ends the current burst
 
     # I/O ----------------------------------------------------------------
     def read_more(self, timeout):
@@ -255,6 +258,44 @@ class Connection:
     def send_raw(self, data):
         """Send bytes now (disconnects propagate as OSError)."""
         self.sock.sendall(data)
+
+    def send_chunk(self, data):
+        """Send one chunk of a streamed body; chunks produced back to back may share packets.
+
+        A chunk sent after the hub has run (the producer waited: for a token,
+        a worker, a timer) leaves at once, Nagle off. Chunks produced without
+        the hub running in between are a burst: Nagle goes on for its length,
+        so the kernel packs them, and off again at the hub's next turn, which
+        pushes out anything still held. A lone event is never delayed; a burst
+        is never split into a packet per chunk.
+        """
+        if self._burst_end is None:
+            if self.tcp:
+                self._burst_end = gevent.get_hub().loop.run_callback(self._end_burst)
+        elif not self._nagle:
+            self._set_nodelay(False)
+        self.sock.sendall(data)
+
+    def _end_burst(self):
+        # Runs in the hub (a callback): setsockopt never blocks.
+        self._burst_end = None
+        if self._nagle:
+            self._set_nodelay(True)  # Linux sends what Nagle held back as soon as this is set
+
+    def end_stream(self):
+        """The streamed body is done: push out anything held back and stop watching for bursts."""
+        if self._burst_end is not None:
+            self._burst_end.stop()
+            self._burst_end = None
+        if self._nagle:
+            self._set_nodelay(True)
+
+    def _set_nodelay(self, on):
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if on else 0)
+            self._nagle = not on
+        except OSError:
+            self.tcp = False  # the socket is closing: the stream's next write will say so
 
     def _next_request(self):
         """Return the next request once its headers are in, or None when the client is done."""
@@ -293,6 +334,7 @@ class Connection:
         self.registry.add(self)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.tcp = True
         except OSError:
             pass  # unix sockets have no Nagle to turn off
         try:

@@ -138,7 +138,7 @@ class _Response:
             self.headers_sent = True
             self.conn.send_raw(head + self._frame(data))
         elif data:
-            self.conn.send_raw(self._frame(data))
+            self.conn.send_chunk(self._frame(data))
 
     def _frame(self, data):
         if self.no_body or not data:
@@ -167,6 +167,7 @@ class _Response:
         except Exception:
             self._internal_error()
         finally:
+            self.conn.end_stream()  # a write() callable's burst may still be open
             close = getattr(result, "close", None)
             if close is not None:
                 try:
@@ -199,6 +200,7 @@ class _Response:
                     self.write(b"")
         finally:
             watcher.kill(block=False)
+            self.conn.end_stream()
         if not self.headers_sent:
             if self.status is None:
                 raise AssertionError("the app returned without calling start_response()")

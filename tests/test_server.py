@@ -80,6 +80,20 @@ def test_first_stream_chunk_arrives_before_the_generator_ends(server):
         assert next(lines) == b"last"
 
 
+def test_a_burst_of_chunks_is_all_delivered_while_the_generator_waits(server):
+    # Chunks made back to back may share packets, but none may be held once the generator waits.
+    with requests.Session() as session:
+        with session.get(server.url + "/burst/500", stream=True, timeout=10) as r:
+            lines = r.iter_lines(chunk_size=1)
+            assert [next(lines) for _ in range(500)] == [b"%d" % i for i in range(500)]
+            assert session.get(server.url + "/release", timeout=5).text == "released"  # another connection
+            assert next(lines) == b"last"
+        # The same kept-alive connection then streams a lone chunk at once.
+        with session.get(server.url + "/stream", stream=True, timeout=10) as r:
+            assert next(r.iter_lines()) == b"first"
+            assert requests.get(server.url + "/release", timeout=5).text == "released"
+
+
 def test_client_leaving_an_idle_stream_closes_its_generator_at_once(server):
     s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     s.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -67,6 +67,20 @@ def stream():
     return Response(stream_with_context(generate()), mimetype="text/plain")
 
 
+@app.get("/burst/<int:n>")
+def burst(n):
+    """Yields ``n`` chunks back to back, then waits for /release before the last one."""
+    _release.clear()
+
+    def generate():
+        for i in range(n):
+            yield "%d\n" % i
+        _release.wait(30)
+        yield "last\n"
+
+    return Response(generate(), mimetype="text/plain")
+
+
 @app.get("/stream-closed")
 def stream_closed():
     return "yes" if _stream_closed.wait(float(request.args.get("wait", "0"))) else "no"
