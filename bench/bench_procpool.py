@@ -1,6 +1,9 @@
 """Process-pool calls and streams: greenqueue vs a bare gipc pipe vs gunicorn 27's dirty workers.
 
-Usage: ``python bench/bench_procpool.py [--quick]``. greenqueue and the gipc
+Usage: ``python bench/bench_procpool.py [--quick]``. One worker on each
+side. greenqueue's worker polls its pipe for a moment after each call (it
+has a spare core here); the "no polling" rows show it sleeping between
+calls, as it does when polling workers would outnumber the cores. greenqueue and the gipc
 baseline run in this process (one gevent hub, like a server greenlet would);
 gunicorn's figures are timed inside a gunicorn sync worker calling its dirty
 arbiter with ``gunicorn.dirty.get_dirty_client()``, the path its docs show.
@@ -21,6 +24,7 @@ from bench._common import PY, bench_main, free_port, percentile, row, server  # 
 from greenqueue.procpool import ProcessPool  # noqa: E402
 
 APP = "bench.apps.procpool_app:EchoApp"
+NOPOLL = "bench.apps.procpool_app:EchoAppNoPoll"
 DICT = {"key-%d" % i: i for i in range(1000)}
 REPEAT = 3  # every side runs this many times and reports its best
 
@@ -76,6 +80,22 @@ def bare_gipc(n, n_chunks, size):
         parent.put(None)
         proc.join()
     return {"calls": calls, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "chunks": chunks, "mbs": mbs}
+
+
+def sleeping_calls(n):
+    """Empty calls to a pool whose worker sleeps between calls (idle_poll = 0): the transport alone."""
+    pool = ProcessPool(NOPOLL, workers=1).start()
+    try:
+        pool.call("echo")
+        lat = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            s = time.perf_counter()
+            pool.call("echo")
+            lat.append(time.perf_counter() - s)
+        return {"calls": n / (time.perf_counter() - t0), "p50": _pct(lat, 0.5)}
+    finally:
+        pool.stop()
 
 
 def greenqueue(n, n_chunks, size):
@@ -158,11 +178,12 @@ def run(quick: bool = False, smoke: bool = False) -> list:
     n = 300 if smoke else (2000 if quick else 10000)
     n_chunks = 3000 if smoke else (30000 if quick else 200000)
     size = 64 * 1024
-    ours_runs, bare_runs = [], []
+    ours_runs, bare_runs, sleeping_runs = [], [], []
     for _ in range(REPEAT):  # interleaved, so a slow moment of the machine does not land on one side only
         ours_runs.append(greenqueue(n, n_chunks, size))
         bare_runs.append(bare_gipc(n, n_chunks, size))
-    ours, bare = _best(ours_runs), _best(bare_runs)
+        sleeping_runs.append(sleeping_calls(n))
+    ours, bare, sleeping = _best(ours_runs), _best(bare_runs), _best(sleeping_runs)
     peer, why = gunicorn_dirty(n, n_chunks, size)
     rows = []
     for base_name, base in (("bare gipc pipe", bare), ("gunicorn 27 dirty", peer)):
@@ -179,6 +200,14 @@ def run(quick: bool = False, smoke: bool = False) -> list:
             rows.append(row("procpool", "1,000-key dict echo", ours["dict"], "calls/s", base_name, b.get("dict"), True))
     rows.append(row("procpool", "empty call, 8 callers (1 worker)", ours["calls8"], "calls/s", "greenqueue, 1 caller",
                     ours["calls"], True))
+    # Workers poll only while cores are to spare; these rows are a pool whose worker sleeps.
+    note = "worker sleeps between calls (idle_poll = 0, or no spare core)"
+    for base_name, base in (("bare gipc pipe", bare), ("gunicorn 27 dirty", peer)):
+        b = base or {}
+        rows.append(row("procpool", "empty call, 1 caller, no polling", sleeping["calls"], "calls/s", base_name,
+                        b.get("calls"), True, note))
+        rows.append(row("procpool", "empty call p50, no polling", sleeping["p50"], "us", base_name,
+                        b.get("p50"), False, note))
     return rows
 
 

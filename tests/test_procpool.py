@@ -46,9 +46,12 @@ def no_leftover_processes():
     wait_for(lambda: not (set(_children()) - before), 10, message="worker processes to exit")
 
 
-@pytest.fixture
-def pool():
+@pytest.fixture(params=["sleeping", "polling"])
+def pool(request, monkeypatch):
+    # Workers poll their pipe only while there are cores to spare; run each test both ways.
+    monkeypatch.setattr(procpool, "_cores", lambda: 1 if request.param == "sleeping" else 64)
     p = ProcessPool(ECHO, timeout=3).start()
+    assert (p.spin > 0) == (request.param == "polling")
     yield p
     p.stop(5)
 
@@ -265,3 +268,41 @@ def test_closing_a_channel_wakes_its_waiting_reader_with_eof():
     with pytest.raises(EOFError):
         reader.get(timeout=2)
     right.close()
+
+
+def test_workers_poll_only_while_cores_are_to_spare(monkeypatch):
+    monkeypatch.setattr(procpool, "_cores", lambda: 4)
+    first = ProcessPool(ECHO, workers=2).start()   # 2 polling workers + the server: 3 of 4 cores
+    second = ProcessPool(ECHO, workers=2).start()  # 2 more would need 5
+    try:
+        assert first.spin > 0 and second.spin == 0
+        assert second.call("echo", 1) == 1 and first.call("echo", 2) == 2
+    finally:
+        first.stop(5)
+    third = ProcessPool(ECHO, workers=2).start()   # the first pool's cores are free again
+    try:
+        assert third.spin > 0
+        assert third.call("echo", 3) == 3
+    finally:
+        third.stop(5)
+        second.stop(5)
+
+
+def test_a_polling_worker_sleeps_once_calls_stop(monkeypatch):
+    monkeypatch.setattr(procpool, "_cores", lambda: 64)
+    p = ProcessPool(ECHO, workers=1).start()
+    try:
+        for _ in range(200):
+            p.call("echo", None)
+        pid = p._workers[0].pid
+
+        def cpu_ticks():
+            with open("/proc/%d/stat" % pid) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])  # utime + stime
+
+        before = cpu_ticks()
+        gevent.sleep(0.5)  # the measured interval itself: an idle worker must not use CPU in it
+        assert cpu_ticks() - before <= 2, "an idle worker kept polling"
+    finally:
+        p.stop(5)

@@ -16,3 +16,9 @@ class EchoApp(DirtyApp):
         block = b"x" * size if size else None
         for _ in range(n):
             yield block if block is not None else 0
+
+
+class EchoAppNoPoll(EchoApp):
+    """The same app with polling off (idle_poll = 0): the pool's figure when its workers sleep between calls."""
+
+    idle_poll = 0

@@ -26,6 +26,7 @@ import os
 import random
 import signal
 import time
+import weakref
 
 import gevent
 import gipc
@@ -71,7 +72,7 @@ class _Worker:
         """Fork the child and wait for it to initialise; raise WorkerError if init fails."""
         parent_end, child_end = gipc.pipe(duplex=True)
         self.conn = Channel(parent_end)
-        self.proc = gipc.start_process(_worker_main, args=(child_end, self.pool.spec, os.getpid()),
+        self.proc = gipc.start_process(_worker_main, args=(child_end, self.pool.spec, os.getpid(), self.pool.spin),
                                        daemon=True)
         try:
             with gevent.Timeout(max(self.pool.timeout or 0, 60.0)):
@@ -195,6 +196,8 @@ class ProcessPool:
         self.timeout = float(cls.timeout if timeout is None else timeout) or None
         self.max_requests = int(cls.max_requests if max_requests is None else max_requests)
         self.max_queue = int(max_queue if max_queue is not None else max(64, self.size * 32))
+        self._spin_wanted = max(0.0, float(cls.idle_poll or 0))
+        self.spin = 0.0  # granted at start() if there are cores to spare
         self._workers = []
         self._idle = []
         self._waiters = collections.deque()
@@ -210,6 +213,7 @@ class ProcessPool:
 
     def start(self):
         """Start every worker; raise WorkerError (and start none) if one fails to initialise."""
+        self.spin = _grant_spin(self)
         try:
             for index in range(self.size):
                 w = _Worker(self, index).start()
@@ -452,6 +456,7 @@ class ProcessPool:
     def stop(self, timeout=10.0):
         """Ask each worker to run close() and exit; kill those still running after ``timeout``."""
         self._stopping = True
+        _return_spin(self)
         workers = list(self._workers)
         for w in workers:
             w.reason = "stopped"
@@ -476,6 +481,33 @@ _pools = {}
 
 #: ``observe(pool, kind, seconds)`` after each call ("call") or finished stream ("stream"); metrics set it.
 observe = None
+
+
+# Polling workers must not outnumber the cores: a polling process holds its core, and
+# the server needs one of its own. Pools started first get to poll; the rest sleep.
+_spinning = weakref.WeakKeyDictionary()  # pool -> number of its workers that poll
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _grant_spin(pool):
+    if not pool._spin_wanted or pool in _spinning:
+        return pool.spin
+    if sum(_spinning.values()) + pool.size + 1 > _cores():
+        log.debug("%s: workers will not poll (%d polling already, %d cores)", pool.spec,
+                  sum(_spinning.values()), _cores())
+        return 0.0
+    _spinning[pool] = pool.size
+    return pool._spin_wanted
+
+
+def _return_spin(pool):
+    _spinning.pop(pool, None)
 
 
 def start_pools(specs, workers=None, timeout=None):

@@ -10,6 +10,7 @@ greenlet so credits and cancels are heard while it produces.
 import ctypes
 import os
 import signal
+import time
 
 import gevent
 
@@ -28,7 +29,7 @@ def _die_with_parent(parent_pid):
         os._exit(0)  # the parent died before prctl took effect
 
 
-def _worker_main(handle, spec, parent_pid):
+def _worker_main(handle, spec, parent_pid, spin=0.0):
     """Entry point of a worker process."""
     _die_with_parent(parent_pid)
     conn = Channel(handle)
@@ -48,11 +49,23 @@ def _worker_main(handle, spec, parent_pid):
         return
     conn.put(("ready", os.getpid()))
     state = {"greenlet": None, "credit": 0, "credit_event": gevent.event.Event(), "id": None}
+    # Adaptive polling: while calls arrive within ``spin`` of the previous answer, poll
+    # the pipe instead of sleeping (a wake-up costs more than such a call); when they
+    # come further apart, sleep at once. The gap is smoothed, and capped so a pause
+    # does not turn polling off for long once calls come quickly again.
+    spin_max = spin  # the parent grants it only while polling workers do not outnumber the cores
+    gap = 0.0
+    answered = None
     while True:
+        streaming = state["greenlet"] is not None and not state["greenlet"].dead
+        spin = spin_max if spin_max and not streaming and gap < spin_max else 0.0
         try:
-            msg = conn.get()
+            msg = conn.get(spin)
         except EOFError:
             os._exit(0)  # the parent is gone
+        if answered is not None:
+            gap = 0.75 * gap + 0.25 * min(time.perf_counter() - answered, 10 * spin_max)
+            answered = None
         kind = msg[0]
         if kind == "call":
             _, call_id, action, args, kwargs, streaming = msg
@@ -65,6 +78,7 @@ def _worker_main(handle, spec, parent_pid):
             else:
                 # A plain call runs inline: nothing can interrupt it but a kill from the parent anyway.
                 _serve_call(conn, app, state, call_id, action, args, kwargs, streaming)
+                answered = time.perf_counter()
         elif kind == "credit" and msg[1] == state["id"]:
             state["credit"] += msg[2]
             state["credit_event"].set()

@@ -15,6 +15,8 @@ and a frame is never interleaved with another.
 import os
 import pickle
 
+import time
+
 import gevent
 from gevent.lock import Semaphore
 
@@ -22,6 +24,7 @@ _READ_SIZE = 65536   # the Linux pipe capacity: a bigger read() is no faster (gi
 _DUMPS = pickle.dumps
 _LOADS = pickle.loads
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+_clock = time.perf_counter
 
 
 class Channel:
@@ -41,8 +44,12 @@ class Channel:
         """True if bytes already read wait in the buffer (the pipe itself may look empty)."""
         return bool(self._buf)
 
-    def get(self):
-        """Next object from the pipe; wait cooperatively. EOFError once the other end is gone."""
+    def get(self, spin=0.0):
+        """Next object from the pipe; wait cooperatively. EOFError once the other end is gone.
+
+        ``spin``: seconds to keep polling the pipe before sleeping in the hub
+        (other greenlets do not run meanwhile: only a worker process uses it).
+        """
         buf = self._buf
         while True:
             have = len(buf)
@@ -56,15 +63,24 @@ class Channel:
                 want = max(_READ_SIZE, end - have)
             else:
                 want = _READ_SIZE
-            self._fill(want)
+            self._fill(want, spin)
+            spin = 0.0
 
-    def _fill(self, want):
+    def _fill(self, want, spin=0.0):
+        deadline = None
         while True:
             if self.closed:
                 raise EOFError("the channel is closed")
             try:
                 chunk = os.read(self.rfd, want)
             except BlockingIOError:
+                if spin:
+                    now = _clock()
+                    if deadline is None:
+                        deadline = now + spin
+                    if now < deadline:
+                        continue
+                    spin = 0.0
                 self._wait_readable()
                 continue
             except InterruptedError:
