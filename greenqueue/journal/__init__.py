@@ -34,6 +34,29 @@ __all__ = ["SQLiteStore", "Journal", "enable", "get", "lookup", "stop_recording"
 _UTC = datetime.timezone.utc
 
 
+class _Batch:
+    """The commit of one batch of writes, which many spawns may wait for."""
+
+    __slots__ = ("event", "error")
+
+    def __init__(self):
+        from gevent.event import Event
+
+        self.event = Event()
+        self.error = None
+
+    def wait(self):
+        """Block this greenlet until the batch is committed; raise its JournalError if it failed."""
+        self.event.wait()
+        if self.error is not None:
+            raise self.error
+
+    def done(self, error):
+        """Mark the batch committed (or failed with ``error``) and wake its waiters."""
+        self.error = error
+        self.event.set()
+
+
 class Journal:
     """The running journal: records task events and replays unfinished tasks at start-up."""
 
@@ -43,7 +66,8 @@ class Journal:
         self.store = SQLiteStore(path)
         self.path = self.store.path
         self._pool = ThreadPool(1)  # one thread owns the connection
-        self._queue = []
+        self._queue = []         # (op, args) not yet handed to the journal thread
+        self._batch = _Batch()   # what waiters of the queued writes wait on
         self._wake = None
         self._writer = None
         self._ids = set()
@@ -71,36 +95,32 @@ class Journal:
 
     def write(self, op, *args, wait=False):
         """Queue a write; with ``wait`` block this greenlet until it is committed."""
-        done = None
-        if wait:
-            from gevent.event import AsyncResult
-            done = AsyncResult()
-        self._queue.append((op, args, done))
+        self._queue.append((op, args))
+        batch = self._batch
         if not self._wake.is_set():
             self._wake.set()
-        if done is not None:
-            done.get()
+        if wait:
+            batch.wait()
 
     def _write_loop(self):
         while True:
             self._wake.wait()
             self._wake.clear()
-            batch, self._queue = self._queue, []
-            if not batch:
+            ops, self._queue = self._queue, []
+            # Everyone waiting on this batch shares one Event: one wake-up pass, not one per write.
+            batch, self._batch = self._batch, _Batch()
+            if not ops:
+                batch.done(None)
                 continue
             try:
-                self.call("apply", [(op, args) for op, args, _ in batch])
+                self.call("apply", ops)
             except Exception as exc:
                 err = JournalError("journal %s: write failed: %s (disk full?); the task was not recorded"
                                    % (self.path, exc))
-                log.error("%s (%d write(s) lost)", err, len(batch))
-                for _, _, done in batch:
-                    if done is not None:
-                        done.set_exception(err)
+                log.error("%s (%d write(s) lost)", err, len(ops))
+                batch.done(err)
                 continue
-            for _, _, done in batch:
-                if done is not None:
-                    done.set(None)
+            batch.done(None)
 
     def flush(self):
         """Wait until every queued write is committed."""
