@@ -223,7 +223,13 @@ class ProcessPool:
             self.stop(5)
             raise
         self._started = True
-        log.info("started %d worker(s) for %s", self.size, self.spec)
+        if self.spin:
+            how = "polling up to %d us after each call" % round(self.spin * 1e6)
+        elif self._spin_wanted:
+            how = "sleeping between calls: more polling workers would outnumber the %d cores" % _cores()
+        else:
+            how = "sleeping between calls (idle_poll = 0)"
+        log.info("started %d worker(s) for %s, %s", self.size, self.spec, how)
         return self
 
     # -- dispatch -----------------------------------------------------------------------
@@ -449,7 +455,7 @@ class ProcessPool:
     def stats(self):
         """Pool state for health checks and the dashboard."""
         return {"app": self.spec, "size": self.size, "queued": len(self._waiters), "max_queue": self.max_queue,
-                "restarts": self._restarts,
+                "restarts": self._restarts, "idle_poll": self.spin,
                 "workers": [{"index": w.index, "pid": w.pid, "busy": w.busy, "calls": w.calls}
                             for w in sorted(self._workers, key=lambda w: w.index)]}
 
