@@ -358,7 +358,7 @@ def test_500_concurrent_keep_alive_clients_are_all_served(server):
         s = gsocket.create_connection(("127.0.0.1", server.port), timeout=30)
         try:
             got = []
-            for n in range(2):
+            for _ in range(2):
                 s.sendall(b"GET /env?c=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
                 buf = b""
                 while b"}" not in buf:
@@ -384,7 +384,7 @@ def test_trickling_client_is_dropped_after_the_header_timeout(server_factory):
     closed_after = None
     served_meanwhile = 0
     # Keep trickling one header byte at a time while other clients are served.
-    for i in range(100):
+    for _ in range(100):
         try:
             s.sendall(b"X")
         except OSError:
