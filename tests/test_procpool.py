@@ -306,3 +306,22 @@ def test_a_polling_worker_sleeps_once_calls_stop(monkeypatch):
         assert cpu_ticks() - before <= 2, "an idle worker kept polling"
     finally:
         p.stop(5)
+
+
+def test_a_polling_worker_still_lets_its_own_greenlets_run(monkeypatch):
+    # Back-to-back calls keep a polling worker busy; its app's background greenlets must still run.
+    monkeypatch.setattr(procpool, "_cores", lambda: 64)
+    p = ProcessPool("tests.apps.dirty_apps:TickerApp").start()
+    try:
+        assert p.spin > 0
+        before = p.call("ticks")
+        deadline = time.monotonic() + 0.5
+        calls = 0
+        while time.monotonic() < deadline:
+            p.call("echo", None)
+            calls += 1
+        ticked = p.call("ticks") - before
+        assert calls > 1000, "calls were too slow to keep the worker polling (%d)" % calls
+        assert ticked >= 50, "the worker's ticker ran %d times in 0.5 s of back-to-back calls" % ticked
+    finally:
+        p.stop(5)

@@ -19,6 +19,9 @@ from ._app import _CREDIT, _error_dict, _load_class
 from ._wire import Channel
 
 
+_YIELD_EVERY = 0.001  # seconds a polling worker may go without letting other greenlets run
+
+
 def _die_with_parent(parent_pid):
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -56,9 +59,17 @@ def _worker_main(handle, spec, parent_pid, spin=0.0):
     spin_max = spin  # the parent grants it only while polling workers do not outnumber the cores
     gap = 0.0
     answered = None
+    yielded = time.perf_counter()
     while True:
         streaming = state["greenlet"] is not None and not state["greenlet"].dead
         spin = spin_max if spin_max and not streaming and gap < spin_max else 0.0
+        if spin:
+            now = time.perf_counter()
+            if now - yielded > _YIELD_EVERY:
+                # A poll that keeps catching calls never enters the hub: let the app's own
+                # greenlets and timers run at least this often (sleep(0) runs callbacks only).
+                gevent.idle()
+                yielded = now
         try:
             msg = conn.get(spin)
         except EOFError:

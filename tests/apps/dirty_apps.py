@@ -80,3 +80,28 @@ class BadInitApp(DirtyApp):
 
     def init(self):
         raise RuntimeError("model file missing")
+
+
+class TickerApp(DirtyApp):
+    """Runs a background greenlet that ticks every millisecond; answers calls at once."""
+
+    workers = 1
+
+    def init(self):
+        import gevent
+
+        self.count = 0
+        gevent.spawn(self._tick)
+
+    def _tick(self):
+        import gevent
+
+        while True:
+            gevent.sleep(0.001)
+            self.count += 1
+
+    def echo(self, value):
+        return value
+
+    def ticks(self):
+        return self.count
