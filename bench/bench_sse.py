@@ -67,7 +67,8 @@ def run(quick: bool = False, smoke: bool = False) -> list:
         port = free_port()
         with server(make_cmd(port), port) as proc:
             events_per_second(port, 1000)
-            eps = events_per_second(port, n_events)
+            # Best of three: one stream's rate swings by a quarter between runs on a shared machine.
+            eps = max(events_per_second(port, n_events) for _ in range(1 if smoke else 3))
             base_rss = rss_kib(proc.pid) / 1024
             held, rss = idle_connections(proc, port, n_idle)
             results[name] = {"eps": eps, "held": held, "rss": rss, "base": base_rss}

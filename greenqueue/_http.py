@@ -242,18 +242,29 @@ class Connection:
         self.parser.feed(data)
 
     def watch_disconnect(self, handler):
-        """Kill ``handler`` (the greenlet streaming a response) when the client hangs up."""
+        """Kill ``handler`` (the greenlet streaming a response) when the client hangs up.
+
+        A plain I/O watcher whose callback runs in the hub, not a greenlet: an
+        idle stream costs no greenlet stack. Returns the watcher; close it
+        when the stream ends.
+        """
         raw = getattr(self.sock, "_sock", self.sock)
-        try:
-            gevent.socket.wait_read(self.sock.fileno())
-            data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return  # spurious wake-up; the stream's own writes will notice a close
-        except OSError:
-            data = b""
-        if not data:
-            handler.kill(ClientDisconnected("client closed the connection"), block=False)
-        # Data means a pipelined request; we stop watching rather than consume it.
+        io = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+
+        def readable():
+            try:
+                data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return  # spurious wake-up: keep watching
+            except OSError:
+                data = b""
+            io.stop()
+            if not data:
+                handler.kill(ClientDisconnected("client closed the connection"), block=False)
+            # Data means a pipelined request; we stop watching rather than consume it.
+
+        io.start(readable)
+        return io
 
     def send_raw(self, data):
         """Send bytes now (disconnects propagate as OSError)."""

@@ -191,7 +191,7 @@ class _Response:
             return
         # A stream may sit idle (waiting on a worker); watch for the client leaving
         # so the source generator is closed at once instead of at the next write.
-        watcher = gevent.spawn(self.conn.watch_disconnect, gevent.getcurrent())
+        watcher = self.conn.watch_disconnect(gevent.getcurrent())
         try:
             for chunk in result:
                 if chunk:
@@ -199,7 +199,7 @@ class _Response:
                 elif not self.headers_sent and self.status is not None and self._wants_early_headers():
                     self.write(b"")
         finally:
-            watcher.kill(block=False)
+            watcher.close()
             self.conn.end_stream()
         if not self.headers_sent:
             if self.status is None:
