@@ -235,8 +235,12 @@ class Runner:
             raise Overloaded("%d tasks are already waiting (max_pending=%d)"
                              % (self._pending_count, self.max_pending))
         self._live[r.id] = r
-        self._notify_spawned(r)
-        self._enqueue(r)
+        if zope.event.subscribers:
+            events.notify(events.TaskSpawned(r))
+        if not idle and self._active < self.max_concurrency and not self._pending:
+            self._start(r)  # _enqueue's common case, inline: this is every spawn's path
+        else:
+            self._enqueue(r)
         return r
 
     def _notify_spawned(self, r):
