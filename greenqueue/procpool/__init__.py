@@ -243,7 +243,8 @@ class ProcessPool:
             self._idle.remove(w)
             return self._hold(w)
         if len(self._waiters) >= self.max_queue:
-            raise Overloaded("all %d %s workers are busy and %d calls are waiting"
+            raise Overloaded("all %d %s workers are busy and %d calls are waiting; try again later, or raise "
+                             "the app's workers or the pool's max_queue"
                              % (self.size, self.name, len(self._waiters)))
         waiter = AsyncResult()
         self._waiters.append(waiter)
@@ -252,7 +253,8 @@ class ProcessPool:
         except gevent.Timeout:
             if waiter.successful():
                 return self._hold(waiter.value)  # handed a worker in the same instant the wait ran out
-            raise WorkerTimeout("no %s worker became free within %ss" % (self.name, self.timeout)) from None
+            raise WorkerTimeout("no %s worker became free within %ss; add workers or shorten the calls"
+                                % (self.name, self.timeout)) from None
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)

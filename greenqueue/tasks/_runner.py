@@ -232,8 +232,8 @@ class Runner:
             return r
         if not force and self._pending_count >= self.max_pending and (
                 idle or self._pending or self._active >= self.max_concurrency):
-            raise Overloaded("%d tasks are already waiting (max_pending=%d)"
-                             % (self._pending_count, self.max_pending))
+            raise Overloaded("%d tasks are already waiting (max_pending=%d); try again later, or raise "
+                             "max_pending with greenqueue.configure()" % (self._pending_count, self.max_pending))
         self._live[r.id] = r
         if zope.event.subscribers:
             events.notify(events.TaskSpawned(r))
