@@ -325,3 +325,35 @@ def test_a_polling_worker_still_lets_its_own_greenlets_run(monkeypatch):
         assert ticked >= 50, "the worker's ticker ran %d times in 0.5 s of back-to-back calls" % ticked
     finally:
         p.stop(5)
+
+
+def test_a_reply_that_cannot_be_unpickled_fails_that_call_only():
+    p = ProcessPool("tests.apps.dirty_apps:BadReplyApp", timeout=5).start()
+    try:
+        pid = p.call("whoami")
+        with pytest.raises(WorkerError, match="cannot unpickle.*LookupError") as info:
+            p.call("bad")
+        assert isinstance(info.value.__cause__, LookupError)
+        assert p.call("echo", "next") == "next"
+        assert p.call("whoami") == pid  # the same worker: only its answer was unusable
+        stream = p.stream("bad_stream")
+        assert next(stream) == 1
+        with pytest.raises(WorkerError, match="streamed a chunk"):
+            next(stream)
+        assert p.call("echo", "after") == "after"
+        assert p.call("whoami") == pid
+    finally:
+        p.stop(5)
+
+
+def test_a_caller_that_gives_up_mid_call_gets_its_worker_replaced():
+    p = ProcessPool(ECHO, workers=1, timeout=30).start()
+    try:
+        first = p.call("whoami")
+        with pytest.raises(gevent.Timeout):
+            with gevent.Timeout(0.2):
+                p.call("sleep", 10)  # the caller leaves; the worker is killed mid-call
+        assert p.call("echo", "still served", ) == "still served"  # by a replacement, without waiting 30 s
+        assert p.call("whoami") != first
+    finally:
+        p.stop(5)

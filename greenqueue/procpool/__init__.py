@@ -45,6 +45,14 @@ __all__ = ["DirtyApp", "ProcessPool", "start_pools", "get", "stop_all", "reset"]
 _RELEASE_WAIT = 2.0   # seconds a cancelled stream may take to close before its worker is killed
 
 
+class _BadReply(Exception):
+    """A message from a worker arrived but cannot be unpickled in the server."""
+
+    def __str__(self):
+        exc = self.args[0]
+        return "%s: %s" % (type(exc).__name__, exc)
+
+
 class _Worker:
     """Parent-side handle of one worker process.
 
@@ -116,7 +124,12 @@ class _Worker:
     def _drain_idle(self):
         if self.busy or self.dead:
             return
-        msg = self.recv()
+        try:
+            msg = self.recv()
+        except _BadReply as exc:
+            log.warning("worker %d of %s sent a message the server cannot unpickle while idle: %s",
+                        self.index, self.pool.spec, exc)
+            msg = ("late",)
         if msg[0] != "exc":
             self.watch()  # a late or "stopped" message; keep watching for the EOF
 
@@ -131,6 +144,10 @@ class _Worker:
         except (EOFError, OSError, gipc.GIPCClosed):
             self._on_exit()
             return ("exc", None, self.exit_error)
+        except Exception as exc:
+            # A frame that arrived whole but does not unpickle here (a class only the worker
+            # can import, say). It is consumed; the next recv() reads the next message.
+            raise _BadReply(exc) from exc
 
     def send(self, msg):
         """Send a message to the child (a dead child is noticed by whoever reads next)."""
@@ -363,9 +380,15 @@ class ProcessPool:
         w.send(("call", call_id, action, args, kwargs, False))
         try:
             msg = self._reply(w, call_id)  # the watchdog kills the worker past the timeout
+        except _BadReply as exc:
+            self._release(w)  # the worker answered and is free; only its answer is unusable
+            raise WorkerError("%s.%s returned a value the server cannot unpickle (%s); return plain data "
+                              "(dicts, lists, str, numbers) or types the server can import"
+                              % (self.name, action, exc)) from exc.args[0]
         except BaseException:
             # The caller went away mid-call: the worker is in an unknown state; replace it.
             w.kill("abandoned")
+            gevent.spawn(self._drain_to_exit, w)
             raise
         kind = msg[0]
         if kind == "exc":
@@ -376,6 +399,16 @@ class ProcessPool:
         if kind == "err":
             raise from_dict(msg[2])
         return msg[2]
+
+    @staticmethod
+    def _drain_to_exit(w):
+        """Read a killed worker's pipe up to its EOF, which accounts for it and starts a replacement."""
+        while True:
+            try:
+                if w.recv()[0] == "exc":
+                    return
+            except _BadReply:
+                continue
 
     @staticmethod
     def _reply(w, call_id):
@@ -399,7 +432,12 @@ class ProcessPool:
         try:
             while True:
                 self._arm(w)  # the timeout covers the wait for each chunk, not the consumer's time
-                msg = self._reply(w, call_id)
+                try:
+                    msg = self._reply(w, call_id)
+                except _BadReply as exc:
+                    w.deadline = None
+                    raise WorkerError("%s.%s streamed a chunk the server cannot unpickle (%s); stream plain "
+                                      "data or types the server can import" % (self.name, action, exc)) from exc.args[0]
                 w.deadline = None
                 kind = msg[0]
                 if kind == "chunk":
@@ -437,7 +475,10 @@ class ProcessPool:
         timer = gevent.Timeout.start_new(_RELEASE_WAIT)
         try:
             while True:
-                msg = self._reply(w, call_id)
+                try:
+                    msg = self._reply(w, call_id)
+                except _BadReply:
+                    continue  # a chunk nobody will read anyway
                 if msg[0] in ("end", "err", "ok"):
                     timer.close()
                     self._release(w)

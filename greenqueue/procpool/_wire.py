@@ -14,7 +14,6 @@ and a frame is never interleaved with another.
 
 import os
 import pickle
-
 import time
 
 import gevent
@@ -56,10 +55,15 @@ class Channel:
             if have >= 4:
                 end = 4 + int.from_bytes(buf[:4], "big")
                 if have >= end:
-                    with memoryview(buf) as view:
-                        obj = _LOADS(view[4:end])
-                    del buf[:end]  # bytearray drops a prefix without copying the rest
-                    return obj
+                    view = memoryview(buf)
+                    frame = view[4:end]
+                    try:
+                        return _LOADS(frame)
+                    finally:
+                        # Consumed even if it does not unpickle: the next get() reads the next frame.
+                        frame.release()
+                        view.release()
+                        del buf[:end]  # bytearray drops a prefix without copying the rest
                 want = max(_READ_SIZE, end - have)
             else:
                 want = _READ_SIZE

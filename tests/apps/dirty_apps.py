@@ -105,3 +105,35 @@ class TickerApp(DirtyApp):
 
     def ticks(self):
         return self.count
+
+
+def _unpicklable_here(text):
+    """Fails when unpickled: stands for a reply type the server cannot import."""
+    raise LookupError("cannot rebuild %s here" % text)
+
+
+class _BadReply:
+    def __reduce__(self):
+        return (_unpicklable_here, ("a worker-only object",))
+
+
+class BadReplyApp(DirtyApp):
+    """Answers with objects the parent cannot unpickle, on request."""
+
+    workers = 1
+
+    def bad(self):
+        return _BadReply()
+
+    def whoami(self):
+        import os
+
+        return os.getpid()
+
+    def bad_stream(self):
+        yield 1
+        yield _BadReply()
+        yield 3
+
+    def echo(self, value):
+        return value
