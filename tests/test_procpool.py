@@ -357,3 +357,34 @@ def test_a_caller_that_gives_up_mid_call_gets_its_worker_replaced():
         assert p.call("whoami") != first
     finally:
         p.stop(5)
+
+
+def test_an_outer_timeout_while_queued_is_the_callers_own():
+    p = ProcessPool(ECHO, workers=1, timeout=30).start()
+    try:
+        busy = gevent.spawn(p.call, "sleep", 0.5)
+        wait_for(lambda: p.stats()["workers"][0]["busy"], 5, message="the worker to be busy")
+        with pytest.raises(gevent.Timeout):
+            with gevent.Timeout(0.1):
+                p.call("echo", 1)  # queued behind the sleep; the caller's own timer fires
+        assert busy.get(timeout=5) == 0.5
+        assert p.call("echo", 2) == 2
+    finally:
+        p.stop(5)
+
+
+def test_a_queued_caller_killed_as_it_is_handed_a_worker_passes_it_on():
+    p = ProcessPool(ECHO, workers=1, timeout=30).start()
+    try:
+        stream = p.stream("count", 2)
+        assert next(stream) == 0 and next(stream) == 1   # the stream holds the only worker
+        queued = gevent.spawn(p.call, "echo", "never")
+        wait_for(lambda: p.stats()["queued"] == 1, 5, message="the caller to queue")
+        queued.kill(block=False)          # the kill is scheduled first ...
+        assert list(stream) == []         # ... then the stream ends and hands the worker to it
+        queued.join(5)
+        assert queued.dead and isinstance(queued.exception, (gevent.GreenletExit, type(None)))
+        with gevent.Timeout(5):
+            assert p.call("echo", "served") == "served"
+    finally:
+        p.stop(5)

@@ -265,14 +265,25 @@ class ProcessPool:
                              % (self.size, self.name, len(self._waiters)))
         waiter = AsyncResult()
         self._waiters.append(waiter)
+        timer = gevent.Timeout.start_new(self.timeout) if self.timeout else None
         try:
-            return self._hold(waiter.get(timeout=self.timeout))
-        except gevent.Timeout:
+            return self._hold(waiter.get())
+        except BaseException as exc:
             if waiter.successful():
-                return self._hold(waiter.value)  # handed a worker in the same instant the wait ran out
-            raise WorkerTimeout("no %s worker became free within %ss; add workers or shorten the calls"
-                                % (self.name, self.timeout)) from None
+                if exc is timer:
+                    return self._hold(waiter.value)  # handed a worker in the same instant the wait ran out
+                # Killed (or an outer timeout) just as a worker was handed over: pass it on, or it is lost.
+                w = waiter.value
+                w.busy = False
+                self._hand_over(w)
+                raise
+            if exc is timer:
+                raise WorkerTimeout("no %s worker became free within %ss; add workers or shorten the calls"
+                                    % (self.name, self.timeout)) from None
+            raise  # someone else's timeout, or a kill: theirs to report
         finally:
+            if timer is not None:
+                timer.close()
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
