@@ -146,7 +146,8 @@ class Consumer:
         started = time.monotonic()
         try:
             self.fn(batch)
-        except Exception as exc:
+        except (Exception, gevent.Timeout) as exc:
+            # A gevent.Timeout escaping the handler is its failure too, not the reader's end.
             seconds = time.monotonic() - started
             left = [m for m in batch if m.settled is None]
             for m in left:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 
+import gevent
 import pytest
 
 from greenqueue import events
@@ -329,6 +330,20 @@ def test_a_raising_handler_settles_the_rest_with_on_error(on_error, outcome, req
     (e,) = seen
     assert (e.count, e.requeued, e.rejected, str(e.exception)) == (3, requeued, rejected, "boom")
     assert c.failed == 3 and c.handled == 0
+
+
+def test_a_timeout_escaping_the_handler_fails_the_batch_not_the_consumer():
+    from greenqueue.consumers import Consumer
+
+    def handler(messages):
+        gevent.Timeout.start_new(0.01)  # started and never cancelled: it fires inside the handler
+        gevent.sleep(1)
+
+    c = Consumer(handler, "amqp://localhost//", queues=["q"], batch_size=2)
+    raws, messages = batch_of(2)
+    assert c.handle(messages) is False
+    assert [r.outcome for r in raws] == ["requeue", "requeue"]
+    assert c.failed == 2
 
 
 def test_batches_never_outgrow_the_prefetch():
