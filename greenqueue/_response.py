@@ -14,6 +14,9 @@ from email.utils import formatdate
 import gevent
 
 log = logging.getLogger("greenqueue._http")
+# What an app may raise that becomes a 500 (or a cut body): its exceptions, and a
+# gevent.Timeout it started and did not catch (a BaseException, like GreenletExit).
+_APP_ERRORS = (Exception, gevent.Timeout)
 
 _DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _NO_BODY_STATUS = (204, 304)
@@ -152,7 +155,7 @@ class _Response:
         """Call the app and send its response."""
         try:
             result = app(self.environ, self.start_response)
-        except Exception:
+        except _APP_ERRORS:
             self._internal_error()
             return
         try:
@@ -164,7 +167,7 @@ class _Response:
             self.keep_alive = False
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
                 raise
-        except Exception:
+        except _APP_ERRORS:
             self._internal_error()
         finally:
             self.conn.end_stream()  # a write() callable's burst may still be open

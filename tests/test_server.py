@@ -130,6 +130,17 @@ def test_app_error_is_a_500_and_the_server_keeps_serving(server):
     assert "RuntimeError: boom" in server.log()
 
 
+def test_a_timeout_escaping_a_view_is_a_500_too(server):
+    # gevent.Timeout is a BaseException: it must not slip past the error handling.
+    r = requests.get(server.url + "/timeout-escapes", timeout=5)
+    assert r.status_code == 500
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        # Too late for a 500 mid-stream: the body is cut, so the client knows it is incomplete.
+        requests.get(server.url + "/timeout-escapes-mid-stream", timeout=5).content
+    assert requests.get(server.url + "/").status_code == 200
+    assert server.log().count("Timeout") >= 2
+
+
 def test_sigterm_lets_an_in_flight_request_finish(server_factory, tmp_path):
     srv = server_factory(APP)
     marker = tmp_path / "in-flight"

@@ -105,6 +105,24 @@ def boom():
     raise RuntimeError("boom")
 
 
+@app.get("/timeout-escapes")
+def timeout_escapes():
+    """A view whose own gevent.Timeout fires and is not caught."""
+    gevent.Timeout.start_new(0.01)
+    gevent.sleep(1)
+    return "unreachable"
+
+
+@app.get("/timeout-escapes-mid-stream")
+def timeout_escapes_mid_stream():
+    def generate():
+        yield "started\n"
+        gevent.Timeout.start_new(0.01)
+        gevent.sleep(1)
+        yield "unreachable\n"
+    return Response(generate(), mimetype="text/plain")
+
+
 @app.get("/nocontent")
 def nocontent():
     return "", 204
