@@ -10,6 +10,7 @@ stopped at once instead of running to the end for nobody).
 import json
 import logging
 
+import gevent
 from flask import Response, stream_with_context
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _sse_frames(source, event):
     try:
         for item in source:
             yield sse_event(item, event)
-    except Exception as exc:
+    except (Exception, gevent.Timeout) as exc:
         # Headers are gone already: tell the client in-band, then end the stream properly.
         log.warning("SSE source failed: %s: %s", type(exc).__name__, exc)
         yield sse_event({"error": str(exc), "type": type(exc).__name__}, "error")

@@ -303,10 +303,12 @@ class Scheduler:
             loop.kill(block=True)
 
     def _run(self):
+        import gevent
+
         while True:
             try:
                 self.tick()
-            except Exception:
+            except (Exception, gevent.Timeout):  # a Timeout from a validate() callable must not end the loop
                 log.exception("scheduler tick failed; continuing")
             wait = self.seconds_until_next()
             self._wake.clear()

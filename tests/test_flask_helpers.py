@@ -2,6 +2,7 @@
 
 import json
 
+import gevent
 from flask import Flask
 
 from greenqueue.flask import sse_event, sse_response, stream_response
@@ -97,3 +98,18 @@ def test_prime_raises_before_the_response_and_keeps_every_item():
     assert src.i == 1  # the first item was taken at once
     assert list(it) == [1, 2, 3] and src.closed
     assert list(prime(Source([]))) == []
+
+
+def test_a_timeout_escaping_the_source_becomes_an_error_event():
+    from greenqueue.flask import _sse_frames
+
+    def source():
+        yield {"n": 1}
+        gevent.Timeout.start_new(0.01)
+        gevent.sleep(1)
+        yield {"n": 2}
+
+    frames = list(_sse_frames(source(), None))
+    assert frames[0] == 'data: {"n":1}\n\n'
+    assert frames[1].startswith("event: error\n") and "Timeout" in frames[1]
+    assert frames[-1] == "data: [DONE]\n\n"
