@@ -82,18 +82,23 @@ def bare_gipc(n, n_chunks, size):
     return {"calls": calls, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "chunks": chunks, "mbs": mbs}
 
 
+def _empty_calls(pool, n):
+    """``n`` empty calls one after another: calls/s, p50 and p99."""
+    pool.call("echo")
+    lat = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s = time.perf_counter()
+        pool.call("echo")
+        lat.append(time.perf_counter() - s)
+    return {"calls": n / (time.perf_counter() - t0), "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}
+
+
 def sleeping_calls(n):
     """Empty calls to a pool whose worker sleeps between calls (idle_poll = 0): the transport alone."""
     pool = ProcessPool(NOPOLL, workers=1).start()
     try:
-        pool.call("echo")
-        lat = []
-        t0 = time.perf_counter()
-        for _ in range(n):
-            s = time.perf_counter()
-            pool.call("echo")
-            lat.append(time.perf_counter() - s)
-        return {"calls": n / (time.perf_counter() - t0), "p50": _pct(lat, 0.5)}
+        return _empty_calls(pool, n)
     finally:
         pool.stop()
 
@@ -102,15 +107,7 @@ def greenqueue(n, n_chunks, size):
     """greenqueue's ProcessPool: 1 and 8 concurrent callers, dict echo, small and large chunks."""
     pool = ProcessPool(APP, workers=1).start()
     try:
-        pool.call("echo")
-        lat = []
-        t0 = time.perf_counter()
-        for _ in range(n):
-            s = time.perf_counter()
-            pool.call("echo")
-            lat.append(time.perf_counter() - s)
-        calls = n / (time.perf_counter() - t0)
-        res = {"calls": calls, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}
+        res = _empty_calls(pool, n)
         t0 = time.perf_counter()
         gevent.joinall([gevent.spawn(lambda: [pool.call("echo") for _ in range(n // 8)]) for _ in range(8)])
         res["calls8"] = (n // 8 * 8) / (time.perf_counter() - t0)
