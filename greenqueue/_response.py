@@ -170,7 +170,7 @@ class _Response:
         except _APP_ERRORS:
             self._internal_error()
         finally:
-            self.conn.end_stream()  # a write() callable's burst may still be open
+            self.conn.end_stream()  # a streamed body's (or a write() callable's) burst may still be open
             close = getattr(result, "close", None)
             if close is not None:
                 try:
@@ -203,7 +203,6 @@ class _Response:
                     self.write(b"")
         finally:
             watcher.close()
-            self.conn.end_stream()
         if not self.headers_sent:
             if self.status is None:
                 raise AssertionError("the app returned without calling start_response()")

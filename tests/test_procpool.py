@@ -51,7 +51,7 @@ def pool(request, monkeypatch):
     # Workers poll their pipe only while there are cores to spare; run each test both ways.
     monkeypatch.setattr(procpool, "_cores", lambda: 1 if request.param == "sleeping" else 64)
     p = ProcessPool(ECHO, timeout=3).start()
-    assert (p.spin > 0) == (request.param == "polling")
+    assert (p.idle_poll > 0) == (request.param == "polling")
     yield p
     p.stop(5)
 
@@ -275,13 +275,13 @@ def test_workers_poll_only_while_cores_are_to_spare(monkeypatch):
     first = ProcessPool(ECHO, workers=2).start()   # 2 polling workers + the server: 3 of 4 cores
     second = ProcessPool(ECHO, workers=2).start()  # 2 more would need 5
     try:
-        assert first.spin > 0 and second.spin == 0
+        assert first.idle_poll > 0 and second.idle_poll == 0
         assert second.call("echo", 1) == 1 and first.call("echo", 2) == 2
     finally:
         first.stop(5)
     third = ProcessPool(ECHO, workers=2).start()   # the first pool's cores are free again
     try:
-        assert third.spin > 0
+        assert third.idle_poll > 0
         assert third.call("echo", 3) == 3
     finally:
         third.stop(5)
@@ -313,7 +313,7 @@ def test_a_polling_worker_still_lets_its_own_greenlets_run(monkeypatch):
     monkeypatch.setattr(procpool, "_cores", lambda: 64)
     p = ProcessPool("tests.apps.dirty_apps:TickerApp").start()
     try:
-        assert p.spin > 0
+        assert p.idle_poll > 0
         before = p.call("ticks")
         deadline = time.monotonic() + 0.5
         calls = 0

@@ -65,8 +65,9 @@ class Metrics:
     def _task(self, name):
         # One-element lists as counter cells, made once per task name: bumping a cell
         # costs a fifth of building a label tuple and updating a Counter per event.
-        t = {"": [0], None: self.hists["greenqueue_task_duration_seconds"][(name,)]}
-        self.counters["greenqueue_tasks_spawned"][(name,)] = t[""]
+        # Keys: "spawned", "duration" (the histogram) and the final states; no state has those names.
+        t = {"spawned": [0], "duration": self.hists["greenqueue_task_duration_seconds"][(name,)]}
+        self.counters["greenqueue_tasks_spawned"][(name,)] = t["spawned"]
         for state in ("SUCCESS", "FAILURE", "CANCELLED"):
             t[state] = self.counters["greenqueue_tasks_finished"][(name, state)] = [0]
         self._tasks[name] = t
@@ -102,12 +103,12 @@ class Metrics:
             t = self._tasks.get(r.name) or self._task(r.name)
             t[r.state][0] += 1
             d = e.duration
-            h = t[None]
+            h = t["duration"]
             h.counts[bisect_left(_FAST, d)] += 1
             h.sum += d
             self.history.add(r.state, d, e.timestamp)
         elif kind is events.TaskSpawned:
-            (self._tasks.get(e.result.name) or self._task(e.result.name))[""][0] += 1
+            (self._tasks.get(e.result.name) or self._task(e.result.name))["spawned"][0] += 1
         elif kind is events.TaskStarted:
             return
         elif kind is events.TaskCancelled:

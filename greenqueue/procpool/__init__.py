@@ -80,7 +80,7 @@ class _Worker:
         """Fork the child and wait for it to initialise; raise WorkerError if init fails."""
         parent_end, child_end = gipc.pipe(duplex=True)
         self.conn = Channel(parent_end)
-        self.proc = gipc.start_process(_worker_main, args=(child_end, self.pool.spec, os.getpid(), self.pool.spin),
+        self.proc = gipc.start_process(_worker_main, args=(child_end, self.pool.spec, os.getpid(), self.pool.idle_poll),
                                        daemon=True)
         try:
             with gevent.Timeout(max(self.pool.timeout or 0, 60.0)):
@@ -213,8 +213,8 @@ class ProcessPool:
         self.timeout = float(cls.timeout if timeout is None else timeout) or None
         self.max_requests = int(cls.max_requests if max_requests is None else max_requests)
         self.max_queue = int(max_queue if max_queue is not None else max(64, self.size * 32))
-        self._spin_wanted = max(0.0, float(cls.idle_poll or 0))
-        self.spin = 0.0  # granted at start() if there are cores to spare
+        self._idle_poll_wanted = max(0.0, float(cls.idle_poll or 0))
+        self.idle_poll = 0.0  # granted at start() if there are cores to spare
         self._workers = []
         self._idle = []
         self._waiters = collections.deque()
@@ -230,7 +230,7 @@ class ProcessPool:
 
     def start(self):
         """Start every worker; raise WorkerError (and start none) if one fails to initialise."""
-        self.spin = _grant_spin(self)
+        self.idle_poll = _grant_idle_poll(self)
         try:
             for index in range(self.size):
                 w = _Worker(self, index).start()
@@ -240,9 +240,9 @@ class ProcessPool:
             self.stop(5)
             raise
         self._started = True
-        if self.spin:
-            how = "polling up to %d us after each call" % round(self.spin * 1e6)
-        elif self._spin_wanted:
+        if self.idle_poll:
+            how = "polling up to %d us after each call" % round(self.idle_poll * 1e6)
+        elif self._idle_poll_wanted:
             how = "sleeping between calls: more polling workers would outnumber the %d cores" % _cores()
         else:
             how = "sleeping between calls (idle_poll = 0)"
@@ -509,14 +509,14 @@ class ProcessPool:
     def stats(self):
         """Pool state for health checks and the dashboard."""
         return {"app": self.spec, "size": self.size, "queued": len(self._waiters), "max_queue": self.max_queue,
-                "restarts": self._restarts, "idle_poll": self.spin,
+                "restarts": self._restarts, "idle_poll": self.idle_poll,
                 "workers": [{"index": w.index, "pid": w.pid, "busy": w.busy, "calls": w.calls}
                             for w in sorted(self._workers, key=lambda w: w.index)]}
 
     def stop(self, timeout=10.0):
         """Ask each worker to run close() and exit; kill those still running after ``timeout``."""
         self._stopping = True
-        _return_spin(self)
+        _polling.pop(self, None)
         workers = list(self._workers)
         for w in workers:
             w.reason = "stopped"
@@ -545,7 +545,7 @@ observe = None
 
 # Polling workers must not outnumber the cores: a polling process holds its core, and
 # the server needs one of its own. Pools started first get to poll; the rest sleep.
-_spinning = weakref.WeakKeyDictionary()  # pool -> number of its workers that poll
+_polling = weakref.WeakKeyDictionary()  # pool -> number of its workers that poll
 
 
 def _cores():
@@ -555,19 +555,15 @@ def _cores():
         return os.cpu_count() or 1
 
 
-def _grant_spin(pool):
-    if not pool._spin_wanted or pool in _spinning:
-        return pool.spin
-    if sum(_spinning.values()) + pool.size + 1 > _cores():
-        log.debug("%s: workers will not poll (%d polling already, %d cores)", pool.spec,
-                  sum(_spinning.values()), _cores())
+def _grant_idle_poll(pool):
+    if not pool._idle_poll_wanted or pool in _polling:
+        return pool.idle_poll
+    polling, cores = sum(_polling.values()), _cores()
+    if polling + pool.size + 1 > cores:
+        log.debug("%s: workers will not poll (%d polling already, %d cores)", pool.spec, polling, cores)
         return 0.0
-    _spinning[pool] = pool.size
-    return pool._spin_wanted
-
-
-def _return_spin(pool):
-    _spinning.pop(pool, None)
+    _polling[pool] = pool.size
+    return pool._idle_poll_wanted
 
 
 def start_pools(specs, workers=None, timeout=None):

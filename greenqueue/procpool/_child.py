@@ -32,7 +32,7 @@ def _die_with_parent(parent_pid):
         os._exit(0)  # the parent died before prctl took effect
 
 
-def _worker_main(handle, spec, parent_pid, spin=0.0):
+def _worker_main(handle, spec, parent_pid, idle_poll=0.0):
     """Entry point of a worker process."""
     _die_with_parent(parent_pid)
     conn = Channel(handle)
@@ -52,17 +52,17 @@ def _worker_main(handle, spec, parent_pid, spin=0.0):
         return
     conn.put(("ready", os.getpid()))
     state = {"greenlet": None, "credit": 0, "credit_event": gevent.event.Event(), "id": None}
-    # Adaptive polling: while calls arrive within ``spin`` of the previous answer, poll
+    # Adaptive polling: while calls arrive within ``idle_poll`` of the previous answer, poll
     # the pipe instead of sleeping (a wake-up costs more than such a call); when they
     # come further apart, sleep at once. The gap is smoothed, and capped so a pause
     # does not turn polling off for long once calls come quickly again.
-    spin_max = spin  # the parent grants it only while polling workers do not outnumber the cores
     gap = 0.0
     answered = None
     yielded = time.perf_counter()
     while True:
         streaming = state["greenlet"] is not None and not state["greenlet"].dead
-        spin = spin_max if spin_max and not streaming and gap < spin_max else 0.0
+        # idle_poll is granted by the parent only while polling workers do not outnumber the cores.
+        spin = idle_poll if idle_poll and not streaming and gap < idle_poll else 0.0
         if spin:
             now = time.perf_counter()
             if now - yielded > _YIELD_EVERY:
@@ -75,7 +75,7 @@ def _worker_main(handle, spec, parent_pid, spin=0.0):
         except EOFError:
             os._exit(0)  # the parent is gone
         if answered is not None:
-            gap = 0.75 * gap + 0.25 * min(time.perf_counter() - answered, 10 * spin_max)
+            gap = 0.75 * gap + 0.25 * min(time.perf_counter() - answered, 10 * idle_poll)
             answered = None
         kind = msg[0]
         if kind == "call":

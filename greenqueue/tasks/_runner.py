@@ -32,7 +32,6 @@ from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULE
 
 log = logging.getLogger(__name__)
 
-
 __all__ = ["Runner", "DrainReport", "TaskOptions", "get_runner", "reset"]
 
 _UTC = datetime.timezone.utc
@@ -235,12 +234,8 @@ class Runner:
             raise Overloaded("%d tasks are already waiting (max_pending=%d); try again later, or raise "
                              "max_pending with greenqueue.configure()" % (self._pending_count, self.max_pending))
         self._live[r.id] = r
-        if zope.event.subscribers:
-            events.notify(events.TaskSpawned(r))
-        if not idle and self._active < self.max_concurrency and not self._pending:
-            self._start(r)  # _enqueue's common case, inline: this is every spawn's path
-        else:
-            self._enqueue(r)
+        self._notify_spawned(r)
+        self._enqueue(r)
         return r
 
     def _notify_spawned(self, r):
