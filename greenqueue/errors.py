@@ -84,3 +84,18 @@ class JournalError(GreenqueueError):
 
 _WIRE_TYPES["JournalError"] = JournalError
 __all__.append("JournalError")
+
+#: Exit statuses of the server's start-up failures.
+EXIT_USAGE = 2
+EXIT_STARTUP = 1
+
+
+class StartupError(GreenqueueError):
+    """A one-line, user-facing reason the server cannot start; ``status`` is the exit code."""
+
+    def __init__(self, message: str, status: int = EXIT_USAGE):
+        super().__init__(message)
+        self.status = status
+
+
+__all__ += ["StartupError", "EXIT_USAGE", "EXIT_STARTUP"]

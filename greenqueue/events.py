@@ -10,7 +10,7 @@ listener cannot break the runner.
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import zope.event
 
@@ -20,7 +20,7 @@ __all__ = [
     "Event", "TaskSpawned", "TaskStarted", "TaskSucceeded", "TaskFailed",
     "TaskRetrying", "TaskCancelled", "JobFired", "JobSkipped", "JobMissed",
     "WorkerStarted", "WorkerExited", "ServerStarting", "ServerStopping", "MessagesHandled", "MessagesFailed",
-    "notify", "subscribe",
+    "RequestFinished", "PoolCallFinished", "notify", "subscribe", "wanted", "subscribers",
 ]
 
 
@@ -168,28 +168,94 @@ class MessagesFailed(Event):
     rejected: int = 0
 
 
-def notify(event):
-    """Publish ``event`` to every zope.event subscriber."""
+@dataclass
+class RequestFinished(Event):
+    """The server answered one HTTP request: ``status`` (0 when no response started) in ``seconds``."""
+
+    method: str = ""
+    path: str = ""
+    status: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class PoolCallFinished(Event):
+    """A process-pool call (``kind`` "call") or stream ("stream") ended after ``seconds``."""
+
+    pool: Any
+    kind: str = "call"
+    seconds: float = 0.0
+
+
+def notify(event: Event) -> None:
+    """Publish ``event`` through ``zope.event`` (greenqueue's listeners and any raw zope subscriber)."""
     zope.event.notify(event)
 
 
-def subscribe(fn, *types):
-    """Call ``fn(event)`` for events of ``types`` (all events when none); return an unsubscribe callable."""
-    def listener(event):
-        if types and not isinstance(event, types):
-            return
+#: The very list ``zope.event`` notifies; producers test ``if subscribers:`` before building an event.
+subscribers = zope.event.subscribers
+
+_listeners: List[Tuple[Callable[[Any], None], Tuple[type, ...]]] = []
+_by_type: Dict[type, Tuple[Callable[[Any], None], ...]] = {}
+
+
+def _for_type(kind: type) -> Tuple[Callable[[Any], None], ...]:
+    fns = tuple(fn for fn, types in _listeners if not types or issubclass(kind, types))
+    _by_type[kind] = fns
+    return fns
+
+
+def _dispatch(event: Any) -> None:
+    # The one zope.event subscriber greenqueue installs; it fans out by event type.
+    kind = type(event)
+    fns = _by_type.get(kind)
+    if fns is None:
+        fns = _for_type(kind)
+    for fn in fns:
         try:
             fn(event)
         except Exception:
-            # A broken listener must not break the task or worker that notified.
-            log.exception("event listener %r failed on %s", fn, type(event).__name__)
+            # A broken listener must not break the task, request or worker that notified.
+            log.exception("event listener %r failed on %s", fn, kind.__name__)
 
-    zope.event.subscribers.append(listener)
 
-    def unsubscribe():
+def subscribe(fn: Callable[[Any], None], *types: type) -> Callable[[], None]:
+    """Call ``fn(event)`` for events of ``types`` (all events when none); return an unsubscribe callable."""
+    entry = (fn, tuple(types))
+    _listeners.append(entry)
+    _by_type.clear()
+    if _dispatch not in subscribers:
+        subscribers.append(_dispatch)
+
+    def unsubscribe() -> None:
         try:
-            zope.event.subscribers.remove(listener)
+            _listeners.remove(entry)
         except ValueError:
-            pass  # already removed; unsubscribing twice is harmless
+            return  # already removed; unsubscribing twice is harmless
+        _by_type.clear()
+        if not _listeners and _dispatch in subscribers:
+            # No listener left: producers see an empty list and skip building events.
+            subscribers.remove(_dispatch)
 
     return unsubscribe
+
+
+def wanted(kind: type) -> bool:
+    """True when some listener would receive an event of type ``kind`` (cheap; for hot paths)."""
+    subs = subscribers
+    if not subs:
+        return False
+    if len(subs) > 1 or subs[0] is not _dispatch:
+        return True  # a raw zope.event subscriber sees everything
+    fns = _by_type.get(kind)
+    if fns is None:
+        fns = _for_type(kind)
+    return bool(fns)
+
+
+def clear() -> None:
+    """Remove every greenqueue listener (tests, runtime reset)."""
+    _listeners.clear()
+    _by_type.clear()
+    if _dispatch in subscribers:
+        subscribers.remove(_dispatch)

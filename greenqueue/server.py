@@ -11,143 +11,15 @@ stop accepting, drain connections, drain tasks, stop pools, run shutdown
 hooks, exit 0. A second signal exits at once with status 1.
 """
 
-import errno
-import importlib
 import logging
 import os
 import signal
-import socket
-import stat
 import sys
 import time
-import traceback
+
+from ._startup import EXIT_STARTUP, EXIT_USAGE, StartupError, display, listen, load_app, parse_bind, where
 
 __all__ = ["main", "load_app", "parse_bind"]
-
-EXIT_USAGE = 2
-EXIT_STARTUP = 1
-
-
-class StartupError(Exception):
-    """A one-line, user-facing reason the server cannot start."""
-
-    def __init__(self, message, status=EXIT_USAGE):
-        super().__init__(message)
-        self.status = status
-
-
-def load_app(spec):
-    """Import ``MODULE:APP`` (cwd on sys.path, like gunicorn) and return the WSGI callable."""
-
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise StartupError("app %r: expected MODULE:APP, e.g. myproject.web:app" % spec)
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise StartupError("app %r: no module named %r (run from your project's directory "
-                               "or set PYTHONPATH)" % (spec, exc.name)) from None
-        raise StartupError("app %r: importing %s failed: %s: %s"
-                           % (spec, module_name, type(exc).__name__, exc)) from None
-    except Exception as exc:
-        raise StartupError("app %r: importing %s failed: %s: %s (at %s)"
-                           % (spec, module_name, type(exc).__name__, exc, _where(exc))) from None
-    app = module
-    for part in attr.split("."):
-        app = getattr(app, part, None)
-        if app is None:
-            raise StartupError("app %r: module %s has no attribute %r" % (spec, module_name, attr))
-    if not callable(app):
-        raise StartupError("app %r: %s is a %s, not a WSGI callable" % (spec, attr, type(app).__name__))
-    return app
-
-
-def _where(exc):
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return "?"
-    last = frames[-1]
-    return "%s:%s" % (last.filename, last.lineno)
-
-
-def parse_bind(text):
-    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` or ``unix:PATH`` into ``(family, address)``."""
-
-    if text.startswith("unix:"):
-        path = text[5:]
-        if not path:
-            raise StartupError("--bind %r: unix: needs a socket path" % text)
-        return socket.AF_UNIX, path
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        family = socket.AF_INET6
-    else:
-        host, sep, port = text.rpartition(":")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if not sep:
-            host, port, sep = "127.0.0.1", text, ":"
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise StartupError("--bind %r: expected HOST:PORT, [IPV6]:PORT or unix:PATH" % text)
-    return family, (host or "0.0.0.0", int(port))
-
-
-def _listen(bind, backlog):
-
-    from gevent import socket as gsocket
-
-    family, address = parse_bind(bind)
-    sock = gsocket.socket(family, socket.SOCK_STREAM)
-    try:
-        if family == socket.AF_UNIX:
-            _remove_stale_unix_socket(address)
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError("--bind %s: address already in use (is another server running?)" % bind) from None
-        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-            raise StartupError("--bind %s: address not available on this machine" % bind) from None
-        if exc.errno == errno.EACCES:
-            raise StartupError("--bind %s: permission denied (ports below 1024 need root)" % bind) from None
-        raise StartupError("--bind %s: %s" % (bind, os.strerror(exc.errno or 0) or exc)) from None
-    except socket.gaierror as exc:
-        sock.close()
-        raise StartupError("--bind %s: cannot resolve host: %s" % (bind, exc)) from None
-    return sock
-
-
-def _remove_stale_unix_socket(path):
-
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise StartupError("--bind unix:%s: exists and is not a socket" % path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: a leftover from a crashed run
-        return
-    finally:
-        probe.close()
-    raise StartupError("--bind unix:%s: address already in use (is another server running?)" % path)
-
-
-def _display(bind):
-    if bind.startswith("unix:"):
-        return bind
-    return "http://" + bind
-
 
 def _setup_logging(settings):
 
@@ -252,7 +124,7 @@ class Server:
         listeners = []
         try:
             for bind in s["bind"]:
-                listeners.append((bind, _listen(bind, s["backlog"])))
+                listeners.append((bind, listen(bind, s["backlog"])))
                 if bind.startswith("unix:"):
                     self.unix_paths.append(bind[5:])
         except StartupError:
@@ -266,7 +138,7 @@ class Server:
             hooks.run_startup()
         except Exception as exc:
             self._remove_unix_sockets()
-            raise StartupError("startup hook failed: %s: %s (at %s)" % (type(exc).__name__, exc, _where(exc)),
+            raise StartupError("startup hook failed: %s: %s (at %s)" % (type(exc).__name__, exc, where(exc)),
                                EXIT_STARTUP) from None
         pools_started = self._start_pools()
         self._open_journal()
@@ -289,7 +161,7 @@ class Server:
         gevent.signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
         for srv in self.servers:
             srv.start()
-        addresses = tuple(_display(b) for b, _ in listeners)
+        addresses = tuple(display(b) for b, _ in listeners)
         events.notify(events.ServerStarting(addresses=addresses, app=self.app_spec))
         extras = []
         if pools_started:
