@@ -1,0 +1,206 @@
+"""The engine protocol: durable task rows shared by one or more nodes (a cluster).
+
+Concurrency model: an engine method blocks the calling greenlet only (psycopg
+under monkey-patching, or SQLite on a journal thread), never the hub. Engines
+hold no in-process task state: everything a node must agree on with other
+nodes (claims, leases, the scheduler's leader, periodic keys) lives in the
+database, and every expiry is judged by the database's clock, never a node's.
+A forked child must open its own engine.
+
+The runner does not call an engine directly: a :class:`greenqueue.journal.Store`
+adapter turns runner transitions (spawned, started, retrying, finished,
+cancelled) into these calls and runs a node's claimer, heartbeat and reaper.
+
+Rules every engine keeps (``DESIGN.md``, "Storage and clusters"):
+
+* ``enqueue`` commits before it returns; rows passed with ``owner`` are
+  claimed by that node in the same commit (the local fast path).
+* ``claim`` takes due, unowned rows oldest first, at most ``limit`` (the
+  node's free slots), skipping rows other nodes are claiming right now
+  (``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
+* A claim starts an attempt: ``attempts`` grows by one and the row's lease
+  runs until the database's ``now() + lease``. ``heartbeat`` renews every
+  lease the node holds in one statement.
+* ``finish`` and ``retry`` are fenced: they change the row only while
+  ``owner`` and ``attempts`` still match what the node was given. After a
+  lease expired and the row was reaped or claimed elsewhere, the old
+  owner's late result is discarded (the method returns False).
+* ``reap`` puts rows whose lease expired back to PENDING, counting a lost
+  lease; a row that lost ``max_lease_losses`` leases fails ("lease lost N
+  times") instead of running forever (the poison-pill stop).
+* Periodic runs: one node holds the scheduler's leader lease (an epoch that
+  grows at every change of leader). ``fire`` inserts the unique
+  ``(job, due)`` key and the run's task row in one transaction, only while
+  the caller's epoch is still current: each due instant is enqueued once.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, List, Optional, Protocol, Sequence
+
+__all__ = ["TaskRow", "NodeInfo", "Heartbeat", "Engine", "UNFINISHED", "FINAL"]
+
+#: Row states that may still run.
+UNFINISHED = ("PENDING", "SCHEDULED", "STARTED", "RETRY")
+#: Row states after which nothing changes.
+FINAL = ("SUCCESS", "FAILURE", "CANCELLED")
+
+
+@dataclass
+class TaskRow:
+    """One task as the store keeps it; times are epoch seconds by the database's clock."""
+
+    id: str
+    name: str
+    payload: bytes = b""
+    serializer: str = "json"
+    queue: str = "default"
+    state: str = "PENDING"
+    eta: Optional[float] = None           # due time; None means now
+    attempts: int = 0                     # attempts started (a claim adds one)
+    max_attempts: int = 1                 # retries + 1, for display and the CLI
+    lease_losses: int = 0                 # leases that expired while this row ran
+    idempotency_key: Optional[str] = None
+    owner: Optional[str] = None           # node id holding the lease while it runs
+    lease_expires: Optional[float] = None
+    cancel_requested: bool = False        # cancel() of a running row; the owner's heartbeat sees it
+    created_at: Optional[float] = None
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    expires_at: Optional[float] = None    # finished rows are pruned after this
+    result: Optional[bytes] = None
+    error_type: Optional[str] = None
+    error: Optional[str] = None
+    traceback: Optional[str] = None
+    note: Optional[str] = None
+
+
+@dataclass
+class NodeInfo:
+    """A process taking part in the cluster (a server worker or a ``greenqueue.worker``)."""
+
+    id: str                               # unique per process start, e.g. "host-pid-random"
+    host: str = ""
+    pid: int = 0
+    queues: Optional[List[str]] = None    # None: every queue
+    started_at: Optional[float] = None
+    heartbeat_at: Optional[float] = None
+    running: int = 0
+
+
+@dataclass
+class Heartbeat:
+    """What one heartbeat learned: leases renewed, rows to cancel, rows this node no longer owns."""
+
+    renewed: int = 0
+    cancel: List[str] = field(default_factory=list)   # running here, cancel() asked elsewhere
+    lost: List[str] = field(default_factory=list)     # given to this node, now someone else's or gone
+    now: float = 0.0                                  # the database's clock
+
+
+class Engine(Protocol):
+    """Durable storage for task rows, nodes, the leader lease and periodic keys."""
+
+    #: Where it lives, with any password masked (for logs, the dashboard and errors).
+    display: str
+    #: Seconds a lease lasts without a heartbeat (``--lease-timeout``).
+    lease_timeout: float
+
+    def open(self) -> None:
+        """Connect, create or migrate the schema under a lock, check the version (JournalError)."""
+
+    def close(self) -> None:
+        """Release connections; rows keep their state."""
+
+    # -- tasks -------------------------------------------------------------------
+
+    def enqueue(self, rows: Sequence[TaskRow], owner: Optional[str] = None,
+                connection: Any = None) -> List[TaskRow]:
+        """Insert ``rows`` in one commit and return what is stored, in order.
+
+        With ``owner`` the rows are claimed by that node at once (state
+        STARTED, attempts + 1, a fresh lease). A row whose ``idempotency_key``
+        already exists is not inserted; the existing row is returned in its
+        place. With ``connection`` (a caller's open psycopg connection) the
+        insert joins the caller's transaction and commits with it.
+        """
+
+    def claim(self, node: str, queues: Optional[Sequence[str]], limit: int) -> List[TaskRow]:
+        """Claim up to ``limit`` due, unowned rows (oldest due first) for ``node``."""
+
+    def finish(self, row_id: str, node: str, attempt: int, state: str, result: Optional[bytes] = None,
+               error_type: Optional[str] = None, error: Optional[str] = None,
+               traceback: Optional[str] = None, ttl: float = 3600.0) -> bool:
+        """Record the final state of ``node``'s attempt ``attempt``; False when fenced off."""
+
+    def retry(self, row_id: str, node: str, attempt: int, delay: float,
+              error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
+        """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off."""
+
+    def release(self, row_ids: Iterable[str], node: str) -> int:
+        """Hand rows this node holds back unowned (graceful shutdown), keeping their attempt count."""
+
+    def cancel(self, row_id: str) -> Optional[str]:
+        """Cancel a row: unowned rows end CANCELLED now, running ones get ``cancel_requested``.
+
+        Returns the row's state before the call, or None when there is no such row.
+        """
+
+    def get(self, row_id: str) -> Optional[TaskRow]:
+        """One row by id, or None."""
+
+    def next_due(self, queues: Optional[Sequence[str]]) -> Optional[float]:
+        """Seconds (database clock) until the earliest unowned row is due; 0 if one is due now."""
+
+    def reap(self, max_lease_losses: int) -> List[TaskRow]:
+        """Take back rows whose lease expired; returns them after the change."""
+
+    def prune(self, periodic_ttl: float) -> int:
+        """Delete finished rows past ``expires_at`` and periodic keys older than ``periodic_ttl``."""
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def register(self, node: NodeInfo) -> None:
+        """Add or refresh this node's row."""
+
+    def heartbeat(self, node: str, running: int) -> Heartbeat:
+        """Renew the leases of every row ``node`` owns, in one statement, and report news."""
+
+    def unregister(self, node: str) -> None:
+        """Remove this node's row (clean exit)."""
+
+    def nodes(self) -> List[NodeInfo]:
+        """Every node with a recent heartbeat, oldest first."""
+
+    # -- scheduler -----------------------------------------------------------------
+
+    def lead(self, node: str) -> Optional[int]:
+        """Take or renew the scheduler's leader lease; the epoch while ``node`` leads, else None."""
+
+    def fire(self, job: str, due: float, epoch: int, row: TaskRow) -> bool:
+        """Enqueue ``row`` as ``job``'s run for instant ``due``, once, while ``epoch`` still leads."""
+
+    def last_fired(self, job: str) -> Optional[float]:
+        """The latest due instant enqueued for ``job``, or None."""
+
+    def anchor(self, job: str, phase: float) -> float:
+        """Store ``phase`` as ``job``'s anchor unless one exists; return the stored anchor."""
+
+    # -- reading (CLI, dashboard) -----------------------------------------------------
+
+    def counts(self) -> dict:
+        """``{state: count}`` over all rows."""
+
+    def rows(self, state: Optional[str] = None, limit: int = 50,
+             name: Optional[str] = None) -> List[TaskRow]:
+        """Rows, newest first, optionally of one state and task name."""
+
+    def requeue(self, row_id: Optional[str] = None) -> int:
+        """FAILURE/CANCELLED rows (one, or all) back to PENDING with a fresh attempt budget."""
+
+    def purge(self, state: str) -> int:
+        """Delete rows of one final state; JournalError for unfinished states."""
+
+    # -- wake-ups --------------------------------------------------------------------
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Block this greenlet until another node enqueued work (a hint) or ``timeout`` passes."""
