@@ -1,28 +1,38 @@
 """Start-up helpers of the server: import the app, parse and bind addresses.
 
 Concurrency model: called from the server's main greenlet before it serves
-(``_listen`` uses gevent sockets, so the process is already monkey-patched).
+(``listen`` uses gevent sockets, so the process is already monkey-patched).
 Every failure is a :class:`greenqueue.errors.StartupError` with one line
-for the user.
+for the user; the full traceback of a failed import goes to the
+``greenqueue.startup`` logger at DEBUG (``--log-level debug`` shows it).
 """
 
 import errno
 import importlib
+import linecache
+import logging
 import os
+import site
 import socket
 import stat
 import sys
+import sysconfig
 import traceback
+from types import TracebackType
+from typing import Optional, Tuple, Union
 
 from .errors import EXIT_STARTUP, EXIT_USAGE, StartupError
 
 __all__ = ["load_app", "parse_bind", "listen", "display", "where", "StartupError",
            "EXIT_USAGE", "EXIT_STARTUP"]
 
+log = logging.getLogger("greenqueue.startup")
 
-def load_app(spec):
+Address = Union[str, Tuple[str, int]]
+
+
+def load_app(spec: str):
     """Import ``MODULE:APP`` (cwd on sys.path, like gunicorn) and return the WSGI callable."""
-
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise StartupError("app %r: expected MODULE:APP, e.g. myproject.web:app" % spec)
@@ -31,14 +41,20 @@ def load_app(spec):
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        log.debug("app %r: importing %s failed", spec, module_name, exc_info=True)
+        hint = _file_name_hint(spec, module_name, attr)
+        if hint:
+            raise StartupError(hint) from None
         if exc.name and module_name.startswith(exc.name):
             raise StartupError("app %r: no module named %r (run from your project's directory "
                                "or set PYTHONPATH)" % (spec, exc.name)) from None
-        raise StartupError("app %r: importing %s failed: %s: %s"
-                           % (spec, module_name, type(exc).__name__, exc)) from None
-    except Exception as exc:
         raise StartupError("app %r: importing %s failed: %s: %s (at %s)"
                            % (spec, module_name, type(exc).__name__, exc, where(exc))) from None
+    except Exception as exc:
+        log.debug("app %r: importing %s failed", spec, module_name, exc_info=True)
+        hint = "" if log.isEnabledFor(logging.DEBUG) else "; --log-level debug shows the whole traceback"
+        raise StartupError("app %r: importing %s failed: %s: %s (at %s)%s"
+                           % (spec, module_name, type(exc).__name__, exc, where(exc), hint)) from None
     app = module
     for part in attr.split("."):
         app = getattr(app, part, None)
@@ -49,17 +65,58 @@ def load_app(spec):
     return app
 
 
-def where(exc):
+def _file_name_hint(spec: str, module_name: str, attr: str) -> Optional[str]:
+    # People type the file they see ("web/app.py:app"); the spec wants the module's dotted name.
+    if not (module_name.endswith(".py") or "/" in module_name or os.sep in module_name):
+        return None
+    dotted = module_name[:-3] if module_name.endswith(".py") else module_name
+    dotted = dotted.strip("./" + os.sep).replace(os.sep, ".").replace("/", ".")
+    return ("app %r: looks like a file name; use the module name '%s:%s' (run from the directory "
+            "that holds it, or set PYTHONPATH)" % (spec, dotted, attr))
+
+
+def where(exc: BaseException) -> str:
+    """Where ``exc`` happened in the user's own code: ``file:line: source`` of the deepest such frame."""
+    if isinstance(exc, SyntaxError) and exc.filename and _is_users(exc.filename):
+        # The parser's location: the traceback itself only shows importlib's frames.
+        return _frame_text(exc.filename, exc.lineno, exc.text)
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return "?"
-    last = frames[-1]
-    return "%s:%s" % (last.filename, last.lineno)
+    own = [f for f in frames if _is_users(f.filename)]
+    frame = own[-1] if own else frames[-1]
+    return _frame_text(frame.filename, frame.lineno, frame.line)
 
 
-def parse_bind(text):
-    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` or ``unix:PATH`` into ``(family, address)``."""
+def _frame_text(filename: str, lineno: Optional[int], line: Optional[str]) -> str:
+    text = "%s:%s" % (_short(filename), lineno)
+    line = (line or linecache.getline(filename, lineno or 0)).strip()
+    return "%s: %s" % (text, line) if line else text
 
+
+def _library_dirs() -> Tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs.update(getattr(site, "getsitepackages", lambda: [])())
+    dirs.add(getattr(site, "USER_SITE", None))
+    dirs.add(os.path.dirname(os.path.abspath(__file__)))  # greenqueue itself
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)
+
+
+def _is_users(filename: str) -> bool:
+    if not filename or filename.startswith("<"):
+        return False  # <frozen importlib._bootstrap>, <string>: nothing the user can open
+    real = os.path.realpath(filename)
+    return not real.startswith(_library_dirs())
+
+
+def _short(filename: str) -> str:
+    cwd = os.path.join(os.getcwd(), "")
+    return filename[len(cwd):] if filename.startswith(cwd) else filename
+
+
+def parse_bind(text: str) -> Tuple[int, Address]:
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT``, ``PORT`` or ``unix:PATH`` into ``(family, address)``."""
     if text.startswith("unix:"):
         path = text[5:]
         if not path:
@@ -78,8 +135,8 @@ def parse_bind(text):
     return family, (host or "0.0.0.0", int(port))
 
 
-def listen(bind, backlog):
-
+def listen(bind: str, backlog: int):
+    """Bind and listen on ``bind``; a failure is one StartupError line that says what to change."""
     from gevent import socket as gsocket
 
     family, address = parse_bind(bind)
@@ -93,6 +150,11 @@ def listen(bind, backlog):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
         sock.listen(backlog)
+    except socket.gaierror as exc:
+        # Before OSError: gaierror is a subclass, and its errno (-2) means nothing to os.strerror.
+        sock.close()
+        raise StartupError("--bind %s: cannot resolve host %r (%s); use an IP address such as 127.0.0.1, "
+                           "or a host name this machine resolves" % (bind, address[0], exc.strerror or exc)) from None
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
@@ -101,15 +163,11 @@ def listen(bind, backlog):
             raise StartupError("--bind %s: address not available on this machine" % bind) from None
         if exc.errno == errno.EACCES:
             raise StartupError("--bind %s: permission denied (ports below 1024 need root)" % bind) from None
-        raise StartupError("--bind %s: %s" % (bind, os.strerror(exc.errno or 0) or exc)) from None
-    except socket.gaierror as exc:
-        sock.close()
-        raise StartupError("--bind %s: cannot resolve host: %s" % (bind, exc)) from None
+        raise StartupError("--bind %s: %s" % (bind, os.strerror(exc.errno) if exc.errno else exc)) from None
     return sock
 
 
-def _remove_stale_unix_socket(path):
-
+def _remove_stale_unix_socket(path: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -127,7 +185,11 @@ def _remove_stale_unix_socket(path):
     raise StartupError("--bind unix:%s: address already in use (is another server running?)" % path)
 
 
-def display(bind):
+def display(bind: str) -> str:
+    """The address as a user opens it: ``http://127.0.0.1:8000`` (a bare port is loopback) or ``unix:PATH``."""
     if bind.startswith("unix:"):
         return bind
-    return "http://" + bind
+    family, (host, port) = parse_bind(bind)
+    if family == socket.AF_INET6:
+        host = "[%s]" % host
+    return "http://%s:%d" % (host, port)
