@@ -2,15 +2,22 @@
 
 Concurrency model: pure functions run once in the main greenlet at start-up.
 Precedence, lowest first: default, ``GREENQUEUE_*`` environment variable,
-``--config`` file, command line.
+``--config`` file, command line. A config-file name that is no setting is
+reported (with the closest setting's name) rather than silently ignored;
+names starting with ``_``, imports, functions and classes are the file's own.
 """
 
 import argparse
+import ast
+import difflib
 import ipaddress
 import os
 import runpy
+import sys
+import traceback
+import types
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .errors import ConfigError
 
@@ -41,7 +48,7 @@ def _log_level(text):
     return level
 
 
-def parse_ips(text):
+def parse_ips(text: Any) -> Optional[Tuple[Any, ...]]:
     """Parse ``"127.0.0.1, 10.0.0.0/8"`` or ``"*"`` (or a list of those) into networks; None means any."""
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     nets = []
@@ -71,16 +78,28 @@ class Setting:
     multiple: bool = False
     metavar: Optional[str] = None
     flag: bool = False  # a boolean switch with no value
+    # How help shows the default when the real one lives elsewhere (the app, the runner):
+    # the setting's own default is then None, meaning "do not override".
+    shown: Optional[str] = None
 
     @property
-    def option(self):
+    def option(self) -> str:
         """The long CLI flag, e.g. ``--graceful-timeout``."""
         return "--" + self.name.replace("_", "-")
 
     @property
-    def env(self):
+    def env(self) -> str:
         """The environment variable that can set this option."""
         return "GREENQUEUE_" + self.name.upper()
+
+    @property
+    def shown_default(self) -> str:
+        """The default as ``--help`` and the README show it, e.g. ``30.0``, ``none`` or ``the app's `workers```."""
+        if self.shown is not None:
+            return self.shown
+        if isinstance(self.default, list):
+            return " ".join(map(str, self.default)) or "none"
+        return "none" if self.default is None else str(self.default)
 
 
 SETTINGS = [
@@ -102,29 +121,31 @@ SETTINGS = [
     Setting("max_headers", 100, "most request header fields (more: 431)", _positive_int, metavar="N"),
     Setting("forwarded_allow_ips", "127.0.0.1,::1",
             "trust X-Forwarded-For/-Proto only from these addresses or networks ('*' = any)", _ips, metavar="IPS"),
-    Setting("access_log", None, "write one line per request to FILE, or '-' for stderr", metavar="FILE|-"),
+    Setting("access_log", None, "write one line per request to FILE, or '-' for stderr", metavar="FILE|-",
+            shown="off"),
     Setting("log_level", "info", "log level: " + ", ".join(LOG_LEVELS), _log_level, metavar="LEVEL"),
     Setting("max_blocking_ms", 0.0, "log the greenlet that blocks the hub longer than this (0 = off)",
             _non_negative_float, metavar="MS"),
     Setting("dirty_apps", [], "start a process pool for MODULE:CLASS (a DirtyApp; repeatable)",
             multiple=True, metavar="MODULE:CLASS"),
-    Setting("dirty_workers", None, "worker processes per dirty app (default: the app's `workers`)",
-            _positive_int, metavar="N"),
-    Setting("dirty_timeout", None, "seconds per dirty call (default: the app's `timeout`)",
-            _non_negative_float, metavar="S"),
+    Setting("dirty_workers", None, "worker processes per dirty app", _positive_int, metavar="N",
+            shown="the app's `workers`"),
+    Setting("dirty_timeout", None, "seconds per dirty call", _non_negative_float, metavar="S",
+            shown="the app's `timeout`"),
     Setting("journal", None, "SQLite journal file: tasks and schedules survive restarts and crashes",
-            metavar="PATH"),
-    Setting("metrics_path", None, "serve Prometheus metrics at this path, e.g. /metrics (off by default)",
-            metavar="PATH"),
-    Setting("dashboard_path", None, "serve the live dashboard at this path, e.g. /_greenqueue (off by default)",
-            metavar="PATH"),
+            metavar="PATH", shown="off"),
+    Setting("metrics_path", None, "serve Prometheus metrics at this path, e.g. /metrics", metavar="PATH",
+            shown="off"),
+    Setting("dashboard_path", None, "serve the live dashboard at this path, e.g. /_greenqueue", metavar="PATH",
+            shown="off"),
     Setting("dashboard_allow_ips", "127.0.0.1,::1",
             "addresses or networks that may see the dashboard and metrics ('*' = any)", _ips, metavar="IPS"),
     Setting("dashboard_token", None, "bearer token that also opens the dashboard and metrics from anywhere",
             metavar="TOKEN"),
-    Setting("max_concurrency", None, "task greenlets running at once (default 100)", _positive_int, metavar="N"),
-    Setting("max_pending", None, "waiting tasks before spawn raises Overloaded (default 10000)",
-            _positive_int, metavar="N"),
+    # None leaves the runner's own default (100, 10000) alone, so an app's greenqueue.configure() stands.
+    Setting("max_concurrency", None, "task greenlets running at once", _positive_int, metavar="N", shown="100"),
+    Setting("max_pending", None, "waiting tasks before spawn raises Overloaded", _positive_int, metavar="N",
+            shown="10000"),
 ]
 
 # --dirty-app is the spelling DESIGN.md gives the repeatable flag.
@@ -132,7 +153,7 @@ _FLAG_OVERRIDES = {"dirty_apps": "--dirty-app"}
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
-def build_parser(prog="greenqueue"):
+def build_parser(prog: str = "greenqueue") -> argparse.ArgumentParser:
     """Build the argparse parser from :data:`SETTINGS`."""
     from . import __version__
 
@@ -145,17 +166,11 @@ def build_parser(prog="greenqueue"):
     parser.add_argument("--version", action="version", version="greenqueue %s" % __version__)
     for s in SETTINGS:
         flag = _FLAG_OVERRIDES.get(s.name, s.option)
-        kwargs = {"dest": s.name, "metavar": s.metavar, "help": "%s (default: %s)" % (s.help, _show(s.default))}
+        kwargs = {"dest": s.name, "metavar": s.metavar, "help": "%s (default: %s)" % (s.help, s.shown_default)}
         if s.multiple:
             kwargs["action"] = "append"
         parser.add_argument(flag, **kwargs)
     return parser
-
-
-def _show(value):
-    if isinstance(value, list):
-        return " ".join(map(str, value)) or "none"
-    return "none" if value is None else value
 
 
 def _coerce(setting, value, source):
@@ -179,25 +194,85 @@ def _from_env(environ):
     return values
 
 
-def _from_file(path):
+# Names a config file may also use for a setting (the CLI flag's spelling).
+_ALIASES = {"dirty_app": "dirty_apps"}
+# Values that are the file's machinery, not settings: a typo cannot produce these.
+_NOT_SETTINGS = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
+
+
+def _from_file(path, warn):
     if not os.path.isfile(path):
         raise ConfigError("config file %s: no such file" % path)
     try:
+        with open(path, "rb") as f:
+            source = f.read()
+        assigned, imported = _file_names(source, path)
         names = runpy.run_path(path)
+    except SyntaxError as exc:
+        raise ConfigError("config file %s:%s: SyntaxError: %s%s"
+                          % (path, exc.lineno, exc.msg, _source_hint(exc.text))) from None
     except Exception as exc:
-        raise ConfigError("config file %s: %s: %s" % (path, type(exc).__name__, exc)) from None
+        raise ConfigError("config file %s: %s: %s" % (_where_in(path, exc), type(exc).__name__, exc)) from None
     values = {}
-    aliases = {"dirty_app": "dirty_apps"}
     for key, value in names.items():
-        if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+        if key.startswith("_") or key in imported or isinstance(value, _NOT_SETTINGS):
             continue
-        key = aliases.get(key, key)
-        if key in _BY_NAME and key != "config":
-            values[key] = _coerce(_BY_NAME[key], value, "config file %s:" % path)
+        name = _ALIASES.get(key, key)
+        if name in _BY_NAME and name != "config":
+            values[name] = _coerce(_BY_NAME[name], value, "config file %s:" % path)
+        elif key in assigned:
+            warn(_unknown_name(path, key, assigned[key]))
     return values
 
 
-def load(argv=None, environ=None):
+def _file_names(source: bytes, path: str) -> Tuple[Dict[str, int], Set[str]]:
+    """Names the file assigns at top level (with their first line) and names it imports."""
+    assigned: Dict[str, int] = {}
+    imported: Set[str] = set()
+    stack: List[ast.AST] = [ast.parse(source, path)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported.update((a.asname or a.name).partition(".")[0] for a in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            assigned[node.id] = min(node.lineno, assigned.get(node.id, node.lineno))
+        # A function's or class's own locals are not the file's names.
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)) \
+                or isinstance(node, ast.Module):
+            stack.extend(ast.iter_child_nodes(node))
+    return assigned, imported
+
+
+def _unknown_name(path: str, key: str, lineno: int) -> str:
+    choices = list(_BY_NAME) + list(_ALIASES)
+    close = difflib.get_close_matches(key.lower(), choices, n=1)
+    if close:
+        hint = "did you mean %r?" % _ALIASES.get(close[0], close[0])
+    else:
+        hint = "the settings are listed by --help (start helper names with _ to silence this)"
+    return "config file %s:%d: %r is not a setting and is ignored; %s" % (path, lineno, key, hint)
+
+
+def _where_in(path: str, exc: BaseException) -> str:
+    real = os.path.realpath(path)
+    lines = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.realpath(f.filename) == real]
+    if not lines:
+        return path
+    return "%s:%d%s" % (path, lines[-1].lineno, _source_hint(lines[-1].line))
+
+
+def _source_hint(line: Optional[str]) -> str:
+    line = (line or "").strip()
+    return " (in: %s)" % line if line else ""
+
+
+def _print_warning(message: str) -> None:
+    # Logging is not configured yet (the log level is one of the settings being read).
+    print("greenqueue: warning: %s" % message, file=sys.stderr)
+
+
+def load(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None,
+         warn: Callable[[str], None] = _print_warning) -> Tuple[str, Dict[str, Any]]:
     """Parse argv/env/config into ``(app_spec, settings dict)``; raise ConfigError when invalid."""
     environ = os.environ if environ is None else environ
     parser = build_parser()
@@ -210,7 +285,7 @@ def load(argv=None, environ=None):
     values.update(_from_env(environ))
     config_path = cli.get("config") or environ.get("GREENQUEUE_CONFIG")
     if config_path:
-        values.update(_from_file(config_path))
+        values.update(_from_file(config_path, warn))
         values["config"] = config_path
     values.update(cli)
     return app_spec, values
