@@ -18,7 +18,6 @@ import stat
 import sys
 import sysconfig
 import traceback
-from types import TracebackType
 from typing import Optional, Tuple, Union
 
 from .errors import EXIT_STARTUP, EXIT_USAGE, StartupError
