@@ -13,6 +13,7 @@ import os
 import sys
 from http.cookies import SimpleCookie
 from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
 from urllib.parse import parse_qs
 
 from .state import snapshot
@@ -26,8 +27,9 @@ _COOKIE = "greenqueue_dashboard"
 class Observability:
     """Serves metrics and the dashboard under their paths; everything else goes to the app."""
 
-    def __init__(self, app, metrics, metrics_path=None, dashboard_path=None, allow_ips=None, token=None,
-                 interval=1.0):
+    def __init__(self, app: Callable, metrics: Any, metrics_path: Optional[str] = None,
+                 dashboard_path: Optional[str] = None, allow_ips: Optional[Sequence[Any]] = None,
+                 token: Optional[str] = None, interval: float = 1.0):
         self.app = app
         self.metrics = metrics
         self.metrics_path = metrics_path
@@ -39,7 +41,8 @@ class Observability:
         # A per-process secret: the CSRF token is only ever known to pages this process served.
         self.csrf = hmac.new(os.urandom(32), b"greenqueue-dashboard", "sha256").hexdigest()
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        """Answer the metrics and dashboard paths; pass every other request to the app."""
         path = environ.get("PATH_INFO", "")
         if self.metrics_path and path == self.metrics_path:
             return self._guarded(environ, start_response, self._metrics)
