@@ -1,159 +1,382 @@
-"""The celery_alternative web app: endpoints that call the four worker pools, streaming progress as SSE.
+"""The celery_alternative web app: gunicorn's HTTP API for its four worker pools, served by greenqueue.
+
+Paths, request bodies, response fields and status values are those of
+gunicorn's examples/celery_alternative (FastAPI: errors are JSON ``detail``,
+bad bodies a 422), so its clients and tests keep working. The scheduled jobs
+run from greenqueue's own scheduler instead of an outside cron.
 
 Run it:
     python -m greenqueue.server --config examples/celery_alternative/greenqueue_conf.py \
         examples.celery_alternative.app:app
+
+Concurrency model: each request runs in its own greenlet; a pool call or
+stream blocks only that greenlet while a worker process does the work.
 """
 
+import json
+import logging
 import os
+import re
 
 from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
 
-from greenqueue import Overloaded, WorkerError, crontab, periodic, procpool
-from greenqueue.flask import prime, sse_response
+from greenqueue import (Overloaded, RemoteError, WorkerError, WorkerTimeout, crontab, on_shutdown, periodic,
+                        procpool)
+from greenqueue.flask import prime, sse_event, stream_response
+
+from .schema import BOOL, DICT, INT, OPT_STR, REQUIRED, STR, Invalid, ListOf, parse, value_error
+from .workers import CleanupRefused, resolve_cleanup_dir, state_path
+
+log = logging.getLogger(__name__)
 
 EMAIL = "examples.celery_alternative.workers:EmailWorker"
 IMAGE = "examples.celery_alternative.workers:ImageWorker"
 DATA = "examples.celery_alternative.workers:DataWorker"
 SCHEDULED = "examples.celery_alternative.workers:ScheduledWorker"
 POOLS = (EMAIL, IMAGE, DATA, SCHEDULED)
+MAX_SIDE = 4096
+ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+$")
 
 app = Flask(__name__)
+app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
 
 
-class BadInput(Exception):
-    """The JSON body is missing a field or has the wrong type."""
+class PoolMissing(Exception):
+    """The server was started without one of the example's ``--dirty-app`` pools."""
 
+
+# -- plumbing ------------------------------------------------------------------------------------
 
 def body(**fields):
-    """The JSON body's fields, checked against ``fields`` (name -> type)."""
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise BadInput("send a JSON object with Content-Type: application/json")
-    out = {}
-    for name, kind in fields.items():
-        optional = name.endswith("_")
-        key = name.rstrip("_")
-        if key not in data:
-            if optional:
-                continue
-            raise BadInput("%r is required" % key)
-        if not isinstance(data[key], kind) or isinstance(data[key], bool) and kind is not bool:
-            raise BadInput("%r must be %s" % (key, getattr(kind, "__name__", kind)))
-        out[key] = data[key]
-    return out
+    """The request's JSON body checked against ``fields`` (name=(kind, default)); a 422 when it does not fit."""
+    return parse(request.get_data(as_text=True), fields)
 
 
-def nonempty(items, name):
-    if not items:
-        raise BadInput("%r must not be empty" % name)
-    return items
+def check(errors):
+    """Raise the collected field problems as one 422."""
+    if errors:
+        raise Invalid(errors)
 
 
-@app.errorhandler(BadInput)
-def bad_input(exc):
-    return jsonify(error=str(exc)), 400
+def pool(path):
+    """The running pool for ``path``."""
+    try:
+        return procpool.get(path)
+    except KeyError:
+        raise PoolMissing(path) from None
+
+
+def call(path, action, **kwargs):
+    """Run ``action`` in a worker of ``path`` and answer with its result as JSON."""
+    return jsonify(pool(path).call(action, **kwargs))
+
+
+def progress(path, action, **kwargs):
+    """Stream a worker generator's progress dicts as server-sent events (``data:`` lines, as gunicorn sends)."""
+    # prime() takes the first event now, so a busy or missing worker is a proper 503 rather than
+    # an error inside a 200 stream.
+    source = prime(pool(path).stream(action, **kwargs))
+    return stream_response(_events(source), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _events(source):
+    try:
+        for item in source:
+            yield sse_event(item)
+    except Exception as exc:  # headers are sent: report in-band, as gunicorn's example does
+        log.warning("progress stream failed: %s: %s", type(exc).__name__, exc)
+        yield sse_event({"type": "error", "error": str(exc), "exception": type(exc).__name__}, "error")
+    finally:
+        source.close()
+
+
+def _addresses(values, loc):
+    return [value_error(loc + ([i] if isinstance(values, list) else []), "value is not a valid email address",
+                        v)
+            for i, v in enumerate(values if isinstance(values, list) else [values]) if not ADDRESS.match(v)]
+
+
+def _no_newlines(value, loc):
+    return [value_error(loc, "must be a single line", value)] if "\n" in value or "\r" in value else []
+
+
+def _side(value, loc):
+    return [] if 0 < value <= MAX_SIDE else [value_error(loc, "must be between 1 and %d" % MAX_SIDE, value)]
+
+
+def _one_of(value, allowed, loc):
+    return [] if value in allowed else [value_error(loc, "must be one of %s" % ", ".join(allowed), value)]
+
+
+# -- errors: FastAPI's shapes --------------------------------------------------------------------
+
+@app.errorhandler(Invalid)
+def invalid(exc):
+    """A body that does not fit: 422 with the list of problems."""
+    return jsonify(detail=exc.errors), 422
+
+
+@app.errorhandler(CleanupRefused)
+def cleanup_refused(exc):
+    """A cleanup outside the configured directory: refused, nothing deleted."""
+    return jsonify(detail=str(exc)), 403
+
+
+@app.errorhandler(PoolMissing)
+def pool_missing(exc):
+    """The server runs without this pool."""
+    return jsonify(detail="the %s pool is not running; start the server with --dirty-app %s (or --config "
+                   "examples/celery_alternative/greenqueue_conf.py)" % (exc.args[0].rpartition(":")[2],
+                                                                        exc.args[0])), 503
 
 
 @app.errorhandler(Overloaded)
 def overloaded(exc):
-    return jsonify(error="busy, try again shortly"), 503, {"Retry-After": "1"}
+    """Every worker busy and the queue full."""
+    return jsonify(detail="busy, try again shortly"), 503, {"Retry-After": "1"}
 
 
 @app.errorhandler(WorkerError)
 def worker_failed(exc):
-    return jsonify(error="%s: %s" % (type(exc).__name__, exc)), 502
+    """A worker's verdict on the input is a 4xx; anything else is the worker's failure."""
+    if isinstance(exc, RemoteError):
+        kind = exc.remote_type.rpartition(".")[2]
+        if kind == "InvalidInput":
+            field, _, msg = (exc.args[0] if exc.args else "").partition(": ")
+            loc = ["body"] + [int(p) if p.isdigit() else p for p in field.split(".")]
+            return jsonify(detail=[value_error(loc, msg)]), 422
+        if kind == "CleanupRefused":
+            return jsonify(detail=exc.args[0] if exc.args else "refused"), 403
+    if isinstance(exc, WorkerTimeout):
+        return jsonify(detail="Task timed out"), 504
+    log.warning("worker call failed: %s", exc)
+    return jsonify(detail="%s: %s" % (type(exc).__name__, exc)), 502
 
 
-def stream(pool, action, *args):
-    """SSE progress from a worker generator (first event fetched before answering)."""
-    return sse_response(prime(procpool.get(pool).stream(action, *args)))
+@app.errorhandler(HTTPException)
+def http_error(exc):
+    """404, 405, 413 ... as JSON, like FastAPI."""
+    return jsonify(detail=exc.name), exc.code
 
+
+# -- email ---------------------------------------------------------------------------------------
 
 @app.post("/api/email/send")
-def email_send():
-    b = body(to=str, subject=str, body=str)
-    return jsonify(procpool.get(EMAIL).call("send_email", b["to"], b["subject"], b["body"]))
+def send_email():
+    """Send one email (Celery: ``send_email.delay(to, subject, body)``)."""
+    b = body(to=(STR, REQUIRED), subject=(STR, REQUIRED), body=(STR, REQUIRED), html=(BOOL, False))
+    check(_addresses(b["to"], ["body", "to"]) + _no_newlines(b["subject"], ["body", "subject"]))
+    return call(EMAIL, "send_email", to=b["to"], subject=b["subject"], body=b["body"], html=b["html"])
 
 
 @app.post("/api/email/send-bulk")
-def email_bulk():
-    b = body(recipients=list, subject=str, body=str)
-    return stream(EMAIL, "send_bulk", nonempty(b["recipients"], "recipients"), b["subject"], b["body"])
+def send_bulk_emails():
+    """Send to many recipients, streaming one progress event each, then a complete event."""
+    b = body(recipients=(ListOf(STR), REQUIRED), subject=(STR, REQUIRED), body=(STR, REQUIRED))
+    check(_addresses(b["recipients"], ["body", "recipients"]) + _no_newlines(b["subject"], ["body", "subject"]))
+    return progress(EMAIL, "send_bulk_emails", recipients=b["recipients"], subject=b["subject"], body=b["body"])
 
+
+@app.get("/api/email/stats")
+def email_stats():
+    """The email workers' counters."""
+    return call(EMAIL, "stats")
+
+
+# -- images --------------------------------------------------------------------------------------
 
 @app.post("/api/image/resize")
-def image_resize():
-    b = body(image_data=str, width=int, height=int)
-    if not (0 < b["width"] <= 4096 and 0 < b["height"] <= 4096):
-        raise BadInput("width and height must be between 1 and 4096")
-    return jsonify(procpool.get(IMAGE).call("resize", b["image_data"], b["width"], b["height"]))
+def resize_image():
+    """Resize a base64 image to width x height."""
+    b = body(image_data=(STR, ""), width=(INT, 800), height=(INT, 600))
+    check(_side(b["width"], ["body", "width"]) + _side(b["height"], ["body", "height"]))
+    return call(IMAGE, "resize", image_data=b["image_data"], width=b["width"], height=b["height"])
+
+
+@app.post("/api/image/thumbnail")
+def generate_thumbnail():
+    """Shrink a base64 image to fit a size x size box."""
+    b = body(image_data=(STR, ""), size=(INT, 150))
+    check(_side(b["size"], ["body", "size"]))
+    return call(IMAGE, "generate_thumbnail", image_data=b["image_data"], size=b["size"])
 
 
 @app.post("/api/image/process-batch")
-def image_batch():
-    b = body(images=list, operation=str)
-    if b["operation"] not in ("thumbnail", "grayscale"):
-        raise BadInput("'operation' must be 'thumbnail' or 'grayscale'")
-    return stream(IMAGE, "process_batch", nonempty(b["images"], "images"), b["operation"])
+def process_image_batch():
+    """Resize or thumbnail ``{"id", "data"}`` images, streaming one progress event each."""
+    b = body(images=(ListOf(DICT), REQUIRED), operation=(STR, "resize"), width=(INT, 800), height=(INT, 600),
+             size=(INT, 150))
+    errors = _one_of(b["operation"], ("resize", "thumbnail"), ["body", "operation"])
+    for name in ("width", "height", "size"):
+        errors += _side(b[name], ["body", name])
+    for i, item in enumerate(b["images"]):
+        if "data" not in item:
+            errors.append({"type": "missing", "loc": ["body", "images", i, "data"], "msg": "Field required",
+                           "input": {k: v for k, v in item.items() if k != "data"}})
+        else:
+            errors += STR.errors(item["data"], ["body", "images", i, "data"])
+    check(errors)
+    return progress(IMAGE, "process_batch", images=b["images"], operation=b["operation"], width=b["width"],
+                    height=b["height"], size=b["size"])
 
+
+@app.get("/api/image/stats")
+def image_stats():
+    """The image workers' counters."""
+    return call(IMAGE, "stats")
+
+
+# -- data ----------------------------------------------------------------------------------------
 
 @app.post("/api/data/aggregate")
-def data_aggregate():
-    b = body(data=list, group_by=str, agg_field=str)
-    return jsonify(procpool.get(DATA).call("aggregate", b["data"], b["group_by"], b["agg_field"]))
+def aggregate_data():
+    """Sum, count or list a field per group."""
+    b = body(data=(ListOf(DICT), REQUIRED), group_by=(STR, REQUIRED), agg_field=(STR, REQUIRED),
+             agg_func=(STR, "sum"))
+    errors = _one_of(b["agg_func"], ("sum", "count", "list"), ["body", "agg_func"])
+    if b["agg_func"] == "sum":
+        field = b["agg_field"]
+        errors += [value_error(["body", "data", i, field], "must be a number to sum", row[field])
+                   for i, row in enumerate(b["data"])
+                   if field in row and (not isinstance(row[field], (int, float)) or isinstance(row[field], bool))]
+    check(errors)
+    return call(DATA, "aggregate", data=b["data"], group_by=b["group_by"], agg_field=b["agg_field"],
+                agg_func=b["agg_func"])
+
+
+def _transformation_errors(i, t):
+    loc = ["body", "transformations", i]
+    kind = t.get("type", "passthrough")
+    errors = _one_of(kind, ("filter", "map", "passthrough"), loc + ["type"])
+    if kind in ("filter", "map"):
+        if "field" not in t:
+            errors.append({"type": "missing", "loc": loc + ["field"], "msg": "Field required", "input": t})
+        else:
+            errors += STR.errors(t["field"], loc + ["field"])
+    if kind == "map":
+        errors += _one_of(t.get("func", "upper"), ("upper", "lower"), loc + ["func"])
+    return errors
 
 
 @app.post("/api/data/etl")
-def data_etl():
-    b = body(source_data=list, transformations=list)
-    return stream(DATA, "etl_pipeline", b["source_data"], nonempty(b["transformations"], "transformations"))
+def run_etl():
+    """Extract, transform (filter/map), load, streaming one progress event per phase."""
+    b = body(source_data=(ListOf(DICT), REQUIRED), transformations=(ListOf(DICT), []))
+    check([e for i, t in enumerate(b["transformations"]) for e in _transformation_errors(i, t)])
+    return progress(DATA, "etl_pipeline", source_data=b["source_data"], transformations=b["transformations"])
 
 
 @app.post("/api/data/query")
-def data_query():
-    b = body(query_key=str, ttl_=int)
-    return jsonify(procpool.get(DATA).call("cached_query", b["query_key"], b.get("ttl", 60)))
+def cached_query():
+    """A slow query answered from the workers' shared cache while fresh."""
+    b = body(query_key=(STR, REQUIRED), ttl=(INT, 300))
+    return call(DATA, "cached_query", query_key=b["query_key"], ttl=b["ttl"])
 
+
+@app.get("/api/data/stats")
+def data_stats():
+    """The data workers' counters."""
+    return call(DATA, "stats")
+
+
+# -- scheduled (also run by greenqueue's scheduler, below) --------------------------------------
 
 @app.post("/api/scheduled/cleanup")
-def scheduled_cleanup():
-    b = body(max_age_days=int)
-    # The directory comes from configuration, never from the client.
-    directory = os.environ.get("CELERYALT_CLEANUP_DIR")
-    if not directory:
-        return jsonify(error="set CELERYALT_CLEANUP_DIR to enable cleanup"), 409
-    return jsonify(procpool.get(SCHEDULED).call("cleanup_old_files", directory, b["max_age_days"]))
+def run_cleanup():
+    """Delete old files, only inside ``CELERYALT_CLEANUP_DIR``; ``directory`` may name a folder in it."""
+    b = body(directory=(OPT_STR, None), max_age_days=(INT, 7))
+    if b["max_age_days"] < 0:
+        raise Invalid([value_error(["body", "max_age_days"], "must not be negative", b["max_age_days"])])
+    directory = resolve_cleanup_dir(b["directory"])  # refused here (403) before a worker is asked
+    return call(SCHEDULED, "cleanup_old_files", directory=directory, max_age_days=b["max_age_days"])
 
 
-@app.post("/api/scheduled/report")
-def scheduled_report():
-    return jsonify(procpool.get(SCHEDULED).call("generate_daily_report"))
+@app.post("/api/scheduled/daily-report")
+def run_daily_report():
+    """Write today's report now."""
+    return call(SCHEDULED, "generate_daily_report")
 
 
-@app.get("/health")
-def health():
-    states = {}
-    for path in POOLS:
-        try:
-            states[path.rpartition(":")[2]] = procpool.get(path).stats()
-        except KeyError:
-            states[path.rpartition(":")[2]] = None
-    ok = all(states.values())
-    return jsonify(status="ok" if ok else "degraded", pools=states), 200 if ok else 503
+@app.post("/api/scheduled/sync")
+def run_sync():
+    """Sync from an outside source (simulated)."""
+    b = body(source=(STR, "default"))
+    return call(SCHEDULED, "sync_external_data", source=b["source"])
 
 
-# The jobs an outside cron used to start: now greenqueue's scheduler runs them.
+@app.get("/api/scheduled/stats")
+def scheduled_stats():
+    """When each scheduled job last ran and how often."""
+    return call(SCHEDULED, "stats")
+
+
 @periodic(crontab(os.environ.get("CELERYALT_REPORT_CRON", "0 6 * * *")), timezone="UTC")
 def daily_report():
     """Generate the daily report in the ScheduledWorker."""
-    return procpool.get(SCHEDULED).call("generate_daily_report")
+    return pool(SCHEDULED).call("generate_daily_report")
 
 
 @periodic(crontab(os.environ.get("CELERYALT_CLEANUP_CRON", "0 3 * * *")), timezone="UTC")
 def nightly_cleanup():
-    """Remove old files from the upload directory."""
-    directory = os.environ.get("CELERYALT_CLEANUP_DIR")
-    if directory:
-        return procpool.get(SCHEDULED).call("cleanup_old_files", directory, 7)
-    return None
+    """Remove week-old files from the configured cleanup directory (skipped when none is set)."""
+    if not os.environ.get("CELERYALT_CLEANUP_DIR"):
+        return None
+    return pool(SCHEDULED).call("cleanup_old_files", max_age_days=int(os.environ.get("CELERYALT_CLEANUP_MAX_AGE_DAYS",
+                                                                                     "7")))
+
+
+@periodic(crontab(os.environ.get("CELERYALT_SYNC_CRON", "15 * * * *")), timezone="UTC")
+def hourly_sync():
+    """Sync the default source."""
+    return pool(SCHEDULED).call("sync_external_data", source="default")
+
+
+@on_shutdown
+def remove_shared_state():
+    """Delete the workers' shared state file of this server process."""
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.remove(state_path(os.getpid()) + suffix)
+        except FileNotFoundError:
+            pass  # never created: the pools were not started
+
+
+# -- health and index ----------------------------------------------------------------------------
+
+@app.get("/health")
+def health():
+    """``healthy`` when all four pools run (greenqueue adds each pool's state under ``pools``)."""
+    pools, missing = {}, []
+    for path in POOLS:
+        name = path.rpartition(":")[2]
+        try:
+            pools[name] = json.loads(json.dumps(procpool.get(path).stats(), default=str))
+        except KeyError:
+            missing.append(name)
+    if missing:
+        return jsonify(detail={"status": "degraded", "workers": "unavailable", "missing": missing}), 503
+    return jsonify(status="healthy", workers="connected", pools=pools)
+
+
+@app.get("/")
+def index():
+    """What this API offers."""
+    return jsonify(name="Celery Replacement Demo", description="gunicorn's celery_alternative API on greenqueue",
+                   endpoints={
+                       "email": {"POST /api/email/send": "Send single email",
+                                 "POST /api/email/send-bulk": "Send bulk emails (streaming)",
+                                 "GET /api/email/stats": "Email worker stats"},
+                       "image": {"POST /api/image/resize": "Resize image",
+                                 "POST /api/image/thumbnail": "Generate thumbnail",
+                                 "POST /api/image/process-batch": "Batch process (streaming)",
+                                 "GET /api/image/stats": "Image worker stats"},
+                       "data": {"POST /api/data/aggregate": "Aggregate data",
+                                "POST /api/data/etl": "Run ETL pipeline (streaming)",
+                                "POST /api/data/query": "Cached query",
+                                "GET /api/data/stats": "Data worker stats"},
+                       "scheduled": {"POST /api/scheduled/cleanup": "Run cleanup",
+                                     "POST /api/scheduled/daily-report": "Generate report",
+                                     "POST /api/scheduled/sync": "Sync external data",
+                                     "GET /api/scheduled/stats": "Scheduled worker stats"},
+                   })
