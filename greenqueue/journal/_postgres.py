@@ -483,10 +483,11 @@ class PostgresEngine:
         """Seconds (database clock) until the earliest unowned row is due; 0 if one is due now."""
         if queues is not None and not queues:
             return None
-        sql = ("SELECT greatest(0, min(due) - {now}) FROM greenqueue_tasks WHERE owner IS NULL "
+        sql = ("SELECT min(due) - {now} FROM greenqueue_tasks WHERE owner IS NULL "
                "AND state IN {claimable} {queue_filter}").format(
             now=NOW, claimable=_CLAIMABLE, queue_filter="AND queue = ANY(%s)" if queues is not None else "")
-        return self._one("next_due", sql, (list(queues),) if queues is not None else None)[0]
+        wait = self._one("next_due", sql, (list(queues),) if queues is not None else None)[0]
+        return None if wait is None else max(0.0, wait)
 
     def reap(self, max_lease_losses: int) -> List[TaskRow]:
         """Take back rows whose lease expired; returns them after the change."""

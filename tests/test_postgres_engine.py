@@ -1,0 +1,577 @@
+"""The PostgreSQL engine against a real, private PostgreSQL server.
+
+Every test gets a fresh database; "nodes" are engine instances (each with its
+own pool), so concurrency here is real connections racing in the server.
+"""
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from greenqueue.errors import JournalError
+from greenqueue.journal._engine import NodeInfo, TaskRow
+
+from .conftest import wait_for
+from .pg_support import pg, pg_dsn  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.realproc, pytest.mark.postgres]
+
+PASSWORD = "s3cret-Pa55"
+
+
+def engine_class():
+    from greenqueue.journal._postgres import PostgresEngine
+    return PostgresEngine
+
+
+def row(name="t.work", **kw):
+    """A fresh task row with a unique id."""
+    kw.setdefault("id", uuid.uuid4().hex)
+    return TaskRow(name=name, payload=b'{"args":[]}', **kw)
+
+
+def with_password(dsn):
+    """The same DSN with a password in it (trust auth ignores it, the masking must not)."""
+    return dsn.replace("postgres@", "postgres:%s@" % PASSWORD, 1)
+
+
+@pytest.fixture
+def engines(pg_dsn):
+    """Make opened engines on this test's database (closed at the end): ``engines(lease_timeout=1)``."""
+    made = []
+
+    def make(dsn=None, **kw):
+        engine = engine_class()(dsn or pg_dsn, **kw)
+        engine.open()
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+def db_now(engine):
+    return engine.heartbeat("-clock-", 0).now
+
+
+def reaped(engine, row_id, max_lease_losses=5, timeout=10.0):
+    """Poll reap() until it returns ``row_id``; returns that row."""
+    def look():
+        return next((r for r in engine.reap(max_lease_losses) if r.id == row_id), None)
+    return wait_for(look, timeout, interval=0.05, message="lease of %s to expire and be reaped" % row_id)
+
+
+# -- tasks ----------------------------------------------------------------------------
+
+def test_enqueue_claim_finish_round_trip(engines):
+    e = engines()
+    stored, = e.enqueue([row(id="r1", queue="q")])
+    assert (stored.id, stored.state, stored.attempts, stored.owner) == ("r1", "PENDING", 0, None)
+    assert stored.created_at == pytest.approx(db_now(e), abs=5)
+
+    claimed, = e.claim("A", None, 10)
+    assert (claimed.id, claimed.state, claimed.owner, claimed.attempts) == ("r1", "STARTED", "A", 1)
+    assert claimed.lease_expires == pytest.approx(claimed.started_at + e.lease_timeout)
+    assert e.claim("B", None, 10) == []
+
+    assert e.finish("r1", "A", 1, "SUCCESS", result=b"42", ttl=60) is True
+    done = e.get("r1")
+    assert (done.state, done.result, done.owner, done.lease_expires) == ("SUCCESS", b"42", None, None)
+    assert done.expires_at == pytest.approx(done.finished_at + 60)
+    assert e.finish("r1", "A", 1, "FAILURE") is False, "a second finish must be fenced off"
+    assert e.counts() == {"SUCCESS": 1}
+    assert e.get("nope") is None
+
+
+def test_enqueue_with_owner_is_claimed_in_the_same_commit(engines):
+    e = engines()
+    stored, = e.enqueue([row(id="fast")], owner="A")
+    assert (stored.state, stored.owner, stored.attempts) == ("STARTED", "A", 1)
+    assert e.claim("B", None, 5) == []
+    assert e.heartbeat("A", 1).renewed == 1
+
+
+def test_many_rows_in_one_call_keep_their_order(engines):
+    e = engines()
+    ids = ["m%03d" % i for i in range(50)]
+    assert [r.id for r in e.enqueue([row(id=i) for i in ids])] == ids
+    assert e.counts() == {"PENDING": 50}
+
+
+def test_two_nodes_claiming_concurrently_never_share_a_row_or_exceed_their_limit(engines):
+    a, b = engines(), engines()
+    ids = {r.id for r in a.enqueue([row() for _ in range(300)])}
+    limit = 7
+    got = {"A": [], "B": []}
+    batches = []
+    start = threading.Barrier(2)
+    errors = []
+
+    def node(engine, name):
+        try:
+            start.wait(10)
+            while True:
+                batch = engine.claim(name, None, limit)
+                if not batch:
+                    return
+                batches.append(len(batch))
+                got[name].extend(r.id for r in batch)
+                for r in batch:
+                    assert r.owner == name
+                    assert engine.finish(r.id, name, r.attempts, "SUCCESS")
+        except BaseException as exc:  # reported by the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(e, n)) for e, n in ((a, "A"), (b, "B"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert max(batches) <= limit
+    assert not set(got["A"]) & set(got["B"])
+    assert len(got["A"]) + len(got["B"]) == 300
+    assert set(got["A"]) | set(got["B"]) == ids
+    assert got["A"] and got["B"], "both nodes should have claimed some rows"
+    assert a.counts() == {"SUCCESS": 300}
+
+
+def test_claim_takes_the_oldest_due_first_and_only_from_its_queues(engines):
+    e = engines()
+    now = db_now(e)
+    e.enqueue([row(id="newer", eta=now - 10), row(id="oldest", eta=now - 30), row(id="other", queue="b",
+                                                                                   eta=now - 60)])
+    assert [r.id for r in e.claim("A", ["default"], 1)] == ["oldest"]
+    assert e.claim("A", [], 5) == [], "no queues means no claims"
+    assert [r.id for r in e.claim("A", ["b"], 5)] == ["other"]
+    assert [r.id for r in e.claim("A", None, 5)] == ["newer"]
+    assert e.claim("A", None, 0) == []
+
+
+def test_delayed_rows_wait_for_their_eta(engines):
+    e = engines()
+    eta = db_now(e) + 1.0
+    e.enqueue([row(id="later", state="SCHEDULED", eta=eta)])
+    assert e.claim("A", None, 5) == []
+    assert 0 < e.next_due(None) <= 1.0
+    assert e.next_due(["other"]) is None
+    claimed = wait_for(lambda: e.claim("A", None, 5), 10, interval=0.02, message="the delayed row")
+    assert [r.id for r in claimed] == ["later"]
+    assert claimed[0].started_at >= eta, "claimed before its eta by the database's clock"
+    assert e.next_due(None) is None
+
+
+# -- leases, fencing, poison pill ---------------------------------------------------------
+
+def test_expired_lease_is_reaped_and_the_old_owners_result_is_fenced_off(engines):
+    a = engines(lease_timeout=1)
+    b = engines(lease_timeout=1)
+    a.enqueue([row(id="r")])
+    first, = a.claim("A", None, 1)
+    back = reaped(b, "r")
+    assert (back.state, back.owner, back.lease_losses) == ("PENDING", None, 1)
+    second, = b.claim("B", None, 1)
+    assert second.attempts == first.attempts + 1
+
+    assert a.finish("r", "A", first.attempts, "SUCCESS", result=b"late") is False
+    assert a.retry("r", "A", first.attempts, 0) is False
+    assert a.heartbeat("A", 1).lost == ["r"], "A must learn the row is no longer its"
+    assert a.heartbeat("A", 0).lost == [], "reported once"
+    assert b.finish("r", "B", second.attempts, "SUCCESS", result=b"B's") is True
+    assert b.get("r").result == b"B's"
+
+
+def test_the_attempt_fences_a_node_that_claimed_the_same_row_again(engines):
+    e = engines(lease_timeout=1)
+    e.enqueue([row(id="r")])
+    first, = e.claim("A", None, 1)
+    reaped(e, "r")
+    second, = e.claim("A", None, 1)
+    assert e.heartbeat("A", 1).lost == [], "A holds the row again; nothing is lost"
+    assert e.finish("r", "A", first.attempts, "SUCCESS", result=b"stale") is False
+    assert e.finish("r", "A", second.attempts, "SUCCESS", result=b"fresh") is True
+    assert e.get("r").result == b"fresh"
+
+
+def test_a_row_that_keeps_losing_its_lease_fails_as_a_poison_pill(engines):
+    e = engines(lease_timeout=1)
+    e.enqueue([row(id="pill")])
+    for n in (1, 2):
+        assert [r.id for r in e.claim("N%d" % n, None, 1)] == ["pill"]
+        back = reaped(e, "pill", max_lease_losses=2)
+    assert (back.state, back.lease_losses, back.error_type) == ("FAILURE", 2, "LeaseLost")
+    assert "lease lost 2 times" in back.error
+    assert back.expires_at is not None
+    assert e.claim("N3", None, 1) == []
+
+
+def test_heartbeat_keeps_a_lease_and_reports_cancel_requests(engines):
+    e = engines(lease_timeout=1)
+    e.register(NodeInfo(id="A", host="h", pid=1))
+    e.enqueue([row(id="kept"), row(id="dropped")])
+    e.claim("A", None, 1)
+    e.claim("C", None, 1)   # C never heartbeats
+
+    def only_dropped_reaped():
+        beat = e.heartbeat("A", 1)
+        assert beat.renewed == 1
+        got = [r.id for r in e.reap(5)]
+        assert "kept" not in got, "a row whose owner heartbeats must not be reaped"
+        return "dropped" in got
+    wait_for(only_dropped_reaped, 10, interval=0.1, message="C's lease to expire")
+    # Outlive A's original lease several times over while heartbeating.
+    deadline = db_now(e) + 2.5
+    while db_now(e) < deadline:
+        e.heartbeat("A", 1)
+        assert "kept" not in [r.id for r in e.reap(5)]
+        time.sleep(0.1)  # heartbeat cadence, not synchronisation
+    assert e.get("kept").owner == "A"
+
+    assert e.cancel("kept") == "STARTED"
+    beat = e.heartbeat("A", 1)
+    assert beat.cancel == ["kept"] and beat.renewed == 1
+    assert e.get("kept").state == "STARTED", "a running row is only asked to stop"
+    assert e.finish("kept", "A", 1, "CANCELLED") is True
+
+
+def test_a_cancel_requested_row_whose_node_died_ends_cancelled(engines):
+    e = engines(lease_timeout=1)
+    e.enqueue([row(id="r")])
+    e.claim("dead", None, 1)
+    assert e.cancel("r") == "STARTED"
+    assert reaped(e, "r").state == "CANCELLED"
+    assert e.claim("B", None, 1) == []
+
+
+def test_cancel_of_an_unowned_row_ends_it_now(engines):
+    e = engines()
+    e.enqueue([row(id="r"), row(id="done")])
+    assert e.cancel("r") == "PENDING"
+    got = e.get("r")
+    assert (got.state, got.owner) == ("CANCELLED", None)
+    assert got.finished_at is not None and got.expires_at is not None
+    e.claim("A", ["none"], 1)
+    assert [r.id for r in e.claim("A", None, 5)] == ["done"]
+    e.finish("done", "A", 1, "SUCCESS")
+    assert e.cancel("done") == "SUCCESS"
+    assert e.get("done").state == "SUCCESS"
+    assert e.cancel("missing") is None
+
+
+def test_retry_gives_the_row_back_due_later_and_is_fenced(engines):
+    e = engines()
+    e.enqueue([row(id="r")])
+    got, = e.claim("A", None, 1)
+    assert e.retry("r", "A", got.attempts + 1, 0) is False
+    assert e.retry("r", "A", got.attempts, 30, error_type="ValueError", error="boom") is True
+    back = e.get("r")
+    assert (back.state, back.owner, back.error) == ("RETRY", None, "boom")
+    assert back.eta == pytest.approx(db_now(e) + 30, abs=2)
+    assert e.claim("A", None, 1) == []
+    assert 25 < e.next_due(None) <= 30
+
+
+def test_release_hands_rows_back_keeping_their_attempts(engines):
+    e = engines()
+    e.enqueue([row(id="r1"), row(id="r2")])
+    e.claim("A", None, 2)
+    assert e.release(["r1", "r2", "other"], "B") == 0
+    assert e.release(["r1", "r2"], "A") == 2
+    again = e.claim("B", None, 2)
+    assert sorted(r.id for r in again) == ["r1", "r2"]
+    assert {r.attempts for r in again} == {2}
+
+
+# -- idempotency and the caller's transaction ---------------------------------------------
+
+def test_idempotency_key_returns_the_first_row_from_any_node(engines):
+    a, b = engines(), engines()
+    first, = a.enqueue([row(id="one", idempotency_key="order-42")])
+    again, = b.enqueue([row(id="two", idempotency_key="order-42")])
+    assert again.id == "one"
+    both = a.enqueue([row(id="three", idempotency_key="k2"), row(id="four", idempotency_key="k2")])
+    assert [r.id for r in both] == ["three", "three"]
+    assert b.get("two") is None and b.get("four") is None
+    assert a.counts() == {"PENDING": 2}
+
+
+def test_enqueue_joins_the_callers_transaction(engines, pg_dsn):
+    import psycopg
+
+    e = engines()
+    with psycopg.connect(pg_dsn) as conn:
+        e.enqueue([row(id="rolled-back")], connection=conn)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS, "must not commit"
+        assert e.get("rolled-back") is None, "invisible before the caller commits"
+        conn.rollback()
+        assert e.get("rolled-back") is None
+
+        with conn.transaction():
+            stored, = e.enqueue([row(id="committed")], connection=conn)
+            assert stored.state == "PENDING"
+            assert e.get("committed") is None
+        assert e.get("committed").state == "PENDING"
+        assert [r.id for r in e.claim("A", None, 5)] == ["committed"]
+
+
+# -- nodes ------------------------------------------------------------------------------------
+
+def test_nodes_register_heartbeat_and_unregister(engines):
+    e = engines()
+    e.register(NodeInfo(id="n1", host="h1", pid=11, queues=["a", "b"]))
+    e.register(NodeInfo(id="n2", host="h2", pid=22))
+    nodes = e.nodes()
+    assert [(n.id, n.host, n.pid, n.queues) for n in nodes] == [("n1", "h1", 11, ["a", "b"]),
+                                                                ("n2", "h2", 22, None)]
+    e.heartbeat("n2", 3)
+    assert {n.id: n.running for n in e.nodes()}["n2"] == 3
+    e.unregister("n1")
+    assert [n.id for n in e.nodes()] == ["n2"]
+
+
+# -- scheduler -------------------------------------------------------------------------------
+
+def test_one_leader_whose_epoch_grows_when_leadership_changes_hands(engines):
+    a = engines(lease_timeout=1)
+    b = engines(lease_timeout=1)
+    first = a.lead("A")
+    assert first is not None
+    assert b.lead("B") is None
+    assert a.lead("A") == first, "renewing keeps the epoch"
+
+    second = wait_for(lambda: b.lead("B"), 10, interval=0.05, message="A's leader lease to lapse")
+    assert second > first
+    assert a.lead("A") is None
+    due = 1_700_000_000.0
+    assert a.fire("job", due, first, row(id="stale")) is False, "the old epoch must not fire"
+    assert b.fire("job", due, second, row(id="run")) is True
+    assert b.fire("job", due, second, row(id="dup")) is False, "one row per (job, due)"
+    assert b.get("stale") is None and b.get("dup") is None
+    assert b.get("run").state == "PENDING"
+    assert b.last_fired("job") == due
+    assert b.last_fired("other") is None
+
+
+def test_a_leader_that_unregisters_hands_over_at_once(engines):
+    a, b = engines(), engines()
+    epoch = a.lead("A")
+    a.unregister("A")
+    assert b.lead("B") == epoch + 1
+
+
+def test_concurrent_fires_of_one_instant_enqueue_once(engines):
+    nodes = [engines() for _ in range(4)]
+    epoch = nodes[0].lead("A")
+    results = []
+    start = threading.Barrier(len(nodes))
+
+    def fire(engine, i):
+        start.wait(10)
+        results.append(engine.fire("job", 60.0, epoch, row(id="run-%d" % i)))
+
+    threads = [threading.Thread(target=fire, args=(e, i)) for i, e in enumerate(nodes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == [False, False, False, True]
+    assert nodes[0].counts() == {"PENDING": 1}
+
+
+def test_anchor_is_stored_once(engines):
+    a, b = engines(), engines()
+    assert a.anchor("every-5m", 100.0) == 100.0
+    assert b.anchor("every-5m", 250.0) == 100.0
+    assert b.anchor("other", 7.5) == 7.5
+
+
+# -- reading and housekeeping ---------------------------------------------------------------
+
+def test_rows_requeue_and_purge(engines):
+    e = engines()
+    e.enqueue([row(id="a", name="x"), row(id="b", name="y"), row(id="c", name="x")])
+    for r in e.claim("A", None, 3):
+        e.finish(r.id, "A", r.attempts, "FAILURE" if r.id != "c" else "SUCCESS", error="bad")
+    assert [r.id for r in e.rows()] == ["c", "b", "a"]
+    assert [r.id for r in e.rows(state="failure", name="x")] == ["a"]
+    assert len(e.rows(limit=1)) == 1
+    assert e.requeue("a") == 1
+    back = e.get("a")
+    assert (back.state, back.attempts, back.error, back.finished_at) == ("PENDING", 0, None, None)
+    assert e.requeue() == 1   # only b is still FAILURE
+    with pytest.raises(JournalError, match="refusing to purge PENDING"):
+        e.purge("pending")
+    assert e.purge("success") == 1
+    assert e.counts() == {"PENDING": 2}
+
+
+def test_prune_deletes_expired_rows_and_old_periodic_keys_but_each_jobs_latest(engines):
+    e = engines()
+    e.enqueue([row(id="gone"), row(id="kept"), row(id="running")])
+    for r in e.claim("A", None, 3):
+        if r.id != "running":
+            e.finish(r.id, "A", r.attempts, "SUCCESS", ttl=0 if r.id == "gone" else 3600)
+    epoch = e.lead("A")
+    for due in (10.0, 20.0, 30.0):
+        assert e.fire("job", due, epoch, row())
+    assert e.fire("solo", 5.0, epoch, row())
+    assert wait_for(lambda: e.prune(periodic_ttl=0) or None, 5, message="prune") == 1 + 2
+    assert e.get("gone") is None
+    assert e.get("kept") is not None and e.get("running") is not None
+    assert e.last_fired("job") == 30.0 and e.last_fired("solo") == 5.0
+    assert e.prune(periodic_ttl=0) == 0
+
+
+# -- wake-ups ----------------------------------------------------------------------------------
+
+def test_wait_for_work_wakes_on_due_work_from_another_node(engines):
+    a, b = engines(), engines()
+    assert a.wait_for_work(0.1) is True, "a new LISTEN connection makes the caller look"
+    started = time.monotonic()
+    assert a.wait_for_work(0.3) is False
+    assert time.monotonic() - started >= 0.25
+    b.enqueue([row(state="SCHEDULED", eta=db_now(b) + 3600)])
+    b.enqueue([row()], owner="B")
+    assert a.wait_for_work(0.3) is False, "future or self-claimed rows are no hint"
+    b.enqueue([row(), row()])
+    started = time.monotonic()
+    assert a.wait_for_work(10) is True
+    assert time.monotonic() - started < 5
+    assert a.wait_for_work(0.2) is False, "hints already answered are drained"
+
+
+# -- schema and versions -----------------------------------------------------------------------
+
+def test_nodes_starting_together_create_the_schema_once(pg, pg_dsn):
+    cls = engine_class()
+    made, errors = [], []
+    start = threading.Barrier(4)
+
+    def open_one():
+        engine = cls(pg_dsn)
+        made.append(engine)
+        try:
+            start.wait(10)
+            engine.open()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for engine in made:
+        engine.close()
+    assert not errors, errors
+    db = pg_dsn.rsplit("/", 1)[1]
+    assert pg.admin("SELECT key, value FROM greenqueue_meta ORDER BY key", db) == [
+        ("magic", "greenqueue-journal"), ("schema_version", "1")]
+
+
+def test_a_newer_schema_is_refused(engines, pg, pg_dsn):
+    engines().close()
+    db = pg_dsn.rsplit("/", 1)[1]
+    pg.admin("UPDATE greenqueue_meta SET value = '99' WHERE key = 'schema_version'", db)
+    with pytest.raises(JournalError) as info:
+        engines(dsn=with_password(pg_dsn))
+    msg = str(info.value)
+    assert "newer greenqueue (schema 99" in msg and "upgrade greenqueue" in msg
+    assert "postgres:***@127.0.0.1" in msg and PASSWORD not in msg
+
+
+def test_a_foreign_database_is_refused_and_an_apps_own_tables_are_fine(engines, pg):
+    foreign = pg.create_database()
+    pg.admin("CREATE TABLE greenqueue_meta (key text PRIMARY KEY, value text)", foreign)
+    pg.admin("INSERT INTO greenqueue_meta VALUES ('magic', 'someone-else')", foreign)
+    with pytest.raises(JournalError, match="belongs to something else.*another database"):
+        engines(dsn=pg.dsn(foreign))
+
+    lookalike = pg.create_database()
+    pg.admin("CREATE TABLE greenqueue_tasks (id int)", lookalike)
+    with pytest.raises(JournalError, match="greenqueue_tasks.*no greenqueue_meta"):
+        engines(dsn=pg.dsn(lookalike))
+
+    app = pg.create_database()
+    pg.admin("CREATE TABLE orders (id int)", app)
+    engines(dsn=pg.dsn(app)).enqueue([row()])
+    for name in (foreign, lookalike, app):
+        pg.drop_database(name)
+
+
+# -- outages and secrets --------------------------------------------------------------------------
+
+def test_a_stopped_server_fails_calls_fast_and_the_same_engine_recovers(engines, pg, pg_dsn):
+    e = engines(dsn=with_password(pg_dsn), lease_timeout=5)
+    listener = engines()
+    e.enqueue([row(id="before")])
+    assert listener.wait_for_work(0.1) is True
+    pg.stop()
+    try:
+        for call in (lambda: e.enqueue([row()]), lambda: e.claim("A", None, 1), lambda: e.heartbeat("A", 0)):
+            started = time.monotonic()
+            with pytest.raises(JournalError) as info:
+                call()
+            assert time.monotonic() - started < 5, "a call must fail within 5 s while PostgreSQL is down"
+            assert PASSWORD not in str(info.value) and "postgres:***@" in str(info.value)
+        # The first wait finds the LISTEN connection broken and may say "look now"; the ones
+        # after it must not raise either, only wait out their timeout.
+        listener.wait_for_work(0.5)
+        started = time.monotonic()
+        assert listener.wait_for_work(0.5) is False, "no server: degrade to polling, don't raise"
+        assert time.monotonic() - started >= 0.4
+    finally:
+        pg.start()
+    wait_for(lambda: _works(e), 20, interval=0.1, message="the engine to reconnect")
+    assert e.get("before").state == "PENDING"
+    assert [r.id for r in e.claim("A", None, 5)] == ["before"]
+    assert listener.wait_for_work(5) is True, "the re-opened LISTEN connection makes the caller look"
+    e.enqueue([row(id="after")])
+    assert listener.wait_for_work(10) is True
+
+
+def _works(engine):
+    try:
+        engine.counts()
+    except JournalError:
+        return False
+    return True
+
+
+def test_open_fails_fast_naming_the_masked_dsn_when_nothing_listens():
+    from .conftest import free_port
+
+    cls = engine_class()
+    dsn = "postgresql://user:%s@127.0.0.1:%d/db" % (PASSWORD, free_port())
+    engine = cls(dsn)
+    started = time.monotonic()
+    with pytest.raises(JournalError) as info:
+        engine.open()
+    assert time.monotonic() - started < 5
+    assert "postgresql://user:***@127.0.0.1:" in str(info.value) and PASSWORD not in str(info.value)
+    engine.close()
+
+
+@pytest.mark.parametrize("dsn, shown", [
+    ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
+    ("postgres://u@h/db", "postgres://u@h/db"),
+    ("postgresql://u:p%40ss@h/db?sslmode=require&password=pw2", "postgresql://u:***@h/db?sslmode=require&password=***"),
+    ("host=h user=u password='a b' dbname=d", "host=h user=u password=*** dbname=d"),
+    ("host=h password=pw dbname=d", "host=h password=*** dbname=d"),
+])
+def test_mask_dsn(dsn, shown):
+    from greenqueue.journal._postgres import mask_dsn
+
+    assert mask_dsn(dsn) == shown
+
+
+def test_display_and_errors_never_show_the_password(engines, pg_dsn):
+    e = engines(dsn=with_password(pg_dsn))
+    assert PASSWORD not in e.display and PASSWORD not in repr(e)
+    assert e.display.startswith("postgresql://postgres:***@127.0.0.1:")
+    with pytest.raises(JournalError) as info:
+        e.finish("x", "A", 1, "RUNNING")
+    assert PASSWORD not in str(info.value)
