@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gevent  # noqa: E402
 
 from bench._common import PY, bench_main, free_port, row, server, wrk  # noqa: E402
-from greenqueue import journal, tasks  # noqa: E402
+from greenqueue import runtime, tasks  # noqa: E402
 
 
 def _noop(i):
@@ -27,11 +27,11 @@ def _noop(i):
 
 
 def _throughput(n, spawners, path=None):
-    tasks.reset()
+    runtime.reset()
     tasks.configure(max_pending=10_000_000, max_concurrency=100)
     t = tasks.task(name="bench.noop")(_noop)
     if path:
-        journal.enable(path)
+        runtime.get_runtime().open_store(path)
     results = []
 
     def spawner(k):
@@ -43,9 +43,7 @@ def _throughput(n, spawners, path=None):
     for r in results:
         r.wait(60)
     elapsed = time.perf_counter() - t0
-    if path:
-        journal.close()
-    tasks.reset()
+    runtime.reset()
     assert all(r.successful() for r in results)
     return n / elapsed
 

@@ -6,8 +6,8 @@ table decides what a parent process can rebuild.
 """
 
 __all__ = [
-    "GreenqueueError", "ConfigError", "Overloaded", "TaskTimeout",
-    "TaskCancelled", "WorkerError", "RemoteError", "WorkerCrashed",
+    "GreenqueueError", "ConfigError", "Overloaded", "TaskTimeout", "WaitTimeout",
+    "CancelledError", "WorkerError", "RemoteError", "WorkerCrashed",
     "WorkerTimeout", "to_dict", "from_dict",
 ]
 
@@ -25,11 +25,18 @@ class Overloaded(GreenqueueError):
 
 
 class TaskTimeout(GreenqueueError):
-    """A task ran past its timeout, or a wait for its result ran out."""
+    """A task ran past its own time limit (``@task(timeout=...)``) and was killed."""
 
 
-class TaskCancelled(GreenqueueError):
-    """The task was cancelled before it could finish."""
+class WaitTimeout(TaskTimeout):
+    """``TaskResult.get(timeout)`` ran out before the task finished; the task itself goes on.
+
+    It derives from TaskTimeout so code written when both were one error still catches it.
+    """
+
+
+class CancelledError(GreenqueueError):
+    """The task was cancelled before it could finish (the event is ``events.TaskCancelled``)."""
 
 
 class WorkerError(GreenqueueError):
@@ -57,7 +64,7 @@ class WorkerTimeout(WorkerError):
 
 
 _WIRE_TYPES = {cls.__name__: cls for cls in (
-    GreenqueueError, ConfigError, Overloaded, TaskTimeout, TaskCancelled,
+    GreenqueueError, ConfigError, Overloaded, TaskTimeout, WaitTimeout, CancelledError,
     WorkerError, RemoteError, WorkerCrashed, WorkerTimeout)}
 
 
@@ -82,8 +89,15 @@ class JournalError(GreenqueueError):
     """The task journal cannot be opened or written (names the file and what to do)."""
 
 
+class UnknownPool(GreenqueueError, KeyError):
+    """``procpool.get()`` was asked for a pool the server did not start."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 _WIRE_TYPES["JournalError"] = JournalError
-__all__.append("JournalError")
+__all__ += ["JournalError", "UnknownPool"]
 
 #: Exit statuses of the server's start-up failures.
 EXIT_USAGE = 2

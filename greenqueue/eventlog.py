@@ -102,7 +102,8 @@ def install():
     """Start logging every greenqueue event through this module's logger (idempotent)."""
     global _unsubscribe
     if _unsubscribe is None:
-        _unsubscribe = events.subscribe(_listener, events.Event)
+        # Only the events it has a line for: a request or pool-call event costs the log nothing.
+        _unsubscribe = events.subscribe(_listener, *_FORMATS)
 
 
 def uninstall():

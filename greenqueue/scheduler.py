@@ -16,11 +16,14 @@ import importlib
 import logging
 import random
 import sys
+from typing import Any, Callable, List, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
 from . import events
+from .errors import ConfigError
+from .tasks import Task, task
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +53,11 @@ class crontab:
                 parts.insert(0, str(second))
             expr = " ".join(parts)
         if not isinstance(expr, str):
-            raise ValueError("crontab expects a string like '3 17 * * sun', got %r" % (expr,))
+            raise ConfigError("crontab expects a string like '3 17 * * sun', got %r" % (expr,))
         self.expr = " ".join(expr.split())
         parts = self.expr.split()
         if len(parts) not in (5, 6):
-            raise ValueError("crontab %r: expected 5 fields (minute hour day month day_of_week) or 6 "
+            raise ConfigError("crontab %r: expected 5 fields (minute hour day month day_of_week) or 6 "
                              "(second first), got %d" % (expr, len(parts)))
         names = _FIELDS if len(parts) == 6 else _FIELDS[1:]
         try:
@@ -63,7 +66,7 @@ class crontab:
             bad = str(exc).replace("Bad ", "").replace("day-of-month", "day").replace("day-of-week", "day_of_week")
             field = next((n for n in names if n.replace("_", " ") == bad.replace("_", " ")), bad)
             value = parts[names.index(field)] if field in names else "?"
-            raise ValueError("crontab %r: %s field: %r is not valid (allowed: %s, with ranges a-b, "
+            raise ConfigError("crontab %r: %s field: %r is not valid (allowed: %s, with ranges a-b, "
                              "steps */n and lists a,b)" % (expr, field, value, _RANGES.get(field, "?"))) from None
 
     def next_after(self, after, tz):
@@ -79,12 +82,18 @@ class crontab:
 
 
 class every:
-    """A fixed interval: ``every(seconds=5)``; ``align=True`` fires on clock multiples (:00, :05 ...)."""
+    """A fixed interval: ``every(seconds=5)`` or ``every(timedelta(...))``; ``align=True`` fires on clock multiples."""
 
-    def __init__(self, seconds=0, minutes=0, hours=0, align=False):
+    def __init__(self, seconds: Any = 0, minutes: float = 0, hours: float = 0, align: bool = False):
+        if isinstance(seconds, datetime.timedelta):
+            seconds = seconds.total_seconds()
+        for label, value in (("seconds", seconds), ("minutes", minutes), ("hours", hours)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError("every(%s=%r): expected a number (or a timedelta as the first argument)"
+                                  % (label, value))
         self.interval = float(seconds) + 60.0 * float(minutes) + 3600.0 * float(hours)
         if self.interval <= 0:
-            raise ValueError("every(): the interval must be more than 0 seconds")
+            raise ConfigError("every(): the interval must be more than 0 seconds")
         self.align = align
 
     def first_after(self, now):
@@ -136,22 +145,26 @@ class Job:
 
     def __init__(self, fn, schedule, *, timezone=None, max_instances=1, catch_up="once", jitter=0.0,
                  name=None, task_options=None):
-        from .tasks import task
-
+        if isinstance(fn, Task):
+            fn = fn.fn
+        if not callable(fn):
+            raise ConfigError("@periodic decorates a function, got a %s: %r" % (type(fn).__name__, fn))
+        if isinstance(schedule, (int, float, datetime.timedelta)) and not isinstance(schedule, bool):
+            schedule = every(schedule)  # Celery beat takes a number of seconds or a timedelta
         if catch_up not in CATCH_UP:
-            raise ValueError("catch_up must be one of %s, got %r" % (", ".join(CATCH_UP), catch_up))
+            raise ConfigError("catch_up must be one of %s, got %r" % (", ".join(CATCH_UP), catch_up))
         if not isinstance(max_instances, int) or max_instances < 1:
-            raise ValueError("max_instances must be an integer >= 1, got %r" % (max_instances,))
-        if jitter < 0:
-            raise ValueError("jitter must be >= 0 seconds, got %r" % (jitter,))
+            raise ConfigError("max_instances must be an integer >= 1, got %r" % (max_instances,))
+        if not isinstance(jitter, (int, float)) or jitter < 0:
+            raise ConfigError("jitter must be >= 0 seconds, got %r" % (jitter,))
         if not isinstance(schedule, (crontab, every)):
             if not callable(schedule):
-                raise ValueError("periodic() needs crontab(...), every(...) or a validate(datetime) callable")
+                raise ConfigError("periodic() needs crontab(...), every(...) or a validate(datetime) callable")
             schedule = _Validate(schedule)
         try:
             self.tz = ZoneInfo(timezone) if timezone else UTC
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError("unknown timezone %r (use an IANA name like 'Europe/Berlin')" % (timezone,)) from None
+            raise ConfigError("unknown timezone %r (use an IANA name like 'Europe/Berlin')" % (timezone,)) from None
         self.fn = fn
         self.schedule = schedule
         self.name = name or "%s.%s" % (fn.__module__, fn.__qualname__)
@@ -181,17 +194,19 @@ class Job:
 class Scheduler:
     """Holds jobs, decides what is due at ``now`` and runs a loop greenlet that sleeps in between."""
 
-    def __init__(self, clock=None, rng=None):
+    def __init__(self, clock=None, rng=None, store=None):
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
+        #: Where fired runs are recorded (the journal), so catch-up holds across restarts; None: nowhere.
+        self.store = store
         self._jobs = {}
         self._loop = None
         self._wake = None
 
     def add(self, job):
-        """Add a job (a second job with the same name raises ValueError)."""
+        """Add a job (a second job with the same name raises ConfigError)."""
         if job.name in self._jobs:
-            raise ValueError("a periodic job named %r already exists" % job.name)
+            raise ConfigError("a periodic job named %r already exists" % job.name)
         self._jobs[job.name] = job
         if self._wake is not None:
             self._wake.set()
@@ -204,6 +219,18 @@ class Scheduler:
     def get(self, name):
         """The Job called ``name``."""
         return self._jobs[name]
+
+    def __len__(self):
+        return len(self._jobs)
+
+    def all(self):
+        """Every Job, in the order they were added."""
+        return list(self._jobs.values())
+
+    @property
+    def running(self):
+        """True while the loop greenlet runs."""
+        return self._loop is not None and not self._loop.dead
 
     # -- the pure core ---------------------------------------------------------------
 
@@ -232,9 +259,8 @@ class Scheduler:
 
     def _resume_point(self, job, now):
         """First due time: after the journal's last recorded run if there is one (catch-up after downtime)."""
-        journal = sys.modules.get("greenqueue.journal")
-        if journal is not None:
-            last = journal.last_periodic_run(job.name)
+        if self.store is not None:
+            last = self.store.last_fired(job.name)
             if last is not None:
                 job.last_run = last
                 return job.schedule.next_after(last, job.tz)
@@ -271,9 +297,8 @@ class Scheduler:
             job.last_state = result.state
         r.add_done_callback(finished)
         events.notify(events.JobFired(job, result=r, scheduled_for=scheduled_for))
-        journal = sys.modules.get("greenqueue.journal")
-        if journal is not None:
-            journal.record_periodic_run(job.name, scheduled_for)
+        if self.store is not None:
+            self.store.fired(job.name, scheduled_for)
         return r
 
     # -- the loop --------------------------------------------------------------------------
@@ -348,6 +373,11 @@ def reset():
 
 def periodic(schedule, timezone=None, max_instances=1, catch_up="once", jitter=0, name=None, **task_options):
     """Register the decorated function as a periodic job on the default scheduler; it stays callable."""
+    if callable(schedule) and getattr(schedule, "__name__", None) and not isinstance(
+            schedule, (crontab, every)) and _takes_no_arguments(schedule):
+        raise ConfigError("@periodic needs a schedule first: @periodic(crontab('...')), @periodic(every(seconds=5)) "
+                          "or @periodic(5.0); got the function %s" % getattr(schedule, "__qualname__", schedule))
+
     def decorate(fn):
         job = Job(fn, schedule, timezone=timezone, max_instances=max_instances, catch_up=catch_up,
                   jitter=jitter, name=name, task_options=task_options)
@@ -355,6 +385,16 @@ def periodic(schedule, timezone=None, max_instances=1, catch_up="once", jitter=0
         fn.job = job
         return fn
     return decorate
+
+
+def _takes_no_arguments(fn):
+    # A validate(datetime) callable takes one argument; a job function used as the schedule
+    # (`@periodic` without parentheses) usually takes none.
+    import inspect
+    try:
+        return not inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def main(argv=None):
@@ -375,11 +415,11 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     scheduler = get_scheduler()
-    if not scheduler._jobs:
+    if not len(scheduler):
         print("%s declares no @periodic jobs" % args.module)
         return 0
     now = datetime.datetime.now(UTC)
-    for job in scheduler._jobs.values():
+    for job in scheduler.all():
         print("%s  [%s, %s, max_instances=%d, catch_up=%s]" % (job.name, job.schedule,
                                                               getattr(job.tz, "key", "UTC"), job.max_instances,
                                                               job.catch_up))

@@ -52,16 +52,15 @@ def _watch_blocking(max_blocking_ms):
     gevent.config.print_blocking_reports = False
 
     def on_blocked(event):
-        if isinstance(event, gevent_events.EventLoopBlocked):
-            stack = next((item for item in event.info if 'File "' in item), "")
-            frames = [line.strip() for line in stack.splitlines() if line.strip().startswith('File "')]
-            where = frames[-1] if frames else "unknown location"
-            name = getattr(event.greenlet, "name", None) or type(event.greenlet).__name__
-            log.warning("hub blocked for more than %.0f ms by greenlet %s at %s",
-                        event.blocking_time * 1000, name, where)
+        stack = next((item for item in event.info if 'File "' in item), "")
+        frames = [line.strip() for line in stack.splitlines() if line.strip().startswith('File "')]
+        where = frames[-1] if frames else "unknown location"
+        name = getattr(event.greenlet, "name", None) or type(event.greenlet).__name__
+        log.warning("hub blocked for more than %.0f ms by greenlet %s at %s",
+                    event.blocking_time * 1000, name, where)
 
-    import zope.event
-    zope.event.subscribers.append(on_blocked)
+    from . import events
+    events.subscribe(on_blocked, gevent_events.EventLoopBlocked)
     import warnings
     # The hub is a greenlet and is falsy until it first runs; gevent's monitor
     # thread takes a falsy hub for a dead one and quits. Let the hub run first.
@@ -103,8 +102,6 @@ class Server:
             def handle(client, address, http=http):
                 _http.Connection(client, address, http, self.connections).handle()
 
-            if self.metrics is not None:
-                http.observe = self.metrics.observe_http
             srv = StreamServer(sock, handle, spawn=pool)
             srv.http_settings = http
             self.servers.append(srv)
@@ -116,10 +113,12 @@ class Server:
         import gevent
         from gevent.event import Event
 
-        from . import events, hooks
+        from . import events
+        from .runtime import get_runtime
 
         log = logging.getLogger("greenqueue.server")
         s = self.settings
+        self.runtime = rt = get_runtime()
         app = self._observed(load_app(self.app_spec))
         listeners = []
         try:
@@ -133,19 +132,16 @@ class Server:
             self._remove_unix_sockets()
             raise
         self._stream_servers(app, listeners)
-        self._configure_tasks()
+        opts = {k: s[k] for k in ("max_concurrency", "max_pending") if s.get(k) is not None}
+        if opts:
+            rt.configure(**opts)
         try:
-            hooks.run_startup()
+            rt.hooks.run_startup()
         except Exception as exc:
             self._remove_unix_sockets()
             raise StartupError("startup hook failed: %s: %s (at %s)" % (type(exc).__name__, exc, where(exc)),
                                EXIT_STARTUP) from None
-        pools_started = self._start_pools()
-        self._open_journal()
-        self._start_scheduler()
-        consumers = sys.modules.get("greenqueue.consumers")
-        if consumers is not None:
-            consumers.start_all()  # only apps that declared @consume handlers imported the module
+        self._start_runtime()
         stop = Event()
         reason = []
 
@@ -164,8 +160,10 @@ class Server:
         addresses = tuple(display(b) for b, _ in listeners)
         events.notify(events.ServerStarting(addresses=addresses, app=self.app_spec))
         extras = []
-        if pools_started:
-            extras.append("dirty apps: " + ", ".join(pools_started))
+        if s["dirty_apps"]:
+            extras.append("dirty apps: " + ", ".join(s["dirty_apps"]))
+        if rt.store.durable:
+            extras.append("journal: " + rt.store.display)
         first = addresses[0] if addresses[0].startswith("http") else "http://localhost"
         if s["dashboard_path"]:
             extras.append("dashboard: %s%s/" % (first, s["dashboard_path"].rstrip("/")))
@@ -189,54 +187,30 @@ class Server:
                 raise StartupError("--%s %r: must start with /" % (name.replace("_", "-"), s[name]))
         wrapped, self.metrics = dashboard.install(app, s["metrics_path"], s["dashboard_path"],
                                                   parse_ips(s["dashboard_allow_ips"]), s["dashboard_token"],
-                                                  self.connections)
+                                                  self.connections, runtime=self.runtime)
         return wrapped
 
-    def _configure_tasks(self):
+    def _start_runtime(self):
+        """Start pools, the journal, the scheduler and consumers; a failure stops what started."""
         s = self.settings
-        opts = {k: s[k] for k in ("max_concurrency", "max_pending") if s.get(k) is not None}
-        if opts:
-            from . import tasks
-            tasks.configure(**opts)
-
-    def _start_pools(self):
-        s = self.settings
-        if not s["dirty_apps"]:
-            return []
-        from . import procpool
         try:
-            procpool.start_pools(s["dirty_apps"], workers=s["dirty_workers"], timeout=s["dirty_timeout"])
+            self.runtime.start(dirty_apps=s["dirty_apps"], dirty_workers=s["dirty_workers"],
+                               dirty_timeout=s["dirty_timeout"], journal=s["journal"] or None)
         except Exception as exc:
             self._remove_unix_sockets()
-            raise StartupError("--dirty-app: %s: %s" % (type(exc).__name__, exc), EXIT_STARTUP) from None
-        return list(s["dirty_apps"])
-
-    def _open_journal(self):
-        path = self.settings["journal"]
-        if not path:
-            return
-        from . import journal
-        try:
-            journal.enable(path)
-        except Exception as exc:
-            self._remove_unix_sockets()
-            procpool = sys.modules.get("greenqueue.procpool")
-            if procpool is not None:
-                procpool.stop_all(5)
-            raise StartupError("--journal: %s" % exc) from None
-
-    def _start_scheduler(self):
-        scheduler = sys.modules.get("greenqueue.scheduler")
-        if scheduler is not None:
-            # Only apps that declared @periodic jobs imported the scheduler; others pay nothing.
-            scheduler.get_scheduler().start()
+            self.runtime.pools.stop(5)
+            from .errors import JournalError
+            if isinstance(exc, JournalError):
+                raise StartupError("--journal: %s" % exc) from None
+            raise StartupError("--dirty-app: %s: %s" % (type(exc).__name__, exc)) from None
 
     def shutdown(self, reason):
         """Graceful shutdown: stop accepting, drain connections and tasks, stop pools, run hooks."""
 
-        from . import events, hooks
+        from . import events
 
         log = logging.getLogger("greenqueue.server")
+        rt = self.runtime
         deadline = time.monotonic() + self.settings["graceful_timeout"]
         events.notify(events.ServerStopping(reason=reason))
         for srv in self.servers:
@@ -250,14 +224,8 @@ class Server:
         busy = sum(1 for c in self.connections if not c.idle)
         log.info("%s: stopped accepting; draining %d busy connection(s), graceful timeout %.0fs",
                  reason, busy, self.settings["graceful_timeout"])
-        scheduler = sys.modules.get("greenqueue.scheduler")
-        if scheduler is not None:
-            scheduler.get_scheduler().stop()
-        consumers = sys.modules.get("greenqueue.consumers")
-        if consumers is not None and consumers.consumers():
-            # Stop taking messages first; batches in hand finish (and ack) before anything closes.
-            consumers.stop_all(max(1.0, deadline - time.monotonic()))
-            log.info("consumers stopped")
+        # Stop taking messages and firing jobs first; batches in hand finish (and ack) before anything closes.
+        rt.stop_intake(deadline - time.monotonic())
         for conn in list(self.connections):
             conn.close_if_idle()
         self.pool.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -267,33 +235,14 @@ class Server:
             self.pool.kill(block=True, timeout=5)
         else:
             log.info("connections drained")
-        self._drain_tasks(log, deadline)
-        procpool = sys.modules.get("greenqueue.procpool")
-        if procpool is not None:
-            procpool.stop_all(max(1.0, deadline - time.monotonic()))
+        rt.drain(deadline - time.monotonic())
+        if len(rt.pools):
+            rt.pools.stop(max(1.0, deadline - time.monotonic()))
             log.info("worker pools stopped")
-        journal = sys.modules.get("greenqueue.journal")
-        if journal is not None:
-            journal.close()
-        hooks.run_shutdown()
+        rt.close_store()
+        rt.hooks.run_shutdown()
         log.info("shutdown complete")
         return 0
-
-    def _drain_tasks(self, log, deadline):
-        tasks = sys.modules.get("greenqueue.tasks")
-        if tasks is None:
-            return
-        report = tasks.drain(max(0.0, deadline - time.monotonic()))
-        journal = sys.modules.get("greenqueue.journal")
-        if journal is not None and journal.get() is not None:
-            # From here on, what is unfinished stays unfinished in the file and runs at the next start.
-            journal.stop_recording()
-            log.info("journal: %d delayed and %d unfinished task(s) kept for the next start",
-                     report.scheduled, report.running + report.pending)
-        if not report.complete:
-            log.warning("graceful timeout: cancelling %d running and %d waiting task(s)",
-                        report.running, report.pending)
-            tasks.get_runner().kill()
 
     def _remove_unix_sockets(self):
         for path in self.unix_paths:

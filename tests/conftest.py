@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import gevent
 import pytest
+
+import greenqueue.runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -164,13 +167,13 @@ def server_factory(tmp_path):
             srv._log.close()
 
 
+# In-process tests drive tasks on this thread's hub (they call gevent.sleep, wait on
+# gevent Events): with a hub here, the runner picks it instead of a thread of its own.
+gevent.get_hub()
+
+
 @pytest.fixture(autouse=True)
 def _reset_greenqueue_state():
-    """Give every test fresh default runner, scheduler, pools and hooks."""
+    """Give every test a fresh default runtime: runner, scheduler, pools, consumers, hooks, store."""
     yield
-    for name in ("greenqueue.journal", "greenqueue.scheduler", "greenqueue.tasks", "greenqueue.procpool",
-                 "greenqueue.hooks"):
-        module = sys.modules.get(name)
-        reset = getattr(module, "reset", None)
-        if reset is not None:
-            reset()
+    greenqueue.runtime.reset()

@@ -199,7 +199,7 @@ def test_spawning_never_blocks_when_every_slot_is_busy():
     for r in results + [extra]:
         r.get(WAIT)
     assert order == [0, 1, 2, 3, 4, "extra"]  # FIFO
-    assert (runner.running, runner.pending, runner._active) == (0, 0, 0)
+    assert (runner.running, runner.pending, runner.slots_in_use) == (0, 0, 0)
 
 
 def test_overloaded_past_max_pending():
@@ -233,7 +233,7 @@ def test_task_waiting_on_task_never_deadlocks_with_one_slot():
 
     assert chain.spawn(5).get(WAIT) == 6
     runner = get_runner()
-    assert runner._active == 0 and runner.running == 0
+    assert runner.slots_in_use == 0 and runner.running == 0
 
 
 def test_waiting_task_gets_its_slot_back_without_starving():
@@ -255,7 +255,7 @@ def test_waiting_task_gets_its_slot_back_without_starving():
     assert get_runner().running == 2  # the waiter lent its slot to the blocker
     gate.set()
     assert w.get(WAIT) == "b"
-    assert get_runner()._active == 0
+    assert get_runner().slots_in_use == 0
 
 
 def test_retries_with_delay_and_exponential_backoff(recorded):
@@ -357,7 +357,7 @@ def test_timeout_counts_as_a_failed_attempt_for_retries():
 
 @pytest.mark.parametrize("raised, expected_state, expected_error", [
     (gevent.Timeout, FAILURE, errors.TaskTimeout),
-    (gevent.GreenletExit, CANCELLED, errors.TaskCancelled),
+    (gevent.GreenletExit, CANCELLED, errors.CancelledError),
 ])
 def test_base_exceptions_raised_by_a_task_still_give_a_result(raised, expected_state, expected_error):
 
@@ -377,7 +377,7 @@ def test_killing_a_task_greenlet_from_outside_gives_cancelled():
     r = spawn(lambda: (started.set(), gevent.sleep(WAIT * 10)))
     started.wait(WAIT)
     r._greenlet.kill()
-    with pytest.raises(errors.TaskCancelled):
+    with pytest.raises(errors.CancelledError):
         r.get(WAIT)
     assert r.state == CANCELLED
 
@@ -391,7 +391,7 @@ def test_cancel_pending_task_prevents_it_from_running(recorded):
     after = spawn(ran.append, "after")
     assert victim.cancel() is True
     assert victim.state == CANCELLED and victim.ready() and victim.failed()
-    with pytest.raises(errors.TaskCancelled):
+    with pytest.raises(errors.CancelledError):
         victim.get(WAIT)
     assert get_runner().pending == 1
     gate.set()
@@ -429,10 +429,10 @@ def test_cancel_running_task_kills_its_greenlet(recorded):
     assert r.cancel() is True
     assert r.state == CANCELLED
     assert cleaned_up.wait(WAIT)
-    with pytest.raises(errors.TaskCancelled):
+    with pytest.raises(errors.CancelledError):
         r.get(WAIT)
     wait_until(lambda: get_runner().running == 0, message="greenlet gone")
-    assert get_runner()._active == 0
+    assert get_runner().slots_in_use == 0
     assert kinds(recorded, r) == ["TaskSpawned", "TaskStarted", "TaskCancelled"]
 
 
@@ -452,7 +452,7 @@ def test_cancel_task_blocked_in_get_releases_everything():
     gate.set()
     inner_holder[0].get(WAIT)
     wait_until(lambda: get_runner().running == 0, message="all finished")
-    assert get_runner()._active == 0
+    assert get_runner().slots_in_use == 0
 
 
 def test_idle_tasks_run_after_normal_tasks_and_only_when_the_hub_is_idle():
@@ -617,7 +617,7 @@ def test_results_expire_after_result_ttl():
     fresh = spawn(lambda: "y")
     fresh.get(WAIT)
     # Inserting a new result also prunes expired ones, so memory stays bounded.
-    assert r.id not in get_runner()._finished
+    assert r.id not in [kept.id for kept in get_runner().snapshot(100)["recent"]]
 
 
 def test_finished_results_drop_their_arguments():

@@ -10,7 +10,8 @@ from .web import Observability
 __all__ = ["Metrics", "Observability", "install"]
 
 
-def install(app, metrics_path=None, dashboard_path=None, allow_ips=None, token=None, connections=None):
+def install(app, metrics_path=None, dashboard_path=None, allow_ips=None, token=None, connections=None,
+            runtime=None):
     """Start collecting metrics and return ``(wrapped app, metrics)``."""
-    metrics = Metrics(connections).install()
+    metrics = Metrics(connections, runtime).install()
     return Observability(app, metrics, metrics_path, dashboard_path, allow_ips, token), metrics

@@ -52,12 +52,12 @@ class Metrics:
     That keeps the cost per task to a few hundred nanoseconds.
     """
 
-    def __init__(self, connections=None):
+    def __init__(self, connections=None, runtime=None):
         self.registry = CollectorRegistry(auto_describe=False)
         self.counters = {name: collections.Counter() for name, _, _ in _COUNTERS}
         self.hists = {name: collections.defaultdict(_Hist) for name, _, _ in _HISTOGRAMS}
         self.registry.register(_Exporter(self))
-        self.registry.register(_StateCollector(connections))
+        self.registry.register(_StateCollector(connections, runtime))
         self.history = History()
         self._listener = None
         self._tasks = {}  # task name -> its label tuples and duration histogram, made once
@@ -74,25 +74,15 @@ class Metrics:
         return t
 
     def install(self):
-        """Start listening to events and to process-pool and HTTP observations."""
-        import zope.event
-
-        from .. import procpool
-        self._listener = self._on_event
-        zope.event.subscribers.append(self._listener)
-        procpool.observe = self.observe_pool
+        """Start listening to task, job, worker, consumer, pool-call and HTTP events."""
+        self._listener = events.subscribe(self._on_event, *_HANDLED)
         return self
 
     def uninstall(self):
         """Stop listening."""
-        import zope.event
-
-        from .. import procpool
-        if self._listener in zope.event.subscribers:
-            zope.event.subscribers.remove(self._listener)
+        if self._listener is not None:
+            self._listener()
         self._listener = None
-        if procpool.observe == self.observe_pool:
-            procpool.observe = None
 
     def _on_event(self, e):
         kind = type(e)
@@ -109,8 +99,11 @@ class Metrics:
             self.history.add(r.state, d, e.timestamp)
         elif kind is events.TaskSpawned:
             (self._tasks.get(e.result.name) or self._task(e.result.name))["spawned"][0] += 1
-        elif kind is events.TaskStarted:
-            return
+        elif kind is events.RequestFinished:
+            self.counters["greenqueue_http_requests"][(str(e.status or 0),)] += 1
+            self.hists["greenqueue_http_request_seconds"][()].observe(e.seconds)
+        elif kind is events.PoolCallFinished:
+            self.hists["greenqueue_procpool_seconds"][(e.pool.name, e.kind)].observe(e.seconds)
         elif kind is events.TaskCancelled:
             r = e.result
             (self._tasks.get(r.name) or self._task(r.name))["CANCELLED"][0] += 1
@@ -140,19 +133,15 @@ class Metrics:
             self.hists["greenqueue_consumer_batch_seconds"][(name,)].observe(e.seconds)
             self.hists["greenqueue_consumer_batch_size"][(name,)].observe(e.count)
 
-    def observe_pool(self, pool, kind, seconds):
-        """Record one process-pool call or stream."""
-        self.hists["greenqueue_procpool_seconds"][(pool.name, kind)].observe(seconds)
-
-    def observe_http(self, environ, status, seconds):
-        """Record one HTTP request."""
-        self.counters["greenqueue_http_requests"][(str(status or 0),)] += 1
-        self.hists["greenqueue_http_request_seconds"][()].observe(seconds)
-
     def render(self):
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
+
+# Every event type _on_event counts; TaskStarted is not one of them, so it costs metrics nothing.
+_HANDLED = (events.TaskSucceeded, events.TaskFailed, events.TaskSpawned, events.TaskCancelled,
+            events.TaskRetrying, events.JobFired, events.JobSkipped, events.JobMissed, events.WorkerExited,
+            events.MessagesHandled, events.MessagesFailed, events.RequestFinished, events.PoolCallFinished)
 
 _COUNTERS = [
     ("greenqueue_tasks_spawned", "Tasks accepted", ["task"]),
@@ -251,32 +240,33 @@ def _rss_bytes(pid):
 class _StateCollector:
     """Gauges read at scrape time: tasks waiting/running, worker processes, open connections."""
 
-    def __init__(self, connections):
+    def __init__(self, connections, runtime=None):
         self.connections = connections
+        self.runtime = runtime
 
     def collect(self):
-        import sys
-        tasks = sys.modules.get("greenqueue.tasks")
+        runtime = self.runtime
+        if runtime is None:
+            from ..runtime import get_runtime
+            runtime = get_runtime()
         g = GaugeMetricFamily("greenqueue_tasks", "Tasks now, by state", labels=["state"])
-        if tasks is not None:
-            stats = tasks.get_runner().stats()
-            for state in ("running", "pending", "scheduled"):
-                g.add_metric([state], stats[state])
+        stats = runtime.runner.stats()
+        for state in ("running", "pending", "scheduled"):
+            g.add_metric([state], stats[state])
         yield g
-        procpool = sys.modules.get("greenqueue.procpool")
         workers = GaugeMetricFamily("greenqueue_workers", "Worker processes", labels=["pool", "state"])
         calls = CounterMetricFamily("greenqueue_worker_calls", "Calls served by live workers", labels=["pool"])
         restarts = CounterMetricFamily("greenqueue_worker_restarts", "Workers replaced", labels=["pool"])
         rss = GaugeMetricFamily("greenqueue_worker_rss_bytes", "Resident memory of a pool's workers",
                                 labels=["pool"])
-        for pool in list(getattr(procpool, "_pools", {}).values()) if procpool else []:
-            stats = pool.stats()
+        for stats in runtime.pools.stats():
             ws = stats["workers"]
-            workers.add_metric([pool.name, "alive"], len(ws))
-            workers.add_metric([pool.name, "busy"], sum(1 for w in ws if w["busy"]))
-            calls.add_metric([pool.name], sum(w["calls"] for w in ws))
-            restarts.add_metric([pool.name], stats["restarts"])
-            rss.add_metric([pool.name], sum(_rss_bytes(w["pid"]) or 0 for w in ws if w["pid"]))
+            name = stats["name"]
+            workers.add_metric([name, "alive"], len(ws))
+            workers.add_metric([name, "busy"], sum(1 for w in ws if w["busy"]))
+            calls.add_metric([name], sum(w["calls"] for w in ws))
+            restarts.add_metric([name], stats["restarts"])
+            rss.add_metric([name], sum(_rss_bytes(w["pid"]) or 0 for w in ws if w["pid"]))
         yield workers
         yield calls
         yield restarts

@@ -1,12 +1,11 @@
 """A JSON-ready snapshot of everything running in this process, for the dashboard.
 
-Concurrency model: built in the requesting greenlet from the runners' own
-structures (read-only; no greenlet switch happens while it is built, so the
-view is consistent).
+Concurrency model: built in the requesting greenlet from the runtime's
+public snapshot (taken on the task hub's thread without a greenlet switch,
+so the view is consistent), then turned into JSON-ready dicts.
 """
 
 import os
-import sys
 import sysconfig
 
 __all__ = ["snapshot"]
@@ -36,30 +35,20 @@ def _task(r, full=False):
     return d
 
 
-def snapshot(metrics=None):
+def snapshot(metrics=None, runtime=None):
     """Tasks (running, waiting, scheduled, recent), jobs, pools and the last hour's history."""
-    out = {"tasks": {}, "counts": {}, "jobs": [], "pools": [], "history": [], "journal": False}
-    tasks = sys.modules.get("greenqueue.tasks")
-    if tasks is not None:
-        runner = tasks.get_runner()
-        out["counts"] = runner.stats()
-        out["tasks"]["running"] = [_task(r) for r in list(runner._running.values())[:LIMIT]]
-        waiting = [r for r in list(runner._pending) + list(runner._idle_q) if r._where in ("pending", "idle")]
-        out["tasks"]["pending"] = [_task(r) for r in waiting[:LIMIT]]
-        scheduled = sorted(runner._heap)[:LIMIT]
-        out["tasks"]["scheduled"] = [_task(entry[-1]) for entry in scheduled if entry[-1]._where == "scheduled"]
-        recent = list(runner._finished.values())[-LIMIT:]
-        recent.reverse()
-        out["tasks"]["recent"] = [_task(r, full=True) for r in recent]
-    journal = sys.modules.get("greenqueue.journal")
-    out["journal"] = bool(journal is not None and journal.get() is not None)
-    scheduler = sys.modules.get("greenqueue.scheduler")
-    if scheduler is not None:
-        out["jobs"] = [dict(j, next_run=_iso(j["next_run"]), last_run=_iso(j["last_run"]))
-                       for j in scheduler.get_scheduler().jobs()]
-    procpool = sys.modules.get("greenqueue.procpool")
-    if procpool is not None:
-        out["pools"] = [dict(p.stats(), name=p.name) for p in procpool._pools.values()]
+    if runtime is None:
+        from ..runtime import get_runtime
+        runtime = get_runtime()
+    snap = runtime.snapshot(LIMIT)
+    tasks = snap["tasks"]
+    out = {"counts": snap["counts"], "journal": snap["durable"], "store": snap["store"], "history": [],
+           "tasks": {"running": [_task(r) for r in tasks["running"]],
+                     "pending": [_task(r) for r in tasks["pending"]],
+                     "scheduled": [_task(r) for r in tasks["scheduled"]],
+                     "recent": [_task(r, full=True) for r in tasks["recent"]]},
+           "jobs": [dict(j, next_run=_iso(j["next_run"]), last_run=_iso(j["last_run"])) for j in snap["jobs"]],
+           "pools": snap["pools"]}
     if metrics is not None:
         out["history"] = metrics.history.series()
     return out

@@ -10,7 +10,6 @@ import hmac
 import ipaddress
 import json
 import os
-import sys
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -121,17 +120,17 @@ class Observability:
         return _json(start_response, "404 Not Found", {"error": "no such dashboard page"})
 
     def _action(self, start_response, task_id, action):
-        from .. import tasks
+        from ..runtime import get_runtime
+        runtime = get_runtime()
         if action == "cancel":
-            r = tasks.get_runner().result(task_id)
+            r = runtime.runner.result(task_id)
             if r is None:
                 return _json(start_response, "404 Not Found", {"error": "no such task"})
             return _json(start_response, "200 OK", {"cancelled": r.cancel(), "state": r.state})
-        journal = sys.modules.get("greenqueue.journal")
-        if journal is None or journal.get() is None:
+        if not runtime.store.durable:
             return _json(start_response, "409 Conflict", {"error": "retry needs the journal (--journal PATH)"})
         try:
-            r = journal.retry(task_id)
+            r = runtime.retry(task_id)
         except Exception as exc:
             return _json(start_response, "409 Conflict", {"error": str(exc)})
         return _json(start_response, "200 OK", {"retried": True, "state": r.state})

@@ -1,37 +1,41 @@
 """The task journal: an embedded SQLite file that lets tasks survive restarts and crashes.
 
-Concurrency model: the journal is a listener on the task events. It runs in
-whichever greenlet published the event and only queues a write; one writer
-greenlet hands each batch of queued writes to a dedicated one-thread pool,
-where the SQLite connection lives, and commits the batch as one transaction
-(group commit). The hub never waits for the disk. A journaled ``spawn()``
-waits (its own greenlet only) until its row is committed, so every spawn
-that returned survives ``kill -9``; state changes after that are written
-without waiting. Nothing here survives a fork: worker processes never touch
+Concurrency model: the journal is the runner's :class:`Store`. The runner
+calls it from task greenlets and the spawning greenlet on the runner's hub
+thread; each call only queues a write, except ``spawned``, which waits (its
+own greenlet only) until its row is committed, so every spawn that returned
+survives ``kill -9``. One writer greenlet hands each batch of queued writes
+to a dedicated one-thread pool, where the SQLite connection lives, and
+commits the batch as one transaction (group commit). The hub never waits
+for the disk. Nothing here survives a fork: worker processes never touch
 the journal.
 
-Storage sits behind :class:`SQLiteStore`, whose methods use portable SQL
-(upserts, no SQLite-only types) so a PostgreSQL store with leases and
-``FOR UPDATE SKIP LOCKED`` claims can be a second class with the same
-methods.
+Storage sits behind :class:`SQLiteStore`; the rules a store shared by
+several nodes must keep are in ``_engine.py`` (a PostgreSQL engine is the
+second implementation).
 """
 
 import datetime
 import logging
-import os
 import pickle
 import time
+from typing import Any, List, Optional
 
-from .. import events
-from ..errors import JournalError, RemoteError
-from ._store import SCHEMA_VERSION, UNFINISHED, SQLiteStore, _dumps, _loads
+from ..errors import JournalError
+from ._base import MemoryStore, Store
+from ._engine import FINAL, UNFINISHED, TaskRow
+from ._store import SCHEMA_VERSION, SQLiteStore, _dumps, _loads
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SQLiteStore", "Journal", "enable", "get", "lookup", "stop_recording", "close", "reset", "retry",
-           "record_periodic_run", "last_periodic_run", "SCHEMA_VERSION"]
+__all__ = ["Store", "MemoryStore", "Journal", "SQLiteStore", "TaskRow", "SCHEMA_VERSION", "open_store",
+           "loads", "dumps", "UNFINISHED", "FINAL"]
 
 _UTC = datetime.timezone.utc
+
+#: How stored arguments and results are turned into bytes and back ("json" or "pickle").
+dumps = _dumps
+loads = _loads
 
 
 class _Batch:
@@ -58,30 +62,41 @@ class _Batch:
 
 
 class Journal:
-    """The running journal: records task events and replays unfinished tasks at start-up."""
+    """The runner's durable store on an SQLite file: records transitions, returns unfinished rows."""
 
-    def __init__(self, path):
+    durable = True
+
+    def __init__(self, path: str, result_ttl: float = 3600.0, max_results: int = 10000):
         from gevent.threadpool import ThreadPool
 
         self.store = SQLiteStore(path)
         self.path = self.store.path
+        self.display = self.path
         self._pool = ThreadPool(1)  # one thread owns the connection
-        self._queue = []         # (op, args) not yet handed to the journal thread
+        self._queue: list = []   # (op, args) not yet handed to the journal thread
         self._batch = _Batch()   # what waiters of the queued writes wait on
-        self._wake = None
-        self._writer = None
-        self._ids = set()
-        self._unsubscribe = None
-        self.result_ttl = 3600.0
+        self._wake: Any = None
+        self._writer: Any = None
+        self._recording = True
+        self.result_ttl = result_ttl
+        # Recent results stay in memory too: lookups of fresh results never touch the disk.
+        self.memory = MemoryStore(result_ttl, max_results)
 
-    def call(self, method, *args):
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def recent(self, limit: int) -> List[Any]:
+        """The newest ``limit`` results finished in this process, newest first."""
+        return self.memory.recent(limit)
+
+    def call(self, method: str, *args: Any) -> Any:
         """Run a store method on the journal thread (this greenlet waits, the hub does not)."""
         ok, value = self._pool.apply(_guarded, (getattr(self.store, method),) + args)
         if not ok:
             raise value
         return value
 
-    def open(self):
+    def open(self) -> "Journal":
         """Open the file and start the writer; JournalError says what is wrong."""
         import gevent
         from gevent.event import Event
@@ -93,7 +108,7 @@ class Journal:
 
     # -- writing ------------------------------------------------------------------
 
-    def write(self, op, *args, wait=False):
+    def write(self, op: str, *args: Any, wait: bool = False) -> None:
         """Queue a write; with ``wait`` block this greenlet until it is committed."""
         self._queue.append((op, args))
         batch = self._batch
@@ -102,7 +117,7 @@ class Journal:
         if wait:
             batch.wait()
 
-    def _write_loop(self):
+    def _write_loop(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -122,130 +137,100 @@ class Journal:
                 continue
             batch.done(None)
 
-    def flush(self):
+    def flush(self) -> None:
         """Wait until every queued write is committed."""
         if self._writer is not None and not self._writer.dead:
             self.write("expire", time.time(), wait=True)
 
-    # -- recording task events ----------------------------------------------------
+    # -- the Store protocol ----------------------------------------------------------
 
-    def attach(self):
-        """Start recording task events."""
-        import zope.event
-
-        zope.event.subscribers.append(self._on_event)
-
-        def unsubscribe():
-            if self._on_event in zope.event.subscribers:
-                zope.event.subscribers.remove(self._on_event)
-        self._unsubscribe = unsubscribe
-
-    def detach(self):
-        """Stop recording: unfinished tasks keep their last recorded state (used on shutdown)."""
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-
-    def _journaled_task(self, r):
-        t = _find_task(r.name)
-        if t is None or t.fn is not r._fn or t.batch_size is not None:
-            return None
-        return t
-
-    def _on_event(self, event):
-        kind = type(event)
-        if kind is events.TaskSpawned:
-            r = event.result
-            t = self._journaled_task(r)
-            if t is not None:
-                self._record_spawn(r, t, time.time())
-            return
-        r = getattr(event, "result", None)
-        if r is None or r.id not in self._ids:
-            return
-        if kind is events.TaskStarted:
-            self.write("started", r.id, time.time())
-        elif kind is events.TaskRetrying:
-            now = time.time()
-            exc = event.exception
-            self.write("retry", r.id, now + (event.delay or 0), type(exc).__name__ if exc else None,
-                       str(exc) if exc else None, now)
-        elif kind is events.TaskSucceeded or kind is events.TaskFailed or kind is events.TaskCancelled:
-            now = time.time()
-            self._ids.discard(r.id)
-            serializer = getattr(self._journaled_task_by_name(r.name), "serializer", "json")
-            try:
-                blob = _dumps(serializer, r.result) if r.state == "SUCCESS" else None
-            except (TypeError, ValueError, pickle.PicklingError):
-                blob = _dumps("json", repr(r.result))  # keep something readable rather than nothing
-            exc = r.exception
-            self.write("finish", r.id, r.state, blob, type(exc).__name__ if exc else None,
-                       str(exc) if exc else None, r.traceback, now, now + self.result_ttl, 0)
-
-    def _journaled_task_by_name(self, name):
-        return _find_task(name)
-
-    def _record_spawn(self, r, t, now):
-        serializer = getattr(t, "serializer", "json")
+    def spawned(self, r: Any, args: tuple, kwargs: dict, serializer: str) -> None:
+        """Write the task's row and wait for its commit (JournalError when it cannot be written)."""
         try:
-            payload = _dumps(serializer, {"args": list(r._args), "kwargs": r._kwargs})
+            payload = _dumps(serializer, {"args": list(args), "kwargs": kwargs})
         except (TypeError, ValueError) as exc:
-            r._runner._live.pop(r.id, None)
             raise TypeError("task %s: arguments cannot be journaled as JSON (%s); pass ids instead "
-                            "of objects, or use @task(serializer='pickle')" % (t.name, exc)) from None
+                            "of objects, or use @task(serializer='pickle')" % (r.name, exc)) from None
         eta = r.eta.timestamp() if r.eta is not None else None
-        rec = {"id": r.id, "name": t.name, "serializer": serializer, "payload": payload,
-               "state": r.state, "eta": eta, "attempts": r.retries, "now": now}
-        self._ids.add(r.id)
-        try:
-            self.write("enqueue", rec, wait=True)
-        except JournalError:
-            self._ids.discard(r.id)
-            r._runner._live.pop(r.id, None)
-            raise
+        rec = {"id": r.id, "name": r.name, "serializer": serializer, "payload": payload,
+               "state": r.state, "eta": eta, "attempts": r.retries, "now": time.time()}
+        self.write("enqueue", rec, wait=True)
 
-    # -- start-up replay ------------------------------------------------------------
+    def started(self, r: Any) -> None:
+        """Count the attempt."""
+        if self._recording:
+            self.write("started", r.id, time.time())
 
-    def replay(self, runner):
-        """Spawn every unfinished journaled task again; returns (replayed, kept unknown)."""
-        rows = self.call("unfinished")
-        replayed, unknown = 0, []
+    def retrying(self, r: Any, delay: float, exc: Optional[BaseException]) -> None:
+        """Record the failed attempt and when the next one is due."""
+        if self._recording:
+            now = time.time()
+            self.write("retry", r.id, now + (delay or 0), type(exc).__name__ if exc else None,
+                       str(exc) if exc else None, now)
+
+    def finished(self, r: Any, serializer: Optional[str]) -> bool:
+        """Record the final state and result (kept until result_ttl)."""
+        self.memory.finished(r)
+        if not self._recording or serializer is None:
+            return True
         now = time.time()
-        for row in rows:
-            t = _find_task(row["name"])
-            if t is None:
-                unknown.append(row)
-                self.write("note", row["id"], "no task named %r was registered at the last start; kept"
-                           % row["name"])
-                continue
-            data = _loads(row["serializer"], row["payload"])
-            eta = None
-            if row["eta"] is not None and row["eta"] > now:
-                eta = datetime.datetime.fromtimestamp(row["eta"], _UTC)
-            runner.spawn(t.fn, tuple(data["args"]), data["kwargs"], name=t.name, opts=t.opts,
-                         eta=eta, force=True, task_id=row["id"], retries=row["attempts"])
-            replayed += 1
-        if unknown:
-            names = sorted({row["name"] for row in unknown})
-            log.warning("journal %s: kept %d task(s) whose function is not registered: %s "
-                        "(see python -m greenqueue.journal %s list)", self.path, len(unknown),
-                        ", ".join(names), self.path)
-        if replayed:
-            log.info("journal %s: replayed %d unfinished task(s)", self.path, replayed)
-        return replayed, len(unknown)
+        try:
+            blob = _dumps(serializer, r.result) if r.state == "SUCCESS" else None
+        except (TypeError, ValueError, pickle.PicklingError):
+            blob = _dumps("json", repr(r.result))  # keep something readable rather than nothing
+        exc = r.exception
+        self.write("finish", r.id, r.state, blob, _error_type(exc), str(exc) if exc else None, r.traceback,
+                   now, now + self.result_ttl, 0)
+        return True
 
-    def lookup(self, task_id):
-        """A finished TaskResult read back from the file, or None."""
+    def lookup(self, task_id: str) -> Any:
+        """A finished result: from memory when recent, else the row read back from the file."""
+        r = self.memory.lookup(task_id)
+        if r is not None:
+            return r
         row = self.call("get", task_id)
         if row is None or row["state"] in UNFINISHED:
             return None
         if row["expires_at"] is not None and row["expires_at"] < time.time():
             return None
-        return _restored_result(row)
+        return _row(row)
 
-    def close(self):
+    def unfinished(self) -> List[TaskRow]:
+        """Every row not in a final state, oldest first."""
+        return [_row(d) for d in self.call("unfinished")]
+
+    def note(self, task_id: str, text: str) -> None:
+        """Attach a note to a row (shown by the journal CLI)."""
+        self.write("note", task_id, text)
+
+    def requeue(self, task_id: str) -> TaskRow:
+        """Check that a failed or cancelled row may run again and return it (fresh attempt budget)."""
+        row = self.call("get", task_id)
+        if row is None:
+            raise JournalError("task %s is not in the journal %s" % (task_id, self.path))
+        if row["state"] not in ("FAILURE", "CANCELLED"):
+            raise JournalError("task %s is %s; only failed or cancelled tasks can be retried"
+                               % (task_id, row["state"]))
+        row["attempts"] = 0
+        return _row(row)
+
+    def fired(self, job: str, due: datetime.datetime) -> bool:
+        """Record that ``job``'s run due at ``due`` fired."""
+        self.write("periodic", job, due.timestamp(), time.time())
+        return True
+
+    def last_fired(self, job: str) -> Optional[datetime.datetime]:
+        """The latest recorded due time of ``job`` as an aware UTC datetime, or None."""
+        ts = self.call("last_periodic", job)
+        return None if ts is None else datetime.datetime.fromtimestamp(ts, _UTC)
+
+    def stop_recording(self) -> None:
+        """Stop writing transitions: what is unfinished now stays unfinished in the file (shutdown)."""
+        self._recording = False
+
+    def close(self) -> None:
         """Flush, stop the writer and close the file."""
-        self.detach()
+        self._recording = False
         try:
             self.flush()
         finally:
@@ -257,14 +242,21 @@ class Journal:
                 self._pool.kill()
 
 
-_registry = None
+def open_store(path: str, result_ttl: float = 3600.0, max_results: int = 10000) -> Journal:
+    """Open the journal at ``path`` (JournalError names the file and what to do)."""
+    return Journal(path, result_ttl, max_results).open()
 
 
-def _find_task(name):
-    global _registry
-    if _registry is None:
-        from ..tasks._task import _registry  # read-only peek: this runs on every task event
-    return _registry.get(name)
+def _error_type(exc: Optional[BaseException]) -> Optional[str]:
+    if exc is None:
+        return None
+    # A RemoteError read back from the file keeps the original type's name.
+    return getattr(exc, "remote_type", None) or type(exc).__name__
+
+
+def _row(d: dict) -> TaskRow:
+    fields = {k: v for k, v in d.items() if k != "updated_at"}
+    return TaskRow(**fields)
 
 
 def _guarded(fn, *args):
@@ -274,103 +266,3 @@ def _guarded(fn, *args):
         return True, fn(*args)
     except Exception as exc:
         return False, exc
-
-
-def _restored_result(row):
-    from ..tasks import TaskResult, get_runner
-    from ..tasks._runner import _NO_OPTIONS
-
-    r = TaskResult(get_runner(), row["id"], row["name"], None, (), {}, _NO_OPTIONS, None)
-    r.retries = max(0, row["attempts"] - 1)
-    r._started_ts = row["started_at"]
-    r._finished_ts = row["finished_at"]
-    if row["state"] == "SUCCESS":
-        r._set("SUCCESS", _loads(row["serializer"], row["result"]))
-    else:
-        # The original exception object did not survive the restart; its type, message
-        # and traceback did.
-        r._set(row["state"], exc=RemoteError(row["error"] or "", row["error_type"] or "Exception",
-                                             row["traceback"] or ""), tb=row["traceback"] or "")
-    return r
-
-
-_current = None
-
-
-def enable(path, result_ttl=None):
-    """Open the journal at ``path``, record task events and replay unfinished tasks."""
-    global _current
-    if _current is not None:
-        if _current.path == os.fspath(path):
-            return _current
-        raise JournalError("a journal (%s) is already open" % _current.path)
-    j = Journal(path)
-    from ..tasks import get_runner
-    runner = get_runner()
-    j.result_ttl = result_ttl if result_ttl is not None else runner.result_ttl
-    j.open()
-    j.attach()
-    _current = j
-    j.replay(runner)
-    return j
-
-
-def get():
-    """The open journal, or None."""
-    return _current
-
-
-def lookup(task_id):
-    """A finished result from the open journal (None without one)."""
-    return _current.lookup(task_id) if _current is not None else None
-
-
-def stop_recording():
-    """Stop recording events so what is unfinished at shutdown stays unfinished in the file."""
-    if _current is not None:
-        _current.detach()
-
-
-def close():
-    """Flush and close the open journal."""
-    global _current
-    j, _current = _current, None
-    if j is not None:
-        j.close()
-
-
-def reset():
-    """Close the journal without replaying anything (tests)."""
-    close()
-
-
-def retry(task_id):
-    """Run a failed or cancelled journaled task again now, with the same id; returns its TaskResult."""
-    if _current is None:
-        raise JournalError("no journal is open; only journaled tasks can be retried")
-    row = _current.call("get", task_id)
-    if row is None:
-        raise JournalError("task %s is not in the journal %s" % (task_id, _current.path))
-    if row["state"] not in ("FAILURE", "CANCELLED"):
-        raise JournalError("task %s is %s; only failed or cancelled tasks can be retried" % (task_id, row["state"]))
-    t = _find_task(row["name"])
-    if t is None:
-        raise JournalError("task %s: no task named %r is registered" % (task_id, row["name"]))
-    from ..tasks import get_runner
-    data = _loads(row["serializer"], row["payload"])
-    return get_runner().spawn(t.fn, tuple(data["args"]), data["kwargs"], name=t.name, opts=t.opts,
-                              task_id=row["id"])
-
-
-def record_periodic_run(job, scheduled_for):
-    """Record that ``job``'s run due at ``scheduled_for`` (aware datetime) fired."""
-    if _current is not None:
-        _current.write("periodic", job, scheduled_for.timestamp(), time.time())
-
-
-def last_periodic_run(job):
-    """The latest recorded due time of ``job`` as an aware UTC datetime, or None."""
-    if _current is None:
-        return None
-    ts = _current.call("last_periodic", job)
-    return None if ts is None else datetime.datetime.fromtimestamp(ts, _UTC)

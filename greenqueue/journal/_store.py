@@ -239,7 +239,7 @@ class SQLiteStore:
     def requeue_failed(self, task_id=None):
         """Make FAILURE rows (one, or all) PENDING again; returns how many."""
         now = time.time()
-        sql = ("UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, updated_at = ?, finished_at = NULL, "
+        sql = ("UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, attempts = 0, updated_at = ?, finished_at = NULL, "
                "expires_at = NULL WHERE state IN ('FAILURE', 'CANCELLED')")
         args = [now]
         if task_id:

@@ -33,14 +33,19 @@ import gipc
 from gevent.event import AsyncResult
 
 from .. import events
-from ..errors import Overloaded, WorkerCrashed, WorkerError, WorkerTimeout, from_dict
+from ..errors import Overloaded, UnknownPool, WorkerCrashed, WorkerError, WorkerTimeout, from_dict
 from ._app import _CREDIT, DirtyApp, _load_class, _spec_of
 from ._child import _worker_main
 from ._wire import Channel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DirtyApp", "ProcessPool", "start_pools", "get", "stop_all", "reset"]
+__all__ = ["DirtyApp", "ProcessPool", "Pools", "start_pools", "get", "stop_all", "reset", "get_pools",
+           "DEFAULT_MAX_QUEUE"]
+
+#: Calls that may wait for a busy pool by default: as many as the server's default
+#: --max-connections, so an ordinary burst of chat requests queues instead of failing.
+DEFAULT_MAX_QUEUE = 1000
 
 _RELEASE_WAIT = 2.0   # seconds a cancelled stream may take to close before its worker is killed
 
@@ -212,7 +217,7 @@ class ProcessPool:
         self.size = int(workers or cls.workers or 1)
         self.timeout = float(cls.timeout if timeout is None else timeout) or None
         self.max_requests = int(cls.max_requests if max_requests is None else max_requests)
-        self.max_queue = int(max_queue if max_queue is not None else max(64, self.size * 32))
+        self.max_queue = int(max_queue if max_queue is not None else max(DEFAULT_MAX_QUEUE, self.size * 32))
         self._idle_poll_wanted = max(0.0, float(cls.idle_poll or 0))
         self.idle_poll = 0.0  # granted at start() if there are cores to spare
         self._workers = []
@@ -405,8 +410,8 @@ class ProcessPool:
         if kind == "exc":
             raise msg[2]
         self._release(w)
-        if observe is not None:
-            observe(self, "call", time.monotonic() - started)
+        if _subscribers and events.wanted(events.PoolCallFinished):
+            events.notify(events.PoolCallFinished(self, kind="call", seconds=time.monotonic() - started))
         if kind == "err":
             raise from_dict(msg[2])
         return msg[2]
@@ -474,8 +479,8 @@ class ProcessPool:
                     finished = True
                     raise msg[2]
         finally:
-            if observe is not None:
-                observe(self, "stream", time.monotonic() - started)
+            if _subscribers and events.wanted(events.PoolCallFinished):
+                events.notify(events.PoolCallFinished(self, kind="stream", seconds=time.monotonic() - started))
             if not finished:
                 # The consumer stopped early (client gone): close the worker's generator now,
                 # and hand the worker back once it says the generator is closed.
@@ -537,10 +542,7 @@ class ProcessPool:
         self._idle.clear()
 
 
-_pools = {}
-
-#: ``observe(pool, kind, seconds)`` after each call ("call") or finished stream ("stream"); metrics set it.
-observe = None
+_subscribers = events.subscribers
 
 
 # Polling workers must not outnumber the cores: a polling process holds its core, and
@@ -566,40 +568,82 @@ def _grant_idle_poll(pool):
     return pool._idle_poll_wanted
 
 
+class Pools:
+    """The process pools a runtime started, by ``module:Class`` spec."""
+
+    def __init__(self) -> None:
+        self._by_spec: "dict[str, ProcessPool]" = {}
+
+    def __len__(self) -> int:
+        return len(self._by_spec)
+
+    def all(self) -> "list[ProcessPool]":
+        """Every running pool, in start order."""
+        return list(self._by_spec.values())
+
+    def start(self, specs, workers=None, timeout=None) -> "list[ProcessPool]":
+        """Start a pool for each ``module:Class`` spec; stop the ones started if one fails."""
+        started = []
+        try:
+            for spec in specs:
+                pool = ProcessPool(spec, workers=workers, timeout=timeout).start()
+                self._by_spec[pool.spec] = pool
+                started.append(pool)
+        except BaseException:
+            for pool in started:
+                pool.stop(5)
+                self._by_spec.pop(pool.spec, None)
+            raise
+        return started
+
+    def get(self, name_or_path: str) -> "ProcessPool":
+        """The running pool for a ``module:Class`` path or a class name (UnknownPool lists the known ones)."""
+        pool = self._by_spec.get(name_or_path)
+        if pool is None:
+            matches = [p for p in self._by_spec.values() if p.name == name_or_path]
+            if len(matches) == 1:
+                pool = matches[0]
+        if pool is None:
+            raise UnknownPool("no process pool %r is running (known: %s); start the server with --dirty-app %s"
+                              % (name_or_path, ", ".join(sorted(self._by_spec)) or "none", name_or_path))
+        return pool
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every pool."""
+        for pool in list(self._by_spec.values()):
+            pool.stop(timeout)
+        self._by_spec.clear()
+
+    def stats(self) -> "list[dict]":
+        """Each pool's stats() with its name."""
+        return [dict(p.stats(), name=p.name) for p in self._by_spec.values()]
+
+
+_default = None
+
+
+def get_pools() -> Pools:
+    """The pools of the default runtime (``--dirty-app``)."""
+    global _default
+    if _default is None:
+        _default = Pools()
+    return _default
+
+
 def start_pools(specs, workers=None, timeout=None):
-    """Start (and register) a pool for each ``module:Class`` spec; stop them all if one fails."""
-    started = []
-    try:
-        for spec in specs:
-            pool = ProcessPool(spec, workers=workers, timeout=timeout).start()
-            _pools[pool.spec] = pool
-            started.append(pool)
-    except BaseException:
-        for pool in started:
-            pool.stop(5)
-            _pools.pop(pool.spec, None)
-        raise
-    return started
+    """Start (and register on the default runtime) a pool for each ``module:Class`` spec."""
+    return get_pools().start(specs, workers, timeout)
 
 
 def get(name_or_path):
-    """The running pool for a ``module:Class`` path or a class name (KeyError lists the known ones)."""
-    pool = _pools.get(name_or_path)
-    if pool is None:
-        matches = [p for p in _pools.values() if p.name == name_or_path]
-        if len(matches) == 1:
-            pool = matches[0]
-    if pool is None:
-        raise KeyError("no process pool %r is running (known: %s); start the server with --dirty-app %s"
-                       % (name_or_path, ", ".join(sorted(_pools)) or "none", name_or_path))
-    return pool
+    """The running pool for a ``module:Class`` path or a class name (UnknownPool lists the known ones)."""
+    return get_pools().get(name_or_path)
 
 
 def stop_all(timeout=10.0):
-    """Stop every registered pool."""
-    for pool in list(_pools.values()):
-        pool.stop(timeout)
-    _pools.clear()
+    """Stop every pool of the default runtime."""
+    if _default is not None:
+        _default.stop(timeout)
 
 
 def reset():

@@ -14,25 +14,28 @@ worker) must not use the parent's runner. Flask is imported by nobody here:
 a spawn made inside an app or request context runs in ``app.app_context()``.
 """
 
+import datetime
 import functools
 import logging
-import sys
-from typing import Callable, Optional, ParamSpec, TypeVar
+from typing import Any, Callable, Optional, ParamSpec, TypeVar
 
 import gevent
 
+from ._options import TaskOptions
 from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED,
                       SUCCESS, TaskResult)
-from ._runner import DrainReport, Runner, TaskOptions, get_runner, reset
-from ._task import PerItem, Task, get_task, registered, task
+from ._runner import DrainReport, Runner, get_runner
+from ._runner import reset as _reset_runner
+from ._task import (APPLY_OPTIONS, PerItem, Task, clear_registry, find_task, get_task, registered,
+                    task)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "task", "Task", "TaskResult", "spawn", "spawn_later", "spawn_at", "spawn_idle",
     "result", "configure", "drain", "cooperate", "run_in_thread", "get_runner", "reset", "progress",
-    "current",
-    "Runner", "DrainReport", "TaskOptions", "get_task", "registered", "PerItem",
+    "current", "Runner", "DrainReport", "TaskOptions", "get_task", "find_task", "registered",
+    "clear_registry", "PerItem", "APPLY_OPTIONS",
     "PENDING", "SCHEDULED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED",
     "READY_STATES",
 ]
@@ -41,31 +44,42 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def _callable(fn: Any, where: str) -> None:
+    if not callable(fn):
+        from ..errors import ConfigError
+        raise ConfigError("%s() needs a function to run first, got %r (a %s)" % (where, fn, type(fn).__name__))
+
+
 def spawn(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskResult[R]:
     """Run ``fn(*args, **kwargs)`` soon in a task greenlet; returns a TaskResult at once."""
     if isinstance(fn, Task):
         return fn.spawn(*args, **kwargs)
+    _callable(fn, "spawn")
     return get_runner().spawn(fn, args, kwargs)
 
 
-def spawn_later(seconds: float, fn: Optional[Callable] = None, /, *args, **kwargs):
+def spawn_later(seconds: float, fn: Optional[Callable[..., Any]] = None, /, *args: Any, **kwargs: Any) -> Any:
     """Run ``fn`` after ``seconds``; ``@spawn_later(s)`` makes every call schedule the function."""
     if fn is None:
-        def decorate(f):
+        def decorate(f: Callable[..., Any]) -> Callable[..., TaskResult]:
+            _callable(f, "spawn_later")
+
             @functools.wraps(f)
-            def schedule(*a, **kw):
+            def schedule(*a: Any, **kw: Any) -> TaskResult:
                 return spawn_later(seconds, f, *a, **kw)
             return schedule
         return decorate
     if isinstance(fn, Task):
         return fn.spawn_later(seconds, *args, **kwargs)
+    _callable(fn, "spawn_later")
     return get_runner().spawn(fn, args, kwargs, delay=seconds)
 
 
-def spawn_at(when, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskResult[R]:
+def spawn_at(when: datetime.datetime, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskResult[R]:
     """Run ``fn`` at the datetime ``when`` (naive means UTC)."""
     if isinstance(fn, Task):
         return fn.spawn_at(when, *args, **kwargs)
+    _callable(fn, "spawn_at")
     return get_runner().spawn(fn, args, kwargs, eta=when)
 
 
@@ -73,37 +87,32 @@ def spawn_idle(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Task
     """Run ``fn`` when the hub has nothing else to do, after normal waiting tasks."""
     if isinstance(fn, Task):
         return fn.spawn_idle(*args, **kwargs)
+    _callable(fn, "spawn_idle")
     return get_runner().spawn(fn, args, kwargs, idle=True)
 
 
 def result(task_id: str) -> Optional[TaskResult]:
     """Look up a TaskResult by id (None when unknown or expired); asks the journal too."""
-    r = get_runner().result(task_id)
-    if r is None:
-        journal = sys.modules.get("greenqueue.journal")
-        if journal is not None:
-            r = journal.lookup(task_id)
-    return r
+    return get_runner().result(task_id)
 
 
 def configure(max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
               result_ttl: Optional[float] = None, max_results: Optional[int] = None,
-              eager: Optional[bool] = None, journal=None) -> Runner:
-    """Set the default runner's limits (defaults 100, 10000, 3600 s, 10000, False); None keeps one.
-
-    ``journal=PATH`` opens the SQLite journal so tasks survive restarts.
-    """
-    runner = get_runner().configure(max_concurrency=max_concurrency, max_pending=max_pending,
-                                    result_ttl=result_ttl, max_results=max_results, eager=eager)
-    if journal is not None:
-        from .. import journal as _journal
-        _journal.enable(journal)
-    return runner
+              eager: Optional[bool] = None) -> Runner:
+    """Set the default runner's limits (defaults 100, 10000, 3600 s, 10000, False); None keeps one."""
+    return get_runner().configure(max_concurrency=max_concurrency, max_pending=max_pending,
+                                  result_ttl=result_ttl, max_results=max_results, eager=eager)
 
 
 def drain(timeout: Optional[float] = None) -> DrainReport:
     """Wait up to ``timeout`` s for running and waiting tasks of the default runner (shutdown)."""
     return get_runner().drain(timeout)
+
+
+def reset() -> None:
+    """Kill the default runner's tasks, start a fresh one and forget registered task names."""
+    _reset_runner()
+    clear_registry()
 
 
 def cooperate() -> None:
@@ -118,10 +127,10 @@ def run_in_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R
 
 def current() -> Optional[TaskResult]:
     """The TaskResult of the task running in this greenlet (None outside a task)."""
-    return get_runner()._running.get(gevent.getcurrent())
+    return get_runner().current()
 
 
-def progress(done, total=None, message=None) -> None:
+def progress(done: float, total: Optional[float] = None, message: Optional[str] = None) -> None:
     """Report progress of the current task (shown on the dashboard, read as ``TaskResult.progress``)."""
     r = current()
     if r is not None:

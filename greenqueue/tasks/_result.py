@@ -1,21 +1,28 @@
 """TaskResult: the handle every spawn returns, and the task states.
 
-Concurrency model: a TaskResult is mutated only by its runner, from the
-greenlet that spawned it, the task greenlet, the runner's timer greenlet or
-the greenlet that calls ``cancel()``; all of them live on the one hub thread,
-so no locks. Waiters block on a gevent Event that is created lazily, so a
-result nobody waits for costs no hub objects.
+Concurrency model: a TaskResult is mutated only by its runner, on the task
+hub's thread (the spawning greenlet, the task greenlet, the timer greenlet
+or a ``cancel()``). Its public attributes may be read from any thread.
+Waiters on the task hub block on a gevent Event made lazily (a result nobody
+waits for costs no hub objects); waiters on other threads (a Werkzeug
+request thread, a script's main thread) block on a plain lock each, which
+``_set`` releases after the state is final. The underscored slots are the
+runner's bookkeeping (``_runner.py`` is the only other module that uses them).
 """
 
+import builtins
 import datetime
 import logging
 import traceback as _traceback
-from typing import Generic, Optional, TypeVar
+from typing import Any, Callable, Generic, List, Optional, TypeVar
 
 import gevent
+from gevent import monkey
 from gevent.event import Event
 
-from ..errors import GreenqueueError, TaskCancelled, TaskTimeout
+from .. import errors
+from ..errors import CancelledError, GreenqueueError, RemoteError, TaskTimeout, WaitTimeout
+from ._options import NO_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ class TaskResult(Generic[R]):
         "id", "name", "state", "result", "exception", "traceback", "retries", "progress",
         "eta", "_started_ts", "_finished_ts", "duration",
         "_fn", "_args", "_kwargs", "_opts", "_runner", "_greenlet", "_done",
-        "_app", "_where", "_slot", "_idle", "_finished_mono", "_callbacks", "__weakref__",
+        "_app", "_where", "_slot", "_idle", "_callbacks", "_serializer", "_twaiters", "__weakref__",
     )
 
     def __init__(self, runner, task_id, name, fn, args, kwargs, opts, app, idle=False):
@@ -82,8 +89,9 @@ class TaskResult(Generic[R]):
         self._where = None
         self._slot = False
         self._idle = idle
-        self._finished_mono = 0.0
-        self._callbacks = None
+        self._callbacks: Optional[List[Callable[..., Any]]] = None
+        self._serializer: Optional[str] = None   # set when a durable store records this task
+        self._twaiters: Optional[List[Any]] = None  # locks of waiters on other threads
 
     def __repr__(self):
         return "<TaskResult %s %s %s>" % (self.name, self.id, self.state)
@@ -112,37 +120,80 @@ class TaskResult(Generic[R]):
         """True if the task ended in FAILURE or was cancelled."""
         return self.state == FAILURE or self.state == CANCELLED
 
+    @property
+    def status(self) -> str:
+        """Celery's name for :attr:`state`."""
+        return self.state
+
+    @property
+    def task_id(self) -> str:
+        """Celery's name for :attr:`id`."""
+        return self.id
+
     def wait(self, timeout: Optional[float] = None) -> bool:
-        """Block this greenlet until the task is ready or ``timeout`` passes; return ready()."""
+        """Block until the task is ready or ``timeout`` passes (this greenlet, or this thread); return ready()."""
         if self.state in READY_STATES:
             return True
+        runner = self._runner
+        if runner is not None and not runner.on_hub_thread():
+            return self._wait_from_thread(timeout)
         if self._done is None:
             self._done = Event()
-        runner = self._runner
-        me = runner._slot_holder(gevent.getcurrent())
+        me = runner.holds_slot(gevent.getcurrent()) if runner is not None else None
         if me is not None and me is not self:
             # A task that waits gives its slot away so the task it waits on can
             # run: with max_concurrency=1 this is what prevents a deadlock.
-            runner._release_slot(me)
+            runner.release_slot(me)
         try:
             self._done.wait(timeout)
         finally:
             if me is not None and me is not self:
-                runner._reacquire_slot(me)
+                runner.reacquire_slot(me)
+        return self.state in READY_STATES
+
+    def _wait_from_thread(self, timeout: Optional[float]) -> bool:
+        lock = _allocate_lock()
+        lock.acquire()
+        if self._twaiters is None:
+            self._twaiters = []
+        self._twaiters.append(lock)
+        # _set makes the state final before it reads _twaiters: if it ran in between, see it here.
+        if self.state not in READY_STATES:
+            lock.acquire(True, -1 if timeout is None else max(0.0, timeout))
         return self.state in READY_STATES
 
     def get(self, timeout: Optional[float] = None) -> R:
-        """Return the value, raise the task's exception, or raise TaskTimeout when the wait runs out."""
+        """Return the value, raise the task's exception, or raise WaitTimeout when the wait runs out."""
         if not self.wait(timeout):
-            raise TaskTimeout("waited %ss for task %s[%s] (state %s)"
+            raise WaitTimeout("waited %ss for task %s[%s] (state %s); the task goes on"
                               % (timeout, self.name, self.id, self.state))
         if self.state == SUCCESS:
-            return self.result
-        raise self.exception
+            return self.result  # type: ignore[return-value]
+        raise self.exception  # type: ignore[misc]
 
     def cancel(self) -> bool:
         """Stop the task: never run it if waiting, kill it if running; False if it already finished."""
-        return self._runner._cancel(self)
+        if self._runner is None:
+            return False
+        return self._runner.cancel(self)
+
+    def revoke(self, terminate: bool = True) -> bool:
+        """Celery's name for :meth:`cancel` (a running task is always stopped)."""
+        return self.cancel()
+
+    @classmethod
+    def restored(cls, runner: Any, row: Any) -> "TaskResult":
+        """A finished result read back from a durable store's row."""
+        from ..journal import loads
+        r = cls(runner, row.id, row.name, None, (), {}, NO_OPTIONS, None)
+        r.retries = max(0, row.attempts - 1)
+        r._started_ts = row.started_at
+        r._finished_ts = row.finished_at
+        if row.state == SUCCESS:
+            r._set(SUCCESS, loads(row.serializer, row.result))
+        else:
+            r._set(row.state, exc=_rebuilt(row.error_type, row.error or ""), tb=row.traceback or "")
+        return r
 
     def add_done_callback(self, fn) -> None:
         """Call ``fn(result)`` in the finishing greenlet once this task is ready (at once if it is)."""
@@ -171,6 +222,10 @@ class TaskResult(Generic[R]):
         self._greenlet = None
         if self._done is not None:
             self._done.set()
+        if self._twaiters is not None:
+            for lock in self._twaiters:
+                lock.release()
+            self._twaiters = None
         callbacks, self._callbacks = self._callbacks, None
         for fn in callbacks or ():
             try:
@@ -181,6 +236,27 @@ class TaskResult(Generic[R]):
         return True
 
 
+_allocate_lock = monkey.get_original("_thread", "allocate_lock")
+
+
+def _rebuilt(type_name: Optional[str], message: str) -> Exception:
+    """The exception a stored failure describes: builtins and greenqueue errors by type, others as RemoteError."""
+    name = type_name or "Exception"
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except TypeError:
+            pass  # needs other arguments (UnicodeDecodeError...): keep name and message
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, GreenqueueError) and cls is not RemoteError:
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return RemoteError(message, name, "")
+
+
 def _as_exception(exc):
     """Turn BaseExceptions (GreenletExit, gevent.Timeout, ...) into GreenqueueError subclasses."""
     if isinstance(exc, Exception) and not isinstance(exc, gevent.Timeout):
@@ -188,7 +264,7 @@ def _as_exception(exc):
     if isinstance(exc, gevent.Timeout):
         new = TaskTimeout("task raised gevent.Timeout: %s" % (exc,))
     elif isinstance(exc, gevent.GreenletExit):
-        new = TaskCancelled("task greenlet was killed")
+        new = CancelledError("task greenlet was killed")
     else:
         new = GreenqueueError("task raised %s: %s" % (type(exc).__name__, exc))
     new.__cause__ = exc

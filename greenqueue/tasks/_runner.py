@@ -1,34 +1,45 @@
 """The task runner: a FIFO of waiting tasks, a slot counter, a heap of delayed tasks.
 
-Concurrency model: everything runs on the one gevent hub thread. Each started
-attempt gets its own greenlet; at most ``max_concurrency`` of them hold a slot.
-Waiting tasks sit in a deque (idle tasks in a second deque that is served only
-from ``gevent.idle()``). Delayed tasks sit in one heap keyed by
-``time.monotonic()`` and are released by one timer greenlet, so 100,000
-scheduled tasks cost 100,000 small tuples, not 100,000 greenlets. A running
-task that blocks in ``TaskResult.get()`` lends its slot out until it wakes, so
-a task waiting on another never deadlocks the pool. Nothing here blocks the
-hub; spawning never blocks the caller (it raises Overloaded instead).
+Concurrency model: the runner lives on one gevent hub, the *task hub*. In
+the greenqueue server (and any monkey-patched process) that is the main
+thread's hub; in a process that already runs a gevent hub in the spawning
+thread, that hub; otherwise (``flask run``, a script, a notebook) the runner
+starts one daemon thread with a hub of its own at the first spawn. Every
+started attempt gets its own greenlet on the task hub; at most
+``max_concurrency`` of them hold a slot. Waiting tasks sit in a deque (idle
+tasks in a second deque served only from ``gevent.idle()``); delayed tasks
+sit in one heap keyed by ``time.monotonic()`` and are released by one timer
+greenlet. A running task that blocks in ``TaskResult.get()`` lends its slot
+out until it wakes, so a task waiting on another never deadlocks the pool.
+
+All runner state is touched on the task hub's thread only. A spawn, cancel
+or drain from another thread is handed over with
+``loop.run_callback_threadsafe`` and the calling thread waits on a plain
+lock (never the task hub). Spawning never blocks the hub: it raises
+Overloaded instead; a durable spawn waits, in its own greenlet (or thread),
+for the store's commit. The store (``greenqueue.journal.Store``) is told
+about every transition through its methods; it never calls back.
 """
 
+import atexit
 import collections
+import contextvars
 import datetime
 import heapq
 import logging
-import random
-import sys
 import time
 from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import gevent
-import zope.event
-from gevent import Greenlet
+from gevent import Greenlet, monkey
 from gevent.event import Event
 
 from .. import events
-from ..errors import ConfigError, GreenqueueError, Overloaded, TaskCancelled, TaskTimeout
-from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED,
-                      SUCCESS, TaskResult)
+from ..errors import CancelledError, ConfigError, GreenqueueError, Overloaded, TaskTimeout
+from ..journal import MemoryStore, Store, TaskRow
+from ._options import NO_OPTIONS, TaskOptions, callable_name, check_number, new_id
+from ._result import CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, SUCCESS, TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +48,15 @@ __all__ = ["Runner", "DrainReport", "TaskOptions", "get_runner", "reset"]
 _UTC = datetime.timezone.utc
 _monotonic = time.monotonic
 _time = time.time
-_rand = random.Random()
+# The OS thread, even in a monkey-patched process (where get_ident names the greenlet).
+_real_ident = monkey.get_original("_thread", "get_ident")
+_allocate_lock = monkey.get_original("_thread", "allocate_lock")
+_start_thread = monkey.get_original("_thread", "start_new_thread")
+_subscribers = events.subscribers
+
+#: Seconds a process outside the server waits at exit for tasks still running or waiting.
+EXIT_DRAIN = 5.0
+MODES = ("auto", "current", "thread")
 
 
 class _TaskGreenlet(Greenlet):
@@ -46,27 +65,6 @@ class _TaskGreenlet(Greenlet):
     # No snapshot of the spawning stack: it is a third of the cost of creating the
     # greenlet, and would show the runner's dispatch loop rather than the caller.
     spawning_stack_limit = 0
-
-
-@dataclass(frozen=True)
-class TaskOptions:
-    """Retry and timeout policy of a task (shared by all its spawns)."""
-
-    retries: int = 0
-    retry_delay: float = 0.0
-    retry_backoff: float = 1.0
-    retry_jitter: float = 0.0
-    timeout: float = None
-
-    def delay_for(self, retry):
-        """Seconds to wait before retry number ``retry`` (1-based)."""
-        delay = self.retry_delay * (self.retry_backoff ** (retry - 1))
-        if self.retry_jitter:
-            delay += _rand.uniform(0, self.retry_jitter)
-        return delay
-
-
-_NO_OPTIONS = TaskOptions()
 
 
 @dataclass
@@ -80,11 +78,11 @@ class DrainReport:
     elapsed: float
 
     @property
-    def complete(self):
+    def complete(self) -> bool:
         """True when every task that was running or waiting has finished."""
         return self.running == 0 and self.pending == 0
 
-    def __str__(self):
+    def __str__(self) -> str:
         return ("%d task(s) finished, %d still running, %d still waiting, "
                 "%d delayed task(s) not due, in %.2fs"
                 % (self.finished, self.running, self.pending, self.scheduled, self.elapsed))
@@ -94,123 +92,250 @@ class _Expired(BaseException):
     """Raised into a task greenlet by its own timeout (never escapes the runner)."""
 
 
-def _now():
+def _now() -> datetime.datetime:
     return datetime.datetime.now(_UTC)
 
 
-def _new_id():
-    return "%032x" % _rand.getrandbits(128)
+_flask_var: Any = None  # Flask's app-context ContextVar, once seen
 
 
-def _callable_name(fn):
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    if name is None:
-        return repr(fn)
-    return "%s.%s" % (getattr(fn, "__module__", None) or "?", name)
+def _flask_app() -> Any:
+    """The Flask app whose context the caller is in, or None; never imports Flask."""
+    # Flask keeps the app context in a ContextVar named "flask.app_ctx". Finding it in
+    # the caller's context, rather than importing flask, keeps scripts that never
+    # use Flask from paying for its import.
+    global _flask_var
+    var = _flask_var
+    if var is None:
+        ctx = contextvars.copy_context()
+        if not len(ctx):
+            return None
+        var = next((v for v in ctx if v.name == "flask.app_ctx"), None)
+        if var is None:
+            return None
+        _flask_var = var
+    app_ctx = var.get(None)
+    return app_ctx.app if app_ctx is not None else None
 
 
-def _flask_app():
-    # Import nothing: only an app that is already in use can have a context.
-    flask = sys.modules.get("flask")
-    if flask is not None and flask.has_app_context():
-        return flask.current_app._get_current_object()
-    return None
+class _Handoff:
+    """A value computed on the task hub for a caller on another thread, which waits on a plain lock."""
 
+    __slots__ = ("lock", "ok", "value")
 
-def _check(name, value, minimum, kind=int, allow_none=False):
-    if value is None and allow_none:
-        return value
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum \
-            or (kind is int and int(value) != value):
-        raise ConfigError("%s must be %s >= %s%s, got %r" % (
-            name, "an integer" if kind is int else "a number", minimum,
-            " or None" if allow_none else "", value))
-    return kind(value)
+    def __init__(self) -> None:
+        self.lock = _allocate_lock()
+        self.lock.acquire()
+        self.ok = True
+        self.value: Any = None
+
+    def run(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            self.value = fn(*args)
+        except BaseException as exc:  # handed to the caller's thread, which re-raises it
+            self.ok, self.value = False, exc
+        finally:
+            self.lock.release()
+
+    def result(self, timeout: Optional[float]) -> Any:
+        if not self.lock.acquire(True, -1 if timeout is None else timeout):
+            raise TaskTimeout("the task hub did not answer within %ss" % timeout)
+        if not self.ok:
+            raise self.value
+        return self.value
 
 
 class Runner:
     """Runs tasks in greenlets with bounded concurrency, waiting queue and kept results."""
 
-    def __init__(self, max_concurrency=100, max_pending=10000, result_ttl=3600,
-                 max_results=10000, eager=False):
+    def __init__(self, max_concurrency: int = 100, max_pending: int = 10000, result_ttl: float = 3600,
+                 max_results: int = 10000, eager: bool = False, store: Optional[Store] = None,
+                 mode: str = "auto"):
+        if mode not in MODES:
+            raise ConfigError("mode must be one of %s, got %r" % (", ".join(MODES), mode))
         self.max_concurrency = 100
         self.max_pending = 10000
         self.result_ttl = 3600.0
         self.max_results = 10000
         self.eager = False
+        self.mode = mode
+        self.store: Any = store if store is not None else MemoryStore()
         self._active = 0                     # slots in use
-        self._pending = collections.deque()  # waiting normal tasks (may hold cancelled ones)
-        self._idle_q = collections.deque()   # waiting idle tasks (may hold cancelled ones)
+        self._pending: collections.deque = collections.deque()  # waiting normal tasks (may hold cancelled ones)
+        self._idle_q: collections.deque = collections.deque()   # waiting idle tasks (may hold cancelled ones)
         self._pending_count = 0              # live entries of both deques
-        self._heap = []                      # (due monotonic, seq, TaskResult)
+        self._heap: list = []                # (due monotonic, seq, TaskResult)
         self._scheduled_count = 0
         self._seq = 0
-        self._running = {}                   # task greenlet -> TaskResult
-        self._live = {}                      # id -> unfinished TaskResult
-        self._finished = collections.OrderedDict()  # id -> TaskResult, oldest first
-        self._prune_at = 0.0                         # monotonic time of the next pass over expired results
-        self._timer = None
-        self._timer_wake = Event()
-        self._idle_worker = None
-        self._idle_wake = Event()
-        self._batchers = {}
+        self._running: Dict[Any, TaskResult] = {}   # task greenlet -> TaskResult
+        self._live: Dict[str, TaskResult] = {}      # id -> unfinished TaskResult
+        self._timer: Any = None
+        self._timer_wake: Any = None
+        self._idle_worker: Any = None
+        self._idle_wake: Any = None
+        self._batchers: Dict[Any, Any] = {}
         self._closed = False
+        self._thread: Optional[int] = None   # OS thread of the task hub, once bound
+        self._hub: Any = None
+        self._keep_alive: Any = None          # set to stop our own task thread
         self.configure(max_concurrency=max_concurrency, max_pending=max_pending,
                        result_ttl=result_ttl, max_results=max_results, eager=eager)
 
     # -- configuration and counters -----------------------------------------
 
-    def configure(self, max_concurrency=None, max_pending=None, result_ttl=None,
-                  max_results=None, eager=None):
+    def configure(self, max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
+                  result_ttl: Optional[float] = None, max_results: Optional[int] = None,
+                  eager: Optional[bool] = None) -> "Runner":
         """Change limits in place (None keeps a value); returns the runner."""
         if max_concurrency is not None:
-            self.max_concurrency = _check("max_concurrency", max_concurrency, 1)
+            self.max_concurrency = check_number("max_concurrency", max_concurrency, 1)
         if max_pending is not None:
-            self.max_pending = _check("max_pending", max_pending, 0)
+            self.max_pending = check_number("max_pending", max_pending, 0)
         if result_ttl is not None:
-            self.result_ttl = _check("result_ttl", result_ttl, 0, float)
+            self.result_ttl = check_number("result_ttl", result_ttl, 0, float)
         if max_results is not None:
-            self.max_results = _check("max_results", max_results, 0)
+            self.max_results = check_number("max_results", max_results, 0)
         if eager is not None:
             self.eager = bool(eager)
-        self._dispatch()
+        for target in (self.store, getattr(self.store, "memory", None)):
+            if isinstance(target, MemoryStore):
+                target.result_ttl, target.max_results = self.result_ttl, self.max_results
+        if hasattr(self.store, "result_ttl"):
+            self.store.result_ttl = self.result_ttl
+        if self._thread is not None and self._thread == _real_ident():
+            self._dispatch()
         return self
 
+    def use_store(self, store: Store) -> None:
+        """Record tasks in ``store`` from now on (the journal); its unfinished rows are not replayed here."""
+        self.store = store
+        self.configure()
+
     @property
-    def running(self):
+    def running(self) -> int:
         """Number of task greenlets started and not finished."""
         return len(self._running)
 
     @property
-    def pending(self):
+    def pending(self) -> int:
         """Number of tasks waiting for a slot (idle tasks included)."""
         return self._pending_count
 
     @property
-    def scheduled(self):
+    def scheduled(self) -> int:
         """Number of delayed tasks (spawn_later/spawn_at/retry backoff) not due yet."""
         return self._scheduled_count
 
-    def stats(self):
+    @property
+    def slots_in_use(self) -> int:
+        """Slots held right now (a task blocked in ``get()`` lends its slot out)."""
+        return self._active
+
+    def stats(self) -> dict:
         """Counters as a dict for metrics and the dashboard."""
         return {"running": self.running, "pending": self.pending, "scheduled": self.scheduled,
-                "results": len(self._finished), "max_concurrency": self.max_concurrency,
+                "results": len(self.store), "max_concurrency": self.max_concurrency,
                 "max_pending": self.max_pending}
+
+    def snapshot(self, limit: int = 50) -> Dict[str, List[TaskResult]]:
+        """Up to ``limit`` running, waiting, delayed (soonest first) and recent (newest first) tasks."""
+        waiting = [r for r in list(self._pending) + list(self._idle_q) if r._where in ("pending", "idle")]
+        scheduled = [e[-1] for e in heapq.nsmallest(limit, self._heap) if e[-1]._where == "scheduled"]
+        recent = self.store.recent(limit)
+        return {"running": list(self._running.values())[:limit], "pending": waiting[:limit],
+                "scheduled": scheduled, "recent": recent}
+
+    # -- the task hub -----------------------------------------------------------
+
+    @property
+    def threaded(self) -> bool:
+        """True when tasks run on the runner's own daemon thread (outside the server)."""
+        return self._keep_alive is not None
+
+    def _bind(self) -> None:
+        """Choose the task hub at the first spawn (DESIGN: "Outside the server")."""
+        mode = self.mode
+        if mode == "auto":
+            from gevent._hub_local import get_hub_if_exists  # gevent exports it there (no public alias)
+            patched = monkey.is_module_patched("threading") or monkey.is_module_patched("socket")
+            mode = "current" if patched or get_hub_if_exists() is not None else "thread"
+        if mode == "current":
+            self._hub = gevent.get_hub()
+            self._thread = _real_ident()
+            return
+        started = _Handoff()
+        _start_thread(self._thread_main, (started,))
+        started.result(30)
+        # WARNING, not INFO: outside the server nobody configured logging, and this line must show.
+        log.warning("greenqueue: tasks run on a background thread with its own gevent hub (this process is "
+                 "not the greenqueue server and is not monkey-patched); blocking I/O in a task holds up "
+                 "the other tasks unless the process calls gevent.monkey.patch_all() first")
+        atexit.register(self._at_exit)
+
+    def _thread_main(self, started: _Handoff) -> None:
+        def bind() -> None:
+            self._hub = gevent.get_hub()
+            self._thread = _real_ident()
+            self._keep_alive = Event()
+        started.run(bind, ())
+        # An idle loop with nothing referenced would exit: a started async watcher keeps it
+        # running while this thread waits for spawns handed over from other threads.
+        keeper = self._hub.loop.async_()
+        keeper.start(lambda: None)
+        try:
+            self._keep_alive.wait()
+        finally:
+            keeper.stop()
+            keeper.close()
+            self._thread = None
+
+    def _on_hub(self) -> bool:
+        ident = _real_ident()
+        if ident == self._thread:
+            return True
+        if self._thread is None:
+            self._bind()
+            return ident == self._thread
+        return False
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None) -> Any:
+        """Run ``fn(*args)`` in a greenlet on the task hub and return its value (from any thread)."""
+        if self._on_hub():
+            return fn(*args)
+        handoff = _Handoff()
+        self._hub.loop.run_callback_threadsafe(gevent.spawn, handoff.run, fn, args)
+        return handoff.result(timeout)
+
+    def _at_exit(self) -> None:
+        # Interpreter exit outside the server: give what was spawned a short drain, so
+        # `r = t.delay(); sys.exit()` still runs the task (the journal keeps the rest).
+        if self._keep_alive is None or self._closed:
+            return
+        try:
+            # Spawns handed over just before exit may not be accepted yet; the drain is queued
+            # behind them on the same hub, so it sees them.
+            self.call(self.drain, EXIT_DRAIN, timeout=EXIT_DRAIN + 5)
+        except Exception:
+            log.exception("task drain at exit failed")
 
     # -- spawning -------------------------------------------------------------
 
-    def spawn(self, fn, args=(), kwargs=None, *, name=None, opts=None, delay=None,
-              eta=None, idle=False, force=False, on_done=None, task_id=None, retries=0):
+    def spawn(self, fn: Callable[..., Any], args: tuple = (), kwargs: Optional[dict] = None, *,
+              name: Optional[str] = None, opts: Optional[TaskOptions] = None, delay: Optional[float] = None,
+              eta: Optional[datetime.datetime] = None, idle: bool = False, force: bool = False,
+              on_done: Optional[Callable[[TaskResult], None]] = None, task_id: Optional[str] = None,
+              retries: int = 0, serializer: Optional[str] = None) -> TaskResult:
         """Accept ``fn(*args, **kwargs)`` as a task and return its TaskResult at once.
 
         ``force`` skips the max_pending check (work already accepted in another
         form, such as a batch); ``on_done(result)`` runs when it is ready.
-        ``task_id`` and ``retries`` restore a task replayed from the journal.
+        ``serializer`` (set for ``@task`` functions) lets a durable store record
+        the task; ``task_id`` and ``retries`` restore a task read back from one.
         """
         if self._closed:
             raise GreenqueueError("this task runner was reset; use greenqueue.tasks.get_runner()")
-        r = TaskResult(self, task_id or _new_id(), name or _callable_name(fn), fn, args, kwargs or {},
-                       opts or _NO_OPTIONS, _flask_app(), idle)
+        r = TaskResult(self, task_id or new_id(), name or callable_name(fn), fn, args, kwargs or {},
+                       opts or NO_OPTIONS, _flask_app(), idle)
         r.retries = retries
         if on_done is not None:
             r._callbacks = [on_done]
@@ -225,24 +350,54 @@ class Runner:
             r.eta = _now() + datetime.timedelta(seconds=delay)
         if delay is not None and delay > 0:
             r.state = SCHEDULED
-            self._live[r.id] = r
-            self._notify_spawned(r)
+        if serializer is not None and self.store.durable:
+            r._serializer = serializer
+        if _real_ident() != self._thread and not self._on_hub():
+            return self._accept_from_thread(r, delay, force)
+        return self._accept(r, delay, force)
+
+    def _accept(self, r: TaskResult, delay: Optional[float], force: bool) -> TaskResult:
+        if r.state == SCHEDULED:
+            self._record(r)
             self._schedule(r, delay)
             return r
         if not force and self._pending_count >= self.max_pending and (
-                idle or self._pending or self._active >= self.max_concurrency):
+                r._idle or self._pending or self._active >= self.max_concurrency):
             raise Overloaded("%d tasks are already waiting (max_pending=%d); try again later, or raise "
                              "max_pending with greenqueue.configure()" % (self._pending_count, self.max_pending))
-        self._live[r.id] = r
-        self._notify_spawned(r)
+        self._record(r)
         self._enqueue(r)
         return r
 
-    def _notify_spawned(self, r):
-        if zope.event.subscribers:
+    def _accept_from_thread(self, r: TaskResult, delay: Optional[float], force: bool) -> TaskResult:
+        # The caller is on another thread (a Werkzeug request thread, a script's main
+        # thread): the runner's state is the task hub's, so hand the spawn over.
+        if r._serializer is None:
+            # Nothing to commit: the caller need not wait for the hub to take it.
+            if not force and self._pending_count >= self.max_pending:
+                raise Overloaded("%d tasks are already waiting (max_pending=%d); try again later"
+                                 % (self._pending_count, self.max_pending))
+            self._hub.loop.run_callback_threadsafe(self._accept_quietly, r, delay)
+            return r
+        return self.call(self._accept, r, delay, force)
+
+    def _accept_quietly(self, r: TaskResult, delay: Optional[float]) -> None:
+        try:
+            self._accept(r, delay, True)
+        except Exception as exc:
+            log.exception("task %s[%s] could not be accepted", r.name, r.id)
+            r._set(FAILURE, exc=exc)
+
+    def _record(self, r: TaskResult) -> None:
+        if r._serializer is not None:
+            # A durable spawn returns only once its row is committed; if that fails the
+            # caller gets the JournalError and the task never existed.
+            self.store.spawned(r, r._args, r._kwargs, r._serializer)
+        self._live[r.id] = r
+        if _subscribers:
             events.notify(events.TaskSpawned(r))
 
-    def _enqueue(self, r):
+    def _enqueue(self, r: TaskResult) -> None:
         """Put a due task in line (or straight into a free slot); never raises Overloaded."""
         if r._idle:
             r._where = "idle"
@@ -256,7 +411,7 @@ class Runner:
             self._pending.append(r)
             self._pending_count += 1
 
-    def _start(self, r):
+    def _start(self, r: TaskResult) -> None:
         self._active += 1
         r._slot = True
         r._where = "running"
@@ -265,7 +420,7 @@ class Runner:
         self._running[g] = r
         g.start()
 
-    def _dispatch(self):
+    def _dispatch(self) -> None:
         """Start waiting tasks while slots are free; wake the idle worker when only idle ones wait."""
         pending = self._pending
         while pending and self._active < self.max_concurrency:
@@ -274,13 +429,13 @@ class Runner:
                 continue  # cancelled while waiting
             self._pending_count -= 1
             self._start(r)
-        if self._idle_q and not pending and self._active < self.max_concurrency:
+        if self._idle_q and not pending and self._active < self.max_concurrency and self._idle_wake is not None:
             self._idle_wake.set()
 
     # -- delayed tasks ----------------------------------------------------------
 
-    def _schedule(self, r, delay):
-        due = _monotonic() + delay
+    def _schedule(self, r: TaskResult, delay: Optional[float]) -> None:
+        due = _monotonic() + (delay or 0.0)
         self._seq += 1
         r._where = "scheduled"
         self._scheduled_count += 1
@@ -288,11 +443,12 @@ class Runner:
         earliest = heap[0][0] if heap else None
         heapq.heappush(heap, (due, self._seq, r))
         if self._timer is None:
+            self._timer_wake = Event()
             self._timer = gevent.spawn(self._timer_loop)
         elif earliest is None or due < earliest:
             self._timer_wake.set()
 
-    def _timer_loop(self):
+    def _timer_loop(self) -> None:
         heap = self._heap
         wake = self._timer_wake
         while True:
@@ -314,13 +470,14 @@ class Runner:
 
     # -- idle tasks ---------------------------------------------------------------
 
-    def _kick_idle(self):
+    def _kick_idle(self) -> None:
         if self._idle_worker is None:
+            self._idle_wake = Event()
             self._idle_worker = gevent.spawn(self._idle_loop)
         else:
             self._idle_wake.set()
 
-    def _idle_loop(self):
+    def _idle_loop(self) -> None:
         idle_q = self._idle_q
         try:
             while idle_q:
@@ -339,7 +496,7 @@ class Runner:
 
     # -- running --------------------------------------------------------------------
 
-    def _run(self, r):
+    def _run(self, r: TaskResult) -> None:
         g = r._greenlet
         try:
             if r.state not in READY_STATES:  # cancelled between _start and now
@@ -351,14 +508,18 @@ class Runner:
                 self._active -= 1
             self._dispatch()
 
-    def _attempt(self, r):
+    def _attempt(self, r: TaskResult) -> None:
         opts = r._opts
         r.state = STARTED
         r._started_ts = _time()
-        if zope.event.subscribers:
+        if r._serializer is not None:
+            self.store.started(r)
+        if _subscribers:
             events.notify(events.TaskStarted(r))
-        exc = value = None
+        exc: Optional[BaseException] = None
+        value = None
         timer = None
+        expired = False
         t0 = _monotonic()
         try:
             if opts.timeout is not None:
@@ -399,13 +560,15 @@ class Runner:
         else:
             self._finish(r, FAILURE, exc=exc, duration=duration)
 
-    def _retry(self, r, exc, duration):
+    def _retry(self, r: TaskResult, exc: BaseException, duration: float) -> None:
         r.retries += 1
         r.duration = duration
         r.state = RETRY
         delay = r._opts.delay_for(r.retries)
         log.debug("task %s[%s] attempt %d failed, retrying in %.3fs", r.name, r.id, r.retries, delay)
-        if zope.event.subscribers:
+        if r._serializer is not None:
+            self.store.retrying(r, delay, exc)
+        if _subscribers:
             events.notify(events.TaskRetrying(r, exception=exc, delay=delay))
         if delay > 0:
             self._schedule(r, delay)
@@ -415,18 +578,20 @@ class Runner:
             self._pending.append(r)
             self._pending_count += 1
 
-    def _finish(self, r, state, value=None, exc=None, duration=None, tb=None):
+    def _finish(self, r: TaskResult, state: str, value: Any = None, exc: Optional[BaseException] = None,
+                duration: Optional[float] = None, tb: Optional[str] = None) -> None:
         if r.state in READY_STATES:
             return
         if duration is not None:
             r.duration = duration
         r._finished_ts = _time()
         r._where = None
+        serializer = r._serializer
         if not r._set(state, value, exc, tb):
             return
         self._live.pop(r.id, None)
-        self._keep(r)
-        if zope.event.subscribers:
+        self.store.finished(r, serializer)
+        if _subscribers:
             if state == SUCCESS:
                 events.notify(events.TaskSucceeded(r, duration=r.duration or 0.0))
             elif state == FAILURE:
@@ -434,33 +599,16 @@ class Runner:
             else:
                 events.notify(events.TaskCancelled(r))
 
-    def _keep(self, r):
-        """Store a finished result for lookup, bounded by max_results and result_ttl."""
-        store = self._finished
-        now = r._finished_mono = _monotonic()
-        if self.max_results:
-            store[r.id] = r
-            while len(store) > self.max_results:  # while: configure() may have lowered it
-                store.popitem(last=False)
-        if now < self._prune_at:
-            return  # result() hides expired ones; pruning each insert is wasted work
-        self._prune_at = now + min(1.0, self.result_ttl / 10)
-        cutoff = now - self.result_ttl
-        while store:
-            oldest = next(iter(store.values()))
-            if oldest._finished_mono > cutoff:
-                break
-            store.popitem(last=False)
-
-    def _run_eager(self, r, delay, eta):
+    def _run_eager(self, r: TaskResult, delay: Optional[float], eta: Optional[datetime.datetime]) -> TaskResult:
         """Run inline in the caller (tests): no delay, no timeout, exceptions propagate."""
         if eta is not None:
             r.eta = eta if eta.tzinfo is not None else eta.replace(tzinfo=_UTC)
-        self._notify_spawned(r)
+        if _subscribers:
+            events.notify(events.TaskSpawned(r))
         while True:
             r.state = STARTED
             r._started_ts = _time()
-            if zope.event.subscribers:
+            if _subscribers:
                 events.notify(events.TaskStarted(r))
             t0 = _monotonic()
             try:
@@ -469,7 +617,7 @@ class Runner:
                 if r.retries < r._opts.retries:
                     r.retries += 1
                     r.state = RETRY
-                    if zope.event.subscribers:
+                    if _subscribers:
                         events.notify(events.TaskRetrying(r, exception=e, delay=0.0))
                     continue
                 self._finish(r, FAILURE, exc=e, duration=_monotonic() - t0)
@@ -477,24 +625,49 @@ class Runner:
             self._finish(r, SUCCESS, value=value, duration=_monotonic() - t0)
             return r
 
-    # -- waiting, cancelling ----------------------------------------------------------
+    # -- used by TaskResult and batches -------------------------------------------------
 
-    def _slot_holder(self, greenlet):
+    def holds_slot(self, greenlet: Any) -> Optional[TaskResult]:
+        """The task running in ``greenlet`` if it holds a slot now, else None."""
         r = self._running.get(greenlet)
         return r if r is not None and r._slot else None
 
-    def _release_slot(self, r):
+    def release_slot(self, r: TaskResult) -> None:
+        """Lend ``r``'s slot out while it waits on another task."""
         r._slot = False
         self._active -= 1
         self._dispatch()
 
-    def _reacquire_slot(self, r):
+    def reacquire_slot(self, r: TaskResult) -> None:
+        """Give ``r`` its slot back when its wait ends."""
         # May exceed max_concurrency for a moment: the woken task must not wait
         # behind tasks that started while it was blocked (that could deadlock).
         r._slot = True
         self._active += 1
 
-    def _cancel(self, r):
+    def on_hub_thread(self) -> bool:
+        """True when the caller runs on the task hub's thread (or no hub is bound yet)."""
+        return self._thread is None or _real_ident() == self._thread
+
+    def current(self) -> Optional[TaskResult]:
+        """The TaskResult running in the calling greenlet (None outside a task)."""
+        return self._running.get(gevent.getcurrent())
+
+    def track(self, r: TaskResult) -> None:
+        """Hold an unfinished result made elsewhere (a batch item) so lookups and cancel find it."""
+        self._live[r.id] = r
+        if _subscribers:
+            events.notify(events.TaskSpawned(r))
+
+    def finish(self, r: TaskResult, state: str, value: Any = None, exc: Optional[BaseException] = None,
+               duration: Optional[float] = None, tb: Optional[str] = None) -> None:
+        """Make a tracked result final (batch items mirror their batch)."""
+        self._finish(r, state, value, exc, duration, tb)
+
+    def cancel(self, r: TaskResult) -> bool:
+        """Cancel ``r``: drop it if waiting or delayed, kill its greenlet if running."""
+        if not self.on_hub_thread():
+            return self.call(self.cancel, r)
         where = r._where
         if r.state in READY_STATES:
             return False
@@ -503,23 +676,66 @@ class Runner:
         elif where == "scheduled":
             self._scheduled_count -= 1
         g = r._greenlet
-        self._finish(r, CANCELLED, exc=TaskCancelled("task %s[%s] was cancelled" % (r.name, r.id)))
+        self._finish(r, CANCELLED, exc=CancelledError("task %s[%s] was cancelled" % (r.name, r.id)))
         if g is not None and not g.dead and g is not gevent.getcurrent():
             g.kill(block=False)
         return True
 
-    def result(self, task_id):
-        """The TaskResult with this id, or None if unknown or expired."""
+    def batcher(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The batch collector for ``key`` (a batch task), made by ``make()`` on first use."""
+        b = self._batchers.get(key)
+        if b is None:
+            b = self._batchers[key] = make()
+        return b
+
+    # -- results, restarts ----------------------------------------------------------------
+
+    def result(self, task_id: str) -> Optional[TaskResult]:
+        """The TaskResult with this id, or None if unknown or expired (asks the store too)."""
         r = self._live.get(task_id)
         if r is not None:
             return r
-        r = self._finished.get(task_id)
-        if r is not None and r._finished_mono + self.result_ttl < _monotonic():
-            return None
-        return r
+        found = self.store.lookup(task_id) if self.on_hub_thread() else self.call(self.store.lookup, task_id)
+        if isinstance(found, TaskRow):
+            return TaskResult.restored(self, found)
+        return found
 
-    def drain(self, timeout=None):
+    def replay(self, find: Callable[[str], Any]) -> int:
+        """Spawn again every unfinished row of the store; ``find(name)`` gives the @task or None."""
+        replayed, unknown = 0, []
+        now = _time()
+        for row in self.store.unfinished():
+            t = find(row.name)
+            if t is None:
+                unknown.append(row.name)
+                self.store.note(row.id, "no task named %r was registered at the last start; kept" % row.name)
+                continue
+            self.respawn(t, row, now)
+            replayed += 1
+        if unknown:
+            log.warning("journal %s: kept %d task(s) whose function is not registered: %s "
+                        "(see python -m greenqueue.journal %s list)", self.store.display, len(unknown),
+                        ", ".join(sorted(set(unknown))), self.store.display)
+        if replayed:
+            log.info("journal %s: replayed %d unfinished task(s)", self.store.display, replayed)
+        return replayed
+
+    def respawn(self, t: Any, row: TaskRow, now: Optional[float] = None) -> TaskResult:
+        """Spawn ``row`` again as task ``t``, keeping its id (and its eta when still ahead)."""
+        from ..journal import loads
+        data = loads(row.serializer, row.payload)
+        eta = None
+        if row.eta is not None and row.eta > (now or _time()):
+            eta = datetime.datetime.fromtimestamp(row.eta, _UTC)
+        return self.spawn(t.fn, tuple(data["args"]), data["kwargs"], name=t.name, opts=t.opts, eta=eta,
+                          force=True, task_id=row.id, retries=row.attempts, serializer=row.serializer)
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def drain(self, timeout: Optional[float] = None) -> DrainReport:
         """Wait up to ``timeout`` s for the tasks running or waiting now; report what is left."""
+        if not self.on_hub_thread():
+            return self.call(self.drain, timeout)
         t0 = _monotonic()
         for batcher in list(self._batchers.values()):
             batcher.flush()
@@ -546,12 +762,19 @@ class Runner:
         log.info("task drain: %s", report)
         return report
 
-    def kill(self, timeout=1.0):
+    def kill(self, timeout: float = 1.0) -> None:
         """Cancel every waiting, delayed and running task, and stop the helper greenlets."""
+        if not self.on_hub_thread():
+            if self._hub is not None and self._keep_alive is not None:
+                try:
+                    self.call(self.kill, timeout, timeout=timeout + 5)
+                except Exception:
+                    log.exception("stopping the task thread failed")
+            return
         self._closed = True
         for r in list(self._live.values()):
             if r.state not in READY_STATES:
-                self._cancel(r)
+                self.cancel(r)
         greenlets = [g for g in (self._timer, self._idle_worker) if g is not None]
         greenlets.extend(self._running)
         self._timer = self._idle_worker = None
@@ -562,12 +785,19 @@ class Runner:
         self._heap.clear()
         self._pending_count = self._scheduled_count = 0
         self._batchers.clear()
+        if self._keep_alive is not None:
+            self._keep_alive.set()  # our own task thread ends once this greenlet returns
+
+    def forget_after_fork(self) -> None:
+        """Drop everything without touching the hub (the child of a fork has neither thread nor tasks)."""
+        self._closed = True
+        self._thread = self._hub = self._keep_alive = None
 
 
-_default = None
+_default: Optional[Runner] = None
 
 
-def get_runner():
+def get_runner() -> Runner:
     """The default runner that @task and the module-level spawn functions use."""
     global _default
     if _default is None:
@@ -575,11 +805,24 @@ def get_runner():
     return _default
 
 
-def reset():
-    """Kill the default runner's tasks, start a fresh one and forget registered task names."""
+def reset() -> None:
+    """Kill the default runner's tasks and start a fresh one (the task registry is reset by the caller)."""
     global _default
     old, _default = _default, None
     if old is not None:
         old.kill()
-    from ._task import _registry
-    _registry.clear()
+        old.store.close()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (a gipc worker, a --workers process) must not share the parent's
+    # runner: its task thread does not exist here and its results are the parent's.
+    global _default
+    old, _default = _default, None
+    if old is not None:
+        old.forget_after_fork()
+
+
+import os as _os  # noqa: E402  (only for the fork hook below)
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)

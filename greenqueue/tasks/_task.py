@@ -2,33 +2,37 @@
 
 Concurrency model: decoration runs at import time in whatever greenlet
 imports the module; the registry is a plain dict touched only then and by
-``reset()``. A Task looks up the default runner on every spawn (never at
-decoration time) so ``reset()`` between tests takes effect. A batch task
-collects items in a per-runner buffer; the buffer is flushed by the spawn
-that fills it or by one ``gevent.spawn_later`` greenlet per open batch.
+``clear_registry()``. A Task looks up the default runner on every spawn
+(never at decoration time) so a reset between tests takes effect. A batch
+task collects items in a per-runner buffer on the task hub; the buffer is
+flushed by the spawn that fills it or by one ``gevent.spawn_later``
+greenlet per open batch.
 """
 
+import datetime
 import functools
 import logging
 import time
-from typing import Callable, Generic, Optional, ParamSpec, TypeVar, overload
+from typing import Any, Callable, Dict, Generic, Iterable, Optional, ParamSpec, TypeVar, overload
 
 import gevent
-import zope.event
 
-from .. import events
 from ..errors import ConfigError
-from ._result import READY_STATES, STARTED, SUCCESS, FAILURE, TaskResult
-from ._runner import TaskOptions, _callable_name, _new_id, get_runner
+from ._options import TaskOptions, callable_name, check_number, new_id
+from ._result import FAILURE, READY_STATES, STARTED, SUCCESS, TaskResult
+from ._runner import Runner, get_runner
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Task", "task", "get_task", "registered", "PerItem"]
+__all__ = ["Task", "task", "get_task", "registered", "clear_registry", "PerItem", "APPLY_OPTIONS"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_registry = {}
+_registry: Dict[str, "Task"] = {}
+
+#: Options ``apply_async`` takes besides args/kwargs/countdown/eta; those of a shared store come with it.
+APPLY_OPTIONS = ("idempotency_key", "connection", "queue")
 
 
 class PerItem:
@@ -52,12 +56,17 @@ class Task(Generic[P, R]):
     """A function registered as a task: call it inline, or ``.spawn()`` it in a greenlet."""
 
     def __init__(self, fn: Callable[P, R], name: str, opts: TaskOptions,
-                 batch_size: Optional[int] = None, batch_interval: Optional[float] = None):
+                 batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
+                 serializer: str = "json", queue: str = "default"):
         self.fn = fn
         self.name = name
         self.opts = opts
         self.batch_size = batch_size
         self.batch_interval = batch_interval
+        #: How a durable store keeps this task's arguments and result ("json" or "pickle").
+        self.serializer = serializer
+        #: The queue a node claims this task from (``--queues``).
+        self.queue = queue
         functools.update_wrapper(self, fn)
 
     def __repr__(self):
@@ -86,19 +95,32 @@ class Task(Generic[P, R]):
         """Run when the hub is idle, after every normal waiting task."""
         return self._spawn(args, kwargs, idle=True)
 
-    def apply_async(self, args=(), kwargs=None, countdown=None, eta=None) -> TaskResult[R]:
-        """Celery-style spawn: ``countdown`` seconds or an ``eta`` datetime."""
+    def apply_async(self, args: Iterable[Any] = (), kwargs: Optional[dict] = None,
+                    countdown: Optional[float] = None, eta: Optional[datetime.datetime] = None,
+                    **options: Any) -> TaskResult[R]:
+        """Celery-style spawn: ``countdown`` seconds or an ``eta`` datetime; options go here, never on spawn()."""
+        unknown = sorted(set(options) - set(APPLY_OPTIONS))
+        if unknown:
+            raise ConfigError("%s.apply_async(): unknown option(s) %s (known: args, kwargs, countdown, eta, %s)"
+                              % (self.name, ", ".join(unknown), ", ".join(APPLY_OPTIONS)))
+        if options.get("queue") not in (None, self.queue) or options.get("idempotency_key") is not None \
+                or options.get("connection") is not None:
+            raise ConfigError("%s.apply_async(%s=...) needs a store shared by several processes "
+                              "(--journal postgresql://...), which this process does not use"
+                              % (self.name, next(k for k in APPLY_OPTIONS if options.get(k) is not None)))
+        if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
+            raise ConfigError("%s.apply_async(args=...) takes a tuple or list of arguments, got %r"
+                              % (self.name, args))
         return self._spawn(tuple(args), dict(kwargs or {}), delay=countdown, eta=eta)
 
-    def _spawn(self, args, kwargs, delay=None, eta=None, idle=False):
+    def _spawn(self, args: tuple, kwargs: dict, delay: Optional[float] = None,
+               eta: Optional[datetime.datetime] = None, idle: bool = False) -> TaskResult[R]:
         runner = get_runner()
         if self.batch_size is not None:
-            batcher = runner._batchers.get(self)
-            if batcher is None:
-                batcher = runner._batchers[self] = _Batcher(runner, self)
+            batcher = runner.batcher(self, lambda: _Batcher(runner, self))
             return batcher.add(args, kwargs, delay, eta, idle)
         return runner.spawn(self.fn, args, kwargs, name=self.name, opts=self.opts,
-                            delay=delay, eta=eta, idle=idle)
+                            delay=delay, eta=eta, idle=idle, serializer=self.serializer)
 
 
 @overload
@@ -109,34 +131,40 @@ def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1.0,
          retry_jitter: float = 0.0, timeout: Optional[float] = None, name: Optional[str] = None,
          batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
-         serializer: str = "json") -> Callable[[Callable[P, R]], Task[P, R]]: ...
+         serializer: str = "json", queue: str = "default") -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 def task(fn=None, /, *, retries=0, retry_delay=0.0, retry_backoff=1.0, retry_jitter=0.0,
-         timeout=None, name=None, batch_size=None, batch_interval=None, serializer="json"):
+         timeout=None, name=None, batch_size=None, batch_interval=None, serializer="json", queue="default"):
     """Register a function as a task; works as ``@task`` and ``@task(retries=3, ...)``."""
+    if fn is not None and not callable(fn):
+        raise ConfigError("@task decorates a function; task(%r) got a %s (did you mean "
+                          "@task(retries=...)?)" % (fn, type(fn).__name__))
     if serializer not in ("json", "pickle"):
         raise ConfigError("serializer must be 'json' or 'pickle', got %r" % (serializer,))
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ConfigError("batch_size must be an integer >= 1 or None, got %r" % (batch_size,))
-    if batch_interval is not None and batch_interval <= 0:
-        raise ConfigError("batch_interval must be a number > 0 or None, got %r" % (batch_interval,))
+    if batch_size is not None:
+        check_number("batch_size", batch_size, 1, allow_none=True)
+    check_number("batch_interval", batch_interval, 0, float, allow_none=True, strict=True)
     if batch_interval is not None and batch_size is None:
         batch_size = 2 ** 31  # only the interval flushes
-    for label, value in (("retries", retries), ("retry_delay", retry_delay),
-                         ("retry_backoff", retry_backoff), ("retry_jitter", retry_jitter)):
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError("%s must be a number >= 0, got %r" % (label, value))
-    if timeout is not None and timeout <= 0:
-        raise ConfigError("timeout must be a number > 0 or None, got %r" % (timeout,))
+    check_number("retries", retries, 0)
+    for label, value in (("retry_delay", retry_delay), ("retry_backoff", retry_backoff),
+                         ("retry_jitter", retry_jitter)):
+        check_number(label, value, 0, float)
+    check_number("timeout", timeout, 0, float, allow_none=True, strict=True)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ConfigError("name must be a non-empty string, got %r" % (name,))
+    if not isinstance(queue, str) or not queue:
+        raise ConfigError("queue must be a non-empty string, got %r" % (queue,))
     opts = TaskOptions(int(retries), float(retry_delay), float(retry_backoff),
-                       float(retry_jitter), timeout)
+                       float(retry_jitter), None if timeout is None else float(timeout))
 
     def decorate(f):
         if isinstance(f, Task):
             f = f.fn
-        t = Task(f, name or _callable_name(f), opts, batch_size, batch_interval)
-        t.serializer = serializer  # how the journal stores this task's arguments and result
+        if not callable(f):
+            raise ConfigError("@task decorates a function, got a %s: %r" % (type(f).__name__, f))
+        t = Task(f, name or callable_name(f), opts, batch_size, batch_interval, serializer, queue)
         _register(t)
         return t
 
@@ -164,15 +192,25 @@ def get_task(name: str) -> Task:
     return _registry[name]
 
 
+def find_task(name: str) -> Optional[Task]:
+    """The registered Task called ``name``, or None."""
+    return _registry.get(name)
+
+
 def registered() -> dict:
     """A copy of the name -> Task registry."""
     return dict(_registry)
 
 
+def clear_registry() -> None:
+    """Forget every registered task name (tests, a runtime reset)."""
+    _registry.clear()
+
+
 class _Batcher:
     """Collects a batch task's items; the batch runs as one task, each item mirrors its outcome."""
 
-    def __init__(self, runner, t):
+    def __init__(self, runner: Runner, t: Task):
         self.runner = runner
         self.task = t
         self.items = []
@@ -184,11 +222,8 @@ class _Batcher:
         if delay is not None or eta is not None or idle:
             raise NotImplementedError("batch tasks are collected by size and interval only")
         runner = self.runner
-        r = TaskResult(runner, _new_id(), self.task.name, None, args, {}, self.task.opts, None)
-        r._where = "batch"
-        runner._live[r.id] = r
-        if zope.event.subscribers:
-            events.notify(events.TaskSpawned(r))
+        r = TaskResult(runner, new_id(), self.task.name, None, args, {}, self.task.opts, None)
+        runner.track(r)
         self.items.append(r)
         if len(self.items) >= self.task.batch_size or runner.eager:
             self.flush()
@@ -216,7 +251,7 @@ class _Batcher:
             if r.state not in READY_STATES:
                 r.state = STARTED
                 r._started_ts = started
-                values.append(r._args[0])
+                values.append(r._args[0])  # type: ignore[index]
                 taken.append(r)
         value = self.task.fn(values)
         if isinstance(value, PerItem):
@@ -233,18 +268,18 @@ class _Batcher:
             if batch.state == SUCCESS and isinstance(batch.result, _Outcomes):
                 outcome = batch.result.get(r.id, _NOT_TAKEN)
                 if outcome is _NOT_TAKEN:
-                    runner._cancel(r)  # cancelled after the flush, before the batch started
+                    runner.cancel(r)  # cancelled after the flush, before the batch started
                 elif isinstance(outcome, BaseException):
-                    runner._finish(r, FAILURE, exc=outcome, duration=batch.duration)
+                    runner.finish(r, FAILURE, exc=outcome, duration=batch.duration)
                 else:
-                    runner._finish(r, SUCCESS, value=outcome, duration=batch.duration)
+                    runner.finish(r, SUCCESS, value=outcome, duration=batch.duration)
             elif batch.state == SUCCESS:
-                runner._finish(r, SUCCESS, value=batch.result, duration=batch.duration)
+                runner.finish(r, SUCCESS, value=batch.result, duration=batch.duration)
             elif batch.state == FAILURE:
-                runner._finish(r, FAILURE, exc=batch.exception, duration=batch.duration,
+                runner.finish(r, FAILURE, exc=batch.exception, duration=batch.duration,
                                tb=batch.traceback)
             else:
-                runner._cancel(r)
+                runner.cancel(r)
 
 
 _NOT_TAKEN = object()

@@ -61,5 +61,5 @@ def state(task_id):
         try:
             body["result"] = r.get()
         except Exception as exc:
-            body["error"] = str(exc)
+            body["error"] = "%s: %s" % (type(exc).__name__, exc)
     return jsonify(body)

@@ -1,0 +1,250 @@
+"""The runtime: the one object that owns what a greenqueue process runs.
+
+A :class:`Runtime` holds the task runner, the scheduler, the process pools,
+the store (memory, or the journal), the consumers and the lifecycle hooks.
+The server and ``greenqueue.start()`` ask it for its parts and drive them
+through its methods; no component finds another by looking up imported modules or
+another's private attributes. Module-level decorators (``@task``,
+``@periodic``, ``@consume``, ``@on_startup``) register on the default parts,
+which the default runtime (``get_runtime()``) owns; ``reset()`` stops and
+forgets all of it in one call (the test suite's only fixture).
+
+Concurrency model: lifecycle methods (``open_store``, ``start``, ``stop``)
+run in the server's main greenlet, or in the caller's thread outside the
+server, where work that must live on the task hub (the scheduler loop,
+consumers, the store's writer) is handed to the runner's hub with
+``Runner.call``. Snapshots read the parts on the task hub's thread and
+never switch greenlets while they read, so what they return is consistent.
+Across ``fork()`` the child starts with a fresh default runtime (the
+runner's fork hook); pools and the store are never shared with a child.
+"""
+
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from gevent import monkey
+
+from . import consumers as _consumers
+from . import hooks as _hooks
+from . import procpool as _procpool
+from . import scheduler as _scheduler
+from . import tasks as _tasks
+from .errors import ConfigError, GreenqueueError
+from .journal import MemoryStore, open_store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Runtime", "get_runtime", "reset", "start", "configure"]
+
+
+class Runtime:
+    """Owns runner, scheduler, pools, store, consumers and hooks; the server drives it."""
+
+    def __init__(self, runner: Optional[_tasks.Runner] = None, scheduler: Optional[_scheduler.Scheduler] = None,
+                 pools: Optional[_procpool.Pools] = None, hooks: Optional[_hooks.Hooks] = None):
+        self._runner = runner
+        self._scheduler = scheduler
+        self._pools = pools
+        self._hooks = hooks
+        self.started = False
+
+    # -- the parts ----------------------------------------------------------------
+    # The default runtime's parts are the module defaults the decorators registered on;
+    # asking each time keeps a module-level reset of one part visible here.
+
+    @property
+    def runner(self) -> _tasks.Runner:
+        """The task runner (``@task`` spawns run here)."""
+        return self._runner if self._runner is not None else _tasks.get_runner()
+
+    @property
+    def scheduler(self) -> _scheduler.Scheduler:
+        """The periodic-job scheduler (``@periodic`` registers here)."""
+        return self._scheduler if self._scheduler is not None else _scheduler.get_scheduler()
+
+    @property
+    def pools(self) -> _procpool.Pools:
+        """The process pools started from ``--dirty-app``."""
+        return self._pools if self._pools is not None else _procpool.get_pools()
+
+    @property
+    def hooks(self) -> _hooks.Hooks:
+        """Start-up and shutdown hooks."""
+        return self._hooks if self._hooks is not None else _hooks.get_hooks()
+
+    @property
+    def store(self) -> Any:
+        """Where tasks are recorded: a MemoryStore, or the journal when one is open."""
+        return self.runner.store
+
+    def consumers(self) -> List[Any]:
+        """The ``@consume`` handlers declared in this process."""
+        return _consumers.consumers()
+
+    # -- configuration ----------------------------------------------------------------
+
+    def configure(self, max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
+                  result_ttl: Optional[float] = None, max_results: Optional[int] = None,
+                  eager: Optional[bool] = None, journal: Optional[str] = None) -> _tasks.Runner:
+        """Set the runner's limits and, with ``journal=PATH``, open the journal (replaying what is left)."""
+        runner = self.runner.configure(max_concurrency=max_concurrency, max_pending=max_pending,
+                                       result_ttl=result_ttl, max_results=max_results, eager=eager)
+        if journal is not None:
+            self.open_store(journal)
+        return runner
+
+    def open_store(self, path: str) -> Any:
+        """Open the journal at ``path`` for the runner and scheduler, and run its unfinished tasks again."""
+        runner = self.runner
+        current = runner.store
+        if current.durable:
+            if current.display == os.fspath(path):
+                return current
+            raise ConfigError("a journal (%s) is already open" % current.display)
+
+        def open_and_replay() -> Any:
+            store = open_store(path, runner.result_ttl, runner.max_results)
+            # Keep the results this process already holds reachable.
+            if isinstance(current, MemoryStore):
+                for r in reversed(current.recent(len(current))):
+                    store.memory.finished(r)
+            runner.use_store(store)
+            self.scheduler.store = store
+            runner.replay(_tasks.find_task)
+            return store
+        # The journal's writer greenlet and thread pool belong on the task hub.
+        return runner.call(open_and_replay)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self, dirty_apps: Sequence[str] = (), dirty_workers: Optional[int] = None,
+              dirty_timeout: Optional[float] = None, journal: Optional[str] = None) -> "Runtime":
+        """Start what the process declared: pools, the journal, the scheduler (when it has jobs), consumers."""
+        if dirty_apps and not monkey.is_module_patched("os"):
+            raise ConfigError("process pools need the main thread's gevent loop (gipc watches its children "
+                              "there): call gevent.monkey.patch_all() first, or run the greenqueue server "
+                              "with --dirty-app")
+        started_pools = []
+        if dirty_apps:
+            started_pools = self.pools.start(dirty_apps, workers=dirty_workers, timeout=dirty_timeout)
+        try:
+            if journal:
+                self.open_store(journal)
+        except BaseException:
+            for pool in started_pools:
+                pool.stop(5)
+            raise
+        runner = self.runner
+        if len(self.scheduler):
+            runner.call(self.scheduler.start)
+        if self.consumers():
+            runner.call(_consumers.start_all)
+        self.started = True
+        return self
+
+    def stop_intake(self, timeout: float) -> None:
+        """Stop the scheduler and the consumers (their batches in hand finish first)."""
+        runner = self.runner
+        if self.scheduler.running:
+            runner.call(self.scheduler.stop)
+        if self.consumers():
+            runner.call(_consumers.stop_all, max(1.0, timeout))
+            log.info("consumers stopped")
+
+    def drain(self, timeout: float) -> _tasks.DrainReport:
+        """Wait up to ``timeout`` s for running and waiting tasks; cancel what is left."""
+        runner = self.runner
+        report = runner.drain(max(0.0, timeout))
+        store = runner.store
+        if store.durable:
+            # From here on, what is unfinished stays unfinished in the store and runs at the next start.
+            store.stop_recording()
+            log.info("journal: %d delayed and %d unfinished task(s) kept for the next start",
+                     report.scheduled, report.running + report.pending)
+        if not report.complete:
+            log.warning("graceful timeout: cancelling %d running and %d waiting task(s)",
+                        report.running, report.pending)
+            runner.kill()
+        return report
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop intake, drain tasks, stop pools and close the store, all within about ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        self.stop_intake(timeout)
+        self.drain(deadline - time.monotonic())
+        if len(self.pools):
+            self.pools.stop(max(1.0, deadline - time.monotonic()))
+            log.info("worker pools stopped")
+        self.close_store()
+        self.started = False
+
+    def close_store(self) -> None:
+        """Flush and close the journal (a no-op for the memory store)."""
+        runner = self.runner
+        store = runner.store
+        if store.durable:
+            runner.call(store.close)
+            runner.use_store(MemoryStore(runner.result_ttl, runner.max_results))
+            self.scheduler.store = None
+
+    # -- what the dashboard and metrics show -------------------------------------------------
+
+    def snapshot(self, limit: int = 50) -> Dict[str, Any]:
+        """Tasks (running, waiting, delayed, recent), counts, jobs, pools and the store, as plain objects."""
+        runner = self.runner
+        if not runner.on_hub_thread():
+            return runner.call(self.snapshot, limit)
+        return {"tasks": runner.snapshot(limit), "counts": runner.stats(), "jobs": self.scheduler.jobs(),
+                "pools": self.pools.stats(), "store": runner.store.display, "durable": runner.store.durable}
+
+    def retry(self, task_id: str) -> _tasks.TaskResult:
+        """Run a failed or cancelled journaled task again now, same id, fresh attempt budget."""
+        runner = self.runner
+        store = runner.store
+        if not store.durable:
+            raise GreenqueueError("retry needs the journal (--journal PATH); only journaled tasks can be retried")
+        row = runner.call(store.requeue, task_id)
+        t = _tasks.find_task(row.name)
+        if t is None:
+            raise GreenqueueError("task %s: no task named %r is registered" % (task_id, row.name))
+        return runner.call(runner.respawn, t, row)
+
+    # -- tests -----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Stop and forget everything: tasks, jobs, pools, consumers, hooks, the store (tests)."""
+        for step in (_consumers.reset, _scheduler.reset, _procpool.reset, _tasks.reset, _hooks.reset):
+            try:
+                step()
+            except Exception:
+                log.exception("runtime reset: %s failed", step.__module__)
+
+
+_default: Optional[Runtime] = None
+
+
+def get_runtime() -> Runtime:
+    """The default runtime: what the module-level decorators registered on."""
+    global _default
+    if _default is None:
+        _default = Runtime()
+    return _default
+
+
+def reset() -> None:
+    """Reset the default runtime: one call, for tests and a REPL."""
+    get_runtime().reset()
+
+
+def start(dirty_apps: Sequence[str] = (), journal: Optional[str] = None) -> Runtime:
+    """Start the scheduler and consumers outside the server (Celery's beat is explicit too)."""
+    return get_runtime().start(dirty_apps=dirty_apps, journal=journal)
+
+
+def configure(max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
+              result_ttl: Optional[float] = None, max_results: Optional[int] = None,
+              eager: Optional[bool] = None, journal: Optional[str] = None) -> _tasks.Runner:
+    """Set the default runner's limits (defaults 100, 10000, 3600 s, 10000, False); ``journal=PATH`` opens the journal."""
+    return get_runtime().configure(max_concurrency, max_pending, result_ttl, max_results, eager, journal)
