@@ -16,15 +16,19 @@ process opens its own engine.
 
 Failure model: a connection that cannot be had within ``timeout`` seconds, or
 a statement that fails, raises :class:`JournalError` naming the DSN with its
-password masked. The pool replaces broken connections by itself (each borrow
-is checked first), so once PostgreSQL is back the same engine works again;
-the LISTEN connection is re-opened by the next ``wait_for_work``.
+password masked. The pool replaces broken connections by itself, so once
+PostgreSQL is back the same engine works again; the LISTEN connection is
+re-opened by the next ``wait_for_work``. A borrowed connection is pinged
+first unless it worked within the last second and no connection has failed
+since: a ping on every borrow would double the round trips of a busy node,
+while this way a restart costs at most the calls already on their way.
 """
 
 import dataclasses
 import logging
 import re
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
@@ -54,6 +58,9 @@ _TABLES = ("greenqueue_meta", "greenqueue_tasks", "greenqueue_nodes", "greenqueu
 # (enqueue(connection=)) still gets a fresh lease and due time.
 NOW = "extract(epoch from statement_timestamp())::float8"
 _CLAIMABLE = "('PENDING', 'SCHEDULED', 'RETRY')"
+
+# A connection that worked this recently is lent without a ping (see the docstring).
+_TRUST_FOR = 1.0
 
 _FIELDS = [f.name for f in dataclasses.fields(TaskRow)]
 _COLS = ", ".join(_FIELDS)
@@ -147,6 +154,12 @@ def _values(rows: Sequence[TaskRow], field: str) -> list:
     return [getattr(r, field) for r in rows]
 
 
+class _Connection(psycopg.Connection):
+    """A pooled connection that remembers when it last worked, and in which failure generation."""
+
+    __slots__ = ("worked_at", "generation")
+
+
 class PostgresEngine:
     """The Engine protocol on PostgreSQL 13+ through psycopg 3 and psycopg_pool."""
 
@@ -166,6 +179,7 @@ class PostgresEngine:
         self._listen_lock = threading.Lock()
         self._closed = threading.Event()
         self._listen_down = False
+        self._generation = 0   # grows whenever a pooled connection fails
 
     def __repr__(self) -> str:
         return "PostgresEngine(%r)" % self.display
@@ -209,8 +223,24 @@ class PostgresEngine:
         try:
             with self._pool.connection(timeout=self.timeout) as conn:
                 yield conn
+                self._worked(conn)
+        except psycopg.OperationalError as exc:
+            # Every other idle connection may be as dead as this one: ping each before use.
+            self._generation += 1
+            raise self._error(doing, exc) from None
         except (PoolTimeout, psycopg.Error) as exc:
             raise self._error(doing, exc) from None
+
+    def _worked(self, conn: Any) -> None:
+        conn.worked_at = time.monotonic()
+        conn.generation = self._generation
+
+    def _check(self, conn: Any) -> None:
+        if (getattr(conn, "generation", -1) == self._generation
+                and time.monotonic() - getattr(conn, "worked_at", 0.0) < _TRUST_FOR):
+            return
+        ConnectionPool.check_connection(conn)
+        self._worked(conn)
 
     def _one(self, doing: str, sql: str, params: Any = None) -> Optional[tuple]:
         with self._conn(doing) as conn:
@@ -234,7 +264,7 @@ class PostgresEngine:
         # reconnect_timeout bounds the pool's own backoff: after it gives up, the next
         # borrow starts a fresh attempt, so recovery after an outage takes seconds, not minutes.
         pool = ConnectionPool(self.dsn, kwargs=kwargs, min_size=1, max_size=self._pool_size, open=False,
-                              name="greenqueue", timeout=self.timeout, check=ConnectionPool.check_connection,
+                              name="greenqueue", timeout=self.timeout, check=self._check, connection_class=_Connection,
                               reconnect_timeout=max(5.0, self.timeout * 2))
         try:
             pool.open(wait=True, timeout=self.timeout)
@@ -347,12 +377,9 @@ class PostgresEngine:
                 return self._enqueue_on(connection, rows, params)
             except psycopg.Error as exc:
                 raise self._error("enqueue (in the caller's transaction)", exc) from None
+        # One INSERT is one commit; the lookup of rows that were already there comes after it.
         with self._conn("enqueue") as conn:
-            if len(rows) == 1 and not rows[0].idempotency_key:
-                return self._enqueue_on(conn, rows, params)
-            # The lookup of existing rows must see the insert's outcome atomically.
-            with conn.transaction():
-                return self._enqueue_on(conn, rows, params)
+            return self._enqueue_on(conn, rows, params)
 
     def _enqueue_on(self, conn: Any, rows: List[TaskRow], params: dict) -> List[TaskRow]:
         with conn.cursor() as cur:
@@ -493,7 +520,9 @@ class PostgresEngine:
         """Take back rows whose lease expired; returns them after the change."""
         sql = """
             WITH expired AS (
-                SELECT id FROM greenqueue_tasks
+                SELECT id, cancel_requested AS cancelled,
+                       NOT cancel_requested AND %(max)s > 0 AND lease_losses + 1 >= %(max)s AS poisoned
+                FROM greenqueue_tasks
                 WHERE owner IS NOT NULL AND state = 'STARTED' AND lease_expires < {now}
                 FOR UPDATE SKIP LOCKED),
             reaped AS (
@@ -501,23 +530,17 @@ class PostgresEngine:
                     lease_losses = t.lease_losses + 1,
                     lost_by = array_append(coalesce(t.lost_by, '{{}}'), t.owner),
                     owner = NULL, lease_expires = NULL, updated_at = {now},
-                    state = CASE WHEN t.cancel_requested THEN 'CANCELLED'
-                                 WHEN %(max)s > 0 AND t.lease_losses + 1 >= %(max)s THEN 'FAILURE'
+                    state = CASE WHEN x.cancelled THEN 'CANCELLED' WHEN x.poisoned THEN 'FAILURE'
                                  ELSE 'PENDING' END,
-                    finished_at = CASE WHEN t.cancel_requested
-                                         OR (%(max)s > 0 AND t.lease_losses + 1 >= %(max)s) THEN {now} END,
-                    expires_at = CASE WHEN t.cancel_requested
-                                        OR (%(max)s > 0 AND t.lease_losses + 1 >= %(max)s)
-                                      THEN {now} + %(ttl)s END,
-                    error_type = CASE WHEN NOT t.cancel_requested AND %(max)s > 0
-                                           AND t.lease_losses + 1 >= %(max)s
-                                      THEN 'LeaseLost' ELSE t.error_type END,
-                    error = CASE WHEN NOT t.cancel_requested AND %(max)s > 0 AND t.lease_losses + 1 >= %(max)s
+                    finished_at = CASE WHEN x.cancelled OR x.poisoned THEN {now} END,
+                    expires_at = CASE WHEN x.cancelled OR x.poisoned THEN {now} + %(ttl)s END,
+                    error_type = CASE WHEN x.poisoned THEN 'LeaseLost' ELSE t.error_type END,
+                    error = CASE WHEN x.poisoned
                                  THEN format('lease lost %%s times: the node running it stopped renewing its '
                                              'lease each time (max_lease_losses=%%s)',
                                              t.lease_losses + 1, %(max)s)
                                  ELSE t.error END
-                FROM expired WHERE t.id = expired.id
+                FROM expired x WHERE t.id = x.id
                 RETURNING {tcols}),
             hint AS (SELECT pg_notify('{channel}', q) FROM (
                 SELECT DISTINCT queue AS q FROM reaped WHERE state = 'PENDING') d)
