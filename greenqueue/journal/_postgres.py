@@ -95,10 +95,11 @@ _MIGRATIONS: Dict[int, List[str]] = {1: [
         error_type text,
         error text,
         traceback text,
-        note text)""",
+        note text) WITH (fillfactor = 90)""",
     "CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due) WHERE owner IS NULL AND state IN "
     + _CLAIMABLE,
-    "CREATE INDEX greenqueue_tasks_lease ON greenqueue_tasks (lease_expires) WHERE owner IS NOT NULL",
+    # Reap finds expired leases through this index too: an index on lease_expires would
+    # make every heartbeat's renewal a non-HOT update of every running row.
     "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
     "CREATE INDEX greenqueue_tasks_lost ON greenqueue_tasks (id) WHERE lost_by IS NOT NULL",
     "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
