@@ -12,8 +12,8 @@ from .nginx_support import CHAT_POOL, NginxFront, read_sse
 pytestmark = [pytest.mark.realproc, pytest.mark.nginx, pytest.mark.browser]
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture
@@ -26,17 +26,52 @@ def front(tmp_path):
 
 
 @pytest.fixture
-def page(tmp_path):
+def fast_front(tmp_path):
+    f = NginxFront(tmp_path, args=("--dirty-app", CHAT_POOL, "--dirty-workers", "1"),
+                   env={"CHAT_TOKEN_DELAY": "0.004"})
+    f.start()
+    yield f
+    assert f.stop() == 0
+
+
+@pytest.fixture
+def browser():
     require_binary(CHROMIUM, "Chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 420, "height": 760})
-            yield context.new_page()
+            yield b
         finally:
-            browser.close()
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    return browser.new_context(viewport={"width": 420, "height": 760}).new_page()
+
+
+@pytest.fixture
+def wide_page(browser):
+    return browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+
+
+def gap_above_form(page, selector):
+    """Pixels between the bottom of the last ``selector`` element and the top of the input form (< 0: hidden)."""
+    return page.evaluate("""sel => {
+        const els = document.querySelectorAll(sel);
+        const last = els[els.length - 1].getBoundingClientRect();
+        return document.getElementById("form").getBoundingClientRect().top - last.bottom;
+    }""", selector)
+
+
+def exchange(page, prompt):
+    """Send ``prompt`` and wait until its answer is complete."""
+    before = len(page.query_selector_all(".bot[data-done]"))
+    page.fill("#prompt", prompt)
+    page.click("#send")
+    wait_for(lambda: len(page.query_selector_all(".bot[data-done]")) > before, 30, message="the answer to " + prompt)
 
 
 def answer_text(page):
@@ -69,19 +104,52 @@ def test_thinking_is_shown_apart_from_the_answer(front, page):
     page.fill("#prompt", "hi")
     page.click("#send")
     page.wait_for_selector(".bot[data-done]", timeout=30000)
-    thought = page.text_content(".bot .thinking")
-    assert thought.startswith("Let me think about this.")
+    assert page.text_content(".bot .thinking").strip() == "[thinking...]"
     assert answer_text(page).startswith("Hello!")
-    assert "Let me think" not in answer_text(page)
+    assert "thinking" not in answer_text(page)
+
+
+def test_the_newest_exchange_is_never_hidden_behind_the_form(fast_front, wide_page):
+    page = wide_page
+    page.goto(fast_front.url + "/")
+    for prompt in ("please explain", "show me code", "how does streaming work"):
+        exchange(page, prompt)
+        assert gap_above_form(page, ".bot") >= 0, "answer to %r is under the form" % prompt
+    page.fill("#prompt", "explain it again")
+    page.click("#send")
+    gaps = []
+    deadline = time.monotonic() + 30
+    while not page.query_selector(".bot:last-child[data-done]") and time.monotonic() < deadline:
+        gaps.append(gap_above_form(page, ".bot"))  # while the fourth answer streams in
+    gaps.append(gap_above_form(page, ".bot"))
+    assert page.evaluate("document.documentElement.scrollHeight > innerHeight"), "the page never filled up"
+    assert min(gaps) >= 0, "the streaming answer went under the form: %s" % gaps
+    assert gap_above_form(page, ".user") >= 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "chat-four-exchanges.png"))
+
+
+def test_code_fences_render_as_a_code_block(fast_front, page):
+    page.goto(fast_front.url + "/")
+    exchange(page, "show me code")
+    block = page.query_selector(".bot .answer pre code")
+    assert block, "no code block in: %s" % page.inner_html(".bot .answer")
+    code = block.text_content()
+    assert code.startswith("class ChatApp(DirtyApp):") and "yield token" in code
+    assert "```" not in answer_text(page)
+    assert answer_text(page).startswith("Here is a tiny example")
 
 
 def test_stop_button_ends_the_stream_and_frees_the_worker(front, page):
     page.goto(front.url + "/")
+    for _ in range(2):
+        exchange(page, "show me code")  # fill the page, so the note would land under the form
     page.fill("#prompt", "please explain")
     page.click("#send")
     wait_for(lambda: len(answer_text(page)) > 10, 15, message="the first tokens")
     page.click("#stop")
     page.wait_for_selector(".bot[data-stopped]", timeout=5000)
+    assert page.is_visible(".bot .stopped") and gap_above_form(page, ".bot .stopped") >= 0
     stopped_at = len(answer_text(page))
     page.screenshot(path=str(ARTIFACTS / "chat-stopped.png"), full_page=True)
     # The only worker was mid-answer (~2 s left); it must be free for the next prompt now.

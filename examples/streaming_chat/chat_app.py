@@ -56,10 +56,7 @@ def pick_response(prompt):
     return RESPONSES["default"]
 
 
-def thinking_text(prompt):
-    """The visible reasoning shown before the answer in thinking mode."""
-    return ("Let me think about this. The prompt is %d characters long. I'll look for a keyword "
-            "I know, pick the matching answer, and stream it word by word." % len(prompt))
+THINKING = ["[thinking", ".", ".", ".", "]\n\n"]
 
 
 class ChatApp(DirtyApp):
@@ -75,16 +72,17 @@ class ChatApp(DirtyApp):
         self.responses = dict(RESPONSES)
 
     def generate(self, prompt, thinking=False):
-        """Yield ``{"token": ...}`` dicts; thinking tokens carry ``"phase": "thinking"``."""
+        """Yield ``{"token": ...}`` dicts; in thinking mode "[thinking...]" comes first, marked ``"phase": "thinking"``."""
         if thinking:
-            for tok in tokens(thinking_text(prompt)):
-                time.sleep(self.delay)
+            # gunicorn's example streams the same markers, a dot every ten tokens' time.
+            for tok in THINKING:
+                if tok == ".":
+                    time.sleep(self.delay * 10)
                 yield {"token": tok, "phase": "thinking"}
         for tok in tokens(pick_response(prompt)):
             time.sleep(self.delay)
             yield {"token": tok}
 
     def generate_sync(self, prompt, thinking=False):
-        """Return the whole answer at once (same text the stream would produce)."""
-        return "".join(item["token"] for item in self.generate(prompt, thinking)
-                       if item.get("phase") != "thinking")
+        """Return the whole text at once, thinking markers included (what the stream's tokens add up to)."""
+        return "".join(item["token"] for item in self.generate(prompt, thinking))
