@@ -3,41 +3,68 @@
 Concurrency model: gevent's StreamServer accepts connections and runs
 :meth:`Connection.handle` in one greenlet per connection; the WSGI app runs
 in that same greenlet, so the app may block on I/O but a CPU loop blocks the
-hub. Nothing here is shared between connections except the read-only
-:class:`HTTPSettings` and the server's set of live connections.
+hub. Each connection owns its parser, its base environ, two I/O watchers
+(one to wait for requests and body bytes, one to notice a hang-up while a
+stream runs) and one timer for its deadlines; their callbacks run in the
+hub. Nothing is shared between connections except the read-only
+:class:`HTTPSettings` (whose ``shutting_down`` flag the server sets), the
+server's set of live connections and two bounded caches of header names.
 
 Why not gevent.pywsgi's own parser: it accepts many malformed requests and
 treats unknown transfer codings as "no body" (a request-smuggling risk).
 llhttp (through ``httptools``) rejects those; this module adds the limits
 llhttp leaves to the embedder (request line, header count and size, header
-timeout) and writes responses so the headers and the first body chunk leave
-in one send, which avoids the delayed-ACK stall pywsgi has on keep-alive
-connections.
+timeout, HTTP version, asterisk-form only for OPTIONS) and writes responses
+so the headers and the first body chunk leave in one send, which avoids the
+delayed-ACK stall pywsgi has on keep-alive connections.
+
+Why the socket is read and written below gevent's socket methods: those set
+up a gevent.Timeout per wait and ask the kernel for the send buffer size per
+sendall, a third of this server's own cost per request. Here a connection
+tries the non-blocking system call first, waits on its own watcher only
+when the kernel says it would block, and keeps one timer whose deadline it
+moves (a float store per wait) instead of starting and cancelling a timer
+per wait.
 """
 
 import logging
 import socket
 import sys
 import time
+from collections import deque
+from math import inf
+from typing import Any, Callable, Optional
 from urllib.parse import unquote_to_bytes
 
 import gevent
-import gevent.socket
 import httptools
+from gevent import getcurrent
 
-from ._response import _REASONS, ClientDisconnected, _http_date, _Response
+from . import events
+from ._response import _REASONS, ClientDisconnected, IncompleteBody, _http_date, _Response
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("greenqueue.access")
 
 _READ_SIZE = 65536
 _MAX_DRAIN = 1 << 20  # unread request body we still read to keep a connection alive
+_monotonic = time.monotonic
+_RequestFinished = events.RequestFinished
+_wanted = events.wanted
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+# Request header name -> environ key ("" when dropped). Bounded: names come from clients.
+_KEYS = {}
+_MAX_KEYS = 1024
+
+
 class HTTPSettings:
     """Read-only limits and policies shared by every connection of one server."""
 
-    def __init__(self, app, *, max_request_line=8190, max_header_size=65536, max_headers=100,
-                 header_timeout=10.0, keepalive_timeout=75.0, forwarded_allow=(), server_name="",
-                 server_port="", access_log_enabled=False):
+    def __init__(self, app: Callable, *, max_request_line: int = 8190, max_header_size: int = 65536,
+                 max_headers: int = 100, header_timeout: Optional[float] = 10.0,
+                 keepalive_timeout: Optional[float] = 75.0, forwarded_allow: Any = (), server_name: str = "",
+                 server_port: Any = "", access_log_enabled: bool = False) -> None:
         self.app = app
         self.max_request_line = max_request_line
         self.max_header_size = max_header_size
@@ -50,14 +77,18 @@ class HTTPSettings:
         self.server_port = str(server_port)
         self.access_log_enabled = access_log_enabled
         self.shutting_down = False
-        #: ``observe(environ, status, seconds)`` after each request (metrics), or None.
-        self.observe = None
+        #: What every environ of this server starts from (a connection adds its peer).
+        self.base_environ = {
+            "SCRIPT_NAME": "", "SERVER_NAME": server_name, "SERVER_PORT": self.server_port,
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.multithread": False,
+            "wsgi.multiprocess": False, "wsgi.run_once": False, "wsgi.input_terminated": True,
+        }
 
 
 class RequestError(Exception):
     """A request we refuse; ``status`` is the 4xx/5xx to answer with."""
 
-    def __init__(self, status, reason):
+    def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -84,16 +115,23 @@ class _Request:
 
 
 class _Parser:
-    """httptools protocol object: turns callbacks into queued :class:`_Request` objects."""
+    """httptools protocol object: turns callbacks into queued :class:`_Request` objects.
+
+    One per connection, reused for every request on it; one feed parses every
+    request the bytes contain (pipelining), each queued in order.
+    """
+
+    __slots__ = ("settings", "queue", "current", "parser", "error")
 
     def __init__(self, settings):
         self.settings = settings
-        self.queue = []
+        self.queue = deque()
         self.current = None
         self.parser = httptools.HttpRequestParser(self)
         self.error = None
 
     def feed(self, data):
+        """Parse ``data``; raise RequestError for anything llhttp or our limits refuse."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -141,7 +179,13 @@ class _Parser:
         req = self.current
         p = self.parser
         req.method = p.get_method()
-        req.version = p.get_http_version()
+        req.version = version = p.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # llhttp reads any one-digit major and minor; we speak HTTP/1.x only (RFC 9110 15.6.6).
+            self._fail(505, "HTTP/%s is not supported" % version)
+        if req.url == b"*" and req.method != b"OPTIONS":
+            # RFC 9112 3.2.4: the asterisk-form is only for a server-wide OPTIONS.
+            self._fail(400, "the request target * is only allowed with OPTIONS")
         req.keep_alive = p.should_keep_alive()
         req.headers_done = True
 
@@ -154,14 +198,31 @@ class _Parser:
         self.current.complete = True
 
 
+def _environ_key(name: bytes) -> str:
+    """The environ key of request header ``name``, or "" when the header is dropped."""
+    key = name.decode("latin-1").upper()
+    if "_" in key:
+        key = ""  # dropped like gunicorn does: X_Forwarded_For must not pose as X-Forwarded-For
+    else:
+        key = key.replace("-", "_")
+        if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+            key = "HTTP_" + key
+    if len(_KEYS) < _MAX_KEYS:
+        _KEYS[name] = key
+    return key
+
+
 class Input:
     """``wsgi.input``: reads the request body lazily from the connection."""
 
-    def __init__(self, conn, req):
+    __slots__ = ("_conn", "_req", "_buf", "_continue_sent", "cut")
+
+    def __init__(self, conn: "Connection", req: _Request) -> None:
         self._conn = conn
         self._req = req
         self._buf = b""
         self._continue_sent = False
+        self.cut = False  # the client closed the connection before the end of the body
 
     def _fill(self):
         """Read more body from the socket; False once the message is complete."""
@@ -172,13 +233,23 @@ class Input:
             return True
         if req.complete:
             return False
-        if self._conn.expect_continue and not self._continue_sent:
+        if self.cut:
+            raise IncompleteBody()
+        conn = self._conn
+        if conn.expect_continue and not self._continue_sent:
             self._continue_sent = True
-            self._conn.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._conn.read_more(self._conn.body_timeout)
+            conn.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            conn.read_more(conn.body_timeout)
+        except EOFError:
+            self.cut = True
+            req.keep_alive = False
+            log.info("client %s closed the connection %d bytes into a request body",
+                     conn._peer(), req.body_len)
+            raise IncompleteBody() from None
         return True
 
-    def read(self, size=-1):
+    def read(self, size: Optional[int] = -1) -> bytes:
         """Read up to ``size`` bytes (all when negative)."""
         if size is None or size < 0:
             while self._fill():
@@ -190,11 +261,11 @@ class Input:
         data, self._buf = self._buf[:size], self._buf[size:]
         return data
 
-    def readline(self, size=-1):
+    def readline(self, size: Optional[int] = -1) -> bytes:
         """Read one line (up to ``size`` bytes)."""
         while True:
             idx = self._buf.find(b"\n")
-            if idx >= 0 or (0 <= size <= len(self._buf)):
+            if idx >= 0 or (size is not None and 0 <= size <= len(self._buf)):
                 break
             if not self._fill():
                 break
@@ -204,22 +275,55 @@ class Input:
         data, self._buf = self._buf[:end], self._buf[end:]
         return data
 
-    def readlines(self, hint=None):
+    def readlines(self, hint: Any = None) -> list:
         """Read all remaining lines."""
         return list(iter(self.readline, b""))
 
     def __iter__(self):
         return iter(self.readline, b"")
 
-    def unread(self):
-        """Bytes of body not yet consumed by the app (or -1 when unknown and large)."""
+    def unread(self) -> int:
+        """Bytes of body received but not yet consumed by the app."""
         return len(self._buf) + self._req.body_len
+
+
+class _NoBody:
+    """``wsgi.input`` of a request that has no body (stateless, so one serves every request)."""
+
+    __slots__ = ()
+    cut = False
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        """Nothing to read."""
+        return b""
+
+    def readline(self, size: Optional[int] = -1) -> bytes:
+        """Nothing to read."""
+        return b""
+
+    def readlines(self, hint: Any = None) -> list:
+        """Nothing to read."""
+        return []
+
+    def __iter__(self):
+        return iter(())
+
+    def unread(self) -> int:
+        """Nothing left."""
+        return 0
+
+
+_NO_BODY = _NoBody()
 
 
 class Connection:
     """Serves every request of one client connection, one after the other."""
 
-    def __init__(self, sock, address, settings, registry):
+    __slots__ = ("sock", "address", "settings", "registry", "parser", "idle", "expect_continue", "body_timeout",
+                 "tcp", "_nagle", "_burst_end", "_raw", "_hub", "_rio", "_dio", "_streamer", "_deadline",
+                 "_waiter", "_timer", "_timer_at", "_base", "_trusted")
+
+    def __init__(self, sock: Any, address: Any, settings: HTTPSettings, registry: Any) -> None:
         self.sock = sock
         self.address = address
         self.settings = settings
@@ -231,46 +335,117 @@ class Connection:
         self.tcp = False          # Nagle can be switched (not on unix sockets)
         self._nagle = False       # Nagle is on for the current burst of chunks
         self._burst_end = None    # hub callback that ends the current burst
+        # The non-blocking socket under gevent's: system calls without gevent's per-call set-up.
+        self._raw = getattr(sock, "_sock", sock)
+        self._hub = gevent.get_hub()
+        self._rio = None          # watcher a read waits on (made at the first wait)
+        self._dio = None          # watcher for a hang-up while a stream runs (made at the first stream)
+        self._streamer = None     # the greenlet to stop when the client hangs up mid-stream
+        self._deadline = None     # monotonic time the current wait gives up (None: not waiting)
+        self._waiter = None       # the greenlet in that wait
+        self._timer = None        # one-shot timer at _timer_at; it moves on when the deadline moved
+        self._timer_at = inf
+        self._base = None         # environ part shared by this connection's requests
+        self._trusted = False     # X-Forwarded-* from this peer are believed
 
     # I/O ----------------------------------------------------------------
-    def read_more(self, timeout):
+    def _recv(self, timeout, wait_first=False):
+        """recv once (b"" when the peer closed); socket.timeout when nothing came in ``timeout`` seconds."""
+        raw = self._raw
+        if wait_first:
+            self._wait_readable(timeout)
+        while True:
+            try:
+                return raw.recv(_READ_SIZE)
+            except BlockingIOError:
+                self._wait_readable(timeout)
+
+    def _wait_readable(self, timeout):
+        rio = self._rio
+        if rio is None:
+            rio = self._rio = self._hub.loop.io(self._raw.fileno(), 1)
+        if timeout is not None:
+            deadline = _monotonic() + timeout
+            self._deadline = deadline
+            self._waiter = getcurrent()
+            if deadline < self._timer_at:
+                self._arm(timeout, deadline)
+        try:
+            self._hub.wait(rio)
+        finally:
+            self._deadline = None
+
+    def _arm(self, seconds, at):
+        if self._timer is not None:
+            self._timer.close()
+        timer = self._hub.loop.timer(seconds, ref=False)
+        timer.start(self._on_timer)
+        self._timer = timer
+        self._timer_at = at
+
+    def _on_timer(self):
+        # Runs in the hub. The deadline may have moved since the timer was set: follow it.
+        self._timer = None
+        self._timer_at = inf
+        deadline = self._deadline
+        if deadline is None:
+            return  # not waiting now; the next wait sets a timer again
+        left = deadline - _monotonic()
+        if left > 0:
+            self._arm(left, deadline)
+            return
+        self._deadline = None
+        self._waiter.throw(socket.timeout("timed out"))
+
+    def read_more(self, timeout: Optional[float]) -> None:
         """recv once and feed the parser; raise EOFError when the peer closed."""
-        self.sock.settimeout(timeout)
-        data = self.sock.recv(_READ_SIZE)
+        data = self._recv(timeout)
         if not data:
             raise EOFError
         self.parser.feed(data)
 
-    def watch_disconnect(self, handler):
+    def watch_disconnect(self, handler: Any) -> None:
         """Kill ``handler`` (the greenlet streaming a response) when the client hangs up.
 
         A plain I/O watcher whose callback runs in the hub, not a greenlet: an
-        idle stream costs no greenlet stack. Returns the watcher; close it
+        idle stream costs no greenlet stack. Call :meth:`unwatch_disconnect`
         when the stream ends.
         """
-        raw = getattr(self.sock, "_sock", self.sock)
-        io = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        dio = self._dio
+        if dio is None:
+            dio = self._dio = self._hub.loop.io(self._raw.fileno(), 1)
+        self._streamer = handler
+        dio.start(self._on_readable)
 
-        def readable():
-            try:
-                data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return  # spurious wake-up: keep watching
-            except OSError:
-                data = b""
-            io.stop()
-            if not data:
-                handler.kill(ClientDisconnected("client closed the connection"), block=False)
-            # Data means a pipelined request; we stop watching rather than consume it.
+    def unwatch_disconnect(self) -> None:
+        """Stop watching for a hang-up (the stream ended)."""
+        self._dio.stop()
+        self._streamer = None
 
-        io.start(readable)
-        return io
+    def _on_readable(self):
+        # Runs in the hub while a stream is being sent.
+        try:
+            data = self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # spurious wake-up: keep watching
+        except OSError:
+            data = b""
+        self._dio.stop()
+        if not data and self._streamer is not None:
+            self._streamer.kill(ClientDisconnected("client closed the connection"), block=False)
+        # Data means a pipelined request; we stop watching rather than consume it.
 
-    def send_raw(self, data):
+    def send_raw(self, data: bytes) -> None:
         """Send bytes now (disconnects propagate as OSError)."""
-        self.sock.sendall(data)
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            # The kernel's buffer is full (a slow reader, a large body): let gevent wait for room.
+            self.sock.sendall(memoryview(data)[sent:])
 
-    def send_chunk(self, data):
+    def send_chunk(self, data: bytes) -> None:
         """Send one chunk of a streamed body; chunks produced back to back may share packets.
 
         A chunk sent after the hub has run (the producer waited: for a token,
@@ -282,10 +457,10 @@ class Connection:
         """
         if self._burst_end is None:
             if self.tcp:
-                self._burst_end = gevent.get_hub().loop.run_callback(self._end_burst)
+                self._burst_end = self._hub.loop.run_callback(self._end_burst)
         elif not self._nagle:
             self._set_nodelay(False)
-        self.sock.sendall(data)
+        self.send_raw(data)
 
     def _end_burst(self):
         # Runs in the hub (a callback): setsockopt never blocks.
@@ -293,7 +468,7 @@ class Connection:
         if self._nagle:
             self._set_nodelay(True)  # Linux sends what Nagle held back as soon as this is set
 
-    def end_stream(self):
+    def end_stream(self) -> None:
         """The streamed body is done: push out anything held back and stop watching for bursts."""
         if self._burst_end is not None:
             self._burst_end.stop()
@@ -303,56 +478,64 @@ class Connection:
 
     def _set_nodelay(self, on):
         try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if on else 0)
+            self._raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if on else 0)
             self._nagle = not on
         except OSError:
             self.tcp = False  # the socket is closing: the stream's next write will say so
 
-    def _next_request(self):
+    def _next_request(self, wait_first):
         """Return the next request once its headers are in, or None when the client is done."""
         queue = self.parser.queue
+        settings = self.settings
         started = None
         while True:
-            if queue and queue[0].headers_done:
-                return queue.pop(0)
-            now = time.monotonic()
-            if queue and started is None:
-                started = now
-            if self.settings.shutting_down and not queue:
-                return None
-            if started is None:
-                timeout = self.settings.keepalive_timeout
-            else:
-                remaining = (self.settings.header_timeout or 1e9) - (now - started)
-                if remaining <= 0:
-                    raise RequestError(408, "request headers not received within %ss"
-                                       % self.settings.header_timeout)
-                timeout = remaining
-            try:
-                self.read_more(timeout)
-            except socket.timeout:
+            if queue:
+                if queue[0].headers_done:
+                    return queue.popleft()
+                # Part of a request is in: its headers must be complete within the header timeout.
+                now = _monotonic()
                 if started is None:
+                    started = now
+                timeout = settings.header_timeout
+                if timeout is not None:
+                    timeout -= now - started
+                    if timeout <= 0:
+                        raise RequestError(408, "request headers not received within %ss"
+                                           % settings.header_timeout)
+            elif settings.shutting_down:
+                return None
+            else:
+                timeout = settings.keepalive_timeout
+            try:
+                data = self._recv(timeout, wait_first)
+            except socket.timeout:
+                if not queue:
                     return None  # idle keep-alive connection timed out: close quietly
                 raise RequestError(408, "request headers not received within %ss"
-                                   % self.settings.header_timeout) from None
-            except EOFError:
+                                   % settings.header_timeout) from None
+            if not data:
                 return None
-            if started is None and queue:
-                started = now
+            wait_first = False
+            self.parser.feed(data)
 
-    def handle(self):
+    def handle(self) -> None:
         """Serve requests until the client closes, asks to, or errs."""
         self.registry.add(self)
         try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.tcp = True
         except OSError:
             pass  # unix sockets have no Nagle to turn off
+        # For the rare waits left to gevent (a send into a full buffer).
+        self.sock.settimeout(self.body_timeout)
+        # A new connection's first request is usually in already; after a response the
+        # next one rarely is, so then we wait before reading instead of failing a recv.
+        wait_first = False
         try:
             while True:
                 self.idle = True
                 try:
-                    req = self._next_request()
+                    req = self._next_request(wait_first)
                 except RequestError as exc:
                     self._send_error(exc.status, exc.reason)
                     return
@@ -365,16 +548,24 @@ class Connection:
                 except RequestError as exc:
                     self._send_error(exc.status, exc.reason)
                     return
+                wait_first = not self.parser.queue
         except (OSError, EOFError):
             return  # the client went away; nothing to answer
         finally:
             self.registry.discard(self)
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            self._release()
 
-    def close_if_idle(self):
+    def _release(self):
+        for watcher in (self._timer, self._rio, self._dio):
+            if watcher is not None:
+                watcher.close()
+        self._timer = self._rio = self._dio = None
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def close_if_idle(self) -> None:
         """Wake an idle keep-alive connection so it closes (graceful shutdown)."""
         if self.idle:
             try:
@@ -389,7 +580,7 @@ class Connection:
                                                            len(body), _http_date()))
         log.info("rejected request from %s: %d %s", self._peer(), status, reason)
         try:
-            self.sock.sendall(head.encode("latin-1") + body)
+            self.send_raw(head.encode("latin-1") + body)
         except OSError:
             pass  # the client is gone; the rejection is logged
 
@@ -399,62 +590,54 @@ class Connection:
         return "unix"
 
     # One request ---------------------------------------------------------
-    def _build_environ(self, req):
-        headers = {}
-        host_count = 0
-        for name, value in req.headers:
-            key = name.decode("latin-1").upper()
-            if "_" in key:
-                # Dropped like gunicorn does: X_Forwarded_For must not pose as X-Forwarded-For.
-                continue
-            key = key.replace("-", "_")
-            if key == "HOST":
-                host_count += 1
-            val = value.decode("latin-1")
-            if key in headers:
-                headers[key] += "," + val
-            else:
-                headers[key] = val
-        if host_count > 1 or (host_count == 0 and req.version == "1.1"):
-            raise RequestError(400, "HTTP/1.1 requests need exactly one Host header")
-        try:
-            url = httptools.parse_url(req.url) if req.url[:1] != b"*" else None
-        except httptools.HttpParserInvalidURLError:
-            raise RequestError(400, "invalid request target") from None
-        path = url.path if url is not None and url.path else b"/"
-        query = url.query if url is not None and url.query else b""
-        settings = self.settings
+    def _base_environ(self):
         addr = self.address
         remote_addr, remote_port = (addr[0], str(addr[1])) if isinstance(addr, tuple) and addr else ("", "")
-        environ = {
-            "REQUEST_METHOD": req.method.decode("latin-1"),
-            "SCRIPT_NAME": "",
-            "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
-            "QUERY_STRING": query.decode("latin-1"),
-            "RAW_URI": req.url.decode("latin-1"),
-            "REQUEST_URI": req.url.decode("latin-1"),
-            "SERVER_NAME": settings.server_name,
-            "SERVER_PORT": settings.server_port,
-            "SERVER_PROTOCOL": "HTTP/" + req.version,
-            "REMOTE_ADDR": remote_addr,
-            "REMOTE_PORT": remote_port,
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": False,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-            "wsgi.input_terminated": True,
-        }
-        for key, val in headers.items():
-            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
-                environ[key] = val
+        base = dict(self.settings.base_environ, REMOTE_ADDR=remote_addr, REMOTE_PORT=remote_port)
+        base["wsgi.errors"] = sys.stderr
+        self._trusted = self._trusted_proxy(remote_addr)
+        self._base = base
+        return base
+
+    def _build_environ(self, req):
+        environ = (self._base or self._base_environ()).copy()
+        url = req.url
+        if url[:1] == b"/" and b"#" not in url:
+            path, _, query = url.partition(b"?")
+        elif url == b"*":
+            path, query = b"/", b""
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raise RequestError(400, "invalid request target") from None
+            path, query = parsed.path or b"/", parsed.query or b""
+        environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        environ["QUERY_STRING"] = query.decode("latin-1")
+        environ["RAW_URI"] = environ["REQUEST_URI"] = url.decode("latin-1")
+        environ["REQUEST_METHOD"] = _METHODS.get(req.method) or req.method.decode("latin-1")
+        version = req.version
+        environ["SERVER_PROTOCOL"] = _PROTOCOLS[version]
+        keys = _KEYS
+        for name, value in req.headers:
+            key = keys.get(name)
+            if key is None:
+                key = _environ_key(name)
+            if not key:
+                continue
+            if key in environ:
+                if key == "HTTP_HOST":
+                    raise RequestError(400, "HTTP/1.1 requests need exactly one Host header")
+                environ[key] += "," + value.decode("latin-1")
             else:
-                environ["HTTP_" + key] = val
-        if self._trusted_proxy(remote_addr):
+                environ[key] = value.decode("latin-1")
+        if version == "1.1" and "HTTP_HOST" not in environ:
+            raise RequestError(400, "HTTP/1.1 requests need exactly one Host header")
+        if self._trusted and ("HTTP_X_FORWARDED_FOR" in environ or "HTTP_X_FORWARDED_PROTO" in environ):
             self._apply_forwarded(environ)
-        self.expect_continue = headers.get("EXPECT", "").lower() == "100-continue" and req.version == "1.1"
-        environ["wsgi.input"] = Input(self, req)
+        expect = environ.get("HTTP_EXPECT")
+        self.expect_continue = expect is not None and version == "1.1" and expect.lower() == "100-continue"
+        environ["wsgi.input"] = _NO_BODY if req.complete and not req.body else Input(self, req)
         return environ
 
     def _trusted_proxy(self, remote_addr):
@@ -485,26 +668,27 @@ class Connection:
 
     def _handle_request(self, req):
         """Run the app for ``req``; return True when the connection may serve another request."""
-        started = time.monotonic()
+        started = _monotonic()
         environ = self._build_environ(req)
         resp = _Response(self, environ, req)
+        settings = self.settings
         try:
-            resp.run(self.settings.app)
+            resp.run(settings.app)
         finally:
-            duration = time.monotonic() - started
-            if self.settings.access_log_enabled:
-                self._log_access(environ, resp, duration)
-            if self.settings.observe is not None:
-                self.settings.observe(environ, resp.status_code, duration)
-        if not resp.keep_alive or req.upgrade or self.settings.shutting_down:
+            if settings.access_log_enabled:
+                self._log_access(environ, resp, _monotonic() - started)
+            if _wanted(_RequestFinished):
+                events.notify(_RequestFinished(method=environ["REQUEST_METHOD"], path=environ["PATH_INFO"],
+                                               status=resp.status_code or 0, seconds=_monotonic() - started))
+        if not resp.keep_alive or req.upgrade or settings.shutting_down:
             return False
+        if req.complete and not req.body:
+            return True
         return self._finish_body(req, environ["wsgi.input"])
 
     def _finish_body(self, req, body):
         """Consume what the app left unread so the next request parses cleanly."""
-        if req.complete and not req.body:
-            return True
-        if body.unread() > _MAX_DRAIN:
+        if body.cut or body.unread() > _MAX_DRAIN:
             return False
         try:
             while True:

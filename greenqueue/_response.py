@@ -1,17 +1,30 @@
 """Writing one WSGI response: start_response/write, framing (length, chunked, close) and errors.
 
-Concurrency model: runs in the connection's greenlet. A streamed body is
-sent chunk by chunk as the app yields it (the status line and headers go
-out with the first chunk, in one send); while a stream runs, a watcher
-greenlet notices the client hanging up and raises ClientDisconnected in it.
+Concurrency model: runs in the connection's greenlet. A body given as a list
+leaves with the status line and headers in one send. A streamed body is sent
+chunk by chunk as the app yields it (the status line and headers go out with
+the first chunk, in one send); while a stream runs, the connection's hang-up
+watcher (an I/O watcher whose callback runs in the hub) raises
+ClientDisconnected in it. A body whose length the app declared before
+iterating is watched only once its first chunk did not complete it: its
+first chunk is produced without waiting in every framework we serve
+(Werkzeug's responses, files), and not watching saves a watcher start and
+stop per response.
+
+Module state: two caches (header names already checked, the Date line of
+the current second) read and written only by greenlets of this process's
+hub, never across processes or threads.
 """
 
 import errno
 import logging
 import time
 from email.utils import formatdate
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import gevent
+from gevent import getcurrent
+from werkzeug.exceptions import ClientDisconnected as _WerkzeugClientDisconnected
 
 log = logging.getLogger("greenqueue._http")
 # What an app may raise that becomes a 500 (or a cut body): its exceptions, and a
@@ -19,12 +32,13 @@ log = logging.getLogger("greenqueue._http")
 _APP_ERRORS = (Exception, gevent.Timeout)
 
 _DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
-_NO_BODY_STATUS = (204, 304)
 _REASONS = {
     400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
     417: "Expectation Failed", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
     501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
+# Response headers the server frames itself: taken out of the app's list and written by _head.
+_FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
 
 
 class ClientDisconnected(gevent.GreenletExit):
@@ -35,30 +49,68 @@ class ClientDisconnected(gevent.GreenletExit):
     """
 
 
+class IncompleteBody(_WerkzeugClientDisconnected, EOFError):
+    """``wsgi.input`` ended because the client closed the connection before the end of the body.
+
+    Werkzeug's ClientDisconnected, so Flask answers its 400 without logging a
+    traceback; an EOFError, as a short body always was here. When it escapes
+    a plain WSGI app the server answers 400 itself.
+    """
+
+    description = "The client closed the connection before the end of the request body."
+
+
 _date_cache = [0, ""]
 
 
-def _http_date():
+def _date_line() -> str:
+    """The ``Date`` header line and the blank line ending the head (formatted once a second)."""
     now = int(time.time())
     if _date_cache[0] != now:
         _date_cache[0] = now
-        _date_cache[1] = formatdate(now, usegmt=True)
+        _date_cache[1] = "Date: %s\r\n\r\n" % formatdate(now, usegmt=True)
     return _date_cache[1]
+
+
+def _http_date() -> str:
+    """The current time as an HTTP date."""
+    return _date_line()[6:-4]
+
+
+# Header names an app sent before, mapped to their lower case: an app sends the same
+# few names over and over, so each is checked once. Bounded: names may come from input.
+_NAMES = {}
+_MAX_NAMES = 512
+
+
+def _checked_name(name: Any) -> str:
+    """Validate a response header name; return its lower case (and remember it)."""
+    if not isinstance(name, str):
+        raise TypeError("header name %r must be str" % (name,))
+    if "\r" in name or "\n" in name or ":" in name:
+        raise ValueError("header %r contains a line break (response splitting)" % name)
+    low = name.lower()
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[name] = low
+    return low
 
 
 class _Response:
     """start_response/write for one request, and the framing of its body."""
 
-    __slots__ = ("conn", "environ", "req", "status", "status_code", "headers", "headers_sent",
-                 "chunked", "length", "keep_alive", "sent_body", "head", "no_body")
+    __slots__ = ("conn", "environ", "req", "status", "status_code", "lines", "declared", "close_asked",
+                 "sse", "headers_sent", "chunked", "length", "keep_alive", "sent_body", "head", "no_body")
 
-    def __init__(self, conn, environ, req):
+    def __init__(self, conn: Any, environ: dict, req: Any) -> None:
         self.conn = conn
         self.environ = environ
         self.req = req
         self.status = None
         self.status_code = None
-        self.headers = None
+        self.lines = None
+        self.declared = None
+        self.close_asked = False
+        self.sse = False
         self.headers_sent = False
         self.chunked = False
         self.length = None
@@ -67,7 +119,8 @@ class _Response:
         self.head = req.method == b"HEAD"
         self.no_body = self.head
 
-    def start_response(self, status, headers, exc_info=None):
+    def start_response(self, status: str, headers: List[Tuple[str, str]],
+                       exc_info: Optional[tuple] = None) -> Callable[[bytes], None]:
         """The WSGI start_response callable."""
         if exc_info:
             try:
@@ -79,71 +132,79 @@ class _Response:
             raise AssertionError("start_response called twice without exc_info")
         if not isinstance(status, str) or "\r" in status or "\n" in status:
             raise ValueError("invalid status line %r" % (status,))
+        code = int(status.partition(" ")[0])
+        # One pass validates every header (no line breaks: response splitting) and
+        # renders it, keeping out the framing headers this server writes itself.
+        lines = []
+        declared = None
+        close_asked = sse = False
+        names = _NAMES
         for name, value in headers:
-            if not isinstance(name, str) or not isinstance(value, str):
+            low = names.get(name)
+            if low is None:
+                low = _checked_name(name)
+            if not isinstance(value, str):
                 raise TypeError("header %r: %r must be str" % (name, value))
-            if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            if "\r" in value or "\n" in value:
                 raise ValueError("header %r contains a line break (response splitting)" % name)
+            if low in _FRAMING:
+                if low == "content-length":
+                    declared = int(value)
+                elif low == "connection":
+                    close_asked = value.lower() == "close"
+                continue  # a Transfer-Encoding from the app is dropped: we frame the body ourselves
+            if low == "content-type":
+                sse = value.startswith("text/event-stream")
+            lines.append("%s: %s\r\n" % (name, value))
         self.status = status
-        self.status_code = int(status.split(" ", 1)[0])
-        self.headers = headers
+        self.status_code = code
+        self.lines = lines
+        self.declared = declared
+        self.close_asked = close_asked
+        self.sse = sse
         return self.write
 
-    def _head_bytes(self, body_len_hint):
+    def _head(self, body_len: Optional[int]) -> bytes:
+        """The status line and headers, with the framing for a body of ``body_len`` (None: unknown)."""
         code = self.status_code
-        length = None
-        has_te = False
-        lines = ["HTTP/1.1 %s\r\n" % self.status]
-        conn_header = None
-        for name, value in self.headers:
-            low = name.lower()
-            if low == "content-length":
-                length = int(value)
-                continue  # re-added below unless the status forbids a body
-            elif low == "transfer-encoding":
-                has_te = True
-                continue  # we frame the body ourselves
-            elif low == "connection":
-                conn_header = value.lower()
-                continue
-            lines.append("%s: %s\r\n" % (name, value))
-        if conn_header == "close":
-            self.keep_alive = False
-        if code < 200 or code in _NO_BODY_STATUS:
+        req = self.req
+        if code < 200 or code == 204 or code == 304:
             self.no_body = True
-        elif length is not None:
-            self.length = length
-            lines.append("Content-Length: %d\r\n" % length)
-        elif body_len_hint is not None:
-            self.length = body_len_hint
-            lines.append("Content-Length: %d\r\n" % body_len_hint)
-        elif self.req.version == "1.1" and not self.head:
+            framing = ""
+        elif self.declared is not None:
+            self.length = self.declared
+            framing = "Content-Length: %d\r\n" % self.declared
+        elif body_len is not None:
+            self.length = body_len
+            framing = "Content-Length: %d\r\n" % body_len
+        elif req.version == "1.1" and not self.head:
             self.chunked = True
-            lines.append("Transfer-Encoding: chunked\r\n")
-        elif not self.head:
-            self.keep_alive = False  # HTTP/1.0 without a length: the close ends the body
-        del has_te
-        if self.conn.settings.shutting_down:
+            framing = "Transfer-Encoding: chunked\r\n"
+        else:
+            framing = ""
+            if not self.head:
+                self.keep_alive = False  # HTTP/1.0 without a length: the close ends the body
+        if self.close_asked or not req.keep_alive or self.conn.settings.shutting_down:
             self.keep_alive = False
         if not self.keep_alive:
-            lines.append("Connection: close\r\n")
-        elif self.req.version == "1.0":
-            lines.append("Connection: keep-alive\r\n")
-        lines.append("Date: %s\r\n\r\n" % _http_date())
-        return "".join(lines).encode("latin-1")
+            framing += "Connection: close\r\n"
+        elif req.version == "1.0":
+            framing += "Connection: keep-alive\r\n"
+        return ("HTTP/1.1 %s\r\n%s%s%s" % (self.status, "".join(self.lines), framing,
+                                            _date_line())).encode("latin-1")
 
-    def write(self, data):
+    def write(self, data: bytes) -> None:
         """Send one body chunk now (WSGI write callable and the iterator loop)."""
-        if self.status is None:
-            raise AssertionError("write() before start_response()")
         if not self.headers_sent:
-            head = self._head_bytes(None)
+            if self.status is None:
+                raise AssertionError("write() before start_response()")
+            head = self._head(None)
             self.headers_sent = True
             self.conn.send_raw(head + self._frame(data))
         elif data:
             self.conn.send_chunk(self._frame(data))
 
-    def _frame(self, data):
+    def _frame(self, data: bytes) -> bytes:
         if self.no_body or not data:
             return b""
         self.sent_body += len(data)
@@ -151,12 +212,12 @@ class _Response:
             return b"%x\r\n%s\r\n" % (len(data), data)
         return data
 
-    def run(self, app):
+    def run(self, app: Callable) -> None:
         """Call the app and send its response."""
         try:
             result = app(self.environ, self.start_response)
-        except _APP_ERRORS:
-            self._internal_error()
+        except _APP_ERRORS as exc:
+            self._internal_error(exc)
             return
         try:
             self._send_result(result)
@@ -167,8 +228,8 @@ class _Response:
             self.keep_alive = False
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
                 raise
-        except _APP_ERRORS:
-            self._internal_error()
+        except _APP_ERRORS as exc:
+            self._internal_error(exc)
         finally:
             self.conn.end_stream()  # a streamed body's (or a write() callable's) burst may still be open
             close = getattr(result, "close", None)
@@ -179,60 +240,69 @@ class _Response:
                     log.exception("error closing the response iterable of %s %s",
                                   self.environ["REQUEST_METHOD"], self.environ["PATH_INFO"])
 
-    def _send_result(self, result):
+    def _send_result(self, result: Iterable[bytes]) -> None:
         if isinstance(result, (list, tuple)) and not self.headers_sent:
             if self.status is None:
                 raise AssertionError("the app returned without calling start_response()")
             body = b"".join(result)
-            head = self._head_bytes(len(body))
+            head = self._head(len(body))
             self.headers_sent = True
             if self.no_body:
                 self.conn.send_raw(head)
-            else:
-                self.sent_body = len(body)
-                self.conn.send_raw(head + body)
+                return
+            self.sent_body = len(body)
+            self.conn.send_raw(head + body)
+            if self.length != self.sent_body:
+                self._lied()
             return
-        # A stream may sit idle (waiting on a worker); watch for the client leaving
-        # so the source generator is closed at once instead of at the next write.
-        watcher = self.conn.watch_disconnect(gevent.getcurrent())
+        conn = self.conn
+        # A stream may sit idle (waiting on a worker); watch for the client leaving so
+        # the source generator is closed at once instead of at the next write. A body
+        # of declared length is watched only if its first chunk leaves it incomplete.
+        watched = self.status is None or self.declared is None or self.sse
+        if watched:
+            conn.watch_disconnect(getcurrent())
         try:
             for chunk in result:
                 if chunk:
                     self.write(chunk)
-                elif not self.headers_sent and self.status is not None and self._wants_early_headers():
-                    self.write(b"")
+                    if not watched and not self.no_body and self.sent_body < self.length:
+                        conn.watch_disconnect(getcurrent())
+                        watched = True
+                elif not self.headers_sent and self.status is not None and self.sse:
+                    self.write(b"")  # an SSE stream that yields an empty first chunk wants its headers out now
         finally:
-            watcher.close()
+            if watched:
+                conn.unwatch_disconnect()
         if not self.headers_sent:
             if self.status is None:
                 raise AssertionError("the app returned without calling start_response()")
-            self.conn.send_raw(self._head_bytes(0) if not self.chunked else self._head_bytes(None))
+            conn.send_raw(self._head(0))
             self.headers_sent = True
         if self.chunked:
-            self.conn.send_raw(b"0\r\n\r\n")
+            conn.send_raw(b"0\r\n\r\n")
         elif self.length is not None and self.sent_body != self.length and not self.no_body:
-            # The app lied about Content-Length; the connection cannot carry another response.
-            log.warning("%s %s sent %d body bytes but declared Content-Length %d",
-                        self.environ["REQUEST_METHOD"], self.environ["PATH_INFO"],
-                        self.sent_body, self.length)
-            self.keep_alive = False
+            self._lied()
 
-    def _wants_early_headers(self):
-        # An SSE stream that yields an empty first chunk still wants its headers out now.
-        for name, value in self.headers:
-            if name.lower() == "content-type" and value.startswith("text/event-stream"):
-                return True
-        return False
-
-    def _internal_error(self):
-        log.exception("error in %s %s", self.environ["REQUEST_METHOD"], self.environ["PATH_INFO"])
+    def _lied(self) -> None:
+        # The app's Content-Length and its body disagree: the connection cannot carry another response.
+        log.warning("%s %s sent %d body bytes but declared Content-Length %d",
+                    self.environ["REQUEST_METHOD"], self.environ["PATH_INFO"], self.sent_body, self.length)
         self.keep_alive = False
+
+    def _internal_error(self, exc: BaseException) -> None:
+        self.keep_alive = False
+        if isinstance(exc, IncompleteBody):
+            # The client's fault, already logged in one line when its body was cut: no traceback.
+            status, reason, body = 400, "Bad Request", b"Bad Request: incomplete request body\n"
+        else:
+            log.exception("error in %s %s", self.environ["REQUEST_METHOD"], self.environ["PATH_INFO"])
+            status, reason, body = 500, "Internal Server Error", b"Internal Server Error\n"
         if self.headers_sent:
             return  # too late for a 500; closing the connection tells the client the body is cut
-        self.status_code = 500
-        body = b"Internal Server Error\n"
-        head = ("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                "Connection: close\r\nDate: %s\r\n\r\n" % (len(body), _http_date())).encode("latin-1")
+        self.status_code = status
+        head = ("HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n%s"
+                % (status, reason, len(body), _date_line())).encode("latin-1")
         self.headers_sent = True
         try:
             self.conn.send_raw(head + body)
