@@ -300,9 +300,12 @@ def test_idempotency_key_returns_the_first_row_from_any_node(engines):
 
 def test_enqueue_joins_the_callers_transaction(engines, pg_dsn):
     import psycopg
+    from psycopg.rows import dict_row
 
     e = engines()
-    with psycopg.connect(pg_dsn) as conn:
+    with pytest.raises(JournalError, match="open psycopg 3 connection"):
+        e.enqueue([row()], connection=object())
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
         e.enqueue([row(id="rolled-back")], connection=conn)
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS, "must not commit"
         assert e.get("rolled-back") is None, "invisible before the caller commits"
@@ -552,6 +555,16 @@ def test_open_fails_fast_naming_the_masked_dsn_when_nothing_listens():
         engine.open()
     assert time.monotonic() - started < 5
     assert "postgresql://user:***@127.0.0.1:" in str(info.value) and PASSWORD not in str(info.value)
+    engine.close()
+
+
+def test_open_says_why_it_cannot_connect(pg):
+    engine = engine_class()(with_password(pg.dsn("no_such_db")))
+    with pytest.raises(JournalError) as info:
+        engine.open()
+    msg = str(info.value)
+    assert 'database "no_such_db" does not exist' in msg
+    assert "postgres:***@" in msg and PASSWORD not in msg
     engine.close()
 
 

@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import conninfo as _conninfo
+from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import JournalError
@@ -262,42 +263,44 @@ class PostgresEngine:
         if self._pool is not None:
             return
         kwargs = self._connect_kwargs()
-        # reconnect_timeout bounds the pool's own backoff: after it gives up, the next
-        # borrow starts a fresh attempt, so recovery after an outage takes seconds, not minutes.
-        pool = ConnectionPool(self.dsn, kwargs=kwargs, min_size=1, max_size=self._pool_size, open=False,
-                              name="greenqueue", timeout=self.timeout, check=self._check, connection_class=_Connection,
-                              reconnect_timeout=max(5.0, self.timeout * 2))
+        # One plain connection first: its error says why (refused, no such database, bad
+        # password), where a pool would only time out.
         try:
-            pool.open(wait=True, timeout=self.timeout)
-        except PoolTimeout:
-            pool.close(timeout=1.0)
-            raise JournalError("journal %s: cannot connect to PostgreSQL within %.0f s; check that it "
-                               "runs, the host, port, user and database in the URL, and pg_hba.conf"
-                               % (self.display, self.timeout)) from None
-        self._pool = pool
-        self._closed.clear()
-        try:
-            with self._conn("opening the journal") as conn:
+            with psycopg.connect(self.dsn, **kwargs) as conn:
                 if conn.info.server_version < _MIN_SERVER:
                     raise JournalError("journal %s: PostgreSQL %s is too old; greenqueue needs 13 or newer"
                                        % (self.display, conn.info.parameter_status("server_version")))
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
                     self._migrate(conn)
-        except BaseException:
-            self.close()
-            raise
+        except psycopg.Error as exc:
+            raise JournalError(self._scrub(
+                "journal %s: cannot open it: %s. Check that PostgreSQL runs and the URL's host, port, user, "
+                "password and database (and pg_hba.conf)" % (self.display, str(exc).strip()))) from None
+        # reconnect_timeout bounds the pool's own backoff: after it gives up, the next
+        # borrow starts a fresh attempt, so recovery after an outage takes seconds, not minutes.
+        pool = ConnectionPool(self.dsn, kwargs=kwargs, min_size=1, max_size=self._pool_size, open=False,
+                              name="greenqueue", timeout=self.timeout, check=self._check,
+                              connection_class=_Connection, reconnect_timeout=max(5.0, self.timeout * 2))
+        try:
+            pool.open(wait=True, timeout=self.timeout)
+        except PoolTimeout:
+            pool.close(timeout=1.0)
+            raise JournalError("journal %s: cannot connect to PostgreSQL within %.0f s; check that it runs "
+                               "and accepts %d connections from here" % (self.display, self.timeout,
+                                                                        self._pool_size + 1)) from None
+        self._pool = pool
+        self._closed.clear()
 
     def _migrate(self, conn: psycopg.Connection) -> None:
         present = {r[0] for r in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename = ANY(%s)",
             (list(_TABLES),))}
-        where = "database %s" % self.display
         if "greenqueue_meta" not in present:
             if present:
-                raise JournalError("journal %s: the %s has tables named like greenqueue's (%s) but no "
+                raise JournalError("journal %s: this database has tables named like greenqueue's (%s) but no "
                                    "greenqueue_meta; refusing to touch them. Point --journal at another "
-                                   "database or schema" % (self.display, where, ", ".join(sorted(present))))
+                                   "database or schema" % (self.display, ", ".join(sorted(present))))
             version = 0
         else:
             meta = dict(conn.execute("SELECT key, value FROM greenqueue_meta").fetchall())
@@ -373,6 +376,9 @@ class PostgresEngine:
                                                  "attempts", "max_attempts", "idempotency_key", "note")}
         params.update(payload=[r.payload or b"" for r in rows], owner=owner, lease=self.lease_timeout)
         if connection is not None:
+            if not isinstance(connection, psycopg.Connection):
+                raise JournalError("journal %s: connection= takes an open psycopg 3 connection, not %s"
+                                   % (self.display, type(connection).__name__))
             # The caller's transaction: never commit or roll it back here.
             try:
                 return self._enqueue_on(connection, rows, params)
@@ -383,7 +389,8 @@ class PostgresEngine:
             return self._enqueue_on(conn, rows, params)
 
     def _enqueue_on(self, conn: Any, rows: List[TaskRow], params: dict) -> List[TaskRow]:
-        with conn.cursor() as cur:
+        # The caller's connection may have any row factory; these rows are read by position.
+        with conn.cursor(row_factory=tuple_row) as cur:
             stored = {r[0]: TaskRow(*r[:-1]) for r in cur.execute(self._INSERT, params).fetchall()}
             if len(stored) < len(rows):
                 missing = [r for r in rows if r.id not in stored]
