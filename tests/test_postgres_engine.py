@@ -209,7 +209,8 @@ def test_a_row_that_keeps_losing_its_lease_fails_as_a_poison_pill(engines):
 
 
 def test_heartbeat_keeps_a_lease_and_reports_cancel_requests(engines):
-    e = engines(lease_timeout=1)
+    # 2 s, not 1: a loaded test machine must not miss a 0.1 s heartbeat cadence by a whole lease.
+    e = engines(lease_timeout=2)
     e.register(NodeInfo(id="A", host="h", pid=1))
     e.enqueue([row(id="kept"), row(id="dropped")])
     e.claim("A", None, 1)
@@ -223,7 +224,7 @@ def test_heartbeat_keeps_a_lease_and_reports_cancel_requests(engines):
         return "dropped" in got
     wait_for(only_dropped_reaped, 10, interval=0.1, message="C's lease to expire")
     # Outlive A's original lease several times over while heartbeating.
-    deadline = db_now(e) + 2.5
+    deadline = db_now(e) + 2 * e.lease_timeout
     while db_now(e) < deadline:
         e.heartbeat("A", 1)
         assert "kept" not in [r.id for r in e.reap(5)]
