@@ -3,7 +3,7 @@
 Concurrency model: gevent's StreamServer accepts connections and runs
 :meth:`Connection.handle` in one greenlet per connection; the WSGI app runs
 in that same greenlet, so the app may block on I/O but a CPU loop blocks the
-hub. Each connection owns its parser, its base environ, two I/O watchers
+hub. Each connection owns its parser, two I/O watchers
 (one to wait for requests and body bytes, one to notice a hang-up while a
 stream runs) and one timer for its deadlines; their callbacks run in the
 hub. Nothing is shared between connections except the read-only
@@ -321,7 +321,7 @@ class Connection:
 
     __slots__ = ("sock", "address", "settings", "registry", "parser", "idle", "expect_continue", "body_timeout",
                  "tcp", "_nagle", "_burst_end", "_raw", "_hub", "_rio", "_dio", "_streamer", "_deadline",
-                 "_waiter", "_timer", "_timer_at", "_base", "_trusted")
+                 "_waiter", "_timer", "_timer_at", "_peer_addr", "_peer_port", "_trusted")
 
     def __init__(self, sock: Any, address: Any, settings: HTTPSettings, registry: Any) -> None:
         self.sock = sock
@@ -345,8 +345,10 @@ class Connection:
         self._waiter = None       # the greenlet in that wait
         self._timer = None        # one-shot timer at _timer_at; it moves on when the deadline moved
         self._timer_at = inf
-        self._base = None         # environ part shared by this connection's requests
-        self._trusted = False     # X-Forwarded-* from this peer are believed
+        addr = address
+        # Decided once per connection, not per request: the peer does not change.
+        self._peer_addr, self._peer_port = (addr[0], str(addr[1])) if isinstance(addr, tuple) and addr else ("", "")
+        self._trusted = self._trusted_proxy(self._peer_addr)  # X-Forwarded-* from this peer are believed
 
     # I/O ----------------------------------------------------------------
     def _recv(self, timeout, wait_first=False):
@@ -590,17 +592,12 @@ class Connection:
         return "unix"
 
     # One request ---------------------------------------------------------
-    def _base_environ(self):
-        addr = self.address
-        remote_addr, remote_port = (addr[0], str(addr[1])) if isinstance(addr, tuple) and addr else ("", "")
-        base = dict(self.settings.base_environ, REMOTE_ADDR=remote_addr, REMOTE_PORT=remote_port)
-        base["wsgi.errors"] = sys.stderr
-        self._trusted = self._trusted_proxy(remote_addr)
-        self._base = base
-        return base
-
     def _build_environ(self, req):
-        environ = (self._base or self._base_environ()).copy()
+        # A copy of the server's constant part (no per-connection copy: an idle stream holds less).
+        environ = self.settings.base_environ.copy()
+        environ["REMOTE_ADDR"] = self._peer_addr
+        environ["REMOTE_PORT"] = self._peer_port
+        environ["wsgi.errors"] = sys.stderr
         url = req.url
         if url[:1] == b"/" and b"#" not in url:
             path, _, query = url.partition(b"?")
