@@ -168,3 +168,49 @@ def test_server_errors_are_shown_to_the_user(front, page):
     page.click("#send")
     page.wait_for_selector(".bot .error", timeout=10000)
     assert "longer than" in page.text_content(".bot .error")
+
+
+# Counts the page's fetches, and how many are not yet fully handled (their JSON read); evaluated
+# from the test, "0 open" means the page's callbacks for them have run.
+COUNT_FETCHES = """
+window.__polls = 0; window.__open = 0;
+const realFetch = window.fetch;
+window.fetch = function (...args) {
+  window.__polls++; window.__open++;
+  return realFetch.apply(this, args).then(r => {
+    const json = r.json.bind(r);
+    r.json = () => json().finally(() => { window.__open--; });
+    return r;
+  }, err => { window.__open--; throw err; });
+};
+"""
+
+
+def test_thanks_page_shows_a_failed_thumbnail_and_stops_polling(server_factory, tmp_path, page):
+    from .test_contact_app import SMTPServer, contact_server, submit
+
+    smtp = SMTPServer(tmp_path).start()
+    try:
+        srv = contact_server(server_factory, tmp_path, smtp.port)
+        r = submit(srv, files={"image": ("broken.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 50, "image/png")})
+        page.add_init_script(COUNT_FETCHES)
+        page.clock.install()  # the page's setTimeout runs on a clock the test moves
+        page.goto(srv.url + r.headers["Location"])
+
+        def quiet():
+            return page.evaluate("window.__open") == 0
+
+        def settled():
+            wait_for(quiet, 10, message="the page's poll to be handled")
+            page.clock.run_for(1000)
+            return page.query_selector("#thumb .error") and page.text_content("#email-state") == "SUCCESS"
+        wait_for(settled, 20, message="the failed thumbnail and the sent email on the page")
+        assert "could not make a thumbnail" in page.text_content("#thumb")
+        wait_for(quiet, 10, message="the last poll to be handled")
+        seen = page.evaluate("window.__polls")
+        for _ in range(5):
+            page.clock.run_for(1500)
+            wait_for(quiet, 10, message="a poll to be handled")
+        assert page.evaluate("window.__polls") == seen, "the page kept polling"
+    finally:
+        smtp.stop()

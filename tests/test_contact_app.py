@@ -131,11 +131,43 @@ def test_uploaded_image_gets_a_thumbnail_from_the_worker(server_factory, tmp_pat
     state = wait_for(lambda: (lambda s: s["thumbnail"] and s)(
         requests.get(srv.url + r.headers["Location"] + ".json", timeout=5).json()), 15, message="the thumbnail")
     assert state["thumbnail_size"] == [128, 64]
+    assert (state["thumbnail_state"], state["thumbnail_error"]) == ("SUCCESS", None)
     thumb = requests.get(srv.url + state["thumbnail"], timeout=5)
     assert thumb.headers["Content-Type"] == "image/jpeg"
     assert Image.open(io.BytesIO(thumb.content)).size == (128, 64)
-    bad = submit(srv, files={"image": ("notes.txt", b"hello", "text/plain")})
-    assert bad.status_code == 400 and "must be an image" in bad.text
+    plain = submit(srv).headers["Location"]
+    assert requests.get(srv.url + plain + ".json", timeout=5).json()["thumbnail_state"] is None
+
+
+@pytest.mark.parametrize("name, content, mimetype", [
+    ("notes.txt", b"hello", "text/plain"),
+    ("photo.png", b"hello, I am not a picture", "image/png"),
+    ("photo.jpg", b"", "image/jpeg"),
+    ("archive.png", b"PK\x03\x04" + b"\0" * 64, "image/png"),
+])
+def test_an_upload_that_is_not_an_image_is_refused_on_the_form(server_factory, tmp_path, smtp, name, content,
+                                                               mimetype):
+    srv = contact_server(server_factory, tmp_path, smtp.port)
+    r = submit(srv, files={"image": (name, content, mimetype)})
+    assert r.status_code == 400
+    assert 'id="error-image"' in r.text and "must be an image" in r.text
+    assert 'value="Ada"' in r.text  # what was typed is kept
+    assert not any((tmp_path / "uploads").iterdir()), "the refused upload was stored"
+    assert smtp.messages() == []
+
+
+def test_a_picture_that_does_not_decode_reports_a_failed_thumbnail(server_factory, tmp_path, smtp):
+    # It starts like a PNG, so the form takes it; only the Pillow worker finds out.
+    srv = contact_server(server_factory, tmp_path, smtp.port)
+    r = submit(srv, files={"image": ("broken.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 50, "image/png")})
+    assert r.status_code == 303
+    url = srv.url + r.headers["Location"]
+    state = wait_for(lambda: (lambda s: s["thumbnail_state"] != "PENDING" and s)(
+        requests.get(url + ".json", timeout=5).json()), 15, message="the thumbnail task to end")
+    assert state["thumbnail_state"] == "FAILURE" and state["thumbnail"] is None
+    assert "could not make a thumbnail" in state["thumbnail_error"]
+    page = requests.get(url, timeout=5).text
+    assert "could not make a thumbnail" in page and "Making a thumbnail" not in page
 
 
 def test_daily_digest_is_sent_on_its_schedule(server_factory, tmp_path, smtp):

@@ -16,12 +16,13 @@ from email.message import EmailMessage
 from flask import Flask, abort, jsonify, redirect, render_template, request, send_file, url_for
 
 import greenqueue
-from greenqueue import Overloaded, crontab, periodic, procpool, spawn_idle, task
+from greenqueue import Overloaded, WorkerError, crontab, periodic, procpool, spawn_idle, task
 
 THUMBS = "examples.contact_app.thumbs:ThumbnailApp"
 MAX_MESSAGE = 5000
 MAX_UPLOAD = 5 * 1024 * 1024
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+IMAGE_ERROR = "The attachment must be an image (PNG, JPEG, GIF or WebP)."
 
 
 def setting(name, default):
@@ -101,8 +102,31 @@ def make_thumbnail(message_id):
     """Ask the Pillow worker for a thumbnail; runs as an idle task so page views come first."""
     m = _get(message_id)
     dst = os.path.join(UPLOADS, "%d-thumb.jpg" % message_id)
-    m["thumb_size"] = procpool.get(THUMBS).call("thumbnail", m["upload"], dst, 128)
+    try:
+        m["thumb_size"] = procpool.get(THUMBS).call("thumbnail", m["upload"], dst, 128)
+    except WorkerError as exc:
+        # A picture that starts like an image but does not decode gets this far; the thanks
+        # page stops waiting and says so, and the task shows as failed on the dashboard.
+        m["thumb_error"] = "We could not make a thumbnail of your picture; the file may be damaged."
+        app.logger.warning("thumbnail of message %d failed: %s", message_id, exc)
+        raise
     m["thumb"] = dst
+
+
+def _thumb_state(m):
+    if not m["upload"]:
+        return None
+    if m["thumb"]:
+        return "SUCCESS"
+    return "FAILURE" if m.get("thumb_error") else "PENDING"
+
+
+def _looks_like_image(upload):
+    """True when the upload starts with a PNG, JPEG, GIF or WebP signature (whatever its name and type say)."""
+    head = upload.stream.read(12)
+    upload.stream.seek(0)
+    return (head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a"))
+            or head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 # -- views ---------------------------------------------------------------------------------------
@@ -129,24 +153,27 @@ def _validate(form, upload):
         errors["message"] = "Please write a message."
     elif len(text) > MAX_MESSAGE:
         errors["message"] = "Your message is longer than %d characters." % MAX_MESSAGE
-    if upload is not None and upload.filename and not (upload.mimetype or "").startswith("image/"):
-        errors["image"] = "The attachment must be an image (PNG, JPEG, GIF or WebP)."
+    if upload is not None and upload.filename and not (
+            (upload.mimetype or "").startswith("image/") and _looks_like_image(upload)):
+        errors["image"] = IMAGE_ERROR
     return errors, {"name": name, "email": email, "message": text}
 
 
 @app.get("/")
 def form():
+    """The empty contact form."""
     return render_template("contact.html", errors={}, values={})
 
 
 @app.post("/")
 def submit():
+    """Validate and store a message, start its email and thumbnail in the background, redirect."""
     upload = request.files.get("image")
     errors, values = _validate(request.form, upload)
     if errors:
         return render_template("contact.html", errors=errors, values=values), 400
     m = dict(values, id=next(_ids), received=datetime.datetime.now(datetime.timezone.utc), emailed=False,
-             upload=None, thumb=None)
+             upload=None, thumb=None, thumb_error=None)
     messages.append(m)
     try:
         m["email_task"] = send_contact_email.spawn(m["id"]).id
@@ -164,11 +191,13 @@ def submit():
 
 @app.errorhandler(Overloaded)
 def busy(exc):
+    """The task queue is full: a friendly page and Retry-After."""
     return render_template("busy.html"), 503, {"Retry-After": "30"}
 
 
 @app.errorhandler(413)
 def too_large(exc):
+    """An upload over the limit: the form again, with a message."""
     # The form cannot be read back (it was too large), so the user retypes it; say so.
     return render_template("contact.html", errors={"image": "The upload is larger than 5 MB; please pick a "
                                                    "smaller picture and type your message again."},
@@ -177,20 +206,24 @@ def too_large(exc):
 
 @app.get("/messages/<int:message_id>")
 def message(message_id):
+    """The thanks page, which follows the email and the thumbnail."""
     m = _find(message_id)
-    return render_template("thanks.html", m=m, email_state=_email_state(m))
+    return render_template("thanks.html", m=m, email_state=_email_state(m), thumb_state=_thumb_state(m))
 
 
 @app.get("/messages/<int:message_id>.json")
 def message_json(message_id):
+    """Where the email and the thumbnail of a message are."""
     m = _find(message_id)
     return jsonify(id=m["id"], email_state=_email_state(m), emailed=m["emailed"],
                    thumbnail=url_for("thumbnail", message_id=m["id"]) if m["thumb"] else None,
-                   thumbnail_size=m.get("thumb_size"))
+                   thumbnail_size=m.get("thumb_size"), thumbnail_state=_thumb_state(m),
+                   thumbnail_error=m["thumb_error"])
 
 
 @app.get("/messages/<int:message_id>/thumbnail.jpg")
 def thumbnail(message_id):
+    """The thumbnail of a message's picture."""
     m = _find(message_id)
     if not m["thumb"]:
         abort(404)
