@@ -18,6 +18,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic"
 
 @pytest.fixture
 def front(tmp_path):
+    """nginx in front of the chat, with tokens slow enough to watch."""
     f = NginxFront(tmp_path, args=("--dirty-app", CHAT_POOL, "--dirty-workers", "1"),
                    env={"CHAT_TOKEN_DELAY": "0.04"})
     f.start()
@@ -27,6 +28,7 @@ def front(tmp_path):
 
 @pytest.fixture
 def fast_front(tmp_path):
+    """nginx in front of the chat, with fast tokens."""
     f = NginxFront(tmp_path, args=("--dirty-app", CHAT_POOL, "--dirty-workers", "1"),
                    env={"CHAT_TOKEN_DELAY": "0.004"})
     f.start()
@@ -36,6 +38,7 @@ def fast_front(tmp_path):
 
 @pytest.fixture
 def browser():
+    """Headless Chromium."""
     require_binary(CHROMIUM, "Chromium")
     from playwright.sync_api import sync_playwright
 
@@ -49,11 +52,13 @@ def browser():
 
 @pytest.fixture
 def page(browser):
+    """A phone-sized page."""
     return browser.new_context(viewport={"width": 420, "height": 760}).new_page()
 
 
 @pytest.fixture
 def wide_page(browser):
+    """A 1280x800 page."""
     return browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
 
 
@@ -75,6 +80,7 @@ def exchange(page, prompt):
 
 
 def answer_text(page):
+    """The text of the newest answer."""
     return page.eval_on_selector_all(".bot .answer", "els => els.length ? els[els.length - 1].textContent : ''")
 
 
@@ -198,9 +204,11 @@ def test_thanks_page_shows_a_failed_thumbnail_and_stops_polling(server_factory, 
         page.goto(srv.url + r.headers["Location"])
 
         def quiet():
+            """No fetch of the page is waiting for its answer to be handled."""
             return page.evaluate("window.__open") == 0
 
         def settled():
+            """Advance the page clock a second; true once the failure and the sent email show."""
             wait_for(quiet, 10, message="the page's poll to be handled")
             page.clock.run_for(1000)
             return page.query_selector("#thumb .error") and page.text_content("#email-state") == "SUCCESS"

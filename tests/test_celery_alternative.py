@@ -33,6 +33,7 @@ EXTERNAL = os.environ.get("CELERYALT_URL")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    """A real SMTP server and the directories the example is configured with."""
     tmp = tmp_path_factory.mktemp("celeryalt")
     smtp = SMTPServer(tmp).start()
     (tmp / "cleanup" / "uploads").mkdir(parents=True)
@@ -43,6 +44,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def srv(env):
+    """The example with its four pools, as its README starts it."""
     if EXTERNAL:
         pytest.skip("greenqueue-only behaviour; CELERYALT_URL points elsewhere")
     args = []
@@ -67,6 +69,7 @@ def url(request):
 
 
 def png(w, h, color=(10, 120, 200)):
+    """A w x h PNG, base64-encoded."""
     from PIL import Image
     buf = io.BytesIO()
     Image.new("RGB", (w, h), color).save(buf, "PNG")
@@ -87,6 +90,7 @@ def sse_data(url, path, payload):
 
 
 def post(url, path, payload=None, **kwargs):
+    """POST ``payload`` as JSON."""
     kwargs.setdefault("timeout", 30)
     return requests.post(url + path, json=payload, **kwargs)
 
@@ -387,6 +391,7 @@ def test_cleanup_deletes_only_old_files_inside_the_configured_directory(srv, env
 
 def test_scheduled_jobs_run_from_greenqueues_scheduler(srv, env):
     def runs():
+        """How often the daily report ran."""
         return requests.get(srv.url + "/api/scheduled/stats", timeout=10).json()["run_counts"].get(
             "generate_daily_report", 0)
     before = runs()

@@ -29,12 +29,14 @@ class SMTPServer:
         self.proc = None
 
     def start(self):
+        """Start aiosmtpd and wait until it accepts connections."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aiosmtpd", "-n", "-l", "127.0.0.1:%d" % self.port,
              "-c", "aiosmtpd.handlers.Mailbox", str(self.maildir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
         def up():
+            """aiosmtpd is running and accepts a connection."""
             assert self.proc.poll() is None, "aiosmtpd exited"
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", self.port)) == 0
@@ -42,15 +44,18 @@ class SMTPServer:
         return self
 
     def messages(self):
+        """Every message delivered so far."""
         if not self.maildir.exists():
             return []
         box = mailbox.Maildir(str(self.maildir), create=False)
         return [box[key] for key in box.keys()]
 
     def body(self, msg):
+        """A message's decoded text."""
         return msg.get_payload(decode=True).decode()
 
     def stop(self):
+        """Stop aiosmtpd."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(10)
@@ -58,12 +63,14 @@ class SMTPServer:
 
 @pytest.fixture
 def smtp(tmp_path):
+    """A running SMTP server for one test."""
     s = SMTPServer(tmp_path).start()
     yield s
     s.stop()
 
 
 def contact_server(server_factory, tmp_path, smtp_port, *args, **env):
+    """The contact app with its thumbnail pool, fast retries and ``env`` on top."""
     settings = {"CONTACT_SMTP_PORT": str(smtp_port), "CONTACT_ADMIN_EMAIL": "owner@example.com",
                 "CONTACT_FOLLOWUP_DELAY": "0.5", "CONTACT_SMTP_RETRY_DELAY": "0.2",
                 "CONTACT_UPLOAD_DIR": str(tmp_path / "uploads"), "CONTACT_SMTP_TIMEOUT": "5"}
@@ -72,6 +79,7 @@ def contact_server(server_factory, tmp_path, smtp_port, *args, **env):
 
 
 def submit(srv, **fields):
+    """POST the form (Ada's message unless ``fields`` say otherwise); redirects are not followed."""
     files = fields.pop("files", None)
     data = dict({"name": "Ada", "email": "ada@example.com", "message": "Hello from the form"}, **fields)
     return requests.post(srv.url + "/", data=data, files=files, allow_redirects=False, timeout=10)

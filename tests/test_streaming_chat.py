@@ -25,6 +25,7 @@ EXTERNAL = os.environ.get("STREAMING_CHAT_URL")
 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
+    """The chat server, started as `make run` starts it."""
     if EXTERNAL:
         pytest.skip("greenqueue-only behaviour; STREAMING_CHAT_URL points elsewhere")
     # The command `make run` uses, on a free port and with fast tokens.

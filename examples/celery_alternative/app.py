@@ -88,7 +88,9 @@ def _events(source):
         log.warning("progress stream failed: %s: %s", type(exc).__name__, exc)
         yield sse_event({"type": "error", "error": str(exc), "exception": type(exc).__name__}, "error")
     finally:
-        source.close()
+        close = getattr(source, "close", None)  # an empty stream is a plain iterator without close()
+        if close is not None:
+            close()
 
 
 def _addresses(values, loc):

@@ -48,6 +48,7 @@ class _Kind:
         self.name, self.kind, self.msg, self.check = name, kind, msg, check
 
     def errors(self, value, loc):
+        """The problems with ``value`` at ``loc`` (empty when it fits)."""
         return [] if self.check(value) else [_error(loc, self.kind, self.msg, value)]
 
 

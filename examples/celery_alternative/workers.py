@@ -118,18 +118,19 @@ class EmailWorker(DirtyApp):
         self.connections = 0
         self.last_connected = None
         try:
-            self._connection()
+            self._connection(timeout=3)  # short: a server that does not answer must not hold up the pool's start
         except OSError:
             pass  # the SMTP server is down; the first email connects (and reports a failure if still down)
 
-    def _connection(self):
+    def _connection(self, timeout=10):
         if self.smtp is not None:
             try:
                 self.smtp.noop()
                 return self.smtp
             except (smtplib.SMTPException, OSError):
                 self.smtp = None  # the server dropped the idle connection; open a new one
-        self.smtp = smtplib.SMTP(_setting("SMTP_HOST", "127.0.0.1"), int(_setting("SMTP_PORT", "25")), timeout=10)
+        self.smtp = smtplib.SMTP(_setting("SMTP_HOST", "127.0.0.1"), int(_setting("SMTP_PORT", "25")),
+                                 timeout=timeout)
         self.connections += 1
         self.last_connected = datetime.datetime.now().isoformat()
         return self.smtp

@@ -38,11 +38,13 @@ def count_views(messages):
 
 @app.get("/")
 def index():
+    """Publish a view event and show the totals so far."""
     publish(BROKER, QUEUE, {"path": "/"})
     return jsonify(views=dict(state.views), batches=state.batches)
 
 
 @app.get("/stats")
 def stats():
+    """The totals the consumer counted, and its handled and failed messages."""
     return jsonify(views=dict(state.views), batches=state.batches,
                    handled=count_views.consumer.handled, failed=count_views.consumer.failed)

@@ -91,7 +91,9 @@ def _recorded(source, prompt, thinking, started):
         outcome = "failed"
         raise
     finally:
-        source.close()
+        close = getattr(source, "close", None)  # an empty stream is a plain iterator without close()
+        if close is not None:
+            close()
         _record(prompt, thinking, count, started, outcome)
 
 

@@ -72,7 +72,7 @@ class ChatApp(DirtyApp):
         self.responses = dict(RESPONSES)
 
     def generate(self, prompt, thinking=False):
-        """Yield ``{"token": ...}`` dicts; in thinking mode "[thinking...]" comes first, marked ``"phase": "thinking"``."""
+        """Yield ``{"token": ...}`` dicts; thinking mode first sends "[thinking...]" with ``"phase": "thinking"``."""
         if thinking:
             # gunicorn's example streams the same markers, a dot every ten tokens' time.
             for tok in THINKING:
