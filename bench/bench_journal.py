@@ -28,7 +28,7 @@ def _noop(i):
 
 def _throughput(n, spawners, path=None):
     runtime.reset()
-    tasks.configure(max_pending=10_000_000, max_concurrency=100)
+    tasks.configure(hub="current", max_pending=10_000_000, max_concurrency=100)
     t = tasks.task(name="bench.noop")(_noop)
     if path:
         runtime.get_runtime().open_store(path)

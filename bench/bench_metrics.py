@@ -32,14 +32,13 @@ def throughput(n, mode):
     "events" (a no-op listener: events are published, as in the server,
     whose log is a listener), "metrics" (the Prometheus listener).
     """
-    import zope.event
+    from greenqueue import events
 
     tasks.reset()
-    tasks.configure(max_pending=10_000_000, max_results=1000)
+    tasks.configure(hub="current", max_pending=10_000_000, max_results=1000)
     t = tasks.task(name="bench.metrics_noop")(_noop)
     metrics = Metrics().install() if mode == "metrics" else None
-    if mode == "events":
-        zope.event.subscribers.append(_ignore)
+    unsubscribe = events.subscribe(_ignore) if mode == "events" else None
     try:
         t0 = time.perf_counter()
         results = [t.spawn() for _ in range(n)]
@@ -49,8 +48,8 @@ def throughput(n, mode):
     finally:
         if metrics is not None:
             metrics.uninstall()
-        if _ignore in zope.event.subscribers:
-            zope.event.subscribers.remove(_ignore)
+        if unsubscribe is not None:
+            unsubscribe()
         tasks.reset()
 
 

@@ -45,7 +45,7 @@ def _cpu():
 def lateness(seconds, n_jobs=1000, with_load=True):
     """Lateness (ms) of every run of n_jobs 1-second jobs over ``seconds``."""
     tasks.reset()
-    tasks.configure(max_pending=10_000_000, max_concurrency=1000)
+    tasks.configure(hub="current", max_pending=10_000_000, max_concurrency=1000)
     s = Scheduler()
     now = datetime.datetime.now(UTC)
     for i in range(n_jobs):

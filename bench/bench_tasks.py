@@ -41,7 +41,7 @@ def noop():
 def _fresh_runner():
     tasks.reset()
     gc.collect()
-    return tasks.configure(max_concurrency=100, max_pending=10_000_000, max_results=10_000)
+    return tasks.configure(hub="current", max_concurrency=100, max_pending=10_000_000, max_results=10_000)
 
 
 def _minihuey():

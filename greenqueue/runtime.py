@@ -87,10 +87,11 @@ class Runtime:
 
     def configure(self, max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
                   result_ttl: Optional[float] = None, max_results: Optional[int] = None,
-                  eager: Optional[bool] = None, journal: Optional[str] = None) -> _tasks.Runner:
+                  eager: Optional[bool] = None, journal: Optional[str] = None,
+                  hub: Optional[str] = None) -> _tasks.Runner:
         """Set the runner's limits and, with ``journal=PATH``, open the journal (replaying what is left)."""
         runner = self.runner.configure(max_concurrency=max_concurrency, max_pending=max_pending,
-                                       result_ttl=result_ttl, max_results=max_results, eager=eager)
+                                       result_ttl=result_ttl, max_results=max_results, eager=eager, hub=hub)
         if journal is not None:
             self.open_store(journal)
         return runner
@@ -245,6 +246,11 @@ def start(dirty_apps: Sequence[str] = (), journal: Optional[str] = None) -> Runt
 
 def configure(max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
               result_ttl: Optional[float] = None, max_results: Optional[int] = None,
-              eager: Optional[bool] = None, journal: Optional[str] = None) -> _tasks.Runner:
-    """Set the default runner's limits (defaults 100, 10000, 3600 s, 10000, False); ``journal=PATH`` opens the journal."""
-    return get_runtime().configure(max_concurrency, max_pending, result_ttl, max_results, eager, journal)
+              eager: Optional[bool] = None, journal: Optional[str] = None,
+              hub: Optional[str] = None) -> _tasks.Runner:
+    """Set the default runner's limits (defaults 100, 10000, 3600 s, 10000, False); ``journal=PATH`` opens the journal.
+
+    ``hub="current"`` runs tasks on the calling thread's gevent hub even in an unpatched process
+    (a program that drives gevent itself); ``"thread"`` always uses a thread of its own.
+    """
+    return get_runtime().configure(max_concurrency, max_pending, result_ttl, max_results, eager, journal, hub)

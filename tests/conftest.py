@@ -13,6 +13,8 @@ import pytest
 
 import greenqueue.runtime
 
+from .pg_support import pg, pg_dsn  # noqa: F401  (the private PostgreSQL server, session-wide)
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

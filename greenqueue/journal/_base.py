@@ -83,8 +83,8 @@ class MemoryStore:
     def __init__(self, result_ttl: float = 3600.0, max_results: int = 10000):
         self.result_ttl = result_ttl
         self.max_results = max_results
+        # id -> (TaskResult, monotonic time it finished), oldest first
         self._finished: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
-        self._finished_at: Dict[str, float] = {}
         self._prune_at = 0.0
         self._periodic: Dict[str, datetime.datetime] = {}
 
@@ -105,37 +105,33 @@ class MemoryStore:
         store = self._finished
         now = _monotonic()
         if self.max_results:
-            store[r.id] = r
-            self._finished_at[r.id] = now
+            store[r.id] = (r, now)
             while len(store) > self.max_results:  # while: configure() may have lowered it
-                self._finished_at.pop(store.popitem(last=False)[0], None)
+                store.popitem(last=False)
         if now < self._prune_at:
             return True  # lookup() hides expired ones; pruning on each insert is wasted work
         self._prune_at = now + min(1.0, self.result_ttl / 10)
         cutoff = now - self.result_ttl
-        at = self._finished_at
         while store:
-            oldest = next(iter(store))
-            if at[oldest] > cutoff:
+            if next(iter(store.values()))[1] > cutoff:
                 break
             store.popitem(last=False)
-            del at[oldest]
         return True
 
     def lookup(self, task_id: str) -> Any:
         """The kept result, or None when unknown or past result_ttl."""
-        r = self._finished.get(task_id)
-        if r is not None and self._finished_at[task_id] + self.result_ttl < _monotonic():
+        kept = self._finished.get(task_id)
+        if kept is None or kept[1] + self.result_ttl < _monotonic():
             return None
-        return r
+        return kept[0]
 
     def recent(self, limit: int) -> List[Any]:
         """The newest ``limit`` finished results, newest first."""
         out = []
-        for task_id in reversed(self._finished):
+        for r, _ in reversed(self._finished.values()):
             if len(out) >= limit:
                 break
-            out.append(self._finished[task_id])
+            out.append(r)
         return out
 
     def unfinished(self) -> List[TaskRow]:
@@ -163,4 +159,3 @@ class MemoryStore:
     def close(self) -> None:
         """Forget every kept result."""
         self._finished.clear()
-        self._finished_at.clear()

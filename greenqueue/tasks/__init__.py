@@ -98,10 +98,10 @@ def result(task_id: str) -> Optional[TaskResult]:
 
 def configure(max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
               result_ttl: Optional[float] = None, max_results: Optional[int] = None,
-              eager: Optional[bool] = None) -> Runner:
+              eager: Optional[bool] = None, hub: Optional[str] = None) -> Runner:
     """Set the default runner's limits (defaults 100, 10000, 3600 s, 10000, False); None keeps one."""
     return get_runner().configure(max_concurrency=max_concurrency, max_pending=max_pending,
-                                  result_ttl=result_ttl, max_results=max_results, eager=eager)
+                                  result_ttl=result_ttl, max_results=max_results, eager=eager, hub=hub)
 
 
 def drain(timeout: Optional[float] = None) -> DrainReport:

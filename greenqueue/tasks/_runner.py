@@ -185,8 +185,19 @@ class Runner:
 
     def configure(self, max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
                   result_ttl: Optional[float] = None, max_results: Optional[int] = None,
-                  eager: Optional[bool] = None) -> "Runner":
-        """Change limits in place (None keeps a value); returns the runner."""
+                  eager: Optional[bool] = None, hub: Optional[str] = None) -> "Runner":
+        """Change limits in place (None keeps a value); returns the runner.
+
+        ``hub`` picks where tasks run, before the first spawn: "auto" (the default),
+        "current" (the spawning thread's gevent hub) or "thread" (a daemon thread of its own).
+        """
+        if hub is not None:
+            if hub not in MODES:
+                raise ConfigError("hub must be one of %s, got %r" % (", ".join(MODES), hub))
+            if self._hub is not None and hub != self.mode:
+                raise ConfigError("hub=%r: the runner already runs tasks (mode %r); set it before the "
+                                  "first spawn" % (hub, self.mode))
+            self.mode = hub
         if max_concurrency is not None:
             self.max_concurrency = check_number("max_concurrency", max_concurrency, 1)
         if max_pending is not None:
@@ -658,6 +669,11 @@ class Runner:
         self._live[r.id] = r
         if _subscribers:
             events.notify(events.TaskSpawned(r))
+
+    def mark_started(self, r: TaskResult, ts: float) -> None:
+        """Mark a tracked result STARTED at wall-clock ``ts`` (batch items when their batch runs)."""
+        r.state = STARTED
+        r._started_ts = ts
 
     def finish(self, r: TaskResult, state: str, value: Any = None, exc: Optional[BaseException] = None,
                duration: Optional[float] = None, tb: Optional[str] = None) -> None:

@@ -224,7 +224,7 @@ class _Batcher:
         runner = self.runner
         r = TaskResult(runner, new_id(), self.task.name, None, args, {}, self.task.opts, None)
         runner.track(r)
-        self.items.append(r)
+        self.items.append((r, args[0]))
         if len(self.items) >= self.task.batch_size or runner.eager:
             self.flush()
         elif self.timer is None and self.task.batch_interval is not None:
@@ -236,22 +236,21 @@ class _Batcher:
         timer, self.timer = self.timer, None
         if timer is not None and timer is not gevent.getcurrent():
             timer.kill(block=False)
-        items = [r for r in self.items if r.state not in READY_STATES]
+        items = [(r, item) for r, item in self.items if r.state not in READY_STATES]
         self.items = []
         if not items:
             return None
         return self.runner.spawn(self._run, (items,), name=self.task.name + "[batch]",
                                  opts=self.task.opts, force=True,
-                                 on_done=functools.partial(self._mirror, items))
+                                 on_done=functools.partial(self._mirror, [r for r, _ in items]))
 
     def _run(self, items):
         started = time.time()
         values, taken = [], []
-        for r in items:
+        for r, item in items:
             if r.state not in READY_STATES:
-                r.state = STARTED
-                r._started_ts = started
-                values.append(r._args[0])  # type: ignore[index]
+                self.runner.mark_started(r, started)
+                values.append(item)
                 taken.append(r)
         value = self.task.fn(values)
         if isinstance(value, PerItem):
