@@ -4,17 +4,23 @@ Concurrency model: the listener runs synchronously in whichever greenlet
 published the event (see greenqueue.events); it only formats and logs, so
 it never blocks the hub beyond what the configured logging handlers do.
 ``install()`` and ``uninstall()`` are meant for start-up and tests.
+The per-task levels set by ``set_task_log_level()`` are a plain dict read
+by the listener; they are set at import time (``@periodic``), not per event.
 """
 
 import logging
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import events
 
 log = logging.getLogger(__name__)
 
-__all__ = ["install", "uninstall", "installed", "describe"]
+__all__ = ["install", "uninstall", "installed", "describe", "set_task_log_level", "task_log_level"]
 
-_unsubscribe = None
+_unsubscribe: Optional[Callable[[], None]] = None
+
+# task name -> level of its routine lines (a 2-second periodic job would otherwise log twice a run)
+_task_levels: Dict[str, int] = {}
 
 
 def _task(e):
@@ -24,6 +30,12 @@ def _task(e):
 
 def _error(exc):
     return "%s: %s" % (type(exc).__name__, exc) if exc is not None else "unknown error"
+
+
+def _failure(e):
+    # The traceback once, at the final failure; retries log one line each (TaskRetrying).
+    tb = (getattr(e.result, "traceback", None) or "").rstrip()
+    return "\n" + tb if tb else ""
 
 
 def _job(e):
@@ -47,7 +59,7 @@ _FORMATS = {
     events.TaskSucceeded: (logging.INFO, lambda e: (
         "task %s[%s] succeeded in %.3fs", _task(e) + (e.duration,))),
     events.TaskFailed: (logging.ERROR, lambda e: (
-        "task %s[%s] failed in %.3fs: %s", _task(e) + (e.duration, _error(e.exception)))),
+        "task %s[%s] failed in %.3fs: %s%s", _task(e) + (e.duration, _error(e.exception), _failure(e)))),
     events.TaskRetrying: (logging.WARNING, lambda e: (
         "task %s[%s] retry %d in %.3fs after %s",
         _task(e) + (getattr(e.result, "retries", 0), e.delay, _error(e.exception)))),
@@ -78,8 +90,39 @@ _FORMATS = {
 
 _LOUD_EXITS = ("crashed", "timeout", "init-failed")
 
+# The lines a per-task level applies to: a run's routine story. Failures, retries and
+# cancellations keep their own levels.
+_OUTCOME = (events.TaskSucceeded, events.JobFired)
+_PROGRESS = (events.TaskSpawned, events.TaskStarted)
 
-def describe(event):
+
+def set_task_log_level(task_name: str, level: Optional[int]) -> None:
+    """Log the success and fired lines of ``task_name`` at ``level`` (None: back to the default)."""
+    if level is None:
+        _task_levels.pop(task_name, None)
+    else:
+        _task_levels[task_name] = int(level)
+
+
+def task_log_level(task_name: str) -> Optional[int]:
+    """The level set for ``task_name``'s routine lines, or None when it logs at the defaults."""
+    return _task_levels.get(task_name)
+
+
+def _task_level(event: Any, cls: type, level: int) -> int:
+    # A job's run is a task of the job's name; JobFired may come before (or without) its result.
+    name = getattr(getattr(event, "result", None), "name", None) or getattr(getattr(event, "job", None), "name", None)
+    wanted = _task_levels.get(name) if name is not None else None
+    if wanted is None:
+        return level
+    if cls in _OUTCOME:
+        return wanted
+    # Spawned and started lines are DEBUG already: a quieter level lowers them, a louder one
+    # must not turn them into two more lines per run.
+    return min(level, wanted)
+
+
+def describe(event: Any) -> Tuple[int, str, tuple]:
     """Return ``(level, format, args)`` for the log line of ``event``."""
     for cls in type(event).__mro__:
         entry = _FORMATS.get(cls)
@@ -88,17 +131,19 @@ def describe(event):
             fmt, args = build(event)
             if cls is events.WorkerExited and event.reason in _LOUD_EXITS:
                 level = logging.WARNING
+            elif _task_levels and cls in _OUTCOME + _PROGRESS:
+                level = _task_level(event, cls, level)
             return level, fmt, args
     return logging.DEBUG, "event %r", (event,)
 
 
-def _listener(event):
+def _listener(event: Any) -> None:
     level, fmt, args = describe(event)
     if log.isEnabledFor(level):
         log.log(level, fmt, *args)
 
 
-def install():
+def install() -> None:
     """Start logging every greenqueue event through this module's logger (idempotent)."""
     global _unsubscribe
     if _unsubscribe is None:
@@ -106,7 +151,7 @@ def install():
         _unsubscribe = events.subscribe(_listener, *_FORMATS)
 
 
-def uninstall():
+def uninstall() -> None:
     """Stop logging events (no-op when not installed)."""
     global _unsubscribe
     if _unsubscribe is not None:
@@ -114,6 +159,6 @@ def uninstall():
         _unsubscribe = None
 
 
-def installed():
+def installed() -> bool:
     """True while the listener is subscribed."""
     return _unsubscribe is not None
