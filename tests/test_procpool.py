@@ -1,5 +1,6 @@
 """The process pool with real gipc worker processes."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -12,13 +13,11 @@ import pytest
 
 from greenqueue import (DirtyApp, GreenqueueError, Overloaded, ProcessPool, RemoteError, WorkerCrashed, WorkerError,
                         WorkerTimeout, events, procpool)
-from greenqueue.procpool import _CREDIT
-
 from .conftest import ROOT
 
 
 def wait_for(predicate, timeout=10.0, interval=0.01, message="condition"):
-    """Poll with a deadline, sleeping on the hub so the pool's greenlets keep running."""
+    """Poll with a deadline, waiting on the hub so the pool's greenlets keep running."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -49,7 +48,7 @@ def no_leftover_processes():
 @pytest.fixture(params=["sleeping", "polling"])
 def pool(request, monkeypatch):
     # Workers poll their pipe only while there are cores to spare; run each test both ways.
-    monkeypatch.setattr(procpool, "_cores", lambda: 1 if request.param == "sleeping" else 64)
+    monkeypatch.setattr(procpool, "CPU_CORES", 1 if request.param == "sleeping" else 64)
     p = ProcessPool(ECHO, timeout=3).start()
     assert (p.idle_poll > 0) == (request.param == "polling")
     yield p
@@ -68,7 +67,7 @@ def test_dispatch_goes_to_the_least_busy_worker(pool):
     assert len(pids) == 2
     # While one worker is busy, calls go to the other.
     busy = gevent.spawn(pool.call, "sleep", 0.5)
-    gevent.sleep(0.05)
+    wait_for(lambda: any(w["busy"] for w in pool.stats()["workers"]), 5, message="a busy worker")
     busy_pid = next(w["pid"] for w in pool.stats()["workers"] if w["busy"])
     assert all(pool.call("whoami") != busy_pid for _ in range(3))
     busy.join()
@@ -84,6 +83,34 @@ def test_app_exception_is_a_remote_error_and_the_worker_lives(pool):
     assert {w["pid"] for w in pool.stats()["workers"]} == pids
 
 
+def test_an_app_exception_is_logged_once_in_the_server_with_the_workers_traceback(pool, caplog):
+    caplog.set_level(logging.DEBUG, logger="greenqueue.procpool")
+    with pytest.raises(RemoteError):
+        pool.call("fail", "bad input")
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    text = record.getMessage()
+    assert record.levelno == logging.ERROR and record.name == "greenqueue.procpool"
+    assert text.startswith("EchoApp.fail() raised ValueError: bad input (worker ") and ECHO in text
+    assert "Traceback (most recent call last)" in text and "raise ValueError(message)" in text
+    caplog.clear()
+    stream = pool.stream("fail_after", 2, "half way")
+    assert [next(stream), next(stream)] == [0, 1]
+    with pytest.raises(RemoteError, match="half way"):
+        next(stream)
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.getMessage().startswith("EchoApp.fail_after() raised ValueError: half way")
+    assert "raise ValueError(message)" in record.getMessage()
+
+
+def test_the_cpu_core_setting_bounds_polling_workers(monkeypatch):
+    monkeypatch.setattr(procpool, "CPU_CORES", 2)
+    p = ProcessPool(ECHO, workers=2).start()  # 2 polling workers and the server need 3 cores
+    try:
+        assert p.idle_poll == 0 and p.call("echo", 1) == 1
+    finally:
+        p.stop(5)
+
+
 def test_unknown_and_private_actions_are_refused(pool):
     for action in ("nope", "_private", "init"):
         with pytest.raises(RemoteError, match="AttributeError"):
@@ -93,7 +120,7 @@ def test_unknown_and_private_actions_are_refused(pool):
 @pytest.mark.parametrize("action", ["exit_now", "kill_self", "segfault"])
 def test_crash_gives_worker_crashed_fast_and_the_pool_heals(pool, action):
     other = gevent.spawn(pool.call, "sleep", 0.3)
-    gevent.sleep(0.02)
+    wait_for(lambda: any(w["busy"] for w in pool.stats()["workers"]), 5, message="the other call to start")
     started = time.monotonic()
     with pytest.raises(WorkerCrashed):
         pool.call(action)
@@ -140,29 +167,44 @@ def test_stream_yields_every_chunk_in_order(pool):
 
 
 def test_slow_consumer_holds_the_worker_back(tmp_path):
-    pool = ProcessPool(ECHO, workers=1).start()
+    credit = procpool.STREAM_CREDIT
     progress = tmp_path / "progress"
-    stream = pool.stream("count_progress", 3000, str(progress))
-    assert next(stream) == 0
 
-    def produced():
+    def produced_at():
+        """When the worker produced each chunk, by index (whole lines only)."""
         try:
-            return int(progress.read_text() or -1)
-        except (FileNotFoundError, ValueError):
-            return -1
-    wait_for(lambda: produced() >= _CREDIT - 1, 5, message="the credit window to fill")
-    gevent.sleep(0.3)  # a window in which an unbounded producer would run thousands ahead
-    assert produced() <= _CREDIT
-    assert sum(1 for _ in stream) == 2999
-    pool.stop()
+            lines = progress.read_text().split("\n")[:-1]
+        except FileNotFoundError:
+            return []
+        return [float(line.split()[1]) for line in lines]
+
+    pool = ProcessPool(ECHO, workers=1).start()
+    try:
+        stream = pool.stream("count_progress", 3000, str(progress))
+        assert next(stream) == 0
+        consumed_at = [time.monotonic()]
+        # The window holds `credit` chunks sent plus the one the generator has ready.
+        wait_for(lambda: len(produced_at()) >= credit + 1, 5, message="the credit window to fill")
+        assert len(produced_at()) == credit + 1, "the producer ran past its credit"
+        for _ in stream:
+            consumed_at.append(time.monotonic())
+        produced = produced_at()
+        assert len(produced) == len(consumed_at) == 3000
+        # Credit comes back in halves of the window as chunks are consumed, so chunk j can only
+        # have been produced after the consumer took chunk j - 2 * credit (both clocks are the
+        # system's monotonic clock).
+        early = [j for j in range(2 * credit, 3000) if produced[j] < consumed_at[j - 2 * credit]]
+        assert not early, "chunks produced before the consumer made room: %s" % early[:5]
+    finally:
+        pool.stop()
 
 
 def test_calls_queue_when_busy_and_overload_past_the_bound():
     pool = ProcessPool(ECHO, workers=1, max_queue=1).start()
     running = gevent.spawn(pool.call, "sleep", 0.5)
-    gevent.sleep(0.05)
+    wait_for(lambda: pool.stats()["workers"][0]["busy"], 5, message="the worker to be busy")
     queued = gevent.spawn(pool.call, "echo", "queued")
-    gevent.sleep(0.05)
+    wait_for(lambda: pool.stats()["queued"] == 1, 5, message="the second call to queue")
     with pytest.raises(Overloaded):
         pool.call("echo", "one too many")
     assert running.get(timeout=5) == 0.5 and queued.get(timeout=5) == "queued"
@@ -262,8 +304,8 @@ def test_closing_a_channel_wakes_its_waiting_reader_with_eof():
     a, b = gipc.pipe(duplex=True)
     left, right = Channel(a), Channel(b)
     reader = gevent.spawn(left.get)
-    gevent.sleep(0)  # the reader runs until it blocks on the empty pipe
-    assert not reader.dead and left._rio is not None and left._rio.active
+    gevent.idle()  # returns once the reader has run and blocked on the empty pipe
+    assert reader and not reader.ready(), "the reader is not waiting on the pipe"
     left.close()
     with pytest.raises(EOFError):
         reader.get(timeout=2)
@@ -271,7 +313,7 @@ def test_closing_a_channel_wakes_its_waiting_reader_with_eof():
 
 
 def test_workers_poll_only_while_cores_are_to_spare(monkeypatch):
-    monkeypatch.setattr(procpool, "_cores", lambda: 4)
+    monkeypatch.setattr(procpool, "CPU_CORES", 4)
     first = ProcessPool(ECHO, workers=2).start()   # 2 polling workers + the server: 3 of 4 cores
     second = ProcessPool(ECHO, workers=2).start()  # 2 more would need 5
     try:
@@ -289,12 +331,12 @@ def test_workers_poll_only_while_cores_are_to_spare(monkeypatch):
 
 
 def test_a_polling_worker_sleeps_once_calls_stop(monkeypatch):
-    monkeypatch.setattr(procpool, "_cores", lambda: 64)
+    monkeypatch.setattr(procpool, "CPU_CORES", 64)
     p = ProcessPool(ECHO, workers=1).start()
     try:
         for _ in range(200):
             p.call("echo", None)
-        pid = p._workers[0].pid
+        pid = p.stats()["workers"][0]["pid"]
 
         def cpu_ticks():
             with open("/proc/%d/stat" % pid) as fh:
@@ -310,7 +352,7 @@ def test_a_polling_worker_sleeps_once_calls_stop(monkeypatch):
 
 def test_a_polling_worker_still_lets_its_own_greenlets_run(monkeypatch):
     # Back-to-back calls keep a polling worker busy; its app's background greenlets must still run.
-    monkeypatch.setattr(procpool, "_cores", lambda: 64)
+    monkeypatch.setattr(procpool, "CPU_CORES", 64)
     p = ProcessPool("tests.apps.dirty_apps:TickerApp").start()
     try:
         assert p.idle_poll > 0

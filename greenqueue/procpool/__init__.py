@@ -16,7 +16,8 @@ and ignore SIGINT: Ctrl-C is the parent's to handle.
 Failure handling: a dead child (EOF on its pipe) fails its call with
 WorkerCrashed at once and is replaced; a call past ``timeout`` gets
 WorkerTimeout and the child is killed and replaced; an exception in the app
-becomes RemoteError (type, message, traceback) and the worker lives on.
+becomes RemoteError (type, message, traceback), is logged once here with the
+worker's traceback, and the worker lives on.
 """
 
 import collections
@@ -27,6 +28,7 @@ import random
 import signal
 import time
 import weakref
+from typing import Optional
 
 import gevent
 import gipc
@@ -34,18 +36,22 @@ from gevent.event import AsyncResult
 
 from .. import events
 from ..errors import Overloaded, UnknownPool, WorkerCrashed, WorkerError, WorkerTimeout, from_dict
-from ._app import _CREDIT, DirtyApp, _load_class, _spec_of
+from ._app import STREAM_CREDIT, DirtyApp, _load_class, _spec_of
 from ._child import _worker_main
 from ._wire import Channel
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DirtyApp", "ProcessPool", "Pools", "start_pools", "get", "stop_all", "reset", "get_pools",
-           "DEFAULT_MAX_QUEUE"]
+           "DEFAULT_MAX_QUEUE", "STREAM_CREDIT", "CPU_CORES"]
 
 #: Calls that may wait for a busy pool by default: as many as the server's default
 #: --max-connections, so an ordinary burst of chat requests queues instead of failing.
 DEFAULT_MAX_QUEUE = 1000
+
+#: Cores the idle-polling budget may count on; None means the CPUs this process may run on.
+#: Set it lower where a CPU quota (a container's) grants fewer cores than the machine shows.
+CPU_CORES: Optional[int] = None
 
 _RELEASE_WAIT = 2.0   # seconds a cancelled stream may take to close before its worker is killed
 
@@ -413,8 +419,17 @@ class ProcessPool:
         if _subscribers and events.wanted(events.PoolCallFinished):
             events.notify(events.PoolCallFinished(self, kind="call", seconds=time.monotonic() - started))
         if kind == "err":
-            raise from_dict(msg[2])
+            raise self._app_error(w, action, msg[2])
         return msg[2]
+
+    def _app_error(self, w, action, data):
+        """Log an exception the app raised, with the worker's traceback, and return it to raise here."""
+        # Logged once, here: the traceback exists only in the worker, and callers often turn
+        # the error into a 500 or an SSE error event that shows just the message.
+        tb = (data.get("traceback") or "").rstrip()
+        log.error("%s.%s() raised %s: %s (worker %d, pid %s, pool %s)%s", self.name, action, data.get("type"),
+                  data.get("message"), w.index, w.pid, self.spec, "\n" + tb if tb else "")
+        return from_dict(data)
 
     @staticmethod
     def _drain_to_exit(w):
@@ -458,8 +473,8 @@ class ProcessPool:
                 kind = msg[0]
                 if kind == "chunk":
                     consumed += 1
-                    if consumed % (_CREDIT // 2) == 0:
-                        w.send(("credit", call_id, _CREDIT // 2))
+                    if consumed % (STREAM_CREDIT // 2) == 0:
+                        w.send(("credit", call_id, STREAM_CREDIT // 2))
                     yield msg[2]
                 elif kind == "ok":
                     finished = True
@@ -474,7 +489,7 @@ class ProcessPool:
                 elif kind == "err":
                     finished = True
                     self._release(w)
-                    raise from_dict(msg[2])
+                    raise self._app_error(w, action, msg[2])
                 elif kind == "exc":
                     finished = True
                     raise msg[2]
@@ -551,6 +566,8 @@ _polling = weakref.WeakKeyDictionary()  # pool -> number of its workers that pol
 
 
 def _cores():
+    if CPU_CORES:
+        return int(CPU_CORES)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -9,9 +9,10 @@ import traceback
 
 from ..errors import GreenqueueError, to_dict
 
-__all__ = ["DirtyApp"]
+__all__ = ["DirtyApp", "STREAM_CREDIT"]
 
-_CREDIT = 16          # chunks a worker may send ahead of the consumer
+#: Chunks a worker may send ahead of a stream's consumer before it waits for more credit.
+STREAM_CREDIT = 16
 
 
 class DirtyApp:

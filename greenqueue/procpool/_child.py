@@ -15,7 +15,7 @@ import time
 import gevent
 
 from ..errors import GreenqueueError
-from ._app import _CREDIT, _error_dict, _load_class
+from ._app import STREAM_CREDIT, _error_dict, _load_class
 from ._wire import Channel
 
 
@@ -81,7 +81,7 @@ def _worker_main(handle, spec, parent_pid, idle_poll=0.0):
         if kind == "call":
             _, call_id, action, args, kwargs, streaming = msg
             state["id"] = call_id
-            state["credit"] = _CREDIT
+            state["credit"] = STREAM_CREDIT
             if streaming:
                 # A stream runs in its own greenlet so this loop can take credits and cancels meanwhile.
                 state["greenlet"] = gevent.spawn(_serve_call, conn, app, state, call_id, action, args, kwargs,

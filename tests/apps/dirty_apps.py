@@ -58,11 +58,16 @@ class EchoApp(DirtyApp):
                     fh.write("closed")
 
     def count_progress(self, n, path):
-        """Yield 0..n-1, writing how far the producer got to ``path`` (to watch flow control)."""
+        """Yield 0..n-1, appending ``index monotonic-time`` to ``path`` as each is produced (flow control)."""
         for i in range(n):
-            with open(path, "w") as fh:
-                fh.write(str(i))
+            with open(path, "a") as fh:
+                fh.write("%d %.9f\n" % (i, time.monotonic()))
             yield i
+
+    def fail_after(self, n, message):
+        """Yield n items, then raise ValueError(message) mid-stream."""
+        yield from range(n)
+        raise ValueError(message)
 
     def chunks(self, n, size):
         block = b"x" * size
