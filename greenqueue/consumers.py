@@ -18,9 +18,10 @@ when it raises.
 """
 
 import json
-import os
 import logging
+import os
 import time
+from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
@@ -30,7 +31,8 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["consume", "publish", "Message", "Consumer", "start_all", "stop_all", "reset", "consumers"]
+__all__ = ["consume", "publish", "Message", "Consumer", "start_all", "stop_all", "reset", "consumers",
+           "parse_sse_line"]
 
 SETTLE = ("ack", "reject", "requeue")
 _EOF = object()
@@ -317,22 +319,22 @@ class _SSEReader:
                 if line is _EOF:
                     break  # the server ended the stream: deliver what we have, then reconnect
                 if line is not None:
-                    msg = _sse_line(line, event)
+                    msg = parse_sse_line(line, event)
                     if msg is not None:
                         if not batch:
                             first_at = time.monotonic()
                         batch.append(msg)
                         event = {"data": [], "id": None, "event": None}
-                if c.due(batch, first_at) and not self._deliver(batch):
+                if c.due(batch, first_at) and not self.deliver(batch):
                     return False  # on_error="requeue": read the failed batch again from the last good event
             if batch:
-                self._deliver(batch)
+                self.deliver(batch)
         finally:
             reader.kill(block=False)
             conn.close()
         return True
 
-    def _deliver(self, batch):
+    def deliver(self, batch: List[Message]) -> bool:
         """Handle ``batch``; False if it failed and must be read again (on_error="requeue")."""
         if not self.consumer.handle(list(batch)) and self.consumer.on_error == "requeue":
             return False
@@ -356,8 +358,8 @@ def _read_lines(resp, queue):
         queue.put(exc)
 
 
-def _sse_line(line, event):
-    """Feed one SSE line; returns a finished Message at a blank line."""
+def parse_sse_line(line: str, event: Dict[str, Any]) -> Optional[Message]:
+    """Feed one SSE line into ``event`` (``{"data": [], "id": None, "event": None}``); a blank line returns the Message."""
     if line == "":
         if not event["data"]:
             return None

@@ -9,13 +9,14 @@ stopped at once instead of running to the end for nobody).
 
 import json
 import logging
+from typing import Any, Iterable, Iterator, Optional
 
 import gevent
 from flask import Response, stream_with_context
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sse_response", "stream_response", "sse_event", "prime"]
+__all__ = ["sse_response", "stream_response", "sse_event", "sse_frames", "prime"]
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -66,7 +67,8 @@ def _chain_first(first, rest):
     yield from rest
 
 
-def _sse_frames(source, event):
+def sse_frames(source: Iterable[Any], event: Optional[str] = None) -> Iterator[str]:
+    """Yield one SSE frame per item of ``source``, an ``error`` event if it fails, then ``data: [DONE]``."""
     try:
         for item in source:
             yield sse_event(item, event)
@@ -80,7 +82,7 @@ def _sse_frames(source, event):
 def sse_response(iterable, event=None, status=200, headers=None):
     """Stream ``iterable`` as ``text/event-stream``: one JSON ``data:`` event per item, then ``[DONE]``."""
     source = iter(iterable)
-    body = _closing(source, _sse_frames(source, event))
+    body = _closing(source, sse_frames(source, event))
     resp = Response(_with_context(body), status=status, mimetype="text/event-stream")
     resp.headers.update(SSE_HEADERS)
     resp.headers.update(headers or {})

@@ -7,6 +7,7 @@ import subprocess
 
 import gevent
 import pytest
+from gevent.event import Event
 
 from greenqueue import events
 from greenqueue.tasks import CANCELLED, FAILURE, SUCCESS, PerItem, task
@@ -337,7 +338,7 @@ def test_a_timeout_escaping_the_handler_fails_the_batch_not_the_consumer():
 
     def handler(messages):
         gevent.Timeout.start_new(0.01)  # started and never cancelled: it fires inside the handler
-        gevent.sleep(1)
+        Event().wait(5)  # never set: only the timeout ends this wait
 
     c = Consumer(handler, "amqp://localhost//", queues=["q"], batch_size=2)
     raws, messages = batch_of(2)
@@ -372,16 +373,17 @@ def test_consume_registers_and_reset_forgets():
 
 
 def test_sse_lines_make_messages():
-    from greenqueue.consumers import _sse_line
+    from greenqueue.consumers import parse_sse_line
 
     event = {"data": [], "id": None, "event": None}
     for line in ["id: 7", "event: tick", "data: {\"a\":", "data: 1}", ": comment"]:
-        assert _sse_line(line, event) is None
-    m = _sse_line("", event)
+        assert parse_sse_line(line, event) is None
+    m = parse_sse_line("", event)
     assert (m.id, m.event, m.body) == ("7", "tick", {"a": 1})
     event = {"data": [], "id": None, "event": None}
-    _sse_line("data:plain text", event)
-    assert _sse_line("", event).body == "plain text"
+    parse_sse_line("data:plain text", event)
+    assert parse_sse_line("", event).body == "plain text"
+    assert parse_sse_line("", {"data": [], "id": "8", "event": None}) is None  # no data: nothing to hand over
 
 
 @pytest.mark.parametrize("on_error, read_again", [("requeue", True), ("reject", False)])
@@ -394,7 +396,7 @@ def test_a_failed_sse_batch_is_read_again_only_with_requeue(on_error, read_again
     c = Consumer(handler, "sse+http://127.0.0.1:9/events", batch_size=2, on_error=on_error)
     c.reader.last_id = "4"
     batch = [Message(1, id="5"), Message(2, id="6")]
-    assert c.reader._deliver(batch) is not read_again
+    assert c.reader.deliver(batch) is not read_again
     assert c.reader.last_id == ("4" if read_again else "6") and len(batch) == (2 if read_again else 0)
 
 

@@ -4,8 +4,9 @@ import json
 
 import gevent
 from flask import Flask
+from gevent.event import Event
 
-from greenqueue.flask import sse_event, sse_response, stream_response
+from greenqueue.flask import sse_event, sse_frames, sse_response, stream_response
 
 
 class Source:
@@ -101,15 +102,13 @@ def test_prime_raises_before_the_response_and_keeps_every_item():
 
 
 def test_a_timeout_escaping_the_source_becomes_an_error_event():
-    from greenqueue.flask import _sse_frames
-
     def source():
         yield {"n": 1}
         gevent.Timeout.start_new(0.01)
-        gevent.sleep(1)
+        Event().wait(5)  # never set: only the timeout ends this wait
         yield {"n": 2}
 
-    frames = list(_sse_frames(source(), None))
+    frames = list(sse_frames(source()))
     assert frames[0] == 'data: {"n":1}\n\n'
     assert frames[1].startswith("event: error\n") and "Timeout" in frames[1]
     assert frames[-1] == "data: [DONE]\n\n"
