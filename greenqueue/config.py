@@ -31,6 +31,19 @@ def _positive_int(text):
     return value
 
 
+def _positive_float(text):
+    value = _non_negative_float(text)
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+def _queues(text):
+    if isinstance(text, (list, tuple)):
+        return [str(q) for q in text]
+    return [q.strip() for q in str(text).split(",") if q.strip()]
+
+
 def _non_negative_float(text):
     value = float(text)
     if value < 0:
@@ -132,8 +145,14 @@ SETTINGS = [
             shown="the app's `workers`"),
     Setting("dirty_timeout", None, "seconds per dirty call", _non_negative_float, metavar="S",
             shown="the app's `timeout`"),
-    Setting("journal", None, "SQLite journal file: tasks and schedules survive restarts and crashes",
-            metavar="PATH", shown="off"),
+    Setting("journal", None, "SQLite file, or postgresql://… shared by every node: tasks and schedules "
+            "survive restarts and crashes", metavar="PATH|URL", shown="off"),
+    Setting("workers", 1, "server processes on this host sharing the listening sockets", _positive_int,
+            metavar="N"),
+    Setting("lease_timeout", 30.0, "seconds before a dead node's tasks run elsewhere (and the scheduler "
+            "leader's lease)", _positive_float, metavar="S"),
+    Setting("queues", None, "queues this node claims tasks from, comma-separated ('' = none: only enqueue)",
+            _queues, metavar="A,B", shown="all"),
     Setting("metrics_path", None, "serve Prometheus metrics at this path, e.g. /metrics", metavar="PATH",
             shown="off"),
     Setting("dashboard_path", None, "serve the live dashboard at this path, e.g. /_greenqueue", metavar="PATH",

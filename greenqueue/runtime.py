@@ -49,6 +49,8 @@ class Runtime:
         self._pools = pools
         self._hooks = hooks
         self.started = False
+        #: The cluster loops (claims, heartbeat, reaper) while the store is shared.
+        self.node: Any = None
 
     # -- the parts ----------------------------------------------------------------
     # The default runtime's parts are the module defaults the decorators registered on;
@@ -96,14 +98,19 @@ class Runtime:
             self.open_store(journal)
         return runner
 
-    def open_store(self, path: str) -> Any:
-        """Open the journal at ``path`` for the runner and scheduler, and run its unfinished tasks again."""
+    def open_store(self, path: str, lease_timeout: float = 30.0, queues: Optional[Sequence[str]] = None) -> Any:
+        """Open the journal at ``path`` (a file, or a postgresql:// URL shared by a cluster) for the runner
+        and scheduler; a file's unfinished tasks run again, a cluster's are claimed by free nodes."""
         runner = self.runner
         current = runner.store
+        path = os.fspath(path)
+        shared = path.startswith(("postgresql://", "postgres://"))
         if current.durable:
-            if current.display == os.fspath(path):
+            if current.display in (path, _mask(path)):
                 return current
             raise ConfigError("a journal (%s) is already open" % current.display)
+        if shared:
+            return runner.call(self._open_cluster, path, lease_timeout, queues, current)
 
         def open_and_replay() -> Any:
             store = open_store(path, runner.result_ttl, runner.max_results)
@@ -118,10 +125,35 @@ class Runtime:
         # The journal's writer greenlet and thread pool belong on the task hub.
         return runner.call(open_and_replay)
 
+    def _open_cluster(self, dsn: str, lease_timeout: float, queues: Optional[Sequence[str]], current: Any) -> Any:
+        try:
+            from .journal._postgres import PostgresEngine
+        except ImportError as exc:
+            raise ConfigError("--journal %s needs PostgreSQL support: pip install 'greenqueue[postgres]' (%s)"
+                              % (_mask(dsn), exc)) from None
+        from .journal._cluster import ClusterStore
+        from .tasks._node import Node
+        runner = self.runner
+        engine = PostgresEngine(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl)
+        store = ClusterStore(engine, queues=queues, result_ttl=runner.result_ttl,
+                             max_results=runner.max_results).open()
+        if isinstance(current, MemoryStore):
+            for r in reversed(current.recent(len(current))):
+                store.memory.finished(r)
+        runner.use_store(store)
+        self.scheduler.store = store
+        # LISTEN blocks its greenlet cooperatively only where sockets are gevent's.
+        self.node = Node(runner, store, _tasks.find_task, listen=monkey.is_module_patched("socket")).start()
+        log.info("cluster %s: this node is %s (%s)", store.display, store.node,
+                 "claims every queue" if queues is None else
+                 "claims queues %s" % ", ".join(queues) if queues else "only enqueues (--queues '')")
+        return store
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self, dirty_apps: Sequence[str] = (), dirty_workers: Optional[int] = None,
-              dirty_timeout: Optional[float] = None, journal: Optional[str] = None) -> "Runtime":
+              dirty_timeout: Optional[float] = None, journal: Optional[str] = None,
+              lease_timeout: float = 30.0, queues: Optional[Sequence[str]] = None) -> "Runtime":
         """Start what the process declared: pools, the journal, the scheduler (when it has jobs), consumers."""
         if dirty_apps and not monkey.is_module_patched("os"):
             raise ConfigError("process pools need the main thread's gevent loop (gipc watches its children "
@@ -132,7 +164,7 @@ class Runtime:
             started_pools = self.pools.start(dirty_apps, workers=dirty_workers, timeout=dirty_timeout)
         try:
             if journal:
-                self.open_store(journal)
+                self.open_store(journal, lease_timeout, queues)
         except BaseException:
             for pool in started_pools:
                 pool.stop(5)
@@ -148,6 +180,9 @@ class Runtime:
     def stop_intake(self, timeout: float) -> None:
         """Stop the scheduler and the consumers (their batches in hand finish first)."""
         runner = self.runner
+        if self.node is not None:
+            runner.call(self.node.stop)  # claim nothing more; what runs here drains below
+            self.node = None
         if self.scheduler.running:
             runner.call(self.scheduler.stop)
         if self.consumers():
@@ -197,8 +232,17 @@ class Runtime:
         runner = self.runner
         if not runner.on_hub_thread():
             return runner.call(self.snapshot, limit)
+        store = runner.store
+        nodes = []
+        if getattr(store, "clustered", False):
+            try:
+                nodes = [vars(n) for n in store.nodes()]
+            except Exception as exc:  # the dashboard still shows this node when the store is away
+                log.warning("cluster %s: cannot list nodes: %s", store.display, exc)
         return {"tasks": runner.snapshot(limit), "counts": runner.stats(), "jobs": self.scheduler.jobs(),
-                "pools": self.pools.stats(), "store": runner.store.display, "durable": runner.store.durable}
+                "pools": self.pools.stats(), "store": store.display, "durable": store.durable,
+                "nodes": nodes, "node": getattr(store, "node", None),
+                "leader": self.scheduler.leading if getattr(store, "clustered", False) else None}
 
     def retry(self, task_id: str) -> _tasks.TaskResult:
         """Run a failed or cancelled journaled task again now, same id, fresh attempt budget."""
@@ -216,11 +260,29 @@ class Runtime:
 
     def reset(self) -> None:
         """Stop and forget everything: tasks, jobs, pools, consumers, hooks, the store (tests)."""
+        if self.node is not None:
+            try:
+                self.runner.call(self.node.stop)
+            except Exception:
+                log.exception("runtime reset: stopping the cluster loops failed")
+            self.node = None
         for step in (_consumers.reset, _scheduler.reset, _procpool.reset, _tasks.reset, _hooks.reset):
             try:
                 step()
             except Exception:
                 log.exception("runtime reset: %s failed", step.__module__)
+
+
+def _mask(url: str) -> str:
+    """A URL with its password replaced by ***, for logs and errors."""
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = "%s:***@%s" % (parts.username or "", parts.hostname or "")
+    if parts.port:
+        netloc += ":%d" % parts.port
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 _default: Optional[Runtime] = None

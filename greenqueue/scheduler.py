@@ -23,7 +23,8 @@ from cronsim import CronSim, CronSimError
 
 from . import events
 from .errors import ConfigError
-from .tasks import Task, task
+from .tasks import Task, TaskResult, get_runner, task
+from .tasks._options import new_id
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ class every:
         if self.align:
             return self.next_after(now, UTC)
         return now + datetime.timedelta(seconds=self.interval)
+
+    def on_grid(self, anchor, now):
+        """The first instant ``anchor + k * interval`` at or after ``now``."""
+        k = max(0, -(-(now - anchor).total_seconds() // self.interval))
+        return anchor + datetime.timedelta(seconds=k * self.interval)
 
     def next_after(self, after, tz):
         """The next due time strictly after ``after``."""
@@ -202,6 +208,8 @@ class Scheduler:
         self._jobs = {}
         self._loop = None
         self._wake = None
+        #: In a cluster: whether this node held the leader lease at its last tick.
+        self.leading = False
 
     def add(self, job):
         """Add a job (a second job with the same name raises ConfigError)."""
@@ -234,10 +242,17 @@ class Scheduler:
 
     # -- the pure core ---------------------------------------------------------------
 
+    @property
+    def clustered(self):
+        """True when the store is shared by several nodes (one of them leads and fires)."""
+        return getattr(self.store, "clustered", False)
+
     def tick(self, now=None):
         """Run what is due at ``now`` (default: the clock); returns the TaskResults spawned."""
         now = _aware(now or self.clock.now())
         spawned = []
+        if self.clustered and not self._lead():
+            return spawned
         for job in list(self._jobs.values()):
             if job.next_run is None:
                 job.next_run = self._resume_point(job, now)
@@ -257,13 +272,34 @@ class Scheduler:
             spawned.extend(self._due(job, due, now))
         return spawned
 
+    def _lead(self):
+        """In a cluster: take or keep the leader lease. A node that does not lead fires nothing and
+        forgets its due times, so it picks them up from the store when it leads (catch-up holds)."""
+        try:
+            leading = self.store.lead()
+        except Exception as exc:  # the store is unreachable: nobody can fire now, least of all us
+            log.warning("scheduler: cannot reach the store to lead (%s); not firing", exc)
+            leading = False
+        if leading != self.leading:
+            log.info("scheduler: this node %s the leader", "is now" if leading else "is no longer")
+            self.leading = leading
+        if not leading:
+            for job in self._jobs.values():
+                job.next_run = None
+        return leading
+
     def _resume_point(self, job, now):
-        """First due time: after the journal's last recorded run if there is one (catch-up after downtime)."""
+        """First due time: after the store's last recorded run if there is one (catch-up after downtime)."""
         if self.store is not None:
             last = self.store.last_fired(job.name)
             if last is not None:
                 job.last_run = last
                 return job.schedule.next_after(last, job.tz)
+            if self.clustered and isinstance(job.schedule, every) and not job.schedule.align:
+                # Every node must compute the same instants: the grid is anchored in the store
+                # by whichever node saw the job first.
+                anchor = self.store.anchor(job.name, job.first_run(now))
+                return job.schedule.on_grid(anchor, now)
         return job.first_run(now)
 
     def _due(self, job, due, now):
@@ -281,6 +317,8 @@ class Scheduler:
 
     def _submit(self, job, scheduled_for):
         """Spawn one run as a task, unless max_instances runs are still going."""
+        if self.clustered:
+            return self._submit_shared(job, scheduled_for)
         job.running = [r for r in job.running if not r.ready()]
         if len(job.running) >= job.max_instances:
             events.notify(events.JobSkipped(job, reason="max_instances=%d runs still going" % job.max_instances,
@@ -299,6 +337,31 @@ class Scheduler:
         events.notify(events.JobFired(job, result=r, scheduled_for=scheduled_for))
         if self.store is not None:
             self.store.fired(job.name, scheduled_for)
+        return r
+
+    def _submit_shared(self, job, scheduled_for):
+        """Enqueue one run in the shared store, once per instant cluster-wide; any node runs it."""
+        store = self.store
+        busy = store.unfinished_count(job.task.name)
+        if busy >= job.max_instances:
+            events.notify(events.JobSkipped(job, reason="max_instances=%d runs still going" % job.max_instances,
+                                            scheduled_for=scheduled_for))
+            log.info("job %s skipped: %d run(s) still going in the cluster", job.name, busy)
+            return None
+        delay = self.rng.uniform(0, job.jitter) if job.jitter else 0
+        runner = get_runner()
+        r = TaskResult(runner, new_id(), job.task.name, None, (), {}, job.task.opts, None)
+        # The run's eta is its due instant (plus jitter): the task can read which instant it serves.
+        r.eta = scheduled_for + datetime.timedelta(seconds=delay)
+        row = store.row_for(r, (), {}, job.task.serializer, job.task.queue, job.task.opts.retries + 1)
+        if not store.fire_row(job.name, scheduled_for, row):
+            log.info("job %s: the run for %s was already enqueued, or this node stopped leading", job.name,
+                     scheduled_for)
+            return None
+        r = runner.handle(row)
+        job.last_run = scheduled_for
+        job.last_state = r.state
+        events.notify(events.JobFired(job, result=r, scheduled_for=scheduled_for))
         return r
 
     # -- the loop --------------------------------------------------------------------------
@@ -336,6 +399,10 @@ class Scheduler:
             except (Exception, gevent.Timeout):  # a Timeout from a validate() callable must not end the loop
                 log.exception("scheduler tick failed; continuing")
             wait = self.seconds_until_next()
+            if self.clustered:
+                # Renew (or try to take) the leader lease well inside its timeout.
+                lease = getattr(getattr(self.store, "engine", None), "lease_timeout", 30.0)
+                wait = min(wait if wait is not None else lease, lease / 3)
             self._wake.clear()
             # Sleep until the earliest due time; add() and stop() wake us early.
             self._wake.wait(timeout=wait)

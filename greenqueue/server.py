@@ -119,7 +119,12 @@ class Server:
         log = logging.getLogger("greenqueue.server")
         s = self.settings
         self.runtime = rt = get_runtime()
-        app = self._observed(load_app(self.app_spec))
+        user_app = load_app(self.app_spec)
+        if hasattr(user_app, "app_context"):
+            # Tasks claimed from a shared store were spawned in another process: they run in
+            # this server's Flask app context, as a task spawned in a request here would.
+            rt.runner.app = user_app
+        app = self._observed(user_app)
         listeners = []
         try:
             for bind in s["bind"]:
@@ -195,7 +200,8 @@ class Server:
         s = self.settings
         try:
             self.runtime.start(dirty_apps=s["dirty_apps"], dirty_workers=s["dirty_workers"],
-                               dirty_timeout=s["dirty_timeout"], journal=s["journal"] or None)
+                               dirty_timeout=s["dirty_timeout"], journal=s["journal"] or None,
+                               lease_timeout=s["lease_timeout"], queues=s["queues"])
         except Exception as exc:
             self._remove_unix_sockets()
             self.runtime.pools.stop(5)

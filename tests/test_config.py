@@ -52,8 +52,8 @@ def test_a_misspelt_name_warns_with_the_closest_setting(tmp_path):
 
 
 def test_an_unknown_name_with_no_close_setting_still_warns(tmp_path):
-    _, warnings = load_file(tmp_path, "workers_per_core = 2\n")
-    assert len(warnings) == 1 and "'workers_per_core' is not a setting" in warnings[0]
+    _, warnings = load_file(tmp_path, "frobnicate_widgets = 2\n")
+    assert len(warnings) == 1 and "'frobnicate_widgets' is not a setting" in warnings[0]
     assert "--help" in warnings[0] and "_" in warnings[0]
 
 

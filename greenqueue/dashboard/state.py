@@ -48,7 +48,8 @@ def snapshot(metrics=None, runtime=None):
                      "scheduled": [_task(r) for r in tasks["scheduled"]],
                      "recent": [_task(r, full=True) for r in tasks["recent"]]},
            "jobs": [dict(j, next_run=_iso(j["next_run"]), last_run=_iso(j["last_run"])) for j in snap["jobs"]],
-           "pools": snap["pools"]}
+           "pools": snap["pools"], "nodes": snap.get("nodes", []), "node": snap.get("node"),
+           "leader": snap.get("leader")}
     if metrics is not None:
         out["history"] = metrics.history.series()
     return out

@@ -28,6 +28,7 @@ import datetime
 import heapq
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -178,6 +179,14 @@ class Runner:
         self._thread: Optional[int] = None   # OS thread of the task hub, once bound
         self._hub: Any = None
         self._keep_alive: Any = None          # set to stop our own task thread
+        # Handles of tasks queued in (or running from) a shared store, not here; weak, so a
+        # handle nobody holds costs nothing once its caller drops it.
+        self._elsewhere: "weakref.WeakValueDictionary[str, TaskResult]" = weakref.WeakValueDictionary()
+        self._options: Dict[str, Dict[str, Any]] = {}   # task id -> apply_async options, until recorded
+        #: Called when a slot frees and nothing waits here (a node's claimer listens).
+        self.on_free_slot: Optional[Callable[[], None]] = None
+        #: The app whose context tasks claimed from a shared store run in (the server's Flask app).
+        self.app: Any = None
         self.configure(max_concurrency=max_concurrency, max_pending=max_pending,
                        result_ttl=result_ttl, max_results=max_results, eager=eager)
 
@@ -335,13 +344,15 @@ class Runner:
               name: Optional[str] = None, opts: Optional[TaskOptions] = None, delay: Optional[float] = None,
               eta: Optional[datetime.datetime] = None, idle: bool = False, force: bool = False,
               on_done: Optional[Callable[[TaskResult], None]] = None, task_id: Optional[str] = None,
-              retries: int = 0, serializer: Optional[str] = None) -> TaskResult:
+              retries: int = 0, serializer: Optional[str] = None,
+              options: Optional[Dict[str, Any]] = None) -> TaskResult:
         """Accept ``fn(*args, **kwargs)`` as a task and return its TaskResult at once.
 
         ``force`` skips the max_pending check (work already accepted in another
         form, such as a batch); ``on_done(result)`` runs when it is ready.
         ``serializer`` (set for ``@task`` functions) lets a durable store record
         the task; ``task_id`` and ``retries`` restore a task read back from one.
+        ``options`` (queue, idempotency_key, connection) go to a shared store.
         """
         if self._closed:
             raise GreenqueueError("this task runner was reset; use greenqueue.tasks.get_runner()")
@@ -363,21 +374,25 @@ class Runner:
             r.state = SCHEDULED
         if serializer is not None and self.store.durable:
             r._serializer = serializer
+            if options and getattr(self.store, "clustered", False):
+                self._options[r.id] = options
         if _real_ident() != self._thread and not self._on_hub():
             return self._accept_from_thread(r, delay, force)
         return self._accept(r, delay, force)
 
     def _accept(self, r: TaskResult, delay: Optional[float], force: bool) -> TaskResult:
         if r.state == SCHEDULED:
-            self._record(r)
-            self._schedule(r, delay)
+            r = self._record(r)
+            if r._where is None:
+                self._schedule(r, delay)
             return r
         if not force and self._pending_count >= self.max_pending and (
                 r._idle or self._pending or self._active >= self.max_concurrency):
             raise Overloaded("%d tasks are already waiting (max_pending=%d); try again later, or raise "
                              "max_pending with greenqueue.configure()" % (self._pending_count, self.max_pending))
-        self._record(r)
-        self._enqueue(r)
+        r = self._record(r)
+        if r._where is None:
+            self._enqueue(r)
         return r
 
     def _accept_from_thread(self, r: TaskResult, delay: Optional[float], force: bool) -> TaskResult:
@@ -399,14 +414,118 @@ class Runner:
             log.exception("task %s[%s] could not be accepted", r.name, r.id)
             r._set(FAILURE, exc=exc)
 
-    def _record(self, r: TaskResult) -> None:
+    def _record(self, r: TaskResult) -> TaskResult:
+        """Record a new task in the store; returns the handle to give the caller."""
         if r._serializer is not None:
+            if getattr(self.store, "clustered", False):
+                return self._record_shared(r)
             # A durable spawn returns only once its row is committed; if that fails the
             # caller gets the JournalError and the task never existed.
             self.store.spawned(r, r._args, r._kwargs, r._serializer)
         self._live[r.id] = r
         if _subscribers:
             events.notify(events.TaskSpawned(r))
+        return r
+
+    def _record_shared(self, r: TaskResult) -> TaskResult:
+        # A node that has a free slot runs what it spawns (no round trip through the
+        # queue); anything else waits in the shared store for whichever node is free.
+        store = self.store
+        opts = self._options.pop(r.id, None) or {}
+        queue = opts.get("queue") or "default"
+        claim = (r.state != SCHEDULED and not r._idle and opts.get("connection") is None
+                 and self._active < self.max_concurrency and not self._pending and store.serves(queue))
+        row = store.spawned(r, r._args, r._kwargs, r._serializer, claim=claim, queue=queue,
+                            max_attempts=r._opts.retries + 1, idempotency_key=opts.get("idempotency_key"),
+                            connection=opts.get("connection"))
+        if row.id != r.id:
+            # The idempotency key was used before: hand back the first task's result.
+            return self.result(row.id) or self.handle(row)
+        if store.holds(r.id):
+            self._live[r.id] = r
+        else:
+            r._where = "store"
+            r.state = row.state if row.state in (PENDING, SCHEDULED) else PENDING
+            self._elsewhere[r.id] = r
+        if _subscribers:
+            events.notify(events.TaskSpawned(r))
+        return r
+
+    def handle(self, row: TaskRow) -> TaskResult:
+        """A TaskResult for a row of a shared store: final now, or updated when it finishes elsewhere."""
+        if row.state in READY_STATES:
+            return TaskResult.restored(self, row)
+        r = self._live.get(row.id) or self._elsewhere.get(row.id)
+        if r is None:
+            r = TaskResult(self, row.id, row.name, None, (), {}, NO_OPTIONS, None)
+            r.state = row.state if row.state in (PENDING, SCHEDULED, STARTED, RETRY) else PENDING
+            r.retries = max(0, row.attempts - 1)
+            r._where = "store"
+            self._elsewhere[r.id] = r
+        return r
+
+    def elsewhere(self, waited_only: bool = False) -> List[TaskResult]:
+        """Unfinished handles held in this process for tasks that wait or run elsewhere."""
+        handles = [r for r in list(self._elsewhere.values()) if r.state not in READY_STATES]
+        if waited_only:
+            handles = [r for r in handles if r._done is not None or r._twaiters or r._callbacks]
+        return handles
+
+    def settle(self, r: TaskResult, row: TaskRow) -> None:
+        """Finish a handle whose task ended elsewhere, from its row."""
+        if r.state in READY_STATES or row.state not in READY_STATES:
+            if row.state in (STARTED, RETRY, SCHEDULED, PENDING) and r.state not in READY_STATES:
+                r.state = row.state
+            return
+        done = TaskResult.restored(self, row)
+        r.retries = done.retries
+        r._started_ts, r._finished_ts = row.started_at, row.finished_at
+        r._where = None
+        self._elsewhere.pop(r.id, None)
+        r._set(done.state, done.result, done.exception, done.traceback)
+        if _subscribers:
+            if done.state == SUCCESS:
+                events.notify(events.TaskSucceeded(r, duration=0.0))
+            elif done.state == FAILURE:
+                events.notify(events.TaskFailed(r, exception=r.exception, duration=0.0))
+            else:
+                events.notify(events.TaskCancelled(r))
+
+    def free_slots(self) -> int:
+        """Slots free for claimed work: nothing waits locally and fewer than max_concurrency run."""
+        return max(0, self.max_concurrency - self._active - self._pending_count)
+
+    def run_row(self, row: TaskRow, t: Any) -> TaskResult:
+        """Start a row this node claimed, as task ``t``, in a free slot."""
+        from ..journal import loads
+        data = loads(row.serializer, row.payload)
+        r = self._live.get(row.id) or self._elsewhere.pop(row.id, None)
+        if r is not None:
+            self._live[r.id] = r
+        if r is None or r.state in READY_STATES:
+            r = TaskResult(self, row.id, t.name, t.fn, tuple(data["args"]), data["kwargs"], t.opts, self.app)
+            self._live[r.id] = r
+        else:
+            # A handle this process made when it spawned the task without a free slot.
+            r._fn, r._args, r._kwargs, r._opts = t.fn, tuple(data["args"]), data["kwargs"], t.opts
+            r._app = r._app or self.app
+        r.retries = max(0, row.attempts - 1)
+        r._serializer = row.serializer
+        r.eta = None if row.eta is None else datetime.datetime.fromtimestamp(row.eta, _UTC)
+        r.state = PENDING
+        r._where = None
+        self._start(r)
+        return r
+
+    def abandon(self, r: TaskResult) -> None:
+        """Stop running ``r`` here without a result: its lease went to another node."""
+        g = r._greenlet
+        r._where = "store"
+        r.state = PENDING
+        self._live.pop(r.id, None)
+        self._elsewhere[r.id] = r
+        if g is not None and not g.dead and g is not gevent.getcurrent():
+            g.kill(block=False)
 
     def _enqueue(self, r: TaskResult) -> None:
         """Put a due task in line (or straight into a free slot); never raises Overloaded."""
@@ -442,6 +561,8 @@ class Runner:
             self._start(r)
         if self._idle_q and not pending and self._active < self.max_concurrency and self._idle_wake is not None:
             self._idle_wake.set()
+        if self.on_free_slot is not None and not pending and self._active < self.max_concurrency:
+            self.on_free_slot()
 
     # -- delayed tasks ----------------------------------------------------------
 
@@ -543,8 +664,8 @@ class Runner:
         except _Expired:
             exc = None  # decided below from the timer, which also catches a swallowed expiry
         except gevent.GreenletExit as e:
-            if r.state == CANCELLED:
-                return  # cancel() already finished the result
+            if r.state == CANCELLED or r._where == "store":
+                return  # cancel() already finished the result, or abandon() gave the lease up
             exc = e
         except (KeyboardInterrupt, SystemExit) as e:
             self._finish(r, FAILURE, exc=e, duration=_monotonic() - t0)
@@ -577,10 +698,14 @@ class Runner:
         r.state = RETRY
         delay = r._opts.delay_for(r.retries)
         log.debug("task %s[%s] attempt %d failed, retrying in %.3fs", r.name, r.id, r.retries, delay)
-        if r._serializer is not None:
-            self.store.retrying(r, delay, exc)
+        handed_back = r._serializer is not None and self.store.retrying(r, delay, exc)
         if _subscribers:
             events.notify(events.TaskRetrying(r, exception=exc, delay=delay))
+        if handed_back:
+            r._where = "store"  # the shared store has it; any node claims it when due
+            self._live.pop(r.id, None)
+            self._elsewhere[r.id] = r
+            return
         if delay > 0:
             self._schedule(r, delay)
         else:
@@ -687,6 +812,14 @@ class Runner:
         where = r._where
         if r.state in READY_STATES:
             return False
+        if where == "store":
+            before = self.store.cancel(r.id)
+            if before in (PENDING, SCHEDULED, RETRY):
+                r._where = None
+                self._elsewhere.pop(r.id, None)
+                self._finish(r, CANCELLED, exc=CancelledError("task %s[%s] was cancelled" % (r.name, r.id)))
+                return True
+            return before == STARTED  # the node running it stops it at its next heartbeat
         if where in ("pending", "idle"):
             self._pending_count -= 1
         elif where == "scheduled":
@@ -708,12 +841,14 @@ class Runner:
 
     def result(self, task_id: str) -> Optional[TaskResult]:
         """The TaskResult with this id, or None if unknown or expired (asks the store too)."""
-        r = self._live.get(task_id)
+        r = self._live.get(task_id) or self._elsewhere.get(task_id)
         if r is not None:
             return r
         found = self.store.lookup(task_id) if self.on_hub_thread() else self.call(self.store.lookup, task_id)
         if isinstance(found, TaskRow):
-            return TaskResult.restored(self, found)
+            if found.state in READY_STATES:
+                return TaskResult.restored(self, found)
+            return self.handle(found) if self.on_hub_thread() else self.call(self.handle, found)
         return found
 
     def replay(self, find: Callable[[str], Any]) -> int:

@@ -103,24 +103,47 @@ class Task(Generic[P, R]):
         if unknown:
             raise ConfigError("%s.apply_async(): unknown option(s) %s (known: args, kwargs, countdown, eta, %s)"
                               % (self.name, ", ".join(unknown), ", ".join(APPLY_OPTIONS)))
-        if options.get("queue") not in (None, self.queue) or options.get("idempotency_key") is not None \
-                or options.get("connection") is not None:
-            raise ConfigError("%s.apply_async(%s=...) needs a store shared by several processes "
-                              "(--journal postgresql://...), which this process does not use"
-                              % (self.name, next(k for k in APPLY_OPTIONS if options.get(k) is not None)))
         if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
             raise ConfigError("%s.apply_async(args=...) takes a tuple or list of arguments, got %r"
                               % (self.name, args))
-        return self._spawn(tuple(args), dict(kwargs or {}), delay=countdown, eta=eta)
+        options = {k: v for k, v in options.items() if v is not None}
+        if options:
+            runner = get_runner()
+            if not getattr(runner.store, "clustered", False):
+                raise ConfigError("%s.apply_async(%s=...) needs a store shared by several processes "
+                                  "(--journal postgresql://...), which this process does not use"
+                                  % (self.name, next(iter(options))))
+            if self.batch_size is not None:
+                raise ConfigError("%s is a batch task: apply_async options do not apply" % self.name)
+        options.setdefault("queue", self.queue)
+        return self._spawn(tuple(args), dict(kwargs or {}), delay=countdown, eta=eta, options=options)
+
+    def map(self, iterable: Iterable[Any]) -> "list[TaskResult[R]]":
+        """Spawn ``self(item)`` for each item; with a shared store all rows commit at once."""
+        runner = get_runner()
+        items = list(iterable)
+        store = runner.store
+        if self.batch_size is not None or not getattr(store, "clustered", False):
+            return [self.spawn(item) for item in items]
+        return runner.call(self._map_shared, runner, items)
+
+    def _map_shared(self, runner: Runner, items: list) -> "list[TaskResult[R]]":
+        handles = [TaskResult(runner, new_id(), self.name, None, (item,), {}, self.opts, None) for item in items]
+        rows = [runner.store.row_for(r, (item,), {}, self.serializer, self.queue, self.opts.retries + 1)
+                for r, item in zip(handles, items)]
+        return [runner.handle(row) for row in runner.store.spawned_many(rows)]
 
     def _spawn(self, args: tuple, kwargs: dict, delay: Optional[float] = None,
-               eta: Optional[datetime.datetime] = None, idle: bool = False) -> TaskResult[R]:
+               eta: Optional[datetime.datetime] = None, idle: bool = False,
+               options: Optional[dict] = None) -> TaskResult[R]:
         runner = get_runner()
         if self.batch_size is not None:
             batcher = runner.batcher(self, lambda: _Batcher(runner, self))
             return batcher.add(args, kwargs, delay, eta, idle)
-        return runner.spawn(self.fn, args, kwargs, name=self.name, opts=self.opts,
-                            delay=delay, eta=eta, idle=idle, serializer=self.serializer)
+        if options is None and self.queue != "default":
+            options = {"queue": self.queue}
+        return runner.spawn(self.fn, args, kwargs, name=self.name, opts=self.opts, delay=delay, eta=eta,
+                            idle=idle, serializer=self.serializer, options=options)
 
 
 @overload

@@ -1,0 +1,282 @@
+"""The runner's store on an engine shared by several nodes (PostgreSQL, or SQLite on one host).
+
+Concurrency model: the runner calls this store from greenlets on the task
+hub; each call is one engine call, which blocks the calling greenlet only
+(psycopg is cooperative under gevent; the SQLite engine keeps the hub free
+its own way). The store keeps, per task this node holds, the attempt number
+the engine gave it: finishing or retrying is fenced by that attempt, so a
+late result from a node that lost its lease is discarded by the database.
+The node's loops (claiming due rows, heartbeat, reaping, results of tasks
+that run elsewhere) live with the runner (``greenqueue.tasks._node``); this
+module never calls the runner.
+"""
+
+import datetime
+import logging
+import pickle
+import socket
+import os
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Sequence
+
+from ._base import MemoryStore
+from ._engine import UNFINISHED, NodeInfo, TaskRow
+from ._store import _dumps
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClusterStore", "node_id"]
+
+_UTC = datetime.timezone.utc
+
+
+def node_id() -> str:
+    """A name for this process in the cluster: host, pid and a random suffix (pids are reused)."""
+    return "%s-%d-%s" % (socket.gethostname(), os.getpid(), uuid.uuid4().hex[:6])
+
+
+def _error_type(exc: Optional[BaseException]) -> Optional[str]:
+    if exc is None:
+        return None
+    return getattr(exc, "remote_type", None) or type(exc).__name__
+
+
+class ClusterStore:
+    """Store protocol over an Engine: rows shared by every node, attempts fenced, runs claimed."""
+
+    durable = True
+    clustered = True
+
+    def __init__(self, engine: Any, node: Optional[str] = None, queues: Optional[Sequence[str]] = None,
+                 result_ttl: float = 3600.0, max_results: int = 10000, max_lease_losses: int = 3):
+        self.engine = engine
+        self.display = engine.display
+        self.node = node or node_id()
+        #: Queues this node claims from (None: all; [] : none, a web node that only enqueues).
+        self.queues = None if queues is None else list(queues)
+        self.result_ttl = result_ttl
+        self.max_lease_losses = max_lease_losses
+        self.memory = MemoryStore(result_ttl, max_results)
+        self._attempts: Dict[str, int] = {}   # task id -> the attempt this node holds
+        self._recording = True
+        self.epoch: Optional[int] = None      # the scheduler leader's epoch while this node leads
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def open(self) -> "ClusterStore":
+        """Open the engine and register this node."""
+        self.engine.open()
+        self.engine.register(NodeInfo(id=self.node, host=socket.gethostname(), pid=os.getpid(),
+                                      queues=self.queues, started_at=time.time()))
+        return self
+
+    def serves(self, queue: str) -> bool:
+        """True when this node claims tasks of ``queue``."""
+        return self.queues is None or queue in self.queues
+
+    # -- the Store protocol ----------------------------------------------------------------
+
+    def row_for(self, r: Any, args: tuple, kwargs: dict, serializer: str, queue: str = "default",
+                max_attempts: int = 1, idempotency_key: Optional[str] = None) -> TaskRow:
+        """The row a spawn of ``r`` becomes (TypeError when the arguments cannot be stored)."""
+        try:
+            payload = _dumps(serializer, {"args": list(args), "kwargs": kwargs})
+        except (TypeError, ValueError) as exc:
+            raise TypeError("task %s: arguments cannot be journaled as JSON (%s); pass ids instead "
+                            "of objects, or use @task(serializer='pickle')" % (r.name, exc)) from None
+        eta = r.eta.timestamp() if r.eta is not None else None
+        return TaskRow(id=r.id, name=r.name, payload=payload, serializer=serializer, queue=queue,
+                       state="SCHEDULED" if eta is not None and eta > time.time() else "PENDING", eta=eta,
+                       attempts=r.retries, max_attempts=max_attempts, idempotency_key=idempotency_key)
+
+    def spawned(self, r: Any, args: tuple, kwargs: dict, serializer: str, claim: bool = False,
+                queue: str = "default", max_attempts: int = 1, idempotency_key: Optional[str] = None,
+                connection: Any = None) -> TaskRow:
+        """Commit the task's row; with ``claim`` this node runs it (the local fast path). Returns the row."""
+        row = self.row_for(r, args, kwargs, serializer, queue, max_attempts, idempotency_key)
+        owner = self.node if claim and connection is None else None
+        stored = self.engine.enqueue([row], owner=owner, connection=connection)[0]
+        if owner is not None and stored.id == row.id and stored.owner == self.node:
+            self._attempts[stored.id] = stored.attempts
+        return stored
+
+    def spawned_many(self, rows: List[TaskRow], connection: Any = None) -> List[TaskRow]:
+        """Commit many rows at once (``task.map``); none is claimed here, any node takes them."""
+        return self.engine.enqueue(rows, connection=connection)
+
+    def claimed(self, row: TaskRow) -> None:
+        """Remember the attempt a claim gave this node."""
+        self._attempts[row.id] = row.attempts
+
+    def holds(self, task_id: str) -> bool:
+        """True while this node holds a claim on ``task_id``."""
+        return task_id in self._attempts
+
+    def started(self, r: Any) -> None:
+        """Nothing to write: the claim already counted the attempt and started the lease."""
+
+    def retrying(self, r: Any, delay: float, exc: Optional[BaseException]) -> bool:
+        """Give the row back as RETRY, due in ``delay`` s; any node claims it then. Always True."""
+        attempt = self._attempts.pop(r.id, None)
+        if attempt is None or not self._recording:
+            return True
+        if not self.engine.retry(r.id, self.node, attempt, delay, _error_type(exc), str(exc) if exc else None):
+            log.warning("task %s[%s]: lease lost before the retry was recorded; the node that holds it "
+                        "decides", r.name, r.id)
+        return True
+
+    def finished(self, r: Any, serializer: Optional[str]) -> bool:
+        """Write the final state, fenced by attempt; False when another node took the task over."""
+        attempt = self._attempts.pop(r.id, None)
+        if attempt is None or serializer is None or not self._recording:
+            self.memory.finished(r)
+            return True
+        try:
+            blob = _dumps(serializer, r.result) if r.state == "SUCCESS" else None
+        except (TypeError, ValueError, pickle.PicklingError):
+            blob = _dumps("json", repr(r.result))
+        exc = r.exception
+        ok = self.engine.finish(r.id, self.node, attempt, r.state, blob, _error_type(exc),
+                                str(exc) if exc else None, r.traceback, self.result_ttl)
+        if ok:
+            self.memory.finished(r)
+        else:
+            log.warning("task %s[%s]: result of attempt %d discarded: its lease expired and another node "
+                        "took the task over", r.name, r.id, attempt)
+        return ok
+
+    def forget(self, task_id: str) -> None:
+        """Stop holding ``task_id`` without writing (its lease was lost)."""
+        self._attempts.pop(task_id, None)
+
+    def cancel(self, task_id: str) -> Optional[str]:
+        """Cancel a row wherever it is; returns its state before (None: no such row)."""
+        return self.engine.cancel(task_id)
+
+    def lookup(self, task_id: str) -> Any:
+        """A finished result: recent ones from memory, others as the row (from any node)."""
+        r = self.memory.lookup(task_id)
+        if r is not None:
+            return r
+        return self.engine.get(task_id)
+
+    def get(self, task_id: str) -> Optional[TaskRow]:
+        """The row, finished or not."""
+        return self.engine.get(task_id)
+
+    def recent(self, limit: int) -> List[Any]:
+        """Results finished on this node, newest first."""
+        return self.memory.recent(limit)
+
+    def unfinished(self) -> List[TaskRow]:
+        """Nothing to replay: unfinished rows are claimed by whichever node has a free slot."""
+        return []
+
+    def note(self, task_id: str, text: str) -> None:
+        """Notes are not kept in a shared store."""
+
+    def requeue(self, task_id: str) -> TaskRow:
+        """Make a failed or cancelled row run again (fresh attempt budget) and return it."""
+        from ..errors import JournalError
+        row = self.engine.get(task_id)
+        if row is None:
+            raise JournalError("task %s is not in the journal %s" % (task_id, self.display))
+        if row.state not in ("FAILURE", "CANCELLED"):
+            raise JournalError("task %s is %s; only failed or cancelled tasks can be retried" % (task_id, row.state))
+        self.engine.requeue(task_id)
+        return self.engine.get(task_id)
+
+    # -- the node's claims ------------------------------------------------------------------
+
+    def claim(self, limit: int) -> List[TaskRow]:
+        """Claim up to ``limit`` due rows for this node."""
+        rows = self.engine.claim(self.node, self.queues, limit)
+        for row in rows:
+            self._attempts[row.id] = row.attempts
+        return rows
+
+    def next_due(self) -> Optional[float]:
+        """Seconds until the next unowned row this node could claim is due."""
+        return self.engine.next_due(self.queues)
+
+    def heartbeat(self, running: int) -> Any:
+        """Renew this node's leases; the reply lists rows to cancel and rows lost."""
+        beat = self.engine.heartbeat(self.node, running)
+        for task_id in beat.lost:
+            self._attempts.pop(task_id, None)
+        return beat
+
+    def reap(self) -> List[TaskRow]:
+        """Take back rows whose lease expired (any node's)."""
+        return self.engine.reap(self.max_lease_losses)
+
+    def prune(self) -> int:
+        """Delete finished rows and periodic keys past their time."""
+        return self.engine.prune(max(self.result_ttl, 86400.0))
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Block this greenlet until another node enqueued work (a hint) or ``timeout`` passes."""
+        return self.engine.wait_for_work(timeout)
+
+    # -- the scheduler -------------------------------------------------------------------
+
+    def lead(self) -> bool:
+        """Take or renew the scheduler's leader lease; True while this node leads."""
+        self.epoch = self.engine.lead(self.node)
+        return self.epoch is not None
+
+    def fire_row(self, job: str, due: datetime.datetime, row: TaskRow) -> bool:
+        """Enqueue ``row`` as ``job``'s run for ``due``, once cluster-wide, while this node leads."""
+        if self.epoch is None:
+            return False
+        return self.engine.fire(job, due.timestamp(), self.epoch, row)
+
+    def fired(self, job: str, due: datetime.datetime) -> bool:
+        """Periodic keys are written by fire_row in the same transaction as the run."""
+        return True
+
+    def last_fired(self, job: str) -> Optional[datetime.datetime]:
+        """The latest due instant any node enqueued for ``job``."""
+        ts = self.engine.last_fired(job)
+        return None if ts is None else datetime.datetime.fromtimestamp(ts, _UTC)
+
+    def anchor(self, job: str, phase: datetime.datetime) -> datetime.datetime:
+        """The instant an ``every()`` job's grid is anchored at, shared by every node."""
+        ts = self.engine.anchor(job, phase.timestamp())
+        return datetime.datetime.fromtimestamp(ts, _UTC)
+
+    def unfinished_count(self, name: str) -> int:
+        """Runs of task ``name`` not finished yet, cluster-wide (for max_instances)."""
+        return sum(len(self.engine.rows(state, 1000, name)) for state in UNFINISHED)
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def stop_recording(self) -> None:
+        """Hand what this node still holds back to the cluster now, instead of after a lease timeout."""
+        held = list(self._attempts)
+        self._recording = False
+        if held:
+            released = self.engine.release(held, self.node)
+            log.info("journal %s: handed %d unfinished task(s) back to the cluster", self.display, released)
+        self._attempts.clear()
+
+    def close(self) -> None:
+        """Release held rows, leave the cluster and close the engine."""
+        try:
+            if self._recording:
+                self.stop_recording()
+            self.engine.unregister(self.node)
+        except Exception as exc:
+            log.warning("journal %s: leaving the cluster failed: %s", self.display, exc)
+        finally:
+            self.engine.close()
+
+    def nodes(self) -> List[NodeInfo]:
+        """The cluster's nodes."""
+        return self.engine.nodes()
+
+

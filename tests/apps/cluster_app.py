@@ -1,0 +1,112 @@
+"""A cluster node's app: tasks append to a ledger file, so tests count what really ran.
+
+Environment: CLUSTER_LEDGER (file the tasks append to), CLUSTER_JOB=1 to declare
+an every-second periodic job, CLUSTER_PG (a DSN for the transactional spawn view).
+"""
+
+import os
+import time
+
+import gevent
+from flask import Flask, jsonify, request
+
+import greenqueue
+from greenqueue import every, periodic, task
+
+app = Flask(__name__)
+LEDGER = os.environ.get("CLUSTER_LEDGER", "ledger.txt")
+NODE = "%s" % os.getpid()
+
+
+def _write(line):
+    # O_APPEND writes of one short line are atomic, so nodes can share the file.
+    fd = os.open(LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@task
+def work(n, seconds):
+    """Sleep, then record that task ``n`` ran here."""
+    gevent.sleep(seconds)
+    me = greenqueue.tasks.current()
+    _write("task %s %s %s" % (n, me.id if me else "?", NODE))
+    return n
+
+
+@task(retries=2, retry_delay=0.2)
+def flaky(n):
+    """Fail on the first attempt, succeed on the next: retries work across nodes."""
+    me = greenqueue.tasks.current()
+    _write("flaky %s attempt %d %s" % (n, me.retries, NODE))
+    if me.retries == 0:
+        raise ValueError("first attempt fails")
+    return n * 2
+
+
+if os.environ.get("CLUSTER_JOB"):
+    @periodic(every(seconds=1))
+    def tick():
+        """Record the instant this run was due for (the run's eta) and where it ran."""
+        me = greenqueue.tasks.current()
+        _write("tick %.3f %s" % (me.eta.timestamp() if me and me.eta else -1, NODE))
+
+
+@app.post("/spawn")
+def spawn():
+    n = int(request.args.get("n", "1"))
+    seconds = float(request.args.get("seconds", "0"))
+    delay = float(request.args.get("delay", "0"))
+    start = int(request.args.get("start", "0"))
+    ids = []
+    for i in range(start, start + n):
+        r = work.spawn_later(delay, i, seconds) if delay else work.spawn(i, seconds)
+        ids.append(r.id)
+    return jsonify(ids=ids)
+
+
+@app.post("/idempotent/<key>")
+def idempotent(key):
+    r = work.apply_async((key, 0), idempotency_key=key)
+    return jsonify(id=r.id)
+
+
+@app.post("/flaky/<int:n>")
+def spawn_flaky(n):
+    return jsonify(id=flaky.spawn(n).id)
+
+
+@app.post("/transactional/<what>")
+def transactional(what):
+    import psycopg
+    with psycopg.connect(os.environ["CLUSTER_PG"]) as conn:
+        r = work.apply_async(("tx-" + what, 0), connection=conn)
+        if what == "rollback":
+            conn.rollback()
+        else:
+            conn.commit()
+    return jsonify(id=r.id)
+
+
+@app.get("/result/<task_id>")
+def result(task_id):
+    r = greenqueue.result(task_id)
+    if r is None:
+        return jsonify(state=None), 404
+    out = {"state": r.state}
+    if r.successful():
+        out["result"] = r.result
+    return jsonify(out)
+
+
+@app.get("/wait/<task_id>")
+def wait(task_id):
+    r = greenqueue.result(task_id)
+    return jsonify(value=r.get(timeout=20) if r else None)
+
+
+@app.get("/ping")
+def ping():
+    return "pong"
