@@ -9,11 +9,12 @@ from zoneinfo import ZoneInfo
 import gevent
 import pytest
 import requests
+from gevent.event import Event
 
 from greenqueue import crontab, events, every, periodic, tasks
 from greenqueue.scheduler import Job, Scheduler, get_scheduler
 
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
 
 UTC = datetime.timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -151,7 +152,8 @@ def test_catch_up_policies_after_a_stall(policy, expected_runs, recorded):
     missed = [e for e in recorded if isinstance(e, events.JobMissed)]
     assert len(missed) == 1 and missed[0].missed_runs == 5 and missed[0].late_by == pytest.approx(270)
     assert job.next_run == utc(2026, 1, 1, 10, 6)
-    gevent.joinall([r._greenlet for r in runs if r._greenlet], timeout=5)
+    for r in runs:
+        assert r.wait(5), "a caught-up run did not finish"
 
 
 def test_on_time_runs_are_not_reported_missed(recorded):
@@ -165,14 +167,19 @@ def test_on_time_runs_are_not_reported_missed(recorded):
 
 
 def test_max_instances_skips_while_a_run_is_going(recorded):
-    release = gevent.event.Event()
+    release, running = Event(), Event()
+
+    def run():
+        running.set()
+        release.wait(5)
+
     clock = FakeClock(utc(2026, 1, 1))
     s = Scheduler(clock=clock)
-    s.add(make(lambda: release.wait(5), every(seconds=10)))
+    s.add(make(run, every(seconds=10)))
     s.tick()
     clock.t += datetime.timedelta(seconds=10)
     [first] = s.tick()
-    gevent.sleep(0)
+    assert running.wait(5), "the first run did not start"
     clock.t += datetime.timedelta(seconds=10)
     assert s.tick() == []
     skipped = [e for e in recorded if isinstance(e, events.JobSkipped)]
@@ -234,14 +241,17 @@ def test_periodic_decorator_keeps_the_function_callable():
 
 def test_loop_sleeps_until_due_and_fires_promptly():
     s = Scheduler()
-    fired = []
-    s.add(make(lambda: fired.append(datetime.datetime.now(UTC)), every(seconds=0.1)))
+    fired, third = [], Event()
+
+    def run():
+        fired.append(datetime.datetime.now(UTC))
+        if len(fired) >= 3:
+            third.set()
+
+    s.add(make(run, every(seconds=0.1)))
     s.start()
     try:
-        deadline = gevent.Timeout(5)
-        with deadline:
-            while len(fired) < 3:
-                gevent.sleep(0.01)
+        assert third.wait(5), "the loop fired %d times in 5 s" % len(fired)
     finally:
         s.stop()
     assert s.seconds_until_next() <= 0.1
@@ -252,12 +262,8 @@ def test_loop_sleeps_until_due_and_fires_promptly():
 def test_every_fifth_of_a_second_inside_a_running_server(server_factory):
     srv = server_factory("tests.apps.sched_app:app")
     first = requests.get(srv.url + "/fired", timeout=5).json()
-    deadline_count = first["count"] + 10
-    import time
-    started = time.monotonic()
-    while requests.get(srv.url + "/fired", timeout=5).json()["count"] < deadline_count:
-        assert time.monotonic() - started < 10, "the job did not keep firing"
-        time.sleep(0.05)
+    wait_for(lambda: requests.get(srv.url + "/fired", timeout=5).json()["count"] >= first["count"] + 10, 10,
+             interval=0.05, message="ten more runs of the job")
     body = requests.get(srv.url + "/fired", timeout=5).json()
     rate = (body["count"] - 1) / (body["last"] - body["first"])
     assert 3.5 < rate < 5.5, "fired %.2f times a second, expected ~5" % rate
