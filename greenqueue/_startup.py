@@ -22,7 +22,8 @@ from typing import Optional, Tuple, Union
 
 from .errors import EXIT_STARTUP, EXIT_USAGE, StartupError
 
-__all__ = ["load_app", "parse_bind", "listen", "display", "where", "StartupError",
+__all__ = ["setup_logging", "watch_blocking", "load_app", "parse_bind", "listen", "display", "where",
+           "StartupError",
            "EXIT_USAGE", "EXIT_STARTUP"]
 
 log = logging.getLogger("greenqueue.startup")
@@ -192,3 +193,56 @@ def display(bind: str) -> str:
     if family == socket.AF_INET6:
         host = "[%s]" % host
     return "http://%s:%d" % (host, port)
+
+
+def setup_logging(settings: dict) -> None:
+    """Log to stderr at --log-level, one line per record; the access log to its own target."""
+    level = getattr(logging, settings["log_level"].upper())
+    handler = logging.StreamHandler(sys.stderr)
+    # Several processes write to one stderr under --workers: each line says which one.
+    pid = " [%(process)d]" if settings.get("workers", 1) > 1 else ""
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s" + pid + " %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    access = logging.getLogger("greenqueue.access")
+    access.propagate = False
+    access.handlers[:] = []
+    if settings["access_log"]:
+        target = settings["access_log"]
+        ah = logging.StreamHandler(sys.stderr) if target == "-" else logging.FileHandler(target)
+        ah.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(ah)
+        access.setLevel(logging.INFO)
+
+
+def watch_blocking(max_blocking_ms: float) -> None:
+    """Turn on gevent's monitor thread and log, one line each, greenlets that block the hub too long."""
+
+    import gevent
+    from gevent import events as gevent_events
+
+    log = logging.getLogger("greenqueue.server")
+    gevent.config.monitor_thread = True
+    gevent.config.max_blocking_time = max_blocking_ms / 1000.0
+    # One log line per event instead of gevent's multi-line report on stderr.
+    gevent.config.print_blocking_reports = False
+
+    def on_blocked(event):
+        stack = next((item for item in event.info if 'File "' in item), "")
+        frames = [line.strip() for line in stack.splitlines() if line.strip().startswith('File "')]
+        where = frames[-1] if frames else "unknown location"
+        name = getattr(event.greenlet, "name", None) or type(event.greenlet).__name__
+        log.warning("hub blocked for more than %.0f ms by greenlet %s at %s",
+                    event.blocking_time * 1000, name, where)
+
+    from . import events
+    events.subscribe(on_blocked, gevent_events.EventLoopBlocked)
+    import warnings
+    # The hub is a greenlet and is falsy until it first runs; gevent's monitor
+    # thread takes a falsy hub for a dead one and quits. Let the hub run first.
+    gevent.sleep(0)
+    with warnings.catch_warnings():
+        # gevent would also watch memory if psutil were installed; blocking is what we asked for.
+        warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
+        gevent.get_hub().start_periodic_monitoring_thread()

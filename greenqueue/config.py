@@ -172,18 +172,30 @@ _FLAG_OVERRIDES = {"dirty_apps": "--dirty-app"}
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
-def build_parser(prog: str = "greenqueue") -> argparse.ArgumentParser:
-    """Build the argparse parser from :data:`SETTINGS`."""
+#: Settings that mean nothing to a node without HTTP (python -m greenqueue.worker).
+HTTP_ONLY = ("bind", "max_connections", "backlog", "header_timeout", "keepalive_timeout", "max_request_line",
+             "max_header_size", "max_headers", "forwarded_allow_ips", "access_log", "metrics_path",
+             "dashboard_path", "dashboard_allow_ips", "dashboard_token", "workers")
+
+
+def build_parser(prog: str = "greenqueue", worker: bool = False) -> argparse.ArgumentParser:
+    """Build the argparse parser from :data:`SETTINGS` (``worker``: the node without HTTP)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog=prog, description="Serve a WSGI app with greenlet tasks, schedules and process pools.",
+        prog=prog, description="Run greenlet tasks, schedules and process pools without an HTTP listener."
+        if worker else "Serve a WSGI app with greenlet tasks, schedules and process pools.",
         epilog="Every option can also be set in the --config file (same name, underscores) "
                "or as a GREENQUEUE_<NAME> environment variable.",
         argument_default=argparse.SUPPRESS)
-    parser.add_argument("app", metavar="MODULE:APP", help="the WSGI app, e.g. myproject.web:app")
+    if worker:
+        parser.add_argument("app", metavar="MODULE", help="the module that declares your tasks, e.g. myproject.tasks")
+    else:
+        parser.add_argument("app", metavar="MODULE:APP", help="the WSGI app, e.g. myproject.web:app")
     parser.add_argument("--version", action="version", version="greenqueue %s" % __version__)
     for s in SETTINGS:
+        if worker and s.name in HTTP_ONLY:
+            continue
         flag = _FLAG_OVERRIDES.get(s.name, s.option)
         kwargs = {"dest": s.name, "metavar": s.metavar, "help": "%s (default: %s)" % (s.help, s.shown_default)}
         if s.multiple:
@@ -291,10 +303,10 @@ def _print_warning(message: str) -> None:
 
 
 def load(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None,
-         warn: Callable[[str], None] = _print_warning) -> Tuple[str, Dict[str, Any]]:
+         warn: Callable[[str], None] = _print_warning, worker: bool = False) -> Tuple[str, Dict[str, Any]]:
     """Parse argv/env/config into ``(app_spec, settings dict)``; raise ConfigError when invalid."""
     environ = os.environ if environ is None else environ
-    parser = build_parser()
+    parser = build_parser("python -m greenqueue.worker" if worker else "greenqueue", worker)
     args = vars(parser.parse_args(argv))
     app_spec = args.pop("app")
     cli = {}

@@ -17,69 +17,24 @@ import signal
 import sys
 import time
 
-from ._startup import EXIT_STARTUP, EXIT_USAGE, StartupError, display, listen, load_app, parse_bind, where
+from ._startup import (EXIT_STARTUP, EXIT_USAGE, StartupError, display, listen, load_app, parse_bind,
+                       setup_logging, watch_blocking, where)
 
 __all__ = ["main", "load_app", "parse_bind"]
-
-def _setup_logging(settings):
-
-    level = getattr(logging, settings["log_level"].upper())
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    access = logging.getLogger("greenqueue.access")
-    access.propagate = False
-    access.handlers[:] = []
-    if settings["access_log"]:
-        target = settings["access_log"]
-        ah = logging.StreamHandler(sys.stderr) if target == "-" else logging.FileHandler(target)
-        ah.setFormatter(logging.Formatter("%(message)s"))
-        access.addHandler(ah)
-        access.setLevel(logging.INFO)
-
-
-def _watch_blocking(max_blocking_ms):
-
-    import gevent
-    from gevent import events as gevent_events
-
-    log = logging.getLogger("greenqueue.server")
-    gevent.config.monitor_thread = True
-    gevent.config.max_blocking_time = max_blocking_ms / 1000.0
-    # One log line per event instead of gevent's multi-line report on stderr.
-    gevent.config.print_blocking_reports = False
-
-    def on_blocked(event):
-        stack = next((item for item in event.info if 'File "' in item), "")
-        frames = [line.strip() for line in stack.splitlines() if line.strip().startswith('File "')]
-        where = frames[-1] if frames else "unknown location"
-        name = getattr(event.greenlet, "name", None) or type(event.greenlet).__name__
-        log.warning("hub blocked for more than %.0f ms by greenlet %s at %s",
-                    event.blocking_time * 1000, name, where)
-
-    from . import events
-    events.subscribe(on_blocked, gevent_events.EventLoopBlocked)
-    import warnings
-    # The hub is a greenlet and is falsy until it first runs; gevent's monitor
-    # thread takes a falsy hub for a dead one and quits. Let the hub run first.
-    gevent.sleep(0)
-    with warnings.catch_warnings():
-        # gevent would also watch memory if psutil were installed; blocking is what we asked for.
-        warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
-        gevent.get_hub().start_periodic_monitoring_thread()
-
 
 class Server:
     """Owns listeners, the connection pool and the shutdown sequence."""
 
-    def __init__(self, app_spec, settings):
+    def __init__(self, app_spec, settings, listeners=None, ready=None):
         self.app_spec = app_spec
         self.settings = settings
         self.servers = []
         self.unix_paths = []
         self.connections = set()
+        # Under --workers the supervisor binds and owns the sockets; this process serves them.
+        self.listeners = listeners
+        self.ready = ready
+        self.runtime = None
 
     def _stream_servers(self, app, listeners):
         from gevent.pool import Pool
@@ -124,18 +79,12 @@ class Server:
             # Tasks claimed from a shared store were spawned in another process: they run in
             # this server's Flask app context, as a task spawned in a request here would.
             rt.runner.app = user_app
+        if s["workers"] > 1 and not s["journal"] and len(rt.scheduler):
+            raise StartupError("--workers %d without --journal: every process would fire the @periodic jobs "
+                               "of %s; give them a shared journal (a file or postgresql://...) so one leader "
+                               "fires each run" % (s["workers"], self.app_spec))
         app = self._observed(user_app)
-        listeners = []
-        try:
-            for bind in s["bind"]:
-                listeners.append((bind, listen(bind, s["backlog"])))
-                if bind.startswith("unix:"):
-                    self.unix_paths.append(bind[5:])
-        except StartupError:
-            for _, sock in listeners:
-                sock.close()
-            self._remove_unix_sockets()
-            raise
+        listeners = self.listeners if self.listeners is not None else self._bind()
         self._stream_servers(app, listeners)
         opts = {k: s[k] for k in ("max_concurrency", "max_pending") if s.get(k) is not None}
         if opts:
@@ -176,8 +125,25 @@ class Server:
             extras.append("metrics: %s%s" % (first, s["metrics_path"]))
         log.info("greenqueue %s serving %s on %s (pid %d%s)", _version(), self.app_spec,
                  ", ".join(addresses), os.getpid(), "".join(", " + e for e in extras))
+        if self.ready is not None:
+            self.ready()
         stop.wait()
         return self.shutdown(reason[0] if reason else "stop")
+
+    def _bind(self):
+        """Listen on every --bind address; StartupError (and nothing left bound) if one fails."""
+        listeners = []
+        try:
+            for bind in self.settings["bind"]:
+                listeners.append((bind, listen(bind, self.settings["backlog"])))
+                if bind.startswith("unix:"):
+                    self.unix_paths.append(bind[5:])
+        except StartupError:
+            for _, sock in listeners:
+                sock.close()
+            self._remove_unix_sockets()
+            raise
+        return listeners
 
     def _observed(self, app):
         """Wrap the app with /metrics and the dashboard when asked for."""
@@ -278,13 +244,25 @@ def main(argv=None):
     except ConfigError as exc:
         print("greenqueue: error: %s" % exc, file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(settings)
+    setup_logging(settings)
+    if settings["workers"] > 1:
+        from ._supervisor import Supervisor
+        try:
+            return Supervisor(app_spec, settings).run()
+        except StartupError as exc:
+            print("greenqueue: error: %s" % exc, file=sys.stderr)
+            return exc.status
+    return serve(app_spec, settings)
+
+
+def serve(app_spec, settings, listeners=None, ready=None):
+    """Run one server process until it is told to stop; returns its exit status."""
     from . import eventlog
     eventlog.install()  # one log line per task/job/worker/server event
     if settings["max_blocking_ms"]:
-        _watch_blocking(settings["max_blocking_ms"])
+        watch_blocking(settings["max_blocking_ms"])
     try:
-        return Server(app_spec, settings).run()
+        return Server(app_spec, settings, listeners, ready).run()
     except StartupError as exc:
         print("greenqueue: error: %s" % exc, file=sys.stderr)
         return exc.status
