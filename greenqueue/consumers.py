@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
@@ -399,8 +399,9 @@ def _safe_url(url):
 _consumers = []
 
 
-def consume(source, queues=None, batch_size=1, batch_interval=None, on_success="ack", on_error="requeue",
-            prefetch=None, name=None):
+def consume(source: str, queues: Optional[List[str]] = None, batch_size: int = 1,
+            batch_interval: Optional[float] = None, on_success: str = "ack", on_error: str = "requeue",
+            prefetch: Optional[int] = None, name: Optional[str] = None) -> Callable[[Callable], Callable]:
     """Register the decorated ``handler(messages)`` to consume ``source`` (amqp://... or sse+http://...)."""
     def decorate(fn):
         c = Consumer(fn, source, queues, batch_size, batch_interval, on_success, on_error, prefetch, name)
@@ -410,19 +411,19 @@ def consume(source, queues=None, batch_size=1, batch_interval=None, on_success="
     return decorate
 
 
-def consumers():
+def consumers() -> List["Consumer"]:
     """The registered consumers."""
     return list(_consumers)
 
 
-def start_all():
+def start_all() -> List["Consumer"]:
     """Start every registered consumer (the server calls this after start-up hooks)."""
     for c in _consumers:
         c.start()
     return list(_consumers)
 
 
-def stop_all(timeout=10.0):
+def stop_all(timeout: float = 10.0) -> None:
     """Stop every consumer, letting in-flight batches finish within ``timeout`` seconds in all."""
     deadline = time.monotonic() + timeout
     for c in _consumers:
@@ -431,14 +432,14 @@ def stop_all(timeout=10.0):
         c.stop(max(0.1, deadline - time.monotonic()))
 
 
-def reset():
+def reset() -> None:
     """Stop and forget every consumer and pooled publishing connection (tests)."""
     stop_all(2)
     _consumers.clear()
     _close_publishers()
 
 
-def publish(url, queue, body, headers=None):
+def publish(url: str, queue: str, body: Any, headers: Optional[Dict[str, Any]] = None) -> None:
     """Publish ``body`` (JSON-serialisable) to ``queue`` on the broker at ``url`` (declared durable).
 
     Connections are pooled per process and broker URL (kombu's producer pool),

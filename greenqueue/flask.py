@@ -9,7 +9,7 @@ stopped at once instead of running to the end for nobody).
 
 import json
 import logging
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import gevent
 from flask import Response, stream_with_context
@@ -21,7 +21,7 @@ __all__ = ["sse_response", "stream_response", "sse_event", "sse_frames", "prime"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse_event(data, event=None, id=None):
+def sse_event(data: Any, event: Optional[str] = None, id: Any = None) -> str:
     """Format one server-sent event; ``data`` becomes a JSON ``data:`` line."""
     lines = []
     if id is not None:
@@ -42,7 +42,7 @@ def _closing(source, frames):
             close()
 
 
-def prime(iterable):
+def prime(iterable: Iterable[Any]) -> Iterator[Any]:
     """Take the first item now, so errors (busy pool, crash) surface before the response starts.
 
     Returns an iterator over every item, the first included, that closes the
@@ -79,7 +79,8 @@ def sse_frames(source: Iterable[Any], event: Optional[str] = None) -> Iterator[s
     yield "data: [DONE]\n\n"
 
 
-def sse_response(iterable, event=None, status=200, headers=None):
+def sse_response(iterable: Iterable[Any], event: Optional[str] = None, status: int = 200,
+                 headers: Optional[Dict[str, str]] = None) -> Response:
     """Stream ``iterable`` as ``text/event-stream``: one JSON ``data:`` event per item, then ``[DONE]``."""
     source = iter(iterable)
     body = _closing(source, sse_frames(source, event))
@@ -89,7 +90,8 @@ def sse_response(iterable, event=None, status=200, headers=None):
     return resp
 
 
-def stream_response(iterable, mimetype="application/octet-stream", status=200, headers=None):
+def stream_response(iterable: Iterable[Any], mimetype: str = "application/octet-stream", status: int = 200,
+                    headers: Optional[Dict[str, str]] = None) -> Response:
     """Stream ``iterable`` (bytes or str chunks) with chunked encoding, flushing each chunk."""
     source = iter(iterable)
     resp = Response(_with_context(_closing(source, source)), status=status, mimetype=mimetype)

@@ -7,9 +7,10 @@ done (``wait_for_tasks``); the hub keeps running task greenlets meanwhile.
 
 import contextlib
 import logging
+from typing import Iterator
 
 from .errors import TaskTimeout
-from .tasks import get_runner
+from .tasks import DrainReport, Runner, get_runner
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +18,7 @@ __all__ = ["eager", "wait_for_tasks"]
 
 
 @contextlib.contextmanager
-def eager(enabled=True):
+def eager(enabled: bool = True) -> Iterator[Runner]:
     """Run spawned tasks inline in the caller while inside the block; their exceptions propagate."""
     runner = get_runner()
     before = runner.eager
@@ -28,7 +29,7 @@ def eager(enabled=True):
         runner.eager = before
 
 
-def wait_for_tasks(timeout=5.0):
+def wait_for_tasks(timeout: float = 5.0) -> DrainReport:
     """Wait until the tasks running or waiting now have finished; TaskTimeout if some have not."""
     report = get_runner().drain(timeout)
     if not report.complete:

@@ -28,7 +28,7 @@ import random
 import signal
 import time
 import weakref
-from typing import Optional
+from typing import Any, Iterator, List, Optional, Sequence
 
 import gevent
 import gipc
@@ -239,7 +239,7 @@ class ProcessPool:
     def __repr__(self):
         return "<ProcessPool %s workers=%d>" % (self.spec, self.size)
 
-    def start(self):
+    def start(self) -> "ProcessPool":
         """Start every worker; raise WorkerError (and start none) if one fails to initialise."""
         self.idle_poll = _grant_idle_poll(self)
         try:
@@ -393,7 +393,7 @@ class ProcessPool:
 
     # -- calls -----------------------------------------------------------------------------
 
-    def call(self, action, *args, **kwargs):
+    def call(self, action: str, *args: Any, **kwargs: Any) -> Any:
         """Run ``action`` in a worker and return its value (only this greenlet waits)."""
         started = time.monotonic()
         w = self._acquire()
@@ -449,7 +449,7 @@ class ProcessPool:
             if msg[0] == "exc" or msg[1] == call_id:
                 return msg
 
-    def stream(self, action, *args, **kwargs):
+    def stream(self, action: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
         """Iterate the chunks a generator ``action`` yields; closing the iterator stops the worker's generator."""
         started = time.monotonic()
         w = self._acquire()
@@ -526,14 +526,14 @@ class ProcessPool:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def stats(self):
+    def stats(self) -> dict:
         """Pool state for health checks and the dashboard."""
         return {"app": self.spec, "size": self.size, "queued": len(self._waiters), "max_queue": self.max_queue,
                 "restarts": self._restarts, "idle_poll": self.idle_poll,
                 "workers": [{"index": w.index, "pid": w.pid, "busy": w.busy, "calls": w.calls}
                             for w in sorted(self._workers, key=lambda w: w.index)]}
 
-    def stop(self, timeout=10.0):
+    def stop(self, timeout: float = 10.0) -> None:
         """Ask each worker to run close() and exit; kill those still running after ``timeout``."""
         self._stopping = True
         _polling.pop(self, None)
@@ -647,22 +647,23 @@ def get_pools() -> Pools:
     return _default
 
 
-def start_pools(specs, workers=None, timeout=None):
+def start_pools(specs: Sequence[str], workers: Optional[int] = None,
+                timeout: Optional[float] = None) -> List[ProcessPool]:
     """Start (and register on the default runtime) a pool for each ``module:Class`` spec."""
     return get_pools().start(specs, workers, timeout)
 
 
-def get(name_or_path):
+def get(name_or_path: str) -> ProcessPool:
     """The running pool for a ``module:Class`` path or a class name (UnknownPool lists the known ones)."""
     return get_pools().get(name_or_path)
 
 
-def stop_all(timeout=10.0):
+def stop_all(timeout: float = 10.0) -> None:
     """Stop every pool of the default runtime."""
     if _default is not None:
         _default.stop(timeout)
 
 
-def reset():
+def reset() -> None:
     """Stop all pools (tests)."""
     stop_all(5)
