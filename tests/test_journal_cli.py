@@ -161,7 +161,8 @@ def failed_row(engine, name="cli.remote"):
 @pytest.mark.realproc
 @pytest.mark.postgres
 def test_a_postgresql_summary_shows_states_and_nodes_but_never_the_password(pg_journal, capsys):
-    from greenqueue.journal._engine import NodeInfo, TaskRow
+    from greenqueue.journal import TaskRow
+    from greenqueue.journal._engine import NodeInfo
 
     engine, url = pg_journal
     failed_row(engine)
