@@ -1,24 +1,36 @@
-"""The PostgreSQL engine against a real, private PostgreSQL server.
+"""The journal engines (PostgreSQL and SQLite) against the same contract.
 
-Every test gets a fresh database; "nodes" are engine instances (each with its
-own pool), so concurrency here is real connections racing in the server.
+Every test runs on both engines unless it is about one of them: PostgreSQL on
+a real, private server with a fresh database per test, SQLite on a fresh file
+per test. "Nodes" are engine instances (each with its own connections), so
+concurrency here is real connections racing in the database; the SQLite
+tests at the end also race real processes on one file.
 """
 
+import os
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from contextlib import closing
 
+import gevent
 import pytest
 
-from greenqueue.errors import JournalError
+from greenqueue.errors import ConfigError, JournalError
 from greenqueue.journal._engine import NodeInfo, TaskRow
 
-from .conftest import wait_for
+from .conftest import ROOT, wait_for
 from .pg_support import pg, pg_dsn  # noqa: F401  (fixtures)
 
-pytestmark = [pytest.mark.realproc, pytest.mark.postgres]
-
 PASSWORD = "s3cret-Pa55"
+
+
+def pg_only(test):
+    """Mark a test that is about the PostgreSQL engine alone."""
+    return pytest.mark.realproc(pytest.mark.postgres(test))
 
 
 def engine_class():
@@ -37,20 +49,55 @@ def with_password(dsn):
     return dsn.replace("postgres@", "postgres:%s@" % PASSWORD, 1)
 
 
-@pytest.fixture
-def engines(pg_dsn):
-    """Make opened engines on this test's database (closed at the end): ``engines(lease_timeout=1)``."""
+def _maker(build):
     made = []
 
-    def make(dsn=None, **kw):
-        engine = engine_class()(dsn or pg_dsn, **kw)
+    def make(**kw):
+        engine = build(**kw)
         engine.open()
         made.append(engine)
         return engine
 
+    return make, made
+
+
+@pytest.fixture
+def pg_engines(pg, pg_dsn):
+    """Make opened PostgreSQL engines on this test's database: ``pg_engines(lease_timeout=1)``."""
+    make, made = _maker(lambda dsn=None, **kw: engine_class()(dsn or pg_dsn, **kw))
+    database = pg_dsn.rsplit("/", 1)[1]
+    make.kind, make.target, make.secret_target = "postgres", pg_dsn, with_password(pg_dsn)
+    make.cls = engine_class()
+    make.raw = lambda sql: pg.admin(sql, database)
     yield make
     for engine in made:
         engine.close()
+
+
+def sqlite_raw(path, sql):
+    """Run one statement on an SQLite file outside any engine; returns its rows."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture
+def sqlite_engines(tmp_path):
+    """Make opened SQLite engines on this test's file: ``sqlite_engines(lease_timeout=1)``."""
+    from greenqueue.journal._sqlite import SQLiteEngine
+
+    path = str(tmp_path / "journal.db")
+    make, made = _maker(lambda path=path, **kw: SQLiteEngine(path, **kw))
+    make.kind, make.target, make.secret_target, make.cls = "sqlite", path, path, SQLiteEngine
+    make.raw = lambda sql: sqlite_raw(path, sql)
+    yield make
+    for engine in made:
+        engine.close()
+
+
+@pytest.fixture(params=[pytest.param("pg", marks=[pytest.mark.postgres, pytest.mark.realproc]), "sqlite"])
+def engines(request):
+    """Make opened engines of each kind in turn on this test's store: ``engines(lease_timeout=1)``."""
+    return request.getfixturevalue(request.param + "_engines")
 
 
 def db_now(engine):
@@ -299,11 +346,12 @@ def test_idempotency_key_returns_the_first_row_from_any_node(engines):
     assert a.counts() == {"PENDING": 2}
 
 
-def test_enqueue_joins_the_callers_transaction(engines, pg_dsn):
+@pg_only
+def test_enqueue_joins_the_callers_transaction(pg_engines, pg_dsn):
     import psycopg
     from psycopg.rows import dict_row
 
-    e = engines()
+    e = pg_engines()
     with pytest.raises(JournalError, match="open psycopg 3 connection"):
         e.enqueue([row()], connection=object())
     with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
@@ -449,45 +497,61 @@ def test_wait_for_work_wakes_on_due_work_from_another_node(engines):
 
 # -- schema and versions -----------------------------------------------------------------------
 
-def test_nodes_starting_together_create_the_schema_once(pg, pg_dsn):
-    cls = engine_class()
+def test_nodes_starting_together_create_the_schema_once(engines):
     made, errors = [], []
     start = threading.Barrier(4)
 
     def open_one():
-        engine = cls(pg_dsn)
-        made.append(engine)
+        engine = engines.cls(engines.target)
         try:
             start.wait(10)
             engine.open()
+            engine.enqueue([row()])
+            made.append(engine)
         except BaseException as exc:  # reported below
             errors.append(exc)
+        finally:
+            # Closed by the thread that opened it: an SQLite engine's thread pool belongs to it.
+            engine.close()
 
     threads = [threading.Thread(target=open_one) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    for engine in made:
-        engine.close()
     assert not errors, errors
-    db = pg_dsn.rsplit("/", 1)[1]
-    assert pg.admin("SELECT key, value FROM greenqueue_meta ORDER BY key", db) == [
-        ("magic", "greenqueue-journal"), ("schema_version", "1")]
+    assert len(made) == 4
+    meta = dict(engines.raw("SELECT key, value FROM greenqueue_meta"))
+    assert meta["magic"] == "greenqueue-journal"
+    assert meta["schema_version"] == str(_schema_version(engines.kind))
+    assert engines().counts() == {"PENDING": 4}
 
 
-def test_a_newer_schema_is_refused(engines, pg, pg_dsn):
+def _schema_version(kind):
+    if kind == "sqlite":
+        from greenqueue.journal._sqlite import SCHEMA_VERSION
+    else:
+        from greenqueue.journal._postgres import SCHEMA_VERSION
+    return SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused(engines):
     engines().close()
-    db = pg_dsn.rsplit("/", 1)[1]
-    pg.admin("UPDATE greenqueue_meta SET value = '99' WHERE key = 'schema_version'", db)
+    engines.raw("UPDATE greenqueue_meta SET value = '99' WHERE key = 'schema_version'")
+    engine = engines.cls(engines.secret_target)
     with pytest.raises(JournalError) as info:
-        engines(dsn=with_password(pg_dsn))
+        engine.open()
+    engine.close()
     msg = str(info.value)
     assert "newer greenqueue (schema 99" in msg and "upgrade greenqueue" in msg
-    assert "postgres:***@127.0.0.1" in msg and PASSWORD not in msg
+    assert msg.startswith("journal %s: " % engine.display) and PASSWORD not in msg
+    if engines.kind == "postgres":
+        assert "postgres:***@127.0.0.1" in msg
 
 
-def test_a_foreign_database_is_refused_and_an_apps_own_tables_are_fine(engines, pg):
+@pg_only
+def test_a_foreign_database_is_refused_and_an_apps_own_tables_are_fine(pg_engines, pg):
+    engines = pg_engines
     foreign = pg.create_database()
     pg.admin("CREATE TABLE greenqueue_meta (key text PRIMARY KEY, value text)", foreign)
     pg.admin("INSERT INTO greenqueue_meta VALUES ('magic', 'someone-else')", foreign)
@@ -508,7 +572,9 @@ def test_a_foreign_database_is_refused_and_an_apps_own_tables_are_fine(engines, 
 
 # -- outages and secrets --------------------------------------------------------------------------
 
-def test_a_stopped_server_fails_calls_fast_and_the_same_engine_recovers(engines, pg, pg_dsn):
+@pg_only
+def test_a_stopped_server_fails_calls_fast_and_the_same_engine_recovers(pg_engines, pg, pg_dsn):
+    engines = pg_engines
     e = engines(dsn=with_password(pg_dsn), lease_timeout=5)
     listener = engines()
     e.enqueue([row(id="before")])
@@ -545,6 +611,7 @@ def _works(engine):
     return True
 
 
+@pg_only
 def test_open_fails_fast_naming_the_masked_dsn_when_nothing_listens():
     from .conftest import free_port
 
@@ -559,6 +626,7 @@ def test_open_fails_fast_naming_the_masked_dsn_when_nothing_listens():
     engine.close()
 
 
+@pg_only
 def test_open_says_why_it_cannot_connect(pg):
     engine = engine_class()(with_password(pg.dsn("no_such_db")))
     with pytest.raises(JournalError) as info:
@@ -569,6 +637,7 @@ def test_open_says_why_it_cannot_connect(pg):
     engine.close()
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("dsn, shown", [
     ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
     ("postgres://u@h/db", "postgres://u@h/db"),
@@ -582,8 +651,9 @@ def test_mask_dsn(dsn, shown):
     assert mask_dsn(dsn) == shown
 
 
-def test_display_and_errors_never_show_the_password(engines, pg_dsn):
-    e = engines(dsn=with_password(pg_dsn))
+@pg_only
+def test_display_and_errors_never_show_the_password(pg_engines, pg_dsn):
+    e = pg_engines(dsn=with_password(pg_dsn))
     assert PASSWORD not in e.display and PASSWORD not in repr(e)
     assert e.display.startswith("postgresql://postgres:***@127.0.0.1:")
     with pytest.raises(JournalError) as info:

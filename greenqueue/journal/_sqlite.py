@@ -1,0 +1,787 @@
+"""The SQLite engine: one file shared by the greenqueue processes of one host.
+
+Concurrency model: each engine owns one ``sqlite3`` connection, used only on
+the engine's private one-thread gevent ``ThreadPool``; a method hands its
+statements to that thread and blocks the calling greenlet, never the hub.
+Without monkey-patching the same holds (the pool's hub runs while the caller
+waits); a call made from a native thread other than the one that opened the
+engine runs in that thread, serialised with the pool thread by a native lock.
+The thread hop costs tens of microseconds per call (the README has the
+numbers), which buys a hub that keeps serving while this process waits up to
+``timeout`` seconds for another process's write lock, or for an fsync under
+``synchronous="FULL"``: blocking the caller instead would stall every
+greenlet of the process for as long.
+
+Several processes may open the same file: it is a cluster with the same
+rules as a PostgreSQL one. The file is in WAL mode (readers never wait for
+the writer) and every write is one ``BEGIN IMMEDIATE`` transaction: SQLite's
+single write lock serialises writers across processes, so a claim's SELECT
+and UPDATE run with no other claimer in between (what ``FOR UPDATE SKIP
+LOCKED`` gives on PostgreSQL). A writer waits up to ``timeout`` seconds for
+the lock (SQLite's busy timeout) and then raises :class:`JournalError`
+naming the file. WAL needs shared memory, so the file must live on a local
+filesystem: a network filesystem is refused at ``open()``.
+
+The database's clock: every process on one host reads the same OS clock, so
+``time.time()`` read after the transaction took the write lock is the
+database's clock here; leases, due times and the leader lease are judged by
+it. Nothing survives a fork: a child process opens its own engine.
+
+Wake-ups: SQLite has no LISTEN, so ``wait_for_work`` polls every
+``poll_interval`` seconds. A poll costs one ``PRAGMA data_version`` (which
+changes when another connection commits) and, only after a change, one
+indexed look for due, unowned rows.
+
+Schema: version 2 of the file format the single-process journal started
+(version 1, ``greenqueue_tasks`` and ``greenqueue_periodic``). One file holds
+one store, so ``open()`` migrates a version 1 file in place under the write
+lock, keeping its unfinished tasks and periodic history, rather than keeping
+a second set of tables beside rows nobody would replay. An older greenqueue
+then refuses the file with its "newer greenqueue" error.
+"""
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import gevent
+from gevent.monkey import get_original
+
+from ..errors import ConfigError, JournalError
+from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow
+
+__all__ = ["SQLiteEngine", "SCHEMA_VERSION"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+_MAGIC = "greenqueue-journal"
+_CLAIMABLE = "('PENDING', 'SCHEDULED', 'RETRY')"
+_SYNCHRONOUS = ("NORMAL", "FULL")
+# Filesystems whose locking or shared memory cannot carry WAL between processes.
+_NETWORK_FS = frozenset(("nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "ceph", "glusterfs",
+                         "fuse.sshfs", "lustre", "gpfs"))
+# Without ANALYZE statistics the planner prefers the (state, created_at) index, which
+# reads every pending row and sorts them; these name the index each query is built for.
+_UNOWNED = "greenqueue_tasks INDEXED BY greenqueue_tasks_due WHERE owner IS NULL AND state IN " + _CLAIMABLE
+_RUNNING = "greenqueue_tasks INDEXED BY greenqueue_tasks_owner WHERE owner IS NOT NULL AND state = 'STARTED'"
+# Well under SQLite's 32766 host parameters per statement.
+_CHUNK = 500
+
+_FIELDS = [f for f in TaskRow.__dataclass_fields__]
+_COLS = ", ".join(_FIELDS)
+_CANCEL_AT = _FIELDS.index("cancel_requested")
+
+_TABLES = [
+    """CREATE TABLE greenqueue_tasks (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        serializer TEXT NOT NULL,
+        queue TEXT NOT NULL DEFAULT 'default',
+        state TEXT NOT NULL,
+        eta REAL,
+        due REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL DEFAULT 1,
+        lease_losses INTEGER NOT NULL DEFAULT 0,
+        idempotency_key TEXT,
+        owner TEXT,
+        lease_expires REAL,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        expires_at REAL,
+        result BLOB,
+        error_type TEXT,
+        error TEXT,
+        traceback TEXT,
+        note TEXT)""",
+    # A partial index serves only queries that repeat its WHERE terms verbatim (_UNOWNED).
+    "CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due, created_at) "
+    "WHERE owner IS NULL AND state IN " + _CLAIMABLE,
+    "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
+    "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
+    "WHERE idempotency_key IS NOT NULL",
+    "CREATE INDEX greenqueue_tasks_expires ON greenqueue_tasks (expires_at) WHERE expires_at IS NOT NULL",
+    "CREATE INDEX greenqueue_tasks_created ON greenqueue_tasks (created_at)",
+    "CREATE INDEX greenqueue_tasks_state ON greenqueue_tasks (state, created_at)",
+    # PostgreSQL's lost_by array: nodes whose lease on a row was taken back, until their
+    # heartbeat hears of it. The cascade drops them with a pruned or purged row.
+    """CREATE TABLE greenqueue_lost (
+        task_id TEXT NOT NULL REFERENCES greenqueue_tasks (id) ON DELETE CASCADE,
+        node TEXT NOT NULL,
+        PRIMARY KEY (task_id, node)) WITHOUT ROWID""",
+    "CREATE INDEX greenqueue_lost_node ON greenqueue_lost (node)",
+    """CREATE TABLE greenqueue_nodes (
+        id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, queues TEXT,
+        started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, running INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE greenqueue_leader (
+        id INTEGER PRIMARY KEY CHECK (id = 1), node TEXT NOT NULL, epoch INTEGER NOT NULL,
+        lease_expires REAL NOT NULL, acquired_at REAL NOT NULL)""",
+    """CREATE TABLE greenqueue_periodic (
+        job TEXT NOT NULL, due REAL NOT NULL, fired_at REAL NOT NULL, task_id TEXT,
+        PRIMARY KEY (job, due))""",
+    "CREATE TABLE greenqueue_anchors (job TEXT PRIMARY KEY, phase REAL NOT NULL, created_at REAL NOT NULL)",
+]
+
+# Version 1 (the single-process journal) to 2: rebuild its two tables, keeping their rows.
+# A version 1 row left STARTED belonged to a process that is gone: it becomes claimable.
+_FROM_V1 = [
+    "DROP INDEX IF EXISTS greenqueue_tasks_state",
+    "ALTER TABLE greenqueue_tasks RENAME TO greenqueue_v1_tasks",
+    "ALTER TABLE greenqueue_periodic RENAME TO greenqueue_v1_periodic",
+] + _TABLES + [
+    """INSERT INTO greenqueue_tasks (id, name, payload, serializer, state, eta, due, attempts, max_attempts,
+           created_at, updated_at, started_at, finished_at, expires_at, result, error_type, error, traceback, note)
+       SELECT id, name, payload, serializer, CASE WHEN state = 'STARTED' THEN 'PENDING' ELSE state END,
+           eta, coalesce(eta, created_at), attempts, max(attempts, 1), created_at, updated_at, started_at,
+           finished_at, expires_at, result, error_type, error, traceback, note
+       FROM greenqueue_v1_tasks""",
+    "INSERT INTO greenqueue_periodic (job, due, fired_at) SELECT job, scheduled_for, fired_at "
+    "FROM greenqueue_v1_periodic",
+    "DROP TABLE greenqueue_v1_tasks",
+    "DROP TABLE greenqueue_v1_periodic",
+]
+
+_INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts, "
+           "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+
+# A row whose cancel was requested while it ran ends CANCELLED when it comes back
+# unowned (retry, release), instead of running again.
+_BACK = """state = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE :state END,
+           finished_at = CASE WHEN cancel_requested THEN :now END,
+           expires_at = CASE WHEN cancel_requested THEN :now + :ttl END,
+           owner = NULL, lease_expires = NULL, updated_at = :now"""
+
+
+def _task(r: Sequence[Any]) -> TaskRow:
+    r = list(r[:len(_FIELDS)])
+    r[_CANCEL_AT] = bool(r[_CANCEL_AT])
+    return TaskRow(*r)
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(values), _CHUNK):
+        yield values[i:i + _CHUNK]
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _queue_filter(queues: Optional[Sequence[str]]) -> Tuple[str, list]:
+    if queues is None:
+        return "", []
+    return "AND queue IN (%s)" % _marks(queues), list(queues)
+
+
+def filesystem_of(path: str, mountinfo: str) -> str:
+    """The filesystem type ``/proc/self/mountinfo`` text gives for ``path`` ("" if unknown)."""
+    best, kind = "", ""
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        mount = fields[4].replace("\\040", " ")
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, right.split()[0]
+    return kind
+
+
+@contextmanager
+def _write(conn: sqlite3.Connection) -> Iterator[float]:
+    """One write transaction under SQLite's write lock; yields the database's clock."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Read after the lock is ours, so times follow the order writers commit in.
+        yield time.time()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+class SQLiteEngine:
+    """The Engine protocol on one SQLite file shared by the processes of one host."""
+
+    #: Seconds between two looks at the file while ``wait_for_work`` waits.
+    poll_interval = 0.05
+
+    def __init__(self, path: str, lease_timeout: float = 30.0, timeout: float = 5.0,
+                 result_ttl: float = 3600.0, synchronous: str = "NORMAL") -> None:
+        self.path = os.fspath(path)
+        self.display = self.path
+        self.lease_timeout = float(lease_timeout)
+        #: Seconds a write waits for another process's write lock before raising JournalError.
+        self.timeout = float(timeout)
+        #: How long rows the engine finishes by itself (poison pill, cancel at reap) are kept.
+        self.result_ttl = float(result_ttl)
+        mode = str(synchronous).upper()
+        if mode not in _SYNCHRONOUS:
+            raise ConfigError("synchronous=%r: use one of %s" % (synchronous, ", ".join(_SYNCHRONOUS)))
+        self.synchronous = mode
+        self._conn: Optional[sqlite3.Connection] = None
+        self._pool: Any = None
+        # A native lock even under monkey-patching: it is only ever taken by native threads.
+        self._lock = get_original("_thread", "allocate_lock")()
+        self._changes = 0             # this engine's own commits (data_version ignores them)
+        self._seen: Optional[Tuple[int, int]] = None
+
+    def __repr__(self) -> str:
+        return "SQLiteEngine(%r)" % self.path
+
+    # -- the engine's thread and errors ------------------------------------------------
+
+    def _fail(self, reason: str) -> JournalError:
+        return JournalError("journal %s: %s" % (self.path, reason))
+
+    def _error(self, doing: str, exc: sqlite3.Error) -> JournalError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            reason = ("another process held the file's write lock for more than %g s (a long transaction, "
+                      "or a process stopped while holding it); try again" % self.timeout)
+        else:
+            reason = "%s: %s (disk full, read-only or corrupt?)" % (type(exc).__name__, text)
+        return self._fail("%s failed: %s" % (doing, reason))
+
+    def _guarded(self, doing: str, fn: Callable[..., Any], args: tuple) -> Tuple[bool, Any]:
+        # Runs on the engine's thread: errors travel back as values, so gevent's pool does
+        # not print a traceback for an error the caller reports anyway.
+        with self._lock:
+            try:
+                if self._conn is None and fn != self._open:
+                    raise self._fail("%s failed: the engine is not open" % doing)
+                return True, fn(self._conn, *args)
+            except sqlite3.Error as exc:
+                return False, self._error(doing, exc)
+            except Exception as exc:
+                return False, exc
+
+    def _call(self, doing: str, fn: Callable[..., Any], *args: Any) -> Any:
+        pool = self._pool
+        if pool is None:
+            raise self._fail("%s failed: the engine is not open" % doing)
+        ok, value = pool.apply(self._guarded, (doing, fn, args))
+        if not ok:
+            raise value
+        return value
+
+    # -- open / close ----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open or create the file, migrate the schema under the write lock, check the version (JournalError)."""
+        if self._pool is not None:
+            return
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise self._fail("directory %s does not exist; create it or pick another path" % directory)
+        try:
+            with open("/proc/self/mountinfo") as f:
+                kind = filesystem_of(os.path.realpath(directory), f.read())
+        except OSError:
+            kind = ""  # not Linux: nothing to look at, the README's warning stands
+        if kind in _NETWORK_FS:
+            raise self._fail("is on a network filesystem (%s); SQLite's WAL needs a local disk shared by "
+                             "the processes of one host. Use a local path, or PostgreSQL for several hosts"
+                             % kind)
+        from gevent.threadpool import ThreadPool
+
+        self._pool = ThreadPool(1)
+        try:
+            self._call("open", self._open)
+        except BaseException:
+            self._pool.kill()
+            self._pool = None
+            raise
+
+    def _open(self, _: None) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.timeout)
+        except sqlite3.Error as exc:
+            raise self._fail("cannot open it: %s (permissions? a directory?)" % exc) from None
+        try:
+            try:
+                # Look before WAL mode changes anything: a foreign file stays untouched.
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            except sqlite3.DatabaseError as exc:
+                raise self._fail("not a greenqueue journal or corrupt (%s); move it away or pick another "
+                                 "path" % exc) from None
+            if tables and "greenqueue_meta" not in tables:
+                raise self._fail("is an SQLite database of something else (tables: %s); refusing to touch "
+                                 "it. Point --journal at another file" % ", ".join(sorted(tables)))
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise self._fail("cannot use WAL mode (SQLite kept %r); several processes cannot "
+                                     "share it. Use a file on a local disk" % mode)
+                conn.execute("PRAGMA synchronous=%s" % self.synchronous)
+                conn.execute("PRAGMA foreign_keys=ON")
+                with _write(conn) as now:
+                    self._migrate(conn)
+                    # A write proves now, not at the first spawn, that the disk takes it.
+                    conn.execute("INSERT INTO greenqueue_meta (key, value) VALUES ('opened_at', ?) "
+                                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (repr(now),))
+            except sqlite3.OperationalError as exc:
+                raise self._error("open", exc) from None
+            except sqlite3.DatabaseError as exc:
+                raise self._fail("cannot use it: %s (disk full, read-only or corrupt?)" % exc) from None
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        # Under the write lock: of several processes starting together, one creates or migrates.
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            version = 0
+            conn.execute("CREATE TABLE greenqueue_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        elif "greenqueue_meta" not in tables:
+            raise self._fail("is an SQLite database of something else (tables: %s); refusing to touch it. "
+                             "Point --journal at another file" % ", ".join(sorted(tables)))
+        else:
+            meta = dict(conn.execute("SELECT key, value FROM greenqueue_meta"))
+            if meta.get("magic") != _MAGIC:
+                raise self._fail("has a greenqueue_meta table but is not a greenqueue journal (magic %r); "
+                                 "refusing to touch it. Point --journal at another file" % meta.get("magic"))
+            try:
+                version = int(meta.get("schema_version", ""))
+            except ValueError:
+                version = -1
+            if version > SCHEMA_VERSION:
+                raise self._fail("was written by a newer greenqueue (schema %d, this one knows %d); upgrade "
+                                 "greenqueue or point --journal at another file" % (version, SCHEMA_VERSION))
+            if version < 1:
+                raise self._fail("has an unknown schema version %r; restore it or point --journal at "
+                                 "another file" % meta.get("schema_version"))
+        if version == SCHEMA_VERSION:
+            return
+        for stmt in (_TABLES if version == 0 else _FROM_V1):
+            conn.execute(stmt)
+        conn.executemany("INSERT INTO greenqueue_meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                         "DO UPDATE SET value = excluded.value",
+                         [("magic", _MAGIC), ("schema_version", str(SCHEMA_VERSION))])
+        conn.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
+        log.info("journal %s: schema at version %d (was %d)", self.path, SCHEMA_VERSION, version)
+
+    def close(self) -> None:
+        """Close the connection and stop the engine's thread; rows keep their state."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            pool.apply(self._guarded, ("close", self._close, ()))
+        finally:
+            pool.kill()
+
+    def _close(self, conn: sqlite3.Connection) -> None:
+        self._conn = None
+        conn.close()
+
+    # -- tasks -------------------------------------------------------------------------
+
+    def enqueue(self, rows: Sequence[TaskRow], owner: Optional[str] = None,
+                connection: Any = None) -> List[TaskRow]:
+        """Insert ``rows`` in one commit and return what is stored, in order."""
+        if connection is not None:
+            raise ConfigError("connection= needs a PostgreSQL journal (%s is an SQLite file)" % self.path)
+        rows = list(rows)
+        if not rows:
+            return []
+        return self._call("enqueue", self._enqueue, rows, owner)
+
+    def _enqueue(self, conn: sqlite3.Connection, rows: List[TaskRow], owner: Optional[str]) -> List[TaskRow]:
+        with _write(conn) as now:
+            return self._insert(conn, now, rows, owner)
+
+    def _insert(self, conn: sqlite3.Connection, now: float, rows: List[TaskRow],
+                owner: Optional[str]) -> List[TaskRow]:
+        mine = owner is not None
+        conn.executemany(_INSERT, [(
+            r.id, r.name, r.payload or b"", r.serializer, r.queue, "STARTED" if mine else r.state, r.eta,
+            now if r.eta is None else r.eta, r.attempts + mine, r.max_attempts, r.idempotency_key, r.note,
+            owner, now + self.lease_timeout if mine else None, now if mine else None, now, now)
+            for r in rows])
+        self._changes += 1
+        # Read back in the same transaction: rows that were already there answer for the new ones.
+        ids = [r.id for r in rows]
+        keys = [r.idempotency_key for r in rows if r.idempotency_key]
+        found: List[TaskRow] = []
+        for column, values in (("id", ids), ("idempotency_key", keys)):
+            for part in _chunks(values):
+                found += map(_task, conn.execute("SELECT %s FROM greenqueue_tasks WHERE %s IN (%s)"
+                                                 % (_COLS, column, _marks(part)), part))
+        by_id = {r.id: r for r in found}
+        by_key = {r.idempotency_key: r for r in found if r.idempotency_key}
+        out = []
+        for r in rows:
+            got = (by_key.get(r.idempotency_key) if r.idempotency_key else None) or by_id.get(r.id)
+            if got is None:
+                raise self._fail("task %s conflicted with a row that is gone; spawn it again" % r.id)
+            out.append(got)
+        return out
+
+    def claim(self, node: str, queues: Optional[Sequence[str]], limit: int) -> List[TaskRow]:
+        """Claim up to ``limit`` due, unowned rows (oldest due first) for ``node``."""
+        if limit <= 0 or (queues is not None and not queues):
+            return []
+        return self._call("claim", self._claim, node, queues, int(limit))
+
+    def _claim(self, conn: sqlite3.Connection, node: str, queues: Optional[Sequence[str]],
+               limit: int) -> List[TaskRow]:
+        where, params = _queue_filter(queues)
+        pick = "SELECT id FROM %s AND due <= ? %s ORDER BY due, created_at LIMIT ?" % (_UNOWNED, where)
+        # An idle claimer should not take the write lock every poll that other processes need.
+        if not conn.execute(pick, [time.time()] + params + [1]).fetchone():
+            return []
+        with _write(conn) as now:
+            ids = [r[0] for r in conn.execute(pick, [now] + params + [limit])]
+            if not ids:
+                return []
+            got = conn.execute(
+                "UPDATE greenqueue_tasks SET state = 'STARTED', owner = ?, attempts = attempts + 1, "
+                "lease_expires = ?, started_at = ?, updated_at = ? WHERE id IN (%s) RETURNING %s"
+                % (_marks(ids), _COLS), [node, now + self.lease_timeout, now, now] + ids).fetchall()
+            conn.execute("DELETE FROM greenqueue_lost WHERE node = ? AND task_id IN (%s)" % _marks(ids),
+                         [node] + ids)
+            self._changes += 1
+        order = {row_id: i for i, row_id in enumerate(ids)}
+        return sorted(map(_task, got), key=lambda r: order[r.id])
+
+    def finish(self, row_id: str, node: str, attempt: int, state: str, result: Optional[bytes] = None,
+               error_type: Optional[str] = None, error: Optional[str] = None,
+               traceback: Optional[str] = None, ttl: float = 3600.0) -> bool:
+        """Record the final state of ``node``'s attempt ``attempt``; False when fenced off."""
+        if state not in FINAL:
+            raise self._fail("finish() takes a final state (%s), not %r" % (", ".join(FINAL), state))
+        params = (state, result, error_type, error, traceback, float(ttl), row_id, node, attempt)
+        return self._call("finish", self._finish, params) == 1
+
+    def _finish(self, conn: sqlite3.Connection, params: tuple) -> int:
+        with _write(conn) as now:
+            self._changes += 1
+            return conn.execute(
+                "UPDATE greenqueue_tasks SET state = ?2, result = ?3, error_type = ?4, error = ?5, "
+                "traceback = ?6, owner = NULL, lease_expires = NULL, finished_at = ?1, updated_at = ?1, "
+                "expires_at = ?1 + ?7 WHERE id = ?8 AND owner = ?9 AND attempts = ?10",
+                (now,) + params).rowcount
+
+    def retry(self, row_id: str, node: str, attempt: int, delay: float,
+              error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
+        """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off."""
+        params = {"id": row_id, "node": node, "attempt": attempt, "delay": max(0.0, float(delay)),
+                  "error_type": error_type, "error": error, "state": "RETRY"}
+        return self._call("retry", self._back, "eta = :now + :delay, due = :now + :delay, "
+                          "error_type = :error_type, error = :error", "id = :id AND attempts = :attempt",
+                          params) == 1
+
+    def release(self, row_ids: Iterable[str], node: str) -> int:
+        """Hand rows this node holds back unowned (graceful shutdown), keeping their attempt count."""
+        ids = list(row_ids)
+        total = 0
+        for part in _chunks(ids):
+            params = {"node": node, "state": "PENDING"}
+            params.update(("i%d" % n, row_id) for n, row_id in enumerate(part))
+            where = "id IN (%s)" % ", ".join(":i%d" % n for n in range(len(part)))
+            total += self._call("release", self._back, "", where, params)
+        return total
+
+    def _back(self, conn: sqlite3.Connection, extra: str, where: str, params: dict) -> int:
+        with _write(conn) as now:
+            self._changes += 1
+            params = dict(params, now=now, ttl=self.result_ttl)
+            return conn.execute("UPDATE greenqueue_tasks SET %s WHERE %s AND owner = :node"
+                                % (", ".join(filter(None, (_BACK, extra))), where), params).rowcount
+
+    def cancel(self, row_id: str) -> Optional[str]:
+        """Cancel a row: unowned rows end CANCELLED now, running ones get ``cancel_requested``."""
+        return self._call("cancel", self._cancel, row_id)
+
+    def _cancel(self, conn: sqlite3.Connection, row_id: str) -> Optional[str]:
+        with _write(conn) as now:
+            found = conn.execute("SELECT state, owner FROM greenqueue_tasks WHERE id = ?", (row_id,)).fetchone()
+            if found is None:
+                return None
+            state, owner = found
+            if state not in UNFINISHED:
+                return state
+            self._changes += 1
+            if owner is None:
+                conn.execute("UPDATE greenqueue_tasks SET state = 'CANCELLED', finished_at = ?1, updated_at = ?1, "
+                             "expires_at = ?1 + ?2 WHERE id = ?3", (now, self.result_ttl, row_id))
+            else:
+                conn.execute("UPDATE greenqueue_tasks SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                             (now, row_id))
+            return state
+
+    def get(self, row_id: str) -> Optional[TaskRow]:
+        """One row by id, or None."""
+        found = self._call("get", self._read, "SELECT %s FROM greenqueue_tasks WHERE id = ?" % _COLS, (row_id,))
+        return _task(found[0]) if found else None
+
+    def _read(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> List[tuple]:
+        return conn.execute(sql, params).fetchall()
+
+    def next_due(self, queues: Optional[Sequence[str]]) -> Optional[float]:
+        """Seconds (database clock) until the earliest unowned row is due; 0 if one is due now."""
+        if queues is not None and not queues:
+            return None
+        where, params = _queue_filter(queues)
+        due = self._call("next_due", self._read, "SELECT min(due) FROM %s %s" % (_UNOWNED, where),
+                         params)[0][0]
+        return None if due is None else max(0.0, due - time.time())
+
+    def reap(self, max_lease_losses: int) -> List[TaskRow]:
+        """Take back rows whose lease expired; returns them after the change."""
+        return self._call("reap", self._reap, int(max_lease_losses or 0))
+
+    def _reap(self, conn: sqlite3.Connection, most: int) -> List[TaskRow]:
+        # A look without the write lock first: most reaps find nothing, and the running rows
+        # (bounded by the nodes' slots) are all the owner index holds.
+        if not conn.execute("SELECT 1 FROM %s AND lease_expires < ? LIMIT 1" % _RUNNING,
+                            (time.time(),)).fetchone():
+            return []
+        with _write(conn) as now:
+            expired = conn.execute("SELECT id, owner, cancel_requested, lease_losses FROM %s "
+                                   "AND lease_expires < ?" % _RUNNING, (now,)).fetchall()
+            for row_id, owner, cancelled, losses in expired:
+                poisoned = not cancelled and most > 0 and losses + 1 >= most
+                final = cancelled or poisoned
+                conn.execute(
+                    "UPDATE greenqueue_tasks SET lease_losses = lease_losses + 1, owner = NULL, "
+                    "lease_expires = NULL, updated_at = :now, state = :state, finished_at = :finished, "
+                    "expires_at = :expires, "
+                    "error_type = CASE WHEN :poisoned THEN 'LeaseLost' ELSE error_type END, "
+                    "error = CASE WHEN :poisoned THEN :error ELSE error END WHERE id = :id",
+                    {"now": now, "id": row_id, "poisoned": poisoned,
+                     "state": "CANCELLED" if cancelled else "FAILURE" if poisoned else "PENDING",
+                     "finished": now if final else None, "expires": now + self.result_ttl if final else None,
+                     "error": "lease lost %d times: the node running it stopped renewing its lease each time "
+                              "(max_lease_losses=%d)" % (losses + 1, most)})
+                conn.execute("INSERT OR IGNORE INTO greenqueue_lost (task_id, node) VALUES (?, ?)",
+                             (row_id, owner))
+            self._changes += 1
+            ids = [r[0] for r in expired]
+            return [_task(r) for part in _chunks(ids) for r in conn.execute(
+                "SELECT %s FROM greenqueue_tasks WHERE id IN (%s)" % (_COLS, _marks(part)), part)]
+
+    def prune(self, periodic_ttl: float) -> int:
+        """Delete finished rows past ``expires_at`` and periodic keys older than ``periodic_ttl``."""
+        return self._call("prune", self._prune, float(periodic_ttl))
+
+    def _prune(self, conn: sqlite3.Connection, periodic_ttl: float) -> int:
+        with _write(conn) as now:
+            tasks = conn.execute("DELETE FROM greenqueue_tasks WHERE expires_at < ? AND state IN %s"
+                                 % str(tuple(FINAL)), (now,)).rowcount
+            # A job's latest key stays: it is what last_fired() and catch_up start from.
+            keys = conn.execute(
+                "DELETE FROM greenqueue_periodic AS p WHERE fired_at < ? AND due < "
+                "(SELECT max(due) FROM greenqueue_periodic q WHERE q.job = p.job)", (now - periodic_ttl,)).rowcount
+            # Nodes that died without unregistering would otherwise be listed forever.
+            conn.execute("DELETE FROM greenqueue_nodes WHERE heartbeat_at < ?",
+                         (now - max(periodic_ttl, 10 * self.lease_timeout),))
+            self._changes += 1
+        return tasks + keys
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def register(self, node: NodeInfo) -> None:
+        """Add or refresh this node's row."""
+        queues = None if node.queues is None else json.dumps(list(node.queues))
+        self._call("register", self._write_sql, """
+            INSERT INTO greenqueue_nodes (id, host, pid, queues, started_at, heartbeat_at, running)
+            VALUES (:id, :host, :pid, :queues, coalesce(:started, :now), :now, :running)
+            ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid, queues = excluded.queues,
+                heartbeat_at = excluded.heartbeat_at, running = excluded.running""",
+                   {"id": node.id, "host": node.host, "pid": node.pid, "queues": queues,
+                    "started": node.started_at, "running": node.running})
+
+    def _write_sql(self, conn: sqlite3.Connection, sql: str, params: dict) -> int:
+        with _write(conn) as now:
+            self._changes += 1
+            return conn.execute(sql, dict(params, now=now)).rowcount
+
+    def heartbeat(self, node: str, running: int) -> Heartbeat:
+        """Renew the leases of every row ``node`` owns, in one transaction, and report news."""
+        return self._call("heartbeat", self._heartbeat, node, int(running))
+
+    def _heartbeat(self, conn: sqlite3.Connection, node: str, running: int) -> Heartbeat:
+        with _write(conn) as now:
+            renewed = conn.execute("UPDATE greenqueue_tasks INDEXED BY greenqueue_tasks_owner "
+                                   "SET lease_expires = ? WHERE owner = ? AND state = 'STARTED' "
+                                   "RETURNING id, cancel_requested",
+                                   (now + self.lease_timeout, node)).fetchall()
+            lost = conn.execute("DELETE FROM greenqueue_lost WHERE node = ?1 AND NOT EXISTS (SELECT 1 FROM "
+                                "greenqueue_tasks t WHERE t.id = task_id AND t.owner = ?1) RETURNING task_id",
+                                (node,)).fetchall()
+            conn.execute("UPDATE greenqueue_nodes SET heartbeat_at = ?, running = ? WHERE id = ?",
+                         (now, running, node))
+            self._changes += 1
+        return Heartbeat(renewed=len(renewed), cancel=sorted(i for i, c in renewed if c),
+                         lost=sorted(r[0] for r in lost), now=now)
+
+    def unregister(self, node: str) -> None:
+        """Remove this node's row (clean exit)."""
+        self._call("unregister", self._unregister, node)
+
+    def _unregister(self, conn: sqlite3.Connection, node: str) -> None:
+        with _write(conn) as now:
+            conn.execute("DELETE FROM greenqueue_nodes WHERE id = ?", (node,))
+            # A leader that leaves cleanly hands over now instead of after a lease timeout.
+            conn.execute("UPDATE greenqueue_leader SET lease_expires = ? WHERE node = ?", (now, node))
+            self._changes += 1
+
+    def nodes(self) -> List[NodeInfo]:
+        """Every node with a recent heartbeat, oldest first."""
+        got = self._call("nodes", self._read, "SELECT id, host, pid, queues, started_at, heartbeat_at, running "
+                         "FROM greenqueue_nodes WHERE heartbeat_at >= ? ORDER BY started_at, id",
+                         (time.time() - self.lease_timeout,))
+        return [NodeInfo(i, h, p, None if q is None else json.loads(q), s, b, r) for i, h, p, q, s, b, r in got]
+
+    # -- scheduler ------------------------------------------------------------------------
+
+    def lead(self, node: str) -> Optional[int]:
+        """Take or renew the scheduler's leader lease; the epoch while ``node`` leads, else None."""
+        return self._call("lead", self._lead, node)
+
+    def _lead(self, conn: sqlite3.Connection, node: str) -> Optional[int]:
+        with _write(conn) as now:
+            current = conn.execute("SELECT node, epoch, lease_expires FROM greenqueue_leader "
+                                   "WHERE id = 1").fetchone()
+            expires = now + self.lease_timeout
+            if current is None:
+                conn.execute("INSERT INTO greenqueue_leader (id, node, epoch, lease_expires, acquired_at) "
+                             "VALUES (1, ?, 1, ?, ?)", (node, expires, now))
+                return 1
+            holder, epoch, until = current
+            if holder == node and until > now:
+                conn.execute("UPDATE greenqueue_leader SET lease_expires = ? WHERE id = 1", (expires,))
+                return epoch
+            if holder != node and until > now:
+                return None
+            conn.execute("UPDATE greenqueue_leader SET node = ?, epoch = ?, lease_expires = ?, acquired_at = ? "
+                         "WHERE id = 1", (node, epoch + 1, expires, now))
+            return epoch + 1
+
+    def fire(self, job: str, due: float, epoch: int, row: TaskRow) -> bool:
+        """Enqueue ``row`` as ``job``'s run for instant ``due``, once, while ``epoch`` still leads."""
+        return self._call("fire", self._fire, job, float(due), epoch, row)
+
+    def _fire(self, conn: sqlite3.Connection, job: str, due: float, epoch: int, row: TaskRow) -> bool:
+        # The write lock holds off a new leader's lead() until this commits, so a fire either
+        # lands before the hand-over or sees the new epoch and stops.
+        with _write(conn) as now:
+            current = conn.execute("SELECT epoch FROM greenqueue_leader WHERE id = 1").fetchone()
+            if current is None or current[0] != epoch:
+                return False
+            if conn.execute("INSERT INTO greenqueue_periodic (job, due, fired_at, task_id) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT DO NOTHING", (job, due, now, row.id)).rowcount != 1:
+                return False
+            self._insert(conn, now, [row], None)
+            return True
+
+    def last_fired(self, job: str) -> Optional[float]:
+        """The latest due instant enqueued for ``job``, or None."""
+        return self._call("last_fired", self._read, "SELECT max(due) FROM greenqueue_periodic WHERE job = ?",
+                          (job,))[0][0]
+
+    def anchor(self, job: str, phase: float) -> float:
+        """Store ``phase`` as ``job``'s anchor unless one exists; return the stored anchor."""
+        return self._call("anchor", self._anchor, job, float(phase))
+
+    def _anchor(self, conn: sqlite3.Connection, job: str, phase: float) -> float:
+        with _write(conn) as now:
+            conn.execute("INSERT INTO greenqueue_anchors (job, phase, created_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT (job) DO NOTHING", (job, phase, now))
+            return conn.execute("SELECT phase FROM greenqueue_anchors WHERE job = ?", (job,)).fetchone()[0]
+
+    # -- reading (CLI, dashboard) ---------------------------------------------------------
+
+    def counts(self) -> dict:
+        """``{state: count}`` over all rows."""
+        return dict(self._call("counts", self._read, "SELECT state, count(*) FROM greenqueue_tasks GROUP BY state",
+                               ()))
+
+    def rows(self, state: Optional[str] = None, limit: int = 50,
+             name: Optional[str] = None) -> List[TaskRow]:
+        """Rows, newest first, optionally of one state and task name."""
+        where, params = [], []
+        if state:
+            where.append("state = ?")
+            params.append(state.upper())
+        if name:
+            where.append("name = ?")
+            params.append(name)
+        sql = "SELECT %s FROM greenqueue_tasks %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
+            _COLS, ("WHERE " + " AND ".join(where)) if where else "")
+        return [_task(r) for r in self._call("rows", self._read, sql, params + [int(limit)])]
+
+    def requeue(self, row_id: Optional[str] = None) -> int:
+        """FAILURE/CANCELLED rows (one, or all) back to PENDING with a fresh attempt budget."""
+        return self._call("requeue", self._requeue, row_id)
+
+    def _requeue(self, conn: sqlite3.Connection, row_id: Optional[str]) -> int:
+        with _write(conn) as now:
+            back = conn.execute(
+                "UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = ?1, attempts = 0, "
+                "lease_losses = 0, cancel_requested = 0, finished_at = NULL, expires_at = NULL, result = NULL, "
+                "error_type = NULL, error = NULL, traceback = NULL, updated_at = ?1 "
+                "WHERE state IN ('FAILURE', 'CANCELLED') %s RETURNING id" % ("AND id = ?2" if row_id else ""),
+                (now, row_id) if row_id else (now,)).fetchall()
+            ids = [r[0] for r in back]
+            for part in _chunks(ids):
+                conn.execute("DELETE FROM greenqueue_lost WHERE task_id IN (%s)" % _marks(part), part)
+            self._changes += 1
+            return len(ids)
+
+    def purge(self, state: str) -> int:
+        """Delete rows of one final state; JournalError for unfinished states."""
+        state = state.upper()
+        if state not in FINAL:
+            raise self._fail("refusing to purge %s tasks; purge one of %s (cancel unfinished tasks first)"
+                             % (state, ", ".join(FINAL)))
+        return self._call("purge", self._write_sql, "DELETE FROM greenqueue_tasks WHERE state = :state",
+                          {"state": state})
+
+    # -- wake-ups -----------------------------------------------------------------------------
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Block this greenlet until another node enqueued work (a hint) or ``timeout`` passes."""
+        deadline = time.monotonic() + max(0.0, float(timeout))
+        while self._pool is not None:
+            try:
+                if self._call("wait_for_work", self._look):
+                    return True
+            except JournalError as exc:
+                # The claimer's own calls report the trouble; this one only stops hinting.
+                log.warning("%s; polling again in %.0f s", exc, max(1.0, timeout))
+                gevent.sleep(max(0.0, deadline - time.monotonic()))
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            gevent.sleep(min(self.poll_interval, left))
+        return False
+
+    def _look(self, conn: sqlite3.Connection) -> bool:
+        mark = (conn.execute("PRAGMA data_version").fetchone()[0], self._changes)
+        if mark == self._seen:
+            return False
+        first, self._seen = self._seen is None, mark
+        if first:
+            # This engine has seen nothing yet: whatever is due, the caller should look.
+            return True
+        return conn.execute("SELECT 1 FROM %s AND due <= ? LIMIT 1" % _UNOWNED,
+                            (time.time(),)).fetchone() is not None
