@@ -20,7 +20,7 @@ import select
 import signal
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from gevent import monkey
 
@@ -59,9 +59,11 @@ class _Child:
 class Supervisor:
     """Binds once, forks N servers, replaces crashed ones, drains them all on a signal."""
 
-    def __init__(self, app_spec: str, settings: Dict[str, Any]):
+    def __init__(self, app_spec: str, settings: Dict[str, Any], serve: Callable[..., int]):
         self.app_spec = app_spec
         self.settings = settings
+        #: Runs one server process: ``serve(app_spec, settings, listeners=, ready=)`` -> exit status.
+        self.serve = serve
         self.children: List[_Child] = []
         self.listeners: List[Tuple[str, Any]] = []
         self.stopping: Optional[str] = None
@@ -192,13 +194,12 @@ class Supervisor:
         gevent.reinit()  # a fresh loop for this process (the parent forked with the plain os.fork)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        from . import server
         status = EXIT_STARTUP
         try:
             def ready() -> None:
                 os.write(ready_fd, b"R")
                 os.close(ready_fd)
-            status = server.serve(self.app_spec, self.settings, listeners=self.listeners, ready=ready)
+            status = self.serve(self.app_spec, self.settings, listeners=self.listeners, ready=ready)
         except BaseException:
             log.exception("worker %d failed", child.index)
         finally:

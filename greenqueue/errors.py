@@ -5,6 +5,8 @@ turned into dicts by :func:`to_dict` and back by :func:`from_dict`, so one
 table decides what a parent process can rebuild.
 """
 
+from typing import Any, Dict, Mapping
+
 __all__ = [
     "GreenqueueError", "ConfigError", "Overloaded", "TaskTimeout", "WaitTimeout",
     "CancelledError", "WorkerError", "RemoteError", "WorkerCrashed",
@@ -46,12 +48,14 @@ class WorkerError(GreenqueueError):
 class RemoteError(WorkerError):
     """The worker's app raised; carries the remote type, message and traceback."""
 
-    def __init__(self, message, remote_type="Exception", remote_traceback=""):
+    def __init__(self, message: str, remote_type: str = "Exception", remote_traceback: str = "") -> None:
         super().__init__(message)
+        #: The remote exception's message, without its type name.
+        self.remote_message = message
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "%s: %s" % (self.remote_type, self.args[0] if self.args else "")
 
 
@@ -68,7 +72,7 @@ _WIRE_TYPES = {cls.__name__: cls for cls in (
     WorkerError, RemoteError, WorkerCrashed, WorkerTimeout)}
 
 
-def to_dict(exc, traceback_text=""):
+def to_dict(exc: BaseException, traceback_text: str = "") -> Dict[str, str]:
     """Describe an exception as a plain dict that can cross a process pipe."""
     cls = type(exc)
     name = cls.__name__ if cls.__module__ in ("builtins", __name__) else (
@@ -76,9 +80,9 @@ def to_dict(exc, traceback_text=""):
     return {"type": name, "message": str(exc), "traceback": traceback_text}
 
 
-def from_dict(data):
+def from_dict(data: Mapping[str, Any]) -> GreenqueueError:
     """Rebuild an error sent by :func:`to_dict`; foreign types become RemoteError."""
-    cls = _WIRE_TYPES.get(data.get("type"))
+    cls = _WIRE_TYPES.get(data.get("type", ""))
     if cls is not None and cls is not RemoteError:
         return cls(data.get("message", ""))
     return RemoteError(data.get("message", ""), data.get("type", "Exception"),
@@ -107,7 +111,7 @@ EXIT_STARTUP = 1
 class StartupError(GreenqueueError):
     """A one-line, user-facing reason the server cannot start; ``status`` is the exit code."""
 
-    def __init__(self, message: str, status: int = EXIT_USAGE):
+    def __init__(self, message: str, status: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.status = status
 

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
-from . import events
+from . import eventlog, events
 from .errors import ConfigError
 from .tasks import Task, TaskResult, get_runner, task
 from .tasks._options import new_id
@@ -438,8 +438,14 @@ def reset():
         old.stop()
 
 
-def periodic(schedule, timezone=None, max_instances=1, catch_up="once", jitter=0, name=None, **task_options):
-    """Register the decorated function as a periodic job on the default scheduler; it stays callable."""
+def periodic(schedule, timezone=None, max_instances=1, catch_up="once", jitter=0, name=None, log_level=None,
+             **task_options):
+    """Register the decorated function as a periodic job on the default scheduler; it stays callable.
+
+    ``log_level`` ("debug", or a logging level) quiets a frequent job's routine lines (fired,
+    succeeded); its failures are still logged as errors.
+    """
+    level = _log_level(log_level)
     if callable(schedule) and getattr(schedule, "__name__", None) and not isinstance(
             schedule, (crontab, every)) and _takes_no_arguments(schedule):
         raise ConfigError("@periodic needs a schedule first: @periodic(crontab('...')), @periodic(every(seconds=5)) "
@@ -449,9 +455,20 @@ def periodic(schedule, timezone=None, max_instances=1, catch_up="once", jitter=0
         job = Job(fn, schedule, timezone=timezone, max_instances=max_instances, catch_up=catch_up,
                   jitter=jitter, name=name, task_options=task_options)
         get_scheduler().add(job)
+        if level is not None:
+            eventlog.set_task_log_level(job.task.name, level)
         fn.job = job
         return fn
     return decorate
+
+
+def _log_level(value):
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    level = logging.getLevelName(str(value).upper())
+    if not isinstance(level, int):
+        raise ConfigError("log_level must be debug, info, warning, error or a logging level, got %r" % (value,))
+    return level
 
 
 def _takes_no_arguments(fn):

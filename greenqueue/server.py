@@ -248,7 +248,7 @@ def main(argv=None):
     if settings["workers"] > 1:
         from ._supervisor import Supervisor
         try:
-            return Supervisor(app_spec, settings).run()
+            return Supervisor(app_spec, settings, serve).run()
         except StartupError as exc:
             print("greenqueue: error: %s" % exc, file=sys.stderr)
             return exc.status

@@ -13,16 +13,8 @@ import pytest
 
 from greenqueue import (DirtyApp, GreenqueueError, Overloaded, ProcessPool, RemoteError, WorkerCrashed, WorkerError,
                         WorkerTimeout, events, procpool)
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
 
-
-def wait_for(predicate, timeout=10.0, interval=0.01, message="condition"):
-    """Poll with a deadline, waiting on the hub so the pool's greenlets keep running."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
-        gevent.sleep(interval)
 
 pytestmark = pytest.mark.realproc
 

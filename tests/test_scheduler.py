@@ -12,6 +12,7 @@ import requests
 from gevent.event import Event
 
 from greenqueue import crontab, events, every, periodic, tasks
+from greenqueue.errors import ConfigError
 from greenqueue.scheduler import Job, Scheduler, get_scheduler
 
 from .conftest import ROOT, wait_for
@@ -281,3 +282,21 @@ def test_cli_lists_jobs_and_next_runs():
 
 def test_tasks_reset_does_not_leak_between_tests():
     assert tasks.get_runner().running == 0
+
+
+def test_a_quiet_periodic_job_logs_its_routine_lines_at_debug(caplog):
+    import logging
+
+    from greenqueue import eventlog
+    from greenqueue.scheduler import periodic as declare
+
+    @declare(every(seconds=2), log_level="debug", name="tests.quiet_job")
+    def quiet():
+        return None
+
+    try:
+        assert eventlog.task_log_level("tests.quiet_job") == logging.DEBUG
+        with pytest.raises(ConfigError, match="log_level"):
+            declare(every(seconds=2), log_level="chatty", name="tests.bad_level")(lambda: None)
+    finally:
+        eventlog.set_task_log_level("tests.quiet_job", None)

@@ -23,18 +23,9 @@ from greenqueue import tasks
 from greenqueue.tasks import (CANCELLED, FAILURE, PENDING, RETRY, SCHEDULED, STARTED, SUCCESS,
                               TaskResult, get_runner, spawn, spawn_at, spawn_idle, spawn_later, task)
 
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
 
 WAIT = 10.0  # generous: the machine is shared with other test runs
-
-
-def wait_until(predicate, timeout=WAIT, message="condition"):
-    """Poll ``predicate`` while letting the hub run, until true or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % message)
-        gevent.sleep(0.001)
 
 
 @pytest.fixture
@@ -189,7 +180,7 @@ def test_spawning_never_blocks_when_every_slot_is_busy():
         order.append(i)
 
     results = [spawn(work, i) for i in range(5)]
-    wait_until(lambda: results[1].state == STARTED, message="two running")
+    wait_for(lambda: results[1].state == STARTED, message="two running")
     runner = get_runner()
     assert (runner.running, runner.pending) == (2, 3)
     assert [r.state for r in results] == [STARTED, STARTED, PENDING, PENDING, PENDING]
@@ -303,7 +294,7 @@ def test_retry_state_is_visible_between_attempts():
         raise ValueError("first")
 
     r = fails_once.spawn()
-    wait_until(lambda: r.state == RETRY, message="RETRY state")
+    wait_for(lambda: r.state == RETRY, message="RETRY state")
     assert get_runner().scheduled == 1 and r.retries == 1 and not r.ready()
     assert r.cancel()
     assert r.state == CANCELLED and get_runner().scheduled == 0
@@ -431,7 +422,7 @@ def test_cancel_running_task_kills_its_greenlet(recorded):
     assert cleaned_up.wait(WAIT)
     with pytest.raises(errors.CancelledError):
         r.get(WAIT)
-    wait_until(lambda: get_runner().running == 0, message="greenlet gone")
+    wait_for(lambda: get_runner().running == 0, message="greenlet gone")
     assert get_runner().slots_in_use == 0
     assert kinds(recorded, r) == ["TaskSpawned", "TaskStarted", "TaskCancelled"]
 
@@ -447,11 +438,11 @@ def test_cancel_task_blocked_in_get_releases_everything():
         return inner.get()
 
     r = spawn(outer)
-    wait_until(lambda: inner_holder and inner_holder[0].state == STARTED, message="inner started")
+    wait_for(lambda: inner_holder and inner_holder[0].state == STARTED, message="inner started")
     r.cancel()
     gate.set()
     inner_holder[0].get(WAIT)
-    wait_until(lambda: get_runner().running == 0, message="all finished")
+    wait_for(lambda: get_runner().running == 0, message="all finished")
     assert get_runner().slots_in_use == 0
 
 
@@ -613,7 +604,7 @@ def test_results_expire_after_result_ttl():
     greenqueue.configure(result_ttl=0.02)
     r = spawn(lambda: "x")
     r.get(WAIT)
-    wait_until(lambda: greenqueue.result(r.id) is None, message="result expired")
+    wait_for(lambda: greenqueue.result(r.id) is None, message="result expired")
     fresh = spawn(lambda: "y")
     fresh.get(WAIT)
     # Inserting a new result also prunes expired ones, so memory stays bounded.
