@@ -17,7 +17,7 @@ _EXPORTS = {
     "spawn_idle": "tasks", "TaskResult": "tasks", "result": "tasks",
     "cooperate": "tasks", "run_in_thread": "tasks", "progress": "tasks",
     # the runtime: limits, the journal, starting outside the server
-    "configure": "runtime", "start": "runtime",
+    "configure": "runtime", "start": "runtime", "health": "runtime",
     # scheduler
     "periodic": "scheduler", "crontab": "scheduler", "every": "scheduler", "Scheduler": "scheduler",
     # process pool

@@ -36,7 +36,7 @@ from .journal import MemoryStore, open_store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Runtime", "get_runtime", "reset", "start", "configure"]
+__all__ = ["Runtime", "get_runtime", "reset", "start", "configure", "health"]
 
 
 class Runtime:
@@ -244,6 +244,19 @@ class Runtime:
                 "nodes": nodes, "node": getattr(store, "node", None),
                 "leader": self.scheduler.leading if getattr(store, "clustered", False) else None}
 
+    def health(self) -> Dict[str, Any]:
+        """What the store is doing: ``{"status": "ok" | "degraded", "store": ..., ...}`` (no password)."""
+        store = self.runner.store
+        out: Dict[str, Any] = {"status": "ok", "store": store.display, "durable": store.durable}
+        if getattr(store, "clustered", False):
+            node = self.node
+            healthy = node.healthy if node is not None else False
+            out.update(node=store.node, leader=self.scheduler.leading, reachable=healthy)
+            if not healthy:
+                out["status"] = "degraded"
+                out["detail"] = "the shared store is unreachable; spawns fail with JournalError until it is back"
+        return out
+
     def retry(self, task_id: str) -> _tasks.TaskResult:
         """Run a failed or cancelled journaled task again now, same id, fresh attempt budget."""
         runner = self.runner
@@ -299,6 +312,11 @@ def get_runtime() -> Runtime:
 def reset() -> None:
     """Reset the default runtime: one call, for tests and a REPL."""
     get_runtime().reset()
+
+
+def health() -> Dict[str, Any]:
+    """The default runtime's health: the store and, in a cluster, this node (for your /health view)."""
+    return get_runtime().health()
 
 
 def start(dirty_apps: Sequence[str] = (), journal: Optional[str] = None) -> Runtime:

@@ -140,9 +140,13 @@ def test_postgres_restart_mid_run_loses_nothing_acknowledged(cluster, pg):
         refused = requests.post(a.url + "/spawn", params={"n": 1, "start": 100}, timeout=30)
         assert refused.status_code >= 500
         assert time.monotonic() - t0 < 6, "spawn must fail within 5 s while the store is down"
+        wait_for(lambda: requests.get(a.url + "/health", timeout=10).status_code == 503, 20,
+                 message="/health to report the store down")
     finally:
         pg.start()
     more = wait_for(lambda: _spawn_ok(a, 200), 20, message="spawns to work again")
+    wait_for(lambda: requests.get(a.url + "/health", timeout=10).json()["status"] == "ok", 20,
+             message="/health to report the store back")
     wanted = {str(i) for i in range(20)} | {"200"}
     wait_for(lambda: {f[1] for f in ledger(cluster.ledger) if f[0] == "task"} >= wanted, 20,
              message="every acknowledged task to run")
@@ -154,3 +158,17 @@ def _spawn_ok(node, start):
         return requests.post(node.url + "/spawn", params={"n": 1, "start": start}, timeout=10).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_the_password_never_shows(server_factory, pg, pg_dsn, tmp_path):
+    secret = "s3cret-pw-" + os.urandom(4).hex()
+    dsn = pg_dsn.replace("postgresql://postgres@", "postgresql://postgres:%s@" % secret)
+    assert secret in dsn
+    srv = server_factory(APP, "--journal", dsn, "--dashboard-path", "/_greenqueue", "--metrics-path", "/metrics",
+                         env={"CLUSTER_LEDGER": str(tmp_path / "ledger.txt")})
+    requests.post(srv.url + "/spawn", params={"n": 3}, timeout=10).raise_for_status()
+    seen = [srv.log(), requests.get(srv.url + "/health", timeout=10).text,
+            requests.get(srv.url + "/_greenqueue/state.json", timeout=10).text,
+            requests.get(srv.url + "/metrics", timeout=10).text]
+    assert all(secret not in text for text in seen)
+    assert "postgres:***@" in srv.log()

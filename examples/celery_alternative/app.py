@@ -18,6 +18,7 @@ import logging
 import os
 import re
 
+import greenqueue
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -358,7 +359,8 @@ def health():
             missing.append(name)
     if missing:
         return jsonify(detail={"status": "degraded", "workers": "unavailable", "missing": missing}), 503
-    return jsonify(status="healthy", workers="connected", pools=pools)
+    # greenqueue's extras beside gunicorn's fields: each pool, and what the task store is doing.
+    return jsonify(status="healthy", workers="connected", pools=pools, store=greenqueue.health())
 
 
 @app.get("/")

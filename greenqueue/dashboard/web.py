@@ -109,6 +109,10 @@ class Observability:
             return _json(start_response, "200 OK", snapshot(self.metrics))
         if sub == "/events":
             return self._events(start_response)
+        if sub == "/health":
+            from ..runtime import health
+            state = health()
+            return _json(start_response, "200 OK" if state["status"] == "ok" else "503 Service Unavailable", state)
         parts = sub.strip("/").split("/")
         if len(parts) == 3 and parts[0] == "tasks" and parts[2] in ("cancel", "retry"):
             if method != "POST":

@@ -107,6 +107,12 @@ def wait(task_id):
     return jsonify(value=r.get(timeout=20) if r else None)
 
 
+@app.get("/health")
+def health():
+    state = greenqueue.health()
+    return jsonify(state), 200 if state["status"] == "ok" else 503
+
+
 @app.get("/ping")
 def ping():
     return "pong"
