@@ -172,3 +172,6 @@ def test_the_password_never_shows(server_factory, pg, pg_dsn, tmp_path):
             requests.get(srv.url + "/metrics", timeout=10).text]
     assert all(secret not in text for text in seen)
     assert "postgres:***@" in srv.log()
+    state = requests.get(srv.url + "/_greenqueue/state.json", timeout=10).json()
+    assert [n["pid"] for n in state["nodes"]] == [srv.proc.pid] and state["node"] == state["nodes"][0]["id"]
+    assert 'greenqueue_node{node="%s"' % state["node"] in requests.get(srv.url + "/metrics", timeout=10).text

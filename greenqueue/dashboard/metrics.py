@@ -274,6 +274,18 @@ class _StateCollector:
         conns = GaugeMetricFamily("greenqueue_http_connections", "Open client connections")
         conns.add_metric([], len(self.connections) if self.connections is not None else 0)
         yield conns
+        store = runtime.store
+        if getattr(store, "clustered", False):
+            # Which node this scrape came from, and whether it leads the scheduler: Prometheus
+            # scrapes every node, and these labels tell the series apart.
+            node = GaugeMetricFamily("greenqueue_node", "This cluster node (1), by node id and store",
+                                     labels=["node", "store"])
+            node.add_metric([store.node, store.display], 1)
+            yield node
+            leader = GaugeMetricFamily("greenqueue_scheduler_leader", "1 while this node leads the scheduler",
+                                       labels=["node"])
+            leader.add_metric([store.node], 1 if runtime.scheduler.leading else 0)
+            yield leader
         proc = GaugeMetricFamily("greenqueue_process_rss_bytes", "Resident memory of the server process")
         proc.add_metric([], _rss_bytes(os.getpid()) or 0)
         yield proc
