@@ -7,6 +7,7 @@ concurrency here is real connections racing in the database; the SQLite
 tests at the end also race real processes on one file.
 """
 
+import collections
 import os
 import sqlite3
 import subprocess
@@ -659,3 +660,205 @@ def test_display_and_errors_never_show_the_password(pg_engines, pg_dsn):
     with pytest.raises(JournalError) as info:
         e.finish("x", "A", 1, "RUNNING")
     assert PASSWORD not in str(info.value)
+
+
+# -- SQLite: one file shared by the processes of one host -----------------------------------------
+
+# Opens the engine, says "ready", waits for "go" on stdin so every process starts claiming
+# together, then claims until nothing is left, appending each claim to the ledger before
+# finishing it: the ledger, not the engine, is the witness of who got what.
+CLAIMER = r"""
+import os, sys
+from greenqueue.journal._sqlite import SQLiteEngine
+
+path, ledger, node = sys.argv[1:4]
+engine = SQLiteEngine(path)
+engine.open()
+print("ready", flush=True)
+sys.stdin.readline()
+fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+while True:
+    batch = engine.claim(node, None, 5)
+    if not batch:
+        break
+    for r in batch:
+        os.write(fd, ("%s %s %d\n" % (node, r.id, r.attempts)).encode())
+    for r in batch:
+        engine.finish(r.id, node, r.attempts, "SUCCESS")
+engine.close()
+"""
+
+# Holds SQLite's write lock until its stdin closes.
+LOCKER = r"""
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+conn.execute("ROLLBACK")
+"""
+
+
+def _python(script, *args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+
+
+def _reap_processes(procs):
+    for proc in procs:
+        if proc.returncode is not None:
+            continue
+        try:
+            proc.communicate(timeout=10)  # closes stdin, which ends every script here
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.realproc
+def test_processes_claiming_from_one_file_never_get_the_same_row(sqlite_engines, tmp_path):
+    e = sqlite_engines()
+    ids = {r.id for r in e.enqueue([row() for _ in range(600)])}
+    ledger = tmp_path / "ledger"
+    procs = [_python(CLAIMER, sqlite_engines.target, ledger, "P%d" % i) for i in range(3)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=10)
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+    finally:
+        _reap_processes(procs)
+    claims = [line.split() for line in ledger.read_text().splitlines()]
+    claimed = [c[1] for c in claims]
+    twice = [i for i, n in collections.Counter(claimed).items() if n > 1]
+    assert not twice, "%d rows were claimed by two processes, e.g. %s" % (len(twice), twice[:3])
+    assert set(claimed) == ids
+    assert {c[2] for c in claims} == {"1"}
+    assert len({c[0] for c in claims}) >= 2, "the processes should have shared the work"
+    assert e.counts() == {"SUCCESS": 600}
+
+
+@pytest.mark.realproc
+def test_a_write_lock_held_elsewhere_fails_within_the_timeout_and_leaves_the_hub_free(sqlite_engines):
+    e = sqlite_engines(timeout=1)
+    e.enqueue([row(id="before")])
+    locker = _python(LOCKER, sqlite_engines.target)
+    ticks = []
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in iter(int, 1)])
+    try:
+        assert locker.stdout.readline().strip() == "locked", locker.communicate(timeout=10)
+        assert e.get("before").state == "PENDING", "readers must not wait for the writer (WAL)"
+        for call in (lambda: e.enqueue([row()]), lambda: sqlite_engines(timeout=1)):
+            started = time.monotonic()
+            del ticks[:]
+            with pytest.raises(JournalError) as info:
+                call()
+            waited = time.monotonic() - started
+            assert 0.9 <= waited < 1 + 1, "waits for the lock up to the timeout, then fails"
+            assert str(info.value).startswith("journal %s: " % sqlite_engines.target)
+            assert "write lock for more than 1 s" in str(info.value)
+            assert len(ticks) > 20, "other greenlets must run while a call waits for the lock"
+    finally:
+        ticker.kill()
+        _reap_processes([locker])
+    assert e.enqueue([row(id="after")])[0].state == "PENDING", "the same engine works once the lock is free"
+
+
+def test_a_file_of_something_else_is_refused_untouched(sqlite_engines, tmp_path):
+    cls = sqlite_engines.cls
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database, " * 100)
+    other = tmp_path / "app.db"
+    sqlite_raw(str(other), "CREATE TABLE orders (id INTEGER)")
+    before = other.read_bytes()
+    lookalike = tmp_path / "lookalike.db"
+    sqlite_raw(str(lookalike), "CREATE TABLE greenqueue_meta (key TEXT PRIMARY KEY, value TEXT)")
+    sqlite_raw(str(lookalike), "INSERT INTO greenqueue_meta VALUES ('magic', 'someone-else')")
+    cases = [(text, "not a greenqueue journal or corrupt"),
+             (other, r"SQLite database of something else \(tables: orders\); refusing to touch it"),
+             (lookalike, "not a greenqueue journal \\(magic 'someone-else'\\)"),
+             (tmp_path / "missing" / "journal.db", "directory .*missing does not exist")]
+    for path, message in cases:
+        engine = cls(str(path))
+        with pytest.raises(JournalError, match="journal %s: .*%s" % (path, message)):
+            engine.open()
+        engine.close()
+    assert other.read_bytes() == before, "a foreign file must not even be switched to WAL"
+    assert sqlite_raw(str(other), "PRAGMA journal_mode") == [("delete",)]
+
+
+def test_a_single_process_journal_is_migrated_keeping_its_tasks(tmp_path):
+    from greenqueue.journal._sqlite import SQLiteEngine
+    from greenqueue.journal._store import SQLiteStore
+
+    path = str(tmp_path / "old.db")
+    old = SQLiteStore(path)
+    old.open()
+    insert = ("INSERT INTO greenqueue_tasks (id, name, serializer, payload, state, eta, attempts, created_at, "
+              "updated_at, result) VALUES (?, 't.work', 'json', X'7B7D', ?, ?, ?, 100, 100, ?)")
+    for args in (("running", "STARTED", None, 1, None), ("done", "SUCCESS", None, 1, b"42"),
+                 ("later", "SCHEDULED", time.time() + 3600, 0, None)):
+        old.conn.execute(insert, args)
+    old.conn.execute("INSERT INTO greenqueue_periodic VALUES ('job', 60.0, 61.0)")
+    old.close()
+
+    e = SQLiteEngine(path)
+    e.open()
+    try:
+        assert e.get("running").state == "PENDING", "a row its dead process was running runs again"
+        assert (e.get("done").state, e.get("done").result) == ("SUCCESS", b"42")
+        claimed, = e.claim("A", None, 5)
+        assert (claimed.id, claimed.attempts, claimed.payload) == ("running", 2, b"{}")
+        assert e.last_fired("job") == 60.0
+        assert e.counts() == {"STARTED": 1, "SUCCESS": 1, "SCHEDULED": 1}
+    finally:
+        e.close()
+    assert dict(sqlite_raw(path, "SELECT key, value FROM greenqueue_meta"))["schema_version"] == "2"
+    with pytest.raises(JournalError, match="newer greenqueue \\(schema 2, this one knows 1\\)"):
+        SQLiteStore(path).open()
+
+
+def test_synchronous_is_normal_or_full(sqlite_engines):
+    def level(engine):
+        return engine._call("test", engine._read, "PRAGMA synchronous", ())[0][0]
+
+    assert level(sqlite_engines()) == 1
+    assert level(sqlite_engines(synchronous="full")) == 2
+    with pytest.raises(ConfigError, match="NORMAL, FULL"):
+        sqlite_engines(synchronous="OFF")
+
+
+def test_sqlite_refuses_the_callers_connection(sqlite_engines):
+    e = sqlite_engines()
+    with pytest.raises(ConfigError, match="connection= needs a PostgreSQL journal"):
+        e.enqueue([row(id="r")], connection=object())
+    assert e.get("r") is None
+
+
+def test_a_closed_engine_says_so(sqlite_engines):
+    e = sqlite_engines()
+    e.close()
+    with pytest.raises(JournalError, match="the engine is not open"):
+        e.get("x")
+    assert e.wait_for_work(0.1) is False
+
+
+MOUNTINFO = """\
+22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:35 / /srv/share rw,relatime shared:20 - nfs4 server:/export rw,vers=4.2
+41 40 0:36 / /srv/share/local\\040disk rw - tmpfs tmpfs rw
+"""
+
+
+@pytest.mark.parametrize("path, kind", [("/var/lib/gq/journal.db", "ext4"), ("/srv/share/j.db", "nfs4"),
+                                        ("/srv/shared/j.db", "ext4"), ("/srv/share/local disk/j.db", "tmpfs"),
+                                        ("/srv/share", "nfs4")])
+def test_the_filesystem_of_a_path_comes_from_its_longest_mount(path, kind):
+    from greenqueue.journal._sqlite import filesystem_of
+
+    assert filesystem_of(path, MOUNTINFO) == kind

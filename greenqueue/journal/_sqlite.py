@@ -6,11 +6,21 @@ statements to that thread and blocks the calling greenlet, never the hub.
 Without monkey-patching the same holds (the pool's hub runs while the caller
 waits); a call made from a native thread other than the one that opened the
 engine runs in that thread, serialised with the pool thread by a native lock.
-The thread hop costs tens of microseconds per call (the README has the
-numbers), which buys a hub that keeps serving while this process waits up to
-``timeout`` seconds for another process's write lock, or for an fsync under
-``synchronous="FULL"``: blocking the caller instead would stall every
-greenlet of the process for as long.
+The thread hop costs about 0.05-0.13 ms per call (measured: a one-row
+enqueue 0.12-0.25 ms called directly, 0.19-0.26 ms through the thread; a
+``get()`` 0.01 ms against 0.05-0.14 ms). That buys a hub that keeps serving
+while this process waits up to ``timeout`` seconds for another process's
+write lock, a checkpoint or an fsync: blocking the caller instead would stall
+every greenlet of the process for as long, and with several processes on one
+file a wait for the lock is routine, not rare.
+
+Durability: ``synchronous="NORMAL"`` (the default) makes a commit survive a
+crash of the process (kill -9); an OS crash or power cut may lose the last
+commits (the file stays consistent). ``synchronous="FULL"`` fsyncs every
+commit before ``enqueue`` returns, so a returned spawn survives a power cut;
+it roughly doubles the cost of a one-row enqueue (measured 0.3-0.5 ms against
+0.12-0.25 ms), while a 100-row ``map()`` pays it once (about 2.5-4 ms either
+way).
 
 Several processes may open the same file: it is a cluster with the same
 rules as a PostgreSQL one. The file is in WAL mode (readers never wait for
