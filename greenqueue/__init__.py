@@ -6,7 +6,7 @@ monkey-patched the standard library.
 """
 
 import importlib
-from typing import Any, List
+from typing import TYPE_CHECKING, Any, List
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,47 @@ _EXPORTS = {
 _ALIASES = {"AsyncResult": ("tasks", "result")}
 
 __all__ = sorted(list(_EXPORTS) + list(_ALIASES)) + ["__version__"]
+
+if TYPE_CHECKING:
+    # Type checkers do not run __getattr__: without these imports every public
+    # name would be Any to them. Keep in step with _EXPORTS and _ALIASES; the
+    # "X as X" form marks each one as re-exported.
+    from .consumers import consume as consume
+    from .errors import CancelledError as CancelledError
+    from .errors import ConfigError as ConfigError
+    from .errors import GreenqueueError as GreenqueueError
+    from .errors import JournalError as JournalError
+    from .errors import Overloaded as Overloaded
+    from .errors import RemoteError as RemoteError
+    from .errors import StartupError as StartupError
+    from .errors import TaskTimeout as TaskTimeout
+    from .errors import UnknownPool as UnknownPool
+    from .errors import WaitTimeout as WaitTimeout
+    from .errors import WorkerCrashed as WorkerCrashed
+    from .errors import WorkerError as WorkerError
+    from .errors import WorkerTimeout as WorkerTimeout
+    from .hooks import on_shutdown as on_shutdown
+    from .hooks import on_startup as on_startup
+    from .procpool import DirtyApp as DirtyApp
+    from .procpool import ProcessPool as ProcessPool
+    from .runtime import configure as configure
+    from .runtime import health as health
+    from .runtime import start as start
+    from .scheduler import Scheduler as Scheduler
+    from .scheduler import crontab as crontab
+    from .scheduler import every as every
+    from .scheduler import periodic as periodic
+    from .tasks import TaskResult as TaskResult
+    from .tasks import cooperate as cooperate
+    from .tasks import progress as progress
+    from .tasks import result as AsyncResult
+    from .tasks import result as result
+    from .tasks import run_in_thread as run_in_thread
+    from .tasks import spawn as spawn
+    from .tasks import spawn_at as spawn_at
+    from .tasks import spawn_idle as spawn_idle
+    from .tasks import spawn_later as spawn_later
+    from .tasks import task as task
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,7 @@ import importlib
 import logging
 import random
 import sys
-from typing import Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, TypeVar, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
@@ -26,9 +26,13 @@ from .errors import ConfigError
 from .tasks import Task, TaskResult, get_runner, task
 from .tasks._options import new_id
 
+if TYPE_CHECKING:
+    from gevent import Greenlet
+    from gevent.event import Event
+
 log = logging.getLogger(__name__)
 
-__all__ = ["crontab", "every", "periodic", "Scheduler", "Job", "SystemClock", "get_scheduler",
+__all__ = ["crontab", "every", "periodic", "Scheduler", "Job", "Clock", "SystemClock", "get_scheduler",
            "start", "stop", "reset"]
 
 UTC = datetime.timezone.utc
@@ -39,15 +43,22 @@ _RANGES = {"second": "0-59", "minute": "0-59", "hour": "0-23", "day": "1-31 or L
 #: Lateness tolerated before a run counts as missed (JobMissed).
 MISS_TOLERANCE = 1.0
 
+#: What ``@periodic`` takes as a schedule: a crontab, an every, seconds or a timedelta (an
+#: interval, as in Celery beat), or a MiniHuey-style ``validate(datetime) -> bool``.
+ScheduleSpec = Union["crontab", "every", float, datetime.timedelta, Callable[[datetime.datetime], Any]]
+F = TypeVar("F", bound=Callable[..., Any])
 
-def _aware(dt):
+
+def _aware(dt: datetime.datetime) -> datetime.datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
 
 
 class crontab:
     """A cron schedule: ``crontab("3 17 * * sun")``, 6 fields with seconds first, or huey keywords."""
 
-    def __init__(self, expr=None, *, second=None, minute="*", hour="*", day="*", month="*", day_of_week="*"):
+    def __init__(self, expr: Optional[str] = None, *, second: Union[int, str, None] = None,
+                 minute: Union[int, str] = "*", hour: Union[int, str] = "*", day: Union[int, str] = "*",
+                 month: Union[int, str] = "*", day_of_week: Union[int, str] = "*") -> None:
         if expr is None:
             parts = [str(minute), str(hour), str(day), str(month), str(day_of_week)]
             if second is not None:
@@ -70,22 +81,23 @@ class crontab:
             raise ConfigError("crontab %r: %s field: %r is not valid (allowed: %s, with ranges a-b, "
                              "steps */n and lists a,b)" % (expr, field, value, _RANGES.get(field, "?"))) from None
 
-    def next_after(self, after, tz):
+    def next_after(self, after: datetime.datetime, tz: datetime.tzinfo) -> datetime.datetime:
         """The first due time strictly after ``after`` (aware), computed in ``tz``; aware UTC."""
         local = after.astimezone(tz)
         return next(CronSim(self.expr, local)).astimezone(UTC)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.expr
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "crontab(%r)" % self.expr
 
 
 class every:
     """A fixed interval: ``every(seconds=5)`` or ``every(timedelta(...))``; ``align=True`` fires on clock multiples."""
 
-    def __init__(self, seconds: Any = 0, minutes: float = 0, hours: float = 0, align: bool = False):
+    def __init__(self, seconds: Union[float, datetime.timedelta] = 0, minutes: float = 0, hours: float = 0,
+                 align: bool = False) -> None:
         if isinstance(seconds, datetime.timedelta):
             seconds = seconds.total_seconds()
         for label, value in (("seconds", seconds), ("minutes", minutes), ("hours", hours)):
@@ -97,18 +109,18 @@ class every:
             raise ConfigError("every(): the interval must be more than 0 seconds")
         self.align = align
 
-    def first_after(self, now):
+    def first_after(self, now: datetime.datetime) -> datetime.datetime:
         """The first due time after the scheduler starts watching at ``now``."""
         if self.align:
             return self.next_after(now, UTC)
         return now + datetime.timedelta(seconds=self.interval)
 
-    def on_grid(self, anchor, now):
+    def on_grid(self, anchor: datetime.datetime, now: datetime.datetime) -> datetime.datetime:
         """The first instant ``anchor + k * interval`` at or after ``now``."""
         k = max(0, -(-(now - anchor).total_seconds() // self.interval))
         return anchor + datetime.timedelta(seconds=k * self.interval)
 
-    def next_after(self, after, tz):
+    def next_after(self, after: datetime.datetime, tz: datetime.tzinfo) -> datetime.datetime:
         """The next due time strictly after ``after``."""
         if self.align:
             ts = after.timestamp()
@@ -116,7 +128,7 @@ class every:
             return datetime.datetime.fromtimestamp(n, UTC)
         return after + datetime.timedelta(seconds=self.interval)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "every %gs%s" % (self.interval, " aligned" if self.align else "")
 
     __repr__ = __str__
@@ -125,23 +137,30 @@ class every:
 class _Validate:
     """A MiniHuey-style ``validate(datetime) -> bool``, checked at the start of each minute."""
 
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[[datetime.datetime], Any]) -> None:
         self.fn = fn
 
-    def next_after(self, after, tz):
+    def next_after(self, after: datetime.datetime, tz: datetime.tzinfo) -> datetime.datetime:
         return (after.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)).astimezone(UTC)
 
-    def wants(self, due, tz):
+    def wants(self, due: datetime.datetime, tz: datetime.tzinfo) -> bool:
         return bool(self.fn(due.astimezone(tz)))
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "validate %s" % getattr(self.fn, "__qualname__", repr(self.fn))
+
+
+class Clock(Protocol):
+    """What a Scheduler reads the time from (tests pass a fake one)."""
+
+    def now(self) -> datetime.datetime:
+        """Now, as an aware datetime."""
 
 
 class SystemClock:
     """The real clock: aware UTC datetimes."""
 
-    def now(self):
+    def now(self) -> datetime.datetime:
         """Now, as an aware UTC datetime."""
         return datetime.datetime.now(UTC)
 
@@ -149,8 +168,9 @@ class SystemClock:
 class Job:
     """One periodic job: its schedule, policy and run history."""
 
-    def __init__(self, fn, schedule, *, timezone=None, max_instances=1, catch_up="once", jitter=0.0,
-                 name=None, task_options=None):
+    def __init__(self, fn: Callable[..., Any], schedule: ScheduleSpec, *, timezone: Optional[str] = None,
+                 max_instances: int = 1, catch_up: str = "once", jitter: float = 0.0, name: Optional[str] = None,
+                 task_options: Optional[Dict[str, Any]] = None) -> None:
         if isinstance(fn, Task):
             fn = fn.fn
         if not callable(fn):
@@ -163,33 +183,37 @@ class Job:
             raise ConfigError("max_instances must be an integer >= 1, got %r" % (max_instances,))
         if not isinstance(jitter, (int, float)) or jitter < 0:
             raise ConfigError("jitter must be >= 0 seconds, got %r" % (jitter,))
-        if not isinstance(schedule, (crontab, every)):
+        sched: Union[crontab, every, _Validate]
+        if isinstance(schedule, (crontab, every)):
+            sched = schedule
+        else:
             if not callable(schedule):
                 raise ConfigError("periodic() needs crontab(...), every(...) or a validate(datetime) callable")
-            schedule = _Validate(schedule)
+            sched = _Validate(schedule)
+        self.tz: datetime.tzinfo
         try:
             self.tz = ZoneInfo(timezone) if timezone else UTC
         except (ZoneInfoNotFoundError, ValueError):
             raise ConfigError("unknown timezone %r (use an IANA name like 'Europe/Berlin')" % (timezone,)) from None
         self.fn = fn
-        self.schedule = schedule
+        self.schedule = sched
         self.name = name or "%s.%s" % (fn.__module__, fn.__qualname__)
         self.max_instances = max_instances
         self.catch_up = catch_up
         self.jitter = float(jitter)
-        self.task = task(name=self.name, **(task_options or {}))(fn)
-        self.next_run = None
-        self.last_run = None
-        self.last_state = None
-        self.running = []
+        self.task: Task[..., Any] = task(name=self.name, **(task_options or {}))(fn)
+        self.next_run: Optional[datetime.datetime] = None
+        self.last_run: Optional[datetime.datetime] = None
+        self.last_state: Optional[str] = None
+        self.running: List[TaskResult[Any]] = []
 
-    def first_run(self, now):
+    def first_run(self, now: datetime.datetime) -> datetime.datetime:
         """The first due time once the scheduler sees this job at ``now``."""
         if isinstance(self.schedule, every):
             return self.schedule.first_after(now)
         return self.schedule.next_after(now, self.tz)
 
-    def info(self):
+    def info(self) -> Dict[str, Any]:
         """A dict for listings and the dashboard."""
         return {"name": self.name, "schedule": str(self.schedule),
                 "timezone": getattr(self.tz, "key", "UTC"), "next_run": self.next_run,
@@ -200,18 +224,19 @@ class Job:
 class Scheduler:
     """Holds jobs, decides what is due at ``now`` and runs a loop greenlet that sleeps in between."""
 
-    def __init__(self, clock=None, rng=None, store=None):
-        self.clock = clock or SystemClock()
+    def __init__(self, clock: Optional[Clock] = None, rng: Optional[random.Random] = None,
+                 store: Any = None) -> None:
+        self.clock: Clock = clock or SystemClock()
         self.rng = rng or random.Random()
         #: Where fired runs are recorded (the journal), so catch-up holds across restarts; None: nowhere.
         self.store = store
-        self._jobs = {}
-        self._loop = None
-        self._wake = None
+        self._jobs: Dict[str, Job] = {}
+        self._loop: Optional["Greenlet[..., Any]"] = None
+        self._wake: Optional["Event"] = None
         #: In a cluster: whether this node held the leader lease at its last tick.
         self.leading = False
 
-    def add(self, job):
+    def add(self, job: Job) -> Job:
         """Add a job (a second job with the same name raises ConfigError)."""
         if job.name in self._jobs:
             raise ConfigError("a periodic job named %r already exists" % job.name)
@@ -220,37 +245,37 @@ class Scheduler:
             self._wake.set()
         return job
 
-    def jobs(self):
+    def jobs(self) -> List[Dict[str, Any]]:
         """Every job's name, schedule text, timezone, next_run, last_run and last_state."""
         return [job.info() for job in self._jobs.values()]
 
-    def get(self, name):
+    def get(self, name: str) -> Job:
         """The Job called ``name``."""
         return self._jobs[name]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._jobs)
 
-    def all(self):
+    def all(self) -> List[Job]:
         """Every Job, in the order they were added."""
         return list(self._jobs.values())
 
     @property
-    def running(self):
+    def running(self) -> bool:
         """True while the loop greenlet runs."""
         return self._loop is not None and not self._loop.dead
 
     # -- the pure core ---------------------------------------------------------------
 
     @property
-    def clustered(self):
+    def clustered(self) -> bool:
         """True when the store is shared by several nodes (one of them leads and fires)."""
         return getattr(self.store, "clustered", False)
 
-    def tick(self, now=None):
+    def tick(self, now: Optional[datetime.datetime] = None) -> List[TaskResult[Any]]:
         """Run what is due at ``now`` (default: the clock); returns the TaskResults spawned."""
         now = _aware(now or self.clock.now())
-        spawned = []
+        spawned: List[TaskResult[Any]] = []
         if self.clustered and not self._lead():
             return spawned
         for job in list(self._jobs.values()):
@@ -272,7 +297,7 @@ class Scheduler:
             spawned.extend(self._due(job, due, now))
         return spawned
 
-    def _lead(self):
+    def _lead(self) -> bool:
         """In a cluster: take or keep the leader lease. A node that does not lead fires nothing and
         forgets its due times, so it picks them up from the store when it leads (catch-up holds)."""
         try:
@@ -288,7 +313,7 @@ class Scheduler:
                 job.next_run = None
         return leading
 
-    def _resume_point(self, job, now):
+    def _resume_point(self, job: Job, now: datetime.datetime) -> datetime.datetime:
         """First due time: after the store's last recorded run if there is one (catch-up after downtime)."""
         if self.store is not None:
             last = self.store.last_fired(job.name)
@@ -302,7 +327,7 @@ class Scheduler:
                 return job.schedule.on_grid(anchor, now)
         return job.first_run(now)
 
-    def _due(self, job, due, now):
+    def _due(self, job: Job, due: List[datetime.datetime], now: datetime.datetime) -> List[TaskResult[Any]]:
         late = (now - due[0]).total_seconds()
         if len(due) > 1 or late > MISS_TOLERANCE:
             events.notify(events.JobMissed(job, scheduled_for=due[0], late_by=late, missed_runs=len(due)))
@@ -315,7 +340,7 @@ class Scheduler:
                 due = due[-1:]
         return [r for r in (self._submit(job, when) for when in due) if r is not None]
 
-    def _submit(self, job, scheduled_for):
+    def _submit(self, job: Job, scheduled_for: datetime.datetime) -> Optional[TaskResult[Any]]:
         """Spawn one run as a task, unless max_instances runs are still going."""
         if self.clustered:
             return self._submit_shared(job, scheduled_for)
@@ -331,7 +356,7 @@ class Scheduler:
         job.last_run = scheduled_for
         job.last_state = r.state
 
-        def finished(result, job=job):
+        def finished(result: TaskResult[Any], job: Job = job) -> None:
             job.last_state = result.state
         r.add_done_callback(finished)
         events.notify(events.JobFired(job, result=r, scheduled_for=scheduled_for))
@@ -339,7 +364,7 @@ class Scheduler:
             self.store.fired(job.name, scheduled_for)
         return r
 
-    def _submit_shared(self, job, scheduled_for):
+    def _submit_shared(self, job: Job, scheduled_for: datetime.datetime) -> Optional[TaskResult[Any]]:
         """Enqueue one run in the shared store, once per instant cluster-wide; any node runs it."""
         store = self.store
         busy = store.unfinished_count(job.task.name)
@@ -350,7 +375,7 @@ class Scheduler:
             return None
         delay = self.rng.uniform(0, job.jitter) if job.jitter else 0
         runner = get_runner()
-        r = TaskResult(runner, new_id(), job.task.name, None, (), {}, job.task.opts, None)
+        r: TaskResult[Any] = TaskResult(runner, new_id(), job.task.name, None, (), {}, job.task.opts, None)
         # The run's eta is its due instant (plus jitter): the task can read which instant it serves.
         r.eta = scheduled_for + datetime.timedelta(seconds=delay)
         row = store.row_for(r, (), {}, job.task.serializer, job.task.queue, job.task.opts.retries + 1)
@@ -366,7 +391,7 @@ class Scheduler:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def seconds_until_next(self, now=None):
+    def seconds_until_next(self, now: Optional[datetime.datetime] = None) -> Optional[float]:
         """Seconds until the earliest due time (None when there are no jobs)."""
         now = _aware(now or self.clock.now())
         times = [j.next_run or j.first_run(now) for j in self._jobs.values()]
@@ -374,23 +399,23 @@ class Scheduler:
             return None
         return max(0.0, (min(times) - now).total_seconds())
 
-    def start(self):
+    def start(self) -> "Scheduler":
         """Start the loop greenlet (idempotent)."""
         import gevent
         from gevent.event import Event
 
         if self._loop is None or self._loop.dead:
-            self._wake = Event()
-            self._loop = gevent.spawn(self._run)
+            wake = self._wake = Event()
+            self._loop = gevent.spawn(self._run, wake)
         return self
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop the loop greenlet; running job tasks are the task runner's to drain."""
         loop, self._loop = self._loop, None
         if loop is not None:
             loop.kill(block=True)
 
-    def _run(self):
+    def _run(self, wake: "Event") -> None:
         import gevent
 
         while True:
@@ -403,15 +428,15 @@ class Scheduler:
                 # Renew (or try to take) the leader lease well inside its timeout.
                 lease = getattr(getattr(self.store, "engine", None), "lease_timeout", 30.0)
                 wait = min(wait if wait is not None else lease, lease / 3)
-            self._wake.clear()
+            wake.clear()
             # Sleep until the earliest due time; add() and stop() wake us early.
-            self._wake.wait(timeout=wait)
+            wake.wait(timeout=wait)
 
 
-_default = None
+_default: Optional[Scheduler] = None
 
 
-def get_scheduler():
+def get_scheduler() -> Scheduler:
     """The default scheduler that ``@periodic`` registers on (the server starts it)."""
     global _default
     if _default is None:
@@ -419,18 +444,18 @@ def get_scheduler():
     return _default
 
 
-def start():
+def start() -> Scheduler:
     """Start the default scheduler's loop."""
     return get_scheduler().start()
 
 
-def stop():
+def stop() -> None:
     """Stop the default scheduler's loop."""
     if _default is not None:
         _default.stop()
 
 
-def reset():
+def reset() -> None:
     """Stop the default scheduler and forget its jobs (tests)."""
     global _default
     old, _default = _default, None
@@ -438,8 +463,9 @@ def reset():
         old.stop()
 
 
-def periodic(schedule, timezone=None, max_instances=1, catch_up="once", jitter=0, name=None, log_level=None,
-             **task_options):
+def periodic(schedule: ScheduleSpec, timezone: Optional[str] = None, max_instances: int = 1,
+             catch_up: str = "once", jitter: float = 0, name: Optional[str] = None,
+             log_level: Union[str, int, None] = None, **task_options: Any) -> Callable[[F], F]:
     """Register the decorated function as a periodic job on the default scheduler; it stays callable.
 
     ``log_level`` ("debug", or a logging level) quiets a frequent job's routine lines (fired,
@@ -451,18 +477,18 @@ def periodic(schedule, timezone=None, max_instances=1, catch_up="once", jitter=0
         raise ConfigError("@periodic needs a schedule first: @periodic(crontab('...')), @periodic(every(seconds=5)) "
                           "or @periodic(5.0); got the function %s" % getattr(schedule, "__qualname__", schedule))
 
-    def decorate(fn):
+    def decorate(fn: F) -> F:
         job = Job(fn, schedule, timezone=timezone, max_instances=max_instances, catch_up=catch_up,
                   jitter=jitter, name=name, task_options=task_options)
         get_scheduler().add(job)
         if level is not None:
             eventlog.set_task_log_level(job.task.name, level)
-        fn.job = job
+        fn.job = job  # type: ignore[attr-defined]
         return fn
     return decorate
 
 
-def _log_level(value):
+def _log_level(value: Union[str, int, None]) -> Optional[int]:
     if value is None or isinstance(value, int) and not isinstance(value, bool):
         return value
     level = logging.getLevelName(str(value).upper())
@@ -471,7 +497,7 @@ def _log_level(value):
     return level
 
 
-def _takes_no_arguments(fn):
+def _takes_no_arguments(fn: Callable[..., Any]) -> bool:
     # A validate(datetime) callable takes one argument; a job function used as the schedule
     # (`@periodic` without parentheses) usually takes none.
     import inspect
@@ -481,7 +507,7 @@ def _takes_no_arguments(fn):
         return False
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m greenqueue.scheduler MODULE``: list a module's jobs and their next 5 run times."""
     import argparse
     import os

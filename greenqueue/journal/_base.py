@@ -34,14 +34,21 @@ class Store(Protocol):
     #: Where it lives (a path, or a DSN with the password masked); "memory" for the memory store.
     display: str
 
-    def spawned(self, r: Any, args: tuple, kwargs: dict, serializer: str) -> None:
-        """Record a new task; a durable store returns only once it is committed (JournalError if not)."""
+    def spawned(self, r: Any, args: tuple, kwargs: dict, serializer: str) -> Optional[TaskRow]:
+        """Record a new task; a durable store returns only once it is committed (JournalError if not).
+
+        A shared store returns the committed row (another task's, when its idempotency key was used).
+        """
 
     def started(self, r: Any) -> None:
         """An attempt of ``r`` started."""
 
-    def retrying(self, r: Any, delay: float, exc: Optional[BaseException]) -> None:
-        """An attempt failed; another follows after ``delay`` seconds."""
+    def retrying(self, r: Any, delay: float, exc: Optional[BaseException]) -> Optional[bool]:
+        """An attempt failed; another follows after ``delay`` seconds.
+
+        True when the store took the retry over (a shared store: any node claims it when due);
+        otherwise this process schedules it.
+        """
 
     def finished(self, r: Any, serializer: Optional[str]) -> bool:
         """``r`` reached a final state; False when its result must be discarded (fenced off)."""

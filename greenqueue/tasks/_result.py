@@ -14,7 +14,7 @@ import builtins
 import datetime
 import logging
 import traceback as _traceback
-from typing import Any, Callable, Generic, List, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, List, Optional, TypeVar
 
 import gevent
 from gevent import monkey
@@ -22,7 +22,10 @@ from gevent.event import Event
 
 from .. import errors
 from ..errors import CancelledError, GreenqueueError, RemoteError, TaskTimeout, WaitTimeout
-from ._options import NO_OPTIONS
+from ._options import NO_OPTIONS, TaskOptions
+
+if TYPE_CHECKING:
+    from ._runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,8 @@ class TaskResult(Generic[R]):
         "_app", "_where", "_slot", "_idle", "_callbacks", "_serializer", "_twaiters", "__weakref__",
     )
 
-    def __init__(self, runner, task_id, name, fn, args, kwargs, opts, app, idle=False):
+    def __init__(self, runner: Optional["Runner"], task_id: str, name: str, fn: Optional[Callable[..., Any]],
+                 args: tuple, kwargs: dict, opts: TaskOptions, app: Any, idle: bool = False) -> None:
         self.id: str = task_id
         self.name: str = name
         self.state: str = PENDING
@@ -71,29 +75,31 @@ class TaskResult(Generic[R]):
         self.traceback: Optional[str] = None
         self.retries: int = 0
         #: The last ``greenqueue.progress()`` report: {"done", "total", "message"} or None.
-        self.progress = None
-        self.eta = None
+        self.progress: Optional[Dict[str, Any]] = None
+        self.eta: Optional[datetime.datetime] = None
         # Wall-clock floats; the datetimes are built only when someone reads them.
-        self._started_ts = None
-        self._finished_ts = None
+        self._started_ts: Optional[float] = None
+        self._finished_ts: Optional[float] = None
         #: Seconds the last attempt ran (None until it ends).
         self.duration: Optional[float] = None
-        self._fn = fn
-        self._args = args
-        self._kwargs = kwargs
-        self._opts = opts
+        # The call's inputs are dropped (set to None) once the result is final, and
+        # only the runner reads them before that: Any spares it a None check per use.
+        self._fn: Any = fn
+        self._args: Any = args
+        self._kwargs: Any = kwargs
+        self._opts: TaskOptions = opts
         self._runner = runner
-        self._greenlet = None
-        self._done = None
-        self._app = app
-        self._where = None
-        self._slot = False
-        self._idle = idle
+        self._greenlet: Optional[gevent.Greenlet[..., Any]] = None
+        self._done: Optional[Event] = None
+        self._app: Any = app
+        self._where: Optional[str] = None
+        self._slot: bool = False
+        self._idle: bool = idle
         self._callbacks: Optional[List[Callable[..., Any]]] = None
         self._serializer: Optional[str] = None   # set when a durable store records this task
         self._twaiters: Optional[List[Any]] = None  # locks of waiters on other threads
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<TaskResult %s %s %s>" % (self.name, self.id, self.state)
 
     @property
@@ -140,14 +146,14 @@ class TaskResult(Generic[R]):
         if self._done is None:
             self._done = Event()
         me = runner.holds_slot(gevent.getcurrent()) if runner is not None else None
-        if me is not None and me is not self:
+        if runner is not None and me is not None and me is not self:
             # A task that waits gives its slot away so the task it waits on can
             # run: with max_concurrency=1 this is what prevents a deadlock.
             runner.release_slot(me)
         try:
             self._done.wait(timeout)
         finally:
-            if me is not None and me is not self:
+            if runner is not None and me is not None and me is not self:
                 runner.reacquire_slot(me)
         return self.state in READY_STATES
 
@@ -182,7 +188,7 @@ class TaskResult(Generic[R]):
         return self.cancel()
 
     @classmethod
-    def restored(cls, runner: Any, row: Any) -> "TaskResult":
+    def restored(cls, runner: Optional["Runner"], row: Any) -> "TaskResult[Any]":
         """A finished result read back from a durable store's row."""
         from ..journal import loads
         r = cls(runner, row.id, row.name, None, (), {}, NO_OPTIONS, None)
@@ -195,7 +201,7 @@ class TaskResult(Generic[R]):
             r._set(row.state, exc=_rebuilt(row.error_type, row.error or ""), tb=row.traceback or "")
         return r
 
-    def add_done_callback(self, fn) -> None:
+    def add_done_callback(self, fn: Callable[["TaskResult[R]"], Any]) -> None:
         """Call ``fn(result)`` in the finishing greenlet once this task is ready (at once if it is)."""
         if self.state in READY_STATES:
             fn(self)
@@ -206,7 +212,8 @@ class TaskResult(Generic[R]):
 
     # -- runner side -------------------------------------------------------
 
-    def _set(self, state, value=None, exc=None, tb=None):
+    def _set(self, state: str, value: Any = None, exc: Optional[BaseException] = None,
+             tb: Optional[str] = None) -> bool:
         """Make the result final and wake waiters; returns False if it already was."""
         if self.state in READY_STATES:
             return False
@@ -257,10 +264,11 @@ def _rebuilt(type_name: Optional[str], message: str) -> Exception:
     return RemoteError(message, name, "")
 
 
-def _as_exception(exc):
+def _as_exception(exc: BaseException) -> Exception:
     """Turn BaseExceptions (GreenletExit, gevent.Timeout, ...) into GreenqueueError subclasses."""
     if isinstance(exc, Exception) and not isinstance(exc, gevent.Timeout):
         return exc
+    new: GreenqueueError
     if isinstance(exc, gevent.Timeout):
         new = TaskTimeout("task raised gevent.Timeout: %s" % (exc,))
     elif isinstance(exc, gevent.GreenletExit):

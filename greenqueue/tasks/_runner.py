@@ -356,8 +356,8 @@ class Runner:
         """
         if self._closed:
             raise GreenqueueError("this task runner was reset; use greenqueue.tasks.get_runner()")
-        r = TaskResult(self, task_id or new_id(), name or callable_name(fn), fn, args, kwargs or {},
-                       opts or NO_OPTIONS, _flask_app(), idle)
+        r: TaskResult[Any] = TaskResult(self, task_id or new_id(), name or callable_name(fn), fn, args,
+                                        kwargs or {}, opts or NO_OPTIONS, _flask_app(), idle)
         r.retries = retries
         if on_done is not None:
             r._callbacks = [on_done]

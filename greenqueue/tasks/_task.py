@@ -13,7 +13,7 @@ import datetime
 import functools
 import logging
 import time
-from typing import Any, Callable, Dict, Generic, Iterable, Optional, ParamSpec, TypeVar, overload
+from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, ParamSpec, Tuple, TypeVar, Union, overload
 
 import gevent
 
@@ -29,7 +29,7 @@ __all__ = ["Task", "task", "get_task", "registered", "clear_registry", "PerItem"
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_registry: Dict[str, "Task"] = {}
+_registry: Dict[str, "Task[..., Any]"] = {}
 
 #: Options ``apply_async`` takes besides args/kwargs/countdown/eta; those of a shared store come with it.
 APPLY_OPTIONS = ("idempotency_key", "connection", "queue")
@@ -45,10 +45,10 @@ class PerItem:
 
     __slots__ = ("outcomes",)
 
-    def __init__(self, outcomes):
+    def __init__(self, outcomes: Iterable[Any]) -> None:
         self.outcomes = list(outcomes)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "PerItem(%r)" % (self.outcomes,)
 
 
@@ -57,7 +57,7 @@ class Task(Generic[P, R]):
 
     def __init__(self, fn: Callable[P, R], name: str, opts: TaskOptions,
                  batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
-                 serializer: str = "json", queue: str = "default"):
+                 serializer: str = "json", queue: str = "default") -> None:
         self.fn = fn
         self.name = name
         self.opts = opts
@@ -69,7 +69,7 @@ class Task(Generic[P, R]):
         self.queue = queue
         functools.update_wrapper(self, fn)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<Task %s>" % self.name
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -87,7 +87,7 @@ class Task(Generic[P, R]):
         """Run after ``seconds`` (monotonic clock)."""
         return self._spawn(args, kwargs, delay=seconds)
 
-    def spawn_at(self, when, *args: P.args, **kwargs: P.kwargs) -> TaskResult[R]:
+    def spawn_at(self, when: datetime.datetime, *args: P.args, **kwargs: P.kwargs) -> TaskResult[R]:
         """Run at the datetime ``when`` (naive means UTC)."""
         return self._spawn(args, kwargs, eta=when)
 
@@ -124,11 +124,11 @@ class Task(Generic[P, R]):
         items = list(iterable)
         store = runner.store
         if self.batch_size is not None or not getattr(store, "clustered", False):
-            return [self.spawn(item) for item in items]
+            return [self._spawn((item,), {}) for item in items]
         return runner.call(self._map_shared, runner, items)
 
     def _map_shared(self, runner: Runner, items: list) -> "list[TaskResult[R]]":
-        handles = [TaskResult(runner, new_id(), self.name, None, (item,), {}, self.opts, None) for item in items]
+        handles: "list[TaskResult[R]]" = [TaskResult(runner, new_id(), self.name, None, (item,), {}, self.opts, None) for item in items]
         rows = [runner.store.row_for(r, (item,), {}, self.serializer, self.queue, self.opts.retries + 1)
                 for r, item in zip(handles, items)]
         return [runner.handle(row) for row in runner.store.spawned_many(rows)]
@@ -153,12 +153,24 @@ def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 @overload
 def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1.0,
          retry_jitter: float = 0.0, timeout: Optional[float] = None, name: Optional[str] = None,
-         batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
+         batch_size: None = None, batch_interval: None = None,
          serializer: str = "json", queue: str = "default") -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
-def task(fn=None, /, *, retries=0, retry_delay=0.0, retry_backoff=1.0, retry_jitter=0.0,
-         timeout=None, name=None, batch_size=None, batch_interval=None, serializer="json", queue="default"):
+# A batch task's function takes the list of items while its spawns take one item
+# each, so its Task cannot keep the function's signature.
+@overload
+def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1.0,
+         retry_jitter: float = 0.0, timeout: Optional[float] = None, name: Optional[str] = None,
+         batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
+         serializer: str = "json", queue: str = "default") -> Callable[[Callable[..., Any]], "Task[..., Any]"]: ...
+
+
+def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_delay: float = 0.0,
+         retry_backoff: float = 1.0, retry_jitter: float = 0.0, timeout: Optional[float] = None,
+         name: Optional[str] = None, batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
+         serializer: str = "json", queue: str = "default"
+         ) -> Union[Task[P, R], Callable[[Callable[P, R]], Task[P, R]]]:
     """Register a function as a task; works as ``@task`` and ``@task(retries=3, ...)``."""
     if fn is not None and not callable(fn):
         raise ConfigError("@task decorates a function; task(%r) got a %s (did you mean "
@@ -182,7 +194,7 @@ def task(fn=None, /, *, retries=0, retry_delay=0.0, retry_backoff=1.0, retry_jit
     opts = TaskOptions(int(retries), float(retry_delay), float(retry_backoff),
                        float(retry_jitter), None if timeout is None else float(timeout))
 
-    def decorate(f):
+    def decorate(f: Callable[P, R]) -> Task[P, R]:
         if isinstance(f, Task):
             f = f.fn
         if not callable(f):
@@ -194,13 +206,13 @@ def task(fn=None, /, *, retries=0, retry_delay=0.0, retry_backoff=1.0, retry_jit
     return decorate(fn) if fn is not None else decorate
 
 
-def _identity(fn):
+def _identity(fn: Callable[..., Any]) -> Tuple[Optional[str], Optional[str], Optional[str]]:
     code = getattr(fn, "__code__", None)
     return (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None),
             getattr(code, "co_filename", None))
 
 
-def _register(t):
+def _register(t: "Task[..., Any]") -> None:
     old = _registry.get(t.name)
     # The same definition seen again (module reload, re-import in tests)
     # replaces the old one; a different function under the same name is a bug.
@@ -210,17 +222,17 @@ def _register(t):
     _registry[t.name] = t
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> "Task[..., Any]":
     """The registered Task called ``name`` (KeyError if none)."""
     return _registry[name]
 
 
-def find_task(name: str) -> Optional[Task]:
+def find_task(name: str) -> "Optional[Task[..., Any]]":
     """The registered Task called ``name``, or None."""
     return _registry.get(name)
 
 
-def registered() -> dict:
+def registered() -> "Dict[str, Task[..., Any]]":
     """A copy of the name -> Task registry."""
     return dict(_registry)
 
@@ -233,28 +245,30 @@ def clear_registry() -> None:
 class _Batcher:
     """Collects a batch task's items; the batch runs as one task, each item mirrors its outcome."""
 
-    def __init__(self, runner: Runner, t: Task):
+    def __init__(self, runner: Runner, t: "Task[..., Any]") -> None:
         self.runner = runner
         self.task = t
-        self.items = []
-        self.timer = None
+        self.items: List[Tuple[TaskResult[Any], Any]] = []
+        self.timer: Optional[gevent.Greenlet[[], Any]] = None
 
-    def add(self, args, kwargs, delay, eta, idle):
+    def add(self, args: tuple, kwargs: dict, delay: Optional[float], eta: Optional[datetime.datetime],
+            idle: bool) -> TaskResult[Any]:
         if kwargs or len(args) != 1:
             raise TypeError("%s is a batch task: spawn it with exactly one item" % self.task.name)
         if delay is not None or eta is not None or idle:
             raise NotImplementedError("batch tasks are collected by size and interval only")
         runner = self.runner
-        r = TaskResult(runner, new_id(), self.task.name, None, args, {}, self.task.opts, None)
+        r: TaskResult[Any] = TaskResult(runner, new_id(), self.task.name, None, args, {}, self.task.opts, None)
         runner.track(r)
         self.items.append((r, args[0]))
-        if len(self.items) >= self.task.batch_size or runner.eager:
+        size = self.task.batch_size  # never None: only batch tasks have a _Batcher
+        if (size is not None and len(self.items) >= size) or runner.eager:
             self.flush()
         elif self.timer is None and self.task.batch_interval is not None:
             self.timer = gevent.spawn_later(self.task.batch_interval, self.flush)
         return r
 
-    def flush(self):
+    def flush(self) -> Optional[TaskResult[Any]]:
         """Spawn the collected items as one batch (no-op when empty)."""
         timer, self.timer = self.timer, None
         if timer is not None and timer is not gevent.getcurrent():
@@ -267,9 +281,10 @@ class _Batcher:
                                  opts=self.task.opts, force=True,
                                  on_done=functools.partial(self._mirror, [r for r, _ in items]))
 
-    def _run(self, items):
+    def _run(self, items: List[Tuple[TaskResult[Any], Any]]) -> Any:
         started = time.time()
-        values, taken = [], []
+        values: List[Any] = []
+        taken: List[TaskResult[Any]] = []
         for r, item in items:
             if r.state not in READY_STATES:
                 self.runner.mark_started(r, started)
@@ -283,7 +298,7 @@ class _Batcher:
             return _Outcomes((r.id, outcome) for r, outcome in zip(taken, value.outcomes))
         return value
 
-    def _mirror(self, items, batch):
+    def _mirror(self, items: List[TaskResult[Any]], batch: TaskResult[Any]) -> None:
         runner = self.runner
         for r in items:
             r.retries = batch.retries
@@ -307,8 +322,8 @@ class _Batcher:
 _NOT_TAKEN = object()
 
 
-class _Outcomes(dict):
+class _Outcomes(Dict[str, Any]):
     """The batch greenlet's result when the function returned PerItem: item task id -> outcome."""
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<%d per-item outcomes>" % len(self)
