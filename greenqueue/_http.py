@@ -56,6 +56,24 @@ _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 # Request header name -> environ key ("" when dropped). Bounded: names come from clients.
 _KEYS = {}
 _MAX_KEYS = 1024
+# Whole responses up to this size wait for the end of the hub's turn; larger ones leave at once.
+_BATCH_MAX = 65536
+# Connections with a response waiting for the end of the hub's turn (this process serves
+# connections from one hub, the main thread's).
+_PENDING = []
+
+
+def _busy(loop):
+    """True when the hub has other watchers to run in this turn (other clients' requests, say)."""
+    return getattr(loop, "pendingcnt", 1) > 0  # libev counts them; other loops: assume busy
+
+
+def _flush_pending():
+    """Send every response queued during this turn of the hub (a hub callback)."""
+    conns = _PENDING[:]
+    del _PENDING[:]
+    for conn in conns:
+        conn._flush_queued()
 
 
 class HTTPSettings:
@@ -321,7 +339,8 @@ class Connection:
 
     __slots__ = ("sock", "address", "settings", "registry", "parser", "idle", "expect_continue", "body_timeout",
                  "tcp", "_nagle", "_burst_end", "_raw", "_hub", "_rio", "_dio", "_streamer", "_deadline",
-                 "_waiter", "_timer", "_timer_at", "_peer_addr", "_peer_port", "_trusted")
+                 "_waiter", "_parked", "_timer", "_timer_at", "_peer_addr", "_peer_port", "_trusted", "_out",
+                 "_queued")
 
     def __init__(self, sock: Any, address: Any, settings: HTTPSettings, registry: Any) -> None:
         self.sock = sock
@@ -343,6 +362,9 @@ class Connection:
         self._streamer = None     # the greenlet to stop when the client hangs up mid-stream
         self._deadline = None     # monotonic time the current wait gives up (None: not waiting)
         self._waiter = None       # the greenlet in that wait
+        self._parked = False      # that greenlet is parked in _wait_readable (a flush may wake it)
+        self._out = None          # response bytes not sent yet (queued, or what a flush could not send)
+        self._queued = False      # this connection is in _PENDING
         self._timer = None        # one-shot timer at _timer_at; it moves on when the deadline moved
         self._timer_at = inf
         addr = address
@@ -363,18 +385,26 @@ class Connection:
                 self._wait_readable(timeout)
 
     def _wait_readable(self, timeout):
+        if self._out is not None and not self._queued:
+            self.send_raw(b"")  # what a flush could not send leaves before we wait on the client
         rio = self._rio
         if rio is None:
             rio = self._rio = self._hub.loop.io(self._raw.fileno(), 1)
+        glet = self._waiter = getcurrent()
         if timeout is not None:
             deadline = _monotonic() + timeout
             self._deadline = deadline
-            self._waiter = getcurrent()
             if deadline < self._timer_at:
                 self._arm(timeout, deadline)
+        # The watcher switches straight back into this greenlet (no Waiter object per wait);
+        # a stray switch only costs a recv that finds nothing, after which we wait again.
+        rio.start(glet.switch)
+        self._parked = True
         try:
-            self._hub.wait(rio)
+            self._hub.switch()
         finally:
+            self._parked = False
+            rio.stop()
             self._deadline = None
 
     def _arm(self, seconds, at):
@@ -438,7 +468,11 @@ class Connection:
         # Data means a pipelined request; we stop watching rather than consume it.
 
     def send_raw(self, data: bytes) -> None:
-        """Send bytes now (disconnects propagate as OSError)."""
+        """Send bytes now, behind any response still queued (disconnects propagate as OSError)."""
+        out = self._out
+        if out is not None:
+            self._out = None
+            data = out + data
         try:
             sent = self._raw.send(data)
         except BlockingIOError:
@@ -446,6 +480,51 @@ class Connection:
         if sent < len(data):
             # The kernel's buffer is full (a slow reader, a large body): let gevent wait for room.
             self.sock.sendall(memoryview(data)[sent:])
+
+    def send_final(self, data: bytes) -> None:
+        """Queue a whole response of a kept-alive connection; it leaves at the end of the hub's turn.
+
+        When other clients' requests are ready in the same turn, the hub runs
+        them all back to back and then sends every response back to back: the
+        interpreter's caches stay warm across requests instead of being
+        flushed by a send system call between each two (a quarter to a third
+        of a Flask hello's CPU per request, measured). A response waits at most
+        for the other requests of its turn; responses to pipelined requests
+        leave together in one send. With nothing else to run, it leaves now.
+        """
+        if len(data) > _BATCH_MAX or not (_PENDING or self.parser.queue or _busy(self._hub.loop)):
+            # Nothing else will run in this turn (one busy client, say): waiting would only add latency.
+            self.send_raw(data)
+            return
+        out = self._out
+        self._out = data if out is None else out + data
+        if not self._queued:
+            self._queued = True
+            if not _PENDING:
+                self._hub.loop.run_callback(_flush_pending)
+            _PENDING.append(self)
+
+    def _flush_queued(self):
+        # Runs in the hub, from _flush_pending; must not block.
+        self._queued = False
+        data = self._out
+        if data is None:
+            return  # the greenlet already sent it, ahead of a later write
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._out = None
+            return  # the client is gone: the greenlet's next read or write says so
+        if sent == len(data):
+            self._out = None
+            return
+        # The kernel's buffer is full. The greenlet sends the rest, waiting for room: now
+        # if it is waiting for the client's next request, else at its next read or write.
+        self._out = data[sent:]
+        if self._parked:
+            self._waiter.switch()
 
     def send_chunk(self, data: bytes) -> None:
         """Send one chunk of a streamed body; chunks produced back to back may share packets.
@@ -558,6 +637,11 @@ class Connection:
             self._release()
 
     def _release(self):
+        if self._out is not None:
+            try:
+                self.send_raw(b"")
+            except OSError:
+                pass  # the client is gone; nothing left to tell it
         for watcher in (self._timer, self._rio, self._dio):
             if watcher is not None:
                 watcher.close()
@@ -571,7 +655,9 @@ class Connection:
         """Wake an idle keep-alive connection so it closes (graceful shutdown)."""
         if self.idle:
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)
+                # A response may still be queued: then only stop reading, and the
+                # greenlet sends it before it closes.
+                self.sock.shutdown(socket.SHUT_RD if self._out is not None else socket.SHUT_RDWR)
             except OSError:
                 pass  # already closed by the peer
 

@@ -200,7 +200,11 @@ class _Response:
                 raise AssertionError("write() before start_response()")
             head = self._head(None)
             self.headers_sent = True
-            self.conn.send_raw(head + self._frame(data))
+            data = head + self._frame(data)
+            if self.keep_alive and not self.chunked and self.length is not None and self.sent_body >= self.length:
+                self.conn.send_final(data)  # the whole response: it may wait for the end of the hub's turn
+            else:
+                self.conn.send_raw(data)
         elif data:
             self.conn.send_chunk(self._frame(data))
 
@@ -247,12 +251,14 @@ class _Response:
             body = b"".join(result)
             head = self._head(len(body))
             self.headers_sent = True
-            if self.no_body:
+            if not self.no_body:
+                self.sent_body = len(body)
+                head += body
+            if self.keep_alive:
+                self.conn.send_final(head)  # the whole response: it may wait for the end of the hub's turn
+            else:
                 self.conn.send_raw(head)
-                return
-            self.sent_body = len(body)
-            self.conn.send_raw(head + body)
-            if self.length != self.sent_body:
+            if not self.no_body and self.length != self.sent_body:
                 self._lied()
             return
         conn = self.conn

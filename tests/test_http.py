@@ -8,7 +8,7 @@ import gevent.socket
 import pytest
 from flask import Flask, request
 
-from greenqueue import events
+from greenqueue import _http, events
 from greenqueue._http import Connection, HTTPSettings, RequestError, _Parser
 
 
@@ -21,8 +21,19 @@ def hello(environ, start_response):
 class Served:
     """One Connection over a socketpair, handled in its own greenlet; the test is the client."""
 
-    def __init__(self, app, connection_class=Connection, **settings):
-        server_side, self.client = gevent.socket.socketpair()
+    def __init__(self, app, connection_class=Connection, tcp_buffers=None, **settings):
+        if tcp_buffers is None:
+            server_side, self.client = gevent.socket.socketpair()
+        else:
+            # Loopback TCP with small kernel buffers, so a large send comes back partial.
+            with gevent.socket.socket() as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(1)
+                self.client = gevent.socket.socket()
+                self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, tcp_buffers)
+                self.client.connect(listener.getsockname())
+                server_side, _ = listener.accept()
+            server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, tcp_buffers)
         self.client.settimeout(10)
         self.conn = connection_class(server_side, ("127.0.0.1", 40000), HTTPSettings(app, **settings), set())
         self.greenlet = gevent.spawn(self.conn.handle)
@@ -328,3 +339,80 @@ def test_idle_connections_close_on_graceful_shutdown(served):
     assert s.closed()
     s.greenlet.join(5)
     assert s.greenlet.dead
+
+
+def test_responses_to_pipelined_requests_leave_together_at_the_end_of_the_hubs_turn(served):
+    flushed = []
+
+    class Recording(Connection):
+        __slots__ = ()
+
+        def _flush_queued(self):
+            flushed.append(self._out)
+            Connection._flush_queued(self)
+
+    s = served(hello, connection_class=Recording)
+    s.send(GET % b"/1" + GET % b"/2" + GET % b"/3")
+    assert [s.response()[1] for _ in range(3)] == [b"GET /1", b"GET /2", b"GET /3"]
+    assert len(flushed) == 1 and flushed[0].count(b"HTTP/1.1 200 OK") == 3
+
+
+def test_queued_responses_still_reach_an_idle_client_closed_by_graceful_shutdown(served):
+    holder = []
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/1":
+            # Runs before this turn's flush: both responses are still queued when the connection is closed.
+            gevent.get_hub().loop.run_callback(holder[0].close_if_idle)
+        return hello(environ, start_response)
+
+    s = served(app)
+    holder.append(s.conn)
+    s.send(GET % b"/1" + GET % b"/2")
+    assert [s.response()[1] for _ in range(2)] == [b"GET /1", b"GET /2"]
+    assert s.closed()
+
+
+def test_a_lone_response_leaves_at_once(served):
+    queued = []
+
+    class Recording(Connection):
+        __slots__ = ()
+
+        def _flush_queued(self):
+            queued.append(self._out)
+            Connection._flush_queued(self)
+
+    s = served(hello, connection_class=Recording)
+    for path in (b"/1", b"/2"):
+        s.send(GET % path)
+        assert s.response()[1] == b"GET " + path
+    assert queued == []
+
+
+def test_a_queued_response_larger_than_the_socket_buffer_arrives_whole_and_in_order(served, monkeypatch):
+    # Larger than what the kernel takes in one send even on loopback (one 64 KiB segment).
+    big = b"x" * 1000000
+    monkeypatch.setattr(_http, "_BATCH_MAX", 2 * len(big))
+    rests = []
+
+    class Recording(Connection):
+        __slots__ = ()
+
+        def send_raw(self, data):
+            if not data and self._out is not None:
+                rests.append(len(self._out))  # the greenlet sends what the hub's flush could not
+            Connection.send_raw(self, data)
+
+    def app(environ, start_response):
+        body = big if environ["PATH_INFO"] == "/big" else b"small"
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    s = served(app, connection_class=Recording, tcp_buffers=4096)
+    s.send(GET % b"/big" + GET % b"/small")
+    assert s.response()[1] == big
+    assert s.response()[1] == b"small"
+    s.send(GET % b"/big")
+    assert s.response()[1] == big
+    assert rests and all(0 < n < len(big) for n in rests), "every flush went whole: nothing tested the rest"

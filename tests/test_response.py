@@ -24,6 +24,9 @@ class FakeConn:
     def send_chunk(self, data):
         self.log.append(("chunk", data))
 
+    def send_final(self, data):
+        self.log.append(("final", data))
+
     def watch_disconnect(self, greenlet):
         self.log.append(("watch", None))
 
@@ -37,7 +40,7 @@ class FakeConn:
         return "test"
 
     def sent(self):
-        return [data for kind, data in self.log if kind in ("send", "chunk")]
+        return [data for kind, data in self.log if kind in ("send", "chunk", "final")]
 
     def kinds(self):
         return [kind for kind, _ in self.log]
@@ -64,9 +67,9 @@ def head_of(data):
     return lines[0], dict(line.split(b": ", 1) for line in lines[1:]), body
 
 
-def test_a_list_body_leaves_with_its_headers_in_one_send():
+def test_a_list_body_leaves_with_its_headers_in_one_send_at_the_end_of_the_hubs_turn():
     resp, conn = respond(app_with(headers=[("Content-Type", "text/plain")]))
-    assert conn.kinds() == ["send"]
+    assert conn.kinds() == ["final"]
     status, headers, body = head_of(conn.sent()[0])
     assert status == b"HTTP/1.1 200 OK" and body == b"hello"
     assert headers[b"Content-Length"] == b"5" and headers[b"Content-Type"] == b"text/plain"
@@ -115,6 +118,13 @@ def test_a_stream_is_chunked_with_its_first_chunk_in_the_head_send_and_watched_t
 
 def test_a_body_of_declared_length_is_not_watched_when_its_first_chunk_completes_it():
     _, conn = respond(app_with(headers=[("Content-Length", "5")], body=lambda: iter([b"hello"])))
+    assert conn.kinds() == ["final"]
+
+
+def test_a_response_that_ends_the_connection_is_sent_at_once():
+    _, conn = respond(app_with(headers=[("Connection", "close")]))
+    assert conn.kinds() == ["send"]
+    _, conn = respond(app_with(headers=[("Content-Length", "5")], body=lambda: iter([b"hello"])), keep_alive=False)
     assert conn.kinds() == ["send"]
 
 
