@@ -18,9 +18,12 @@ import stat
 import sys
 import sysconfig
 import traceback
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple, Union, cast
 
 from .errors import EXIT_STARTUP, EXIT_USAGE, StartupError
+
+if TYPE_CHECKING:
+    from gevent import socket as gsocket
 
 __all__ = ["setup_logging", "watch_blocking", "load_app", "parse_bind", "listen", "display", "where",
            "StartupError",
@@ -31,7 +34,7 @@ log = logging.getLogger("greenqueue.startup")
 Address = Union[str, Tuple[str, int]]
 
 
-def load_app(spec: str):
+def load_app(spec: str) -> Callable[..., Any]:
     """Import ``MODULE:APP`` (cwd on sys.path, like gunicorn) and return the WSGI callable."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -55,7 +58,7 @@ def load_app(spec: str):
         hint = "" if log.isEnabledFor(logging.DEBUG) else "; --log-level debug shows the whole traceback"
         raise StartupError("app %r: importing %s failed: %s: %s (at %s)%s"
                            % (spec, module_name, type(exc).__name__, exc, where(exc), hint)) from None
-    app = module
+    app: Any = module
     for part in attr.split("."):
         app = getattr(app, part, None)
         if app is None:
@@ -135,7 +138,7 @@ def parse_bind(text: str) -> Tuple[int, Address]:
     return family, (host or "0.0.0.0", int(port))
 
 
-def listen(bind: str, backlog: int):
+def listen(bind: str, backlog: int) -> "gsocket.socket":
     """Bind and listen on ``bind``; a failure is one StartupError line that says what to change."""
     from gevent import socket as gsocket
 
@@ -143,7 +146,7 @@ def listen(bind: str, backlog: int):
     sock = gsocket.socket(family, socket.SOCK_STREAM)
     try:
         if family == socket.AF_UNIX:
-            _remove_stale_unix_socket(address)
+            _remove_stale_unix_socket(cast(str, address))  # parse_bind gives unix: a path
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -189,7 +192,8 @@ def display(bind: str) -> str:
     """The address as a user opens it: ``http://127.0.0.1:8000`` (a bare port is loopback) or ``unix:PATH``."""
     if bind.startswith("unix:"):
         return bind
-    family, (host, port) = parse_bind(bind)
+    family, address = parse_bind(bind)
+    host, port = cast(Tuple[str, int], address)  # unix: returned above
     if family == socket.AF_INET6:
         host = "[%s]" % host
     return "http://%s:%d" % (host, port)

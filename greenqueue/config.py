@@ -197,7 +197,8 @@ def build_parser(prog: str = "greenqueue", worker: bool = False) -> argparse.Arg
         if worker and s.name in HTTP_ONLY:
             continue
         flag = _FLAG_OVERRIDES.get(s.name, s.option)
-        kwargs = {"dest": s.name, "metavar": s.metavar, "help": "%s (default: %s)" % (s.help, s.shown_default)}
+        kwargs: Dict[str, Any] = {"dest": s.name, "metavar": s.metavar,
+                                  "help": "%s (default: %s)" % (s.help, s.shown_default)}
         if s.multiple:
             kwargs["action"] = "append"
         parser.add_argument(flag, **kwargs)
@@ -289,7 +290,7 @@ def _where_in(path: str, exc: BaseException) -> str:
     lines = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.realpath(f.filename) == real]
     if not lines:
         return path
-    return "%s:%d%s" % (path, lines[-1].lineno, _source_hint(lines[-1].line))
+    return "%s:%s%s" % (path, lines[-1].lineno, _source_hint(lines[-1].line))
 
 
 def _source_hint(line: Optional[str]) -> str:

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from ._startup import (EXIT_STARTUP, EXIT_USAGE, StartupError, display, listen, load_app, parse_bind,
                        setup_logging, watch_blocking, where)
@@ -34,7 +35,8 @@ class Server:
         # Under --workers the supervisor binds and owns the sockets; this process serves them.
         self.listeners = listeners
         self.ready = ready
-        self.runtime = None
+        # Any: run() sets the runtime before any method that uses it.
+        self.runtime: Any = None
 
     def _stream_servers(self, app, listeners):
         from gevent.pool import Pool
@@ -58,7 +60,8 @@ class Server:
                 _http.Connection(client, address, http, self.connections).handle()
 
             srv = StreamServer(sock, handle, spawn=pool)
-            srv.http_settings = http
+            # shutdown() flips this server's settings to refuse new requests on kept-alive connections.
+            srv.http_settings = http  # type: ignore[attr-defined]
             self.servers.append(srv)
         self.pool = pool
 

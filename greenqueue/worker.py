@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from typing import Optional, Sequence
 
 __all__ = ["main"]
 
@@ -111,7 +112,7 @@ def run(module_name: str, settings: dict) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m greenqueue.worker``."""
     from gevent import monkey
     monkey.patch_all()

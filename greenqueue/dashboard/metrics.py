@@ -11,6 +11,7 @@ import collections
 import os
 import time
 from bisect import bisect_left
+from typing import Any, Dict, List
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -54,8 +55,10 @@ class Metrics:
 
     def __init__(self, connections=None, runtime=None):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.counters = {name: collections.Counter() for name, _, _ in _COUNTERS}
-        self.hists = {name: collections.defaultdict(_Hist) for name, _, _ in _HISTOGRAMS}
+        # metric -> label tuple -> count; a hot task cell is a one-element list instead (_task).
+        self.counters: Dict[str, Dict[Any, Any]] = {name: collections.Counter() for name, _, _ in _COUNTERS}
+        self.hists: Dict[str, Dict[Any, _Hist]] = {
+            name: collections.defaultdict(_Hist) for name, _, _ in _HISTOGRAMS}
         self.registry.register(_Exporter(self))
         self.registry.register(_StateCollector(connections, runtime))
         self.history = History()
@@ -66,7 +69,7 @@ class Metrics:
         # One-element lists as counter cells, made once per task name: bumping a cell
         # costs a fifth of building a label tuple and updating a Counter per event.
         # Keys: "spawned", "duration" (the histogram) and the final states; no state has those names.
-        t = {"spawned": [0], "duration": self.hists["greenqueue_task_duration_seconds"][(name,)]}
+        t: Dict[str, Any] = {"spawned": [0], "duration": self.hists["greenqueue_task_duration_seconds"][(name,)]}
         self.counters["greenqueue_tasks_spawned"][(name,)] = t["spawned"]
         for state in ("SUCCESS", "FAILURE", "CANCELLED"):
             t[state] = self.counters["greenqueue_tasks_finished"][(name, state)] = [0]
@@ -177,10 +180,10 @@ class _Exporter:
                 family.add_metric(list(key), value)
             yield family
         for name, doc, labels in _HISTOGRAMS:
-            family = HistogramMetricFamily(name, doc, labels=labels)
+            hist_family = HistogramMetricFamily(name, doc, labels=labels)
             for key, hist in list(self.metrics.hists[name].items()):
-                family.add_metric(list(key), hist.buckets(), hist.sum)
-            yield family
+                hist_family.add_metric(list(key), hist.buckets(), hist.sum)
+            yield hist_family
 
 
 class History:
@@ -189,9 +192,9 @@ class History:
     SPAN, BUCKETS = 10, 360
 
     def __init__(self):
-        self.buckets = {}
+        self.buckets: Dict[int, List[Any]] = {}
         self._key = -1
-        self._current = None
+        self._current: Any = None  # the bucket of self._key, set by the first _roll
 
     def add(self, state, duration, when):
         """Count one task finished at ``when`` (epoch seconds)."""

@@ -99,10 +99,11 @@ class Observability:
         return [body]
 
     def _dashboard(self, environ, start_response):
-        sub = environ["PATH_INFO"][len(self.dashboard_path):] or "/"
+        base = self.dashboard_path or ""  # only routed here when there is one
+        sub = environ["PATH_INFO"][len(base):] or "/"
         method = environ["REQUEST_METHOD"]
         if sub == "/" and method in ("GET", "HEAD"):
-            page = _PAGE.read_text().replace("{{CSRF}}", self.csrf).replace("{{BASE}}", self.dashboard_path)
+            page = _PAGE.read_text().replace("{{CSRF}}", self.csrf).replace("{{BASE}}", base)
             return _plain(start_response, "200 OK", page, [("Content-Type", "text/html; charset=utf-8"),
                                                            ("Cache-Control", "no-store")])
         if sub == "/state.json":

@@ -134,7 +134,7 @@ class MemoryStore:
 
     def recent(self, limit: int) -> List[Any]:
         """The newest ``limit`` finished results, newest first."""
-        out = []
+        out: List[Any] = []
         for r, _ in reversed(self._finished.values()):
             if len(out) >= limit:
                 break

@@ -12,6 +12,7 @@ import os
 import pickle
 import sqlite3
 import time
+from typing import Any, Dict, List
 
 from ..errors import JournalError
 
@@ -73,7 +74,8 @@ class SQLiteStore:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self.conn = None
+        # Any, not Optional: open() sets it before any other method runs.
+        self.conn: Any = None
 
     def _fail(self, reason):
         raise JournalError("journal %s: %s" % (self.path, reason))
@@ -156,7 +158,7 @@ class SQLiteStore:
     def apply(self, ops):
         """Apply ``[(method name, args), ...]`` in one transaction, like operations together."""
         c = self.conn
-        groups = {}
+        groups: Dict[str, List[Any]] = {}
         for name, args in ops:
             groups.setdefault(name, []).append(args)
         # A task that started and finished within one batch needs one UPDATE, not two:
