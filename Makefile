@@ -17,6 +17,7 @@ run: $(STAMP)
 		--dashboard-path /_greenqueue --metrics-path /metrics $(APP)
 
 test: $(STAMP)
+	$(BIN)/python -m mypy greenqueue
 	scripts/system-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
