@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
@@ -97,7 +97,8 @@ class Consumer:
                 log.warning("consume(%s): batch_size %d is above prefetch %d; batches hold at most %d",
                             _safe_url(source), batch_size, prefetch, prefetch)
                 batch_size = prefetch
-            self.reader = _AMQPReader(self, source, list(queues), prefetch or batch_size)
+            self.reader: Union[_AMQPReader, _SSEReader] = _AMQPReader(self, source, list(queues),
+                                                                      prefetch or batch_size)
         elif scheme in ("sse+http", "sse+https"):
             self.reader = _SSEReader(self, source)
         else:
@@ -213,7 +214,8 @@ class _AMQPReader:
         from kombu import Consumer as KombuConsumer
 
         c = self.consumer
-        batch, first_at = [], 0.0
+        batch: List[Message] = []
+        first_at = 0.0
 
         def on_message(body, raw):
             nonlocal first_at
@@ -304,10 +306,11 @@ class _SSEReader:
             raise ConnectionError("HTTP %d from %s" % (resp.status, self.url))
         # A reader greenlet owns the socket (a read timeout would spoil the buffered
         # file); this greenlet waits on its queue, so it can honour batch_interval.
-        lines = Queue()
+        lines: "Queue[Any]" = Queue()  # str lines, then _EOF or the exception that ended them
         reader = gevent.spawn(_read_lines, resp, lines)
-        batch, first_at = [], 0.0
-        event = {"data": [], "id": None, "event": None}
+        batch: List[Message] = []
+        first_at = 0.0
+        event: Dict[str, Any] = {"data": [], "id": None, "event": None}
         try:
             while c.running:
                 try:
@@ -396,7 +399,7 @@ def _safe_url(url):
     return url
 
 
-_consumers = []
+_consumers: List[Consumer] = []
 
 
 def consume(source: str, queues: Optional[List[str]] = None, batch_size: int = 1,
@@ -453,7 +456,8 @@ def publish(url: str, queue: str, body: Any, headers: Optional[Dict[str, Any]] =
                          delivery_mode=2, headers=headers or {}, retry=True, retry_policy={"max_retries": 3})
 
 
-_connections = {}  # (pid, url) -> kombu Connection: the key of kombu's per-connection producer pool
+# (pid, url) -> kombu Connection: the key of kombu's per-connection producer pool
+_connections: Dict[Tuple[int, str], Any] = {}
 
 
 def _connection(url):

@@ -32,7 +32,7 @@ def sse_event(data: Any, event: Optional[str] = None, id: Any = None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def _closing(source, frames):
+def _closing(source: object, frames: Iterable[Any]) -> Iterator[Any]:
     """Yield ``frames`` and close ``source`` however the iteration ends."""
     try:
         yield from frames
@@ -62,7 +62,7 @@ def prime(iterable: Iterable[Any]) -> Iterator[Any]:
     return _closing(source, _chain_first(first, source))
 
 
-def _chain_first(first, rest):
+def _chain_first(first: Any, rest: Iterable[Any]) -> Iterator[Any]:
     yield first
     yield from rest
 
@@ -100,7 +100,7 @@ def stream_response(iterable: Iterable[Any], mimetype: str = "application/octet-
     return resp
 
 
-def _with_context(gen):
+def _with_context(gen: Iterator[Any]) -> Iterator[Any]:
     """Keep the request context for the generator when there is one (views may read ``request``)."""
     from flask import has_request_context
     return stream_with_context(gen) if has_request_context() else gen

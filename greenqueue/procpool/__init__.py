@@ -28,7 +28,7 @@ import random
 import signal
 import time
 import weakref
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Deque, Iterable, Iterator, List, Optional, Sequence, Type, Union, cast
 
 import gevent
 import gipc
@@ -75,8 +75,9 @@ class _Worker:
     def __init__(self, pool, index):
         self.pool = pool
         self.index = index
-        self.proc = None
-        self.conn = None
+        # Any, not Optional: start() sets both before any other method runs.
+        self.proc: Any = None
+        self.conn: Any = None
         self.pid = None
         self.calls = 0
         self.limit = 0
@@ -85,7 +86,8 @@ class _Worker:
         self.dead = False
         self.reason = None       # why we ended it: "timeout", "recycled", "stopped", "abandoned"
         self.exit_error = None   # what a caller waiting on this worker gets once it is dead
-        self._io = None
+        # The idle watcher, made by start(); _readable runs only as its callback.
+        self._io: Any = None
 
     def start(self):
         """Fork the child and wait for it to initialise; raise WorkerError if init fails."""
@@ -216,7 +218,9 @@ class _Worker:
 class ProcessPool:
     """A pool of worker processes, each running one instance of a DirtyApp."""
 
-    def __init__(self, app_or_path, workers=None, timeout=None, max_requests=None, max_queue=None):
+    def __init__(self, app_or_path: Union[str, Type[DirtyApp]], workers: Optional[int] = None,
+                 timeout: Optional[float] = None, max_requests: Optional[int] = None,
+                 max_queue: Optional[int] = None) -> None:
         self.spec = _spec_of(app_or_path)
         cls = app_or_path if isinstance(app_or_path, type) else _load_class(self.spec)
         self.name = cls.__name__
@@ -226,15 +230,15 @@ class ProcessPool:
         self.max_queue = int(max_queue if max_queue is not None else max(DEFAULT_MAX_QUEUE, self.size * 32))
         self._idle_poll_wanted = max(0.0, float(cls.idle_poll or 0))
         self.idle_poll = 0.0  # granted at start() if there are cores to spare
-        self._workers = []
-        self._idle = []
-        self._waiters = collections.deque()
+        self._workers: List[_Worker] = []
+        self._idle: List[_Worker] = []
+        self._waiters: Deque["AsyncResult[_Worker]"] = collections.deque()
         self._ids = itertools.count(1)
         self._restarts = 0
         self._failures = 0
         self._stopping = False
         self._started = False
-        self._watchdog = None
+        self._watchdog: Optional[gevent.Greenlet] = None
 
     def __repr__(self):
         return "<ProcessPool %s workers=%d>" % (self.spec, self.size)
@@ -274,7 +278,7 @@ class ProcessPool:
             raise Overloaded("all %d %s workers are busy and %d calls are waiting; try again later, or raise "
                              "the app's workers or the pool's max_queue"
                              % (self.size, self.name, len(self._waiters)))
-        waiter = AsyncResult()
+        waiter: "AsyncResult[_Worker]" = AsyncResult()
         self._waiters.append(waiter)
         timer = gevent.Timeout.start_new(self.timeout) if self.timeout else None
         try:
@@ -284,7 +288,8 @@ class ProcessPool:
                 if exc is timer:
                     return self._hold(waiter.value)  # handed a worker in the same instant the wait ran out
                 # Killed (or an outer timeout) just as a worker was handed over: pass it on, or it is lost.
-                w = waiter.value
+                # successful(): _hand_over set() it with a worker, never None.
+                w = cast(_Worker, waiter.value)
                 w.busy = False
                 self._hand_over(w)
                 raise
@@ -316,7 +321,7 @@ class ProcessPool:
                     return
                 now = time.monotonic()
                 for w in armed:
-                    if w.deadline <= now:
+                    if cast(float, w.deadline) <= now:  # armed holds only workers with a deadline
                         w.deadline = None
                         w.kill("timeout")
                 earliest = min((w.deadline for w in armed if w.deadline is not None), default=None)
@@ -562,7 +567,8 @@ _subscribers = events.subscribers
 
 # Polling workers must not outnumber the cores: a polling process holds its core, and
 # the server needs one of its own. Pools started first get to poll; the rest sleep.
-_polling = weakref.WeakKeyDictionary()  # pool -> number of its workers that poll
+# pool -> number of its workers that poll
+_polling: "weakref.WeakKeyDictionary[ProcessPool, int]" = weakref.WeakKeyDictionary()
 
 
 def _cores():
@@ -598,7 +604,8 @@ class Pools:
         """Every running pool, in start order."""
         return list(self._by_spec.values())
 
-    def start(self, specs, workers=None, timeout=None) -> "list[ProcessPool]":
+    def start(self, specs: Iterable[str], workers: Optional[int] = None,
+              timeout: Optional[float] = None) -> "list[ProcessPool]":
         """Start a pool for each ``module:Class`` spec; stop the ones started if one fails."""
         started = []
         try:

@@ -6,6 +6,7 @@ worker process, one call at a time.
 
 import importlib
 import traceback
+from typing import Any, Dict, Type, Union
 
 from ..errors import GreenqueueError, to_dict
 
@@ -27,13 +28,13 @@ class DirtyApp:
     #: polling workers (of all pools) plus the server fit in the CPU cores.
     idle_poll = 0.0002
 
-    def init(self):
+    def init(self) -> None:
         """Called once in each worker process before its first call (load models here)."""
 
-    def close(self):
+    def close(self) -> None:
         """Called once in each worker process when the pool stops it."""
 
-    def __call__(self, action, *args, **kwargs):
+    def __call__(self, action: str, *args: Any, **kwargs: Any) -> Any:
         """Run the method named ``action``; generator methods stream."""
         if not isinstance(action, str) or action.startswith("_") or action in ("init", "close"):
             raise AttributeError("%s has no public action %r" % (type(self).__name__, action))
@@ -43,7 +44,7 @@ class DirtyApp:
         return method(*args, **kwargs)
 
 
-def _spec_of(app_or_path):
+def _spec_of(app_or_path: Union[str, Type[DirtyApp]]) -> str:
     if isinstance(app_or_path, str):
         if ":" not in app_or_path:
             raise GreenqueueError("dirty app %r: expected MODULE:CLASS" % app_or_path)
@@ -51,7 +52,7 @@ def _spec_of(app_or_path):
     return "%s:%s" % (app_or_path.__module__, app_or_path.__qualname__)
 
 
-def _load_class(spec):
+def _load_class(spec: str) -> Type[DirtyApp]:
     module, _, name = spec.partition(":")
     obj = importlib.import_module(module)
     for part in name.split("."):
@@ -61,7 +62,7 @@ def _load_class(spec):
     return obj
 
 
-def _error_dict(exc):
+def _error_dict(exc: BaseException) -> Dict[str, str]:
     return to_dict(exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 

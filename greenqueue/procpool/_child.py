@@ -11,6 +11,7 @@ import ctypes
 import os
 import signal
 import time
+from typing import Any, Dict
 
 import gevent
 
@@ -51,7 +52,7 @@ def _worker_main(handle, spec, parent_pid, idle_poll=0.0):
         conn.put(("init_failed", _error_dict(exc)))
         return
     conn.put(("ready", os.getpid()))
-    state = {"greenlet": None, "credit": 0, "credit_event": gevent.event.Event(), "id": None}
+    state: Dict[str, Any] = {"greenlet": None, "credit": 0, "credit_event": gevent.event.Event(), "id": None}
     # Adaptive polling: while calls arrive within ``idle_poll`` of the previous answer, poll
     # the pipe instead of sleeping (a wake-up costs more than such a call); when they
     # come further apart, sleep at once. The gap is smoothed, and capped so a pause

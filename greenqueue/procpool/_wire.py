@@ -15,6 +15,7 @@ and a frame is never interleaved with another.
 import os
 import pickle
 import time
+from typing import Union
 
 import gevent
 from gevent.lock import Semaphore
@@ -107,7 +108,7 @@ class Channel:
     def put(self, obj):
         """Send ``obj``; wait cooperatively while the pipe is full. OSError if the reader is gone."""
         data = _DUMPS(obj, _PROTOCOL)
-        frame = len(data).to_bytes(4, "big") + data
+        frame: Union[bytes, memoryview] = len(data).to_bytes(4, "big") + data
         with self._wlock:
             while True:
                 if self.closed:
@@ -128,7 +129,8 @@ class Channel:
         if self.closed:
             return
         self.closed = True
-        watchers = [self._rio, self._wio]
+        # gevent skips None watchers itself; its stubs accept only real ones.
+        watchers = [w for w in (self._rio, self._wio) if w is not None]
         self._rio = self._wio = None
         # As gevent's sockets do: wake any waiter with an error first, close the fds after,
         # so libev never watches a closed (or reused) descriptor.
