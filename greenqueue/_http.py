@@ -8,7 +8,10 @@ hub. Each connection owns its parser, two I/O watchers
 stream runs) and one timer for its deadlines; their callbacks run in the
 hub. Nothing is shared between connections except the read-only
 :class:`HTTPSettings` (whose ``shutting_down`` flag the server sets), the
-server's set of live connections and two bounded caches of header names.
+server's set of live connections, a bounded cache of header names and the
+list of connections whose whole response waits for the end of the hub's
+turn (sent by one hub callback; see :meth:`Connection.send_final`). All of
+it belongs to the one hub that serves connections (the main thread's).
 
 Why not gevent.pywsgi's own parser: it accepts many malformed requests and
 treats unknown transfer codings as "no body" (a request-smuggling risk).
@@ -33,7 +36,7 @@ import sys
 import time
 from collections import deque
 from math import inf
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 from urllib.parse import unquote_to_bytes
 
 import gevent
@@ -54,13 +57,13 @@ _wanted = events.wanted
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 # Request header name -> environ key ("" when dropped). Bounded: names come from clients.
-_KEYS = {}
+_KEYS: Dict[bytes, str] = {}
 _MAX_KEYS = 1024
 # Whole responses up to this size wait for the end of the hub's turn; larger ones leave at once.
 _BATCH_MAX = 65536
 # Connections with a response waiting for the end of the hub's turn (this process serves
 # connections from one hub, the main thread's).
-_PENDING = []
+_PENDING: List["Connection"] = []
 
 
 def _busy(loop):
@@ -141,12 +144,12 @@ class _Parser:
 
     __slots__ = ("settings", "queue", "current", "parser", "error")
 
-    def __init__(self, settings):
+    def __init__(self, settings: HTTPSettings) -> None:
         self.settings = settings
-        self.queue = deque()
-        self.current = None
+        self.queue: Deque[_Request] = deque()
+        self.current: Any = None  # the _Request being parsed (set by on_message_begin before any other callback)
         self.parser = httptools.HttpRequestParser(self)
-        self.error = None
+        self.error: Optional[RequestError] = None
 
     def feed(self, data):
         """Parse ``data``; raise RequestError for anything llhttp or our limits refuse."""
@@ -353,23 +356,23 @@ class Connection:
         self.body_timeout = settings.keepalive_timeout or 60.0
         self.tcp = False          # Nagle can be switched (not on unix sockets)
         self._nagle = False       # Nagle is on for the current burst of chunks
-        self._burst_end = None    # hub callback that ends the current burst
+        self._burst_end: Any = None  # hub callback that ends the current burst
         # The non-blocking socket under gevent's: system calls without gevent's per-call set-up.
         self._raw = getattr(sock, "_sock", sock)
         self._hub = gevent.get_hub()
-        self._rio = None          # watcher a read waits on (made at the first wait)
-        self._dio = None          # watcher for a hang-up while a stream runs (made at the first stream)
-        self._streamer = None     # the greenlet to stop when the client hangs up mid-stream
-        self._deadline = None     # monotonic time the current wait gives up (None: not waiting)
-        self._waiter = None       # the greenlet in that wait
+        self._rio: Any = None     # watcher a read waits on (made at the first wait)
+        self._dio: Any = None     # watcher for a hang-up while a stream runs (made at the first stream)
+        self._streamer: Any = None  # the greenlet to stop when the client hangs up mid-stream
+        self._deadline: Optional[float] = None  # monotonic time the current wait gives up (None: not waiting)
+        self._waiter: Any = None  # the greenlet in that wait
         self._parked = False      # that greenlet is parked in _wait_readable (a flush may wake it)
-        self._out = None          # response bytes not sent yet (queued, or what a flush could not send)
+        self._out: Optional[bytes] = None  # response bytes not sent yet (queued, or what a flush could not send)
         self._queued = False      # this connection is in _PENDING
-        self._timer = None        # one-shot timer at _timer_at; it moves on when the deadline moved
+        self._timer: Any = None   # one-shot timer at _timer_at; it moves on when the deadline moved
         self._timer_at = inf
-        addr = address
         # Decided once per connection, not per request: the peer does not change.
-        self._peer_addr, self._peer_port = (addr[0], str(addr[1])) if isinstance(addr, tuple) and addr else ("", "")
+        self._peer_addr: str = address[0] if isinstance(address, tuple) and address else ""
+        self._peer_port: str = str(address[1]) if isinstance(address, tuple) and address else ""
         self._trusted = self._trusted_proxy(self._peer_addr)  # X-Forwarded-* from this peer are believed
 
     # I/O ----------------------------------------------------------------
@@ -678,7 +681,7 @@ class Connection:
         return "unix"
 
     # One request ---------------------------------------------------------
-    def _build_environ(self, req):
+    def _build_environ(self, req: _Request) -> Dict[str, Any]:
         # A copy of the server's constant part (no per-connection copy: an idle stream holds less).
         environ = self.settings.base_environ.copy()
         environ["REMOTE_ADDR"] = self._peer_addr
@@ -719,7 +722,7 @@ class Connection:
         if self._trusted and ("HTTP_X_FORWARDED_FOR" in environ or "HTTP_X_FORWARDED_PROTO" in environ):
             self._apply_forwarded(environ)
         expect = environ.get("HTTP_EXPECT")
-        self.expect_continue = expect is not None and version == "1.1" and expect.lower() == "100-continue"
+        self.expect_continue = isinstance(expect, str) and version == "1.1" and expect.lower() == "100-continue"
         environ["wsgi.input"] = _NO_BODY if req.complete and not req.body else Input(self, req)
         return environ
 

@@ -1,7 +1,10 @@
 """Writing one WSGI response: start_response/write, framing (length, chunked, close) and errors.
 
-Concurrency model: runs in the connection's greenlet. A body given as a list
-leaves with the status line and headers in one send. A streamed body is sent
+Concurrency model: runs in the connection's greenlet. A whole response (a
+body given as a list, or one of declared length whose first chunk completes
+it) leaves with the status line and headers in one send, at the end of the
+hub's turn when other requests are ready in it (Connection.send_final). A
+streamed body is sent
 chunk by chunk as the app yields it (the status line and headers go out with
 the first chunk, in one send); while a stream runs, the connection's hang-up
 watcher (an I/O watcher whose callback runs in the hub) raises
@@ -20,7 +23,7 @@ import errno
 import logging
 import time
 from email.utils import formatdate
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import gevent
 from gevent import getcurrent
@@ -60,7 +63,7 @@ class IncompleteBody(_WerkzeugClientDisconnected, EOFError):
     description = "The client closed the connection before the end of the request body."
 
 
-_date_cache = [0, ""]
+_date_cache: List[Any] = [0, ""]
 
 
 def _date_line() -> str:
@@ -79,7 +82,7 @@ def _http_date() -> str:
 
 # Header names an app sent before, mapped to their lower case: an app sends the same
 # few names over and over, so each is checked once. Bounded: names may come from input.
-_NAMES = {}
+_NAMES: Dict[str, str] = {}
 _MAX_NAMES = 512
 
 
@@ -105,15 +108,15 @@ class _Response:
         self.conn = conn
         self.environ = environ
         self.req = req
-        self.status = None
-        self.status_code = None
-        self.lines = None
-        self.declared = None
+        self.status: Optional[str] = None
+        self.status_code = 0  # 0 until the app starts a response
+        self.lines: List[str] = []
+        self.declared: Optional[int] = None
         self.close_asked = False
         self.sse = False
         self.headers_sent = False
         self.chunked = False
-        self.length = None
+        self.length: Optional[int] = None
         self.keep_alive = req.keep_alive
         self.sent_body = 0
         self.head = req.method == b"HEAD"
@@ -272,7 +275,7 @@ class _Response:
             for chunk in result:
                 if chunk:
                     self.write(chunk)
-                    if not watched and not self.no_body and self.sent_body < self.length:
+                    if not watched and not self.no_body and self.length is not None and self.sent_body < self.length:
                         conn.watch_disconnect(getcurrent())
                         watched = True
                 elif not self.headers_sent and self.status is not None and self.sse:
