@@ -55,7 +55,8 @@ def run_one(name, quick, limit, smoke=False):
 def machine():
     """Where the numbers come from."""
     versions = {}
-    for pkg in ("greenqueue", "gevent", "gipc", "greenlet", "flask", "httptools", "gunicorn", "huey", "celery"):
+    for pkg in ("greenqueue", "gevent", "gipc", "greenlet", "flask", "httptools", "gunicorn", "huey", "celery",
+                "procrastinate", "psycopg"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
