@@ -32,7 +32,7 @@ from . import procpool as _procpool
 from . import scheduler as _scheduler
 from . import tasks as _tasks
 from .errors import ConfigError, GreenqueueError
-from .journal import MemoryStore, open_store
+from .journal import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -104,39 +104,34 @@ class Runtime:
         runner = self.runner
         current = runner.store
         path = os.fspath(path)
-        shared = path.startswith(("postgresql://", "postgres://"))
         if current.durable:
             if current.display in (path, _mask(path)):
                 return current
             raise ConfigError("a journal (%s) is already open" % current.display)
-        if shared:
-            return runner.call(self._open_cluster, path, lease_timeout, queues, current)
-
-        def open_and_replay() -> Any:
-            store = open_store(path, runner.result_ttl, runner.max_results)
-            # Keep the results this process already holds reachable.
-            if isinstance(current, MemoryStore):
-                for r in reversed(current.recent(len(current))):
-                    store.memory.finished(r)
-            runner.use_store(store)
-            self.scheduler.store = store
-            runner.replay(_tasks.find_task)
-            return store
-        # The journal's writer greenlet and thread pool belong on the task hub.
-        return runner.call(open_and_replay)
+        return runner.call(self._open_cluster, path, lease_timeout, queues, current)
 
     def _open_cluster(self, dsn: str, lease_timeout: float, queues: Optional[Sequence[str]], current: Any) -> Any:
-        try:
-            from .journal._postgres import PostgresEngine
-        except ImportError as exc:
-            raise ConfigError("--journal %s needs PostgreSQL support: pip install 'greenqueue[postgres]' (%s)"
-                              % (_mask(dsn), exc)) from None
         from .journal._cluster import ClusterStore
         from .tasks._node import Node
         runner = self.runner
-        engine = PostgresEngine(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl)
-        store = ClusterStore(engine, queues=queues, result_ttl=runner.result_ttl,
-                             max_results=runner.max_results).open()
+        engine: Any
+        batch = False
+        if dsn.startswith(("postgresql://", "postgres://")):
+            try:
+                from .journal._postgres import PostgresEngine
+            except ImportError as exc:
+                raise ConfigError("--journal %s needs PostgreSQL support: pip install 'greenqueue[postgres]' (%s)"
+                                  % (_mask(dsn), exc)) from None
+            engine = PostgresEngine(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl)
+        else:
+            # Processes of one host sharing a file are a cluster too: same claims, leases and leader.
+            from .journal._sqlite import SQLiteEngine
+            engine = SQLiteEngine(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl)
+            batch = True
+        # SQLite pays per transaction, not per statement: spawns and results are group-committed.
+        store = ClusterStore(engine, queues=queues, result_ttl=runner.result_ttl, max_results=runner.max_results,
+                             batch=batch).open()
+        store.take_back_from_dead_local_nodes()
         if isinstance(current, MemoryStore):
             for r in reversed(current.recent(len(current))):
                 store.memory.finished(r)
@@ -220,6 +215,9 @@ class Runtime:
         """Flush and close the journal (a no-op for the memory store)."""
         runner = self.runner
         store = runner.store
+        if self.node is not None:
+            runner.call(self.node.stop)  # its loops use the store
+            self.node = None
         if store.durable:
             runner.call(store.close)
             runner.use_store(MemoryStore(runner.result_ttl, runner.max_results))
@@ -258,16 +256,16 @@ class Runtime:
         return out
 
     def retry(self, task_id: str) -> _tasks.TaskResult:
-        """Run a failed or cancelled journaled task again now, same id, fresh attempt budget."""
+        """Run a failed or cancelled journaled task again, same id, fresh attempt budget (any node claims it)."""
         runner = self.runner
         store = runner.store
         if not store.durable:
             raise GreenqueueError("retry needs the journal (--journal PATH); only journaled tasks can be retried")
         row = runner.call(store.requeue, task_id)
-        t = _tasks.find_task(row.name)
-        if t is None:
-            raise GreenqueueError("task %s: no task named %r is registered" % (task_id, row.name))
-        return runner.call(runner.respawn, t, row)
+        handle = runner.call(runner.handle, row)
+        if self.node is not None:
+            self.node.wake()
+        return handle
 
     # -- tests -----------------------------------------------------------------------------
 

@@ -747,6 +747,38 @@ def test_processes_claiming_from_one_file_never_get_the_same_row(sqlite_engines,
     assert e.counts() == {"SUCCESS": 600}
 
 
+# Waits for "go", then opens a fresh file: every process races to create the schema.
+OPENER = r"""
+import sys
+from greenqueue.journal._sqlite import SQLiteEngine
+print("ready", flush=True)
+sys.stdin.readline()
+engine = SQLiteEngine(sys.argv[1])
+engine.open()
+engine.close()
+print("opened", flush=True)
+"""
+
+
+@pytest.mark.realproc
+def test_processes_starting_together_on_a_new_file_all_open_it(tmp_path):
+    path = tmp_path / "new.db"
+    procs = [_python(OPENER, path) for _ in range(6)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=10)
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0 and "opened" in out, err
+    finally:
+        _reap_processes(procs)
+    with closing(sqlite3.connect(str(path))) as conn:
+        assert dict(conn.execute("SELECT key, value FROM greenqueue_meta"))["schema_version"] == "2"
+
+
 @pytest.mark.realproc
 def test_a_write_lock_held_elsewhere_fails_within_the_timeout_and_leaves_the_hub_free(sqlite_engines):
     e = sqlite_engines(timeout=1)

@@ -8,7 +8,7 @@ import pytest
 
 import greenqueue
 from greenqueue import runtime, task
-from greenqueue.journal import SQLiteStore
+from greenqueue.journal._sqlite import SQLiteEngine
 from greenqueue.journal.__main__ import main
 
 from .conftest import ROOT
@@ -19,12 +19,13 @@ PASSWORD = "s3cret-Pa55"
 
 def stored(path, task_id):
     """One row of the journal file, as the store reads it."""
-    store = SQLiteStore(path)
-    store.open()
+    engine = SQLiteEngine(str(path))
+    engine.open()
     try:
-        return store.get(task_id)
+        row = engine.get(task_id)
+        return None if row is None else vars(row)
     finally:
-        store.close()
+        engine.close()
 
 
 def run_failing_task(path, fn):
@@ -57,7 +58,7 @@ def test_retry_gives_the_task_a_fresh_attempt_budget(tmp_path, capsys, always_fa
     assert len(always_fails.calls) == 3 and stored(path, r.id)["attempts"] == 3
 
     assert main([path, "retry", r.id]) == 0
-    assert capsys.readouterr().out == "1 task(s) will run at the next start\n"
+    assert capsys.readouterr().out == "1 task(s) queued again; a node with a free slot runs them\n"
     row = stored(path, r.id)
     assert (row["state"], row["attempts"], row["finished_at"]) == ("PENDING", 0, None)
 

@@ -51,10 +51,17 @@ def test_workers_without_a_journal_refuse_periodic_jobs(server_factory, tmp_path
     assert "--workers 2 without --journal" in srv.log()
 
 
-@pytest.mark.postgres
-def test_workers_on_postgres_run_each_task_once(server_factory, pg_dsn, tmp_path):
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def journal(request, tmp_path):
+    """The shared store: one SQLite file (processes of one host) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "journal.db")
+    return request.getfixturevalue("pg_dsn")
+
+
+def test_workers_on_a_shared_journal_run_each_task_once(server_factory, journal, tmp_path):
     path = tmp_path / "ledger.txt"
-    srv = server_factory(APP, "--workers", "2", "--journal", pg_dsn, "--lease-timeout", "2",
+    srv = server_factory(APP, "--workers", "2", "--journal", journal, "--lease-timeout", "2",
                          env={"CLUSTER_LEDGER": str(path), "CLUSTER_JOB": "1"})
     wait_for(lambda: len(serving_pids(srv)) == 2, 20, message="two workers serving")
     for k in range(10):
@@ -69,13 +76,12 @@ def test_workers_on_postgres_run_each_task_once(server_factory, pg_dsn, tmp_path
     assert srv.stop(signal.SIGTERM) == 0
 
 
-@pytest.mark.postgres
-def test_a_worker_node_runs_what_a_web_node_spawns(server_factory, pg_dsn, tmp_path):
+def test_a_worker_node_runs_what_a_web_node_spawns(server_factory, journal, tmp_path):
     path = tmp_path / "ledger.txt"
     env = dict(os.environ, PYTHONPATH=str(ROOT), CLUSTER_LEDGER=str(path))
-    web = server_factory(APP, "--journal", pg_dsn, "--queues", "", env={"CLUSTER_LEDGER": str(path)})
+    web = server_factory(APP, "--journal", journal, "--queues", "", env={"CLUSTER_LEDGER": str(path)})
     log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "greenqueue.worker", "--journal", pg_dsn,
+    worker = subprocess.Popen([sys.executable, "-m", "greenqueue.worker", "--journal", journal,
                                "--lease-timeout", "2", "tests.apps.cluster_app"], cwd=str(ROOT), env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -84,6 +90,7 @@ def test_a_worker_node_runs_what_a_web_node_spawns(server_factory, pg_dsn, tmp_p
         requests.post(web.url + "/spawn", params={"n": 50}, timeout=10).raise_for_status()
         wait_for(lambda: len([f for f in ledger(path) if f[0] == "task"]) >= 50, 20, message="50 tasks")
         ran_on = {f[3] for f in ledger(path) if f[0] == "task"}
+        assert max(collections.Counter(f[1] for f in ledger(path) if f[0] == "task").values()) == 1
         assert ran_on == {str(worker.pid)}, "the web node (--queues '') ran tasks"
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0

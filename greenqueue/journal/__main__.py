@@ -1,8 +1,8 @@
 """``python -m greenqueue.journal PATH_OR_URL [list|retry|purge]``: inspect and repair a journal.
 
 Concurrency model: a plain command-line process without a gevent hub. An
-SQLite file is read through :class:`SQLiteStore` and a ``postgresql://``
-URL through the PostgreSQL engine; both block this one thread, and both may
+SQLite file is read through the SQLite engine and a ``postgresql://`` URL
+through the PostgreSQL engine; both block this one thread, and both may
 be used while servers run on the same journal (SQLite in WAL mode takes its
 own short transactions; PostgreSQL is shared by design). A PostgreSQL URL's
 password is never printed: the engine's ``display`` masks it.
@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import JournalError
 from ._engine import FINAL, UNFINISHED
-from ._store import SCHEMA_VERSION, SQLiteStore
 
 _UTC = datetime.timezone.utc
 _STATES = UNFINISHED + FINAL
@@ -29,64 +28,31 @@ def _fmt_ts(ts: Optional[float]) -> str:
     return "-" if ts is None else datetime.datetime.fromtimestamp(ts, _UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-class _SQLiteJournal:
-    """The command's view of a journal file on this host."""
-
-    after_retry = "will run at the next start"
-
-    def __init__(self, path: str) -> None:
-        self.display = path
-        self.schema = SCHEMA_VERSION
-        self.store = SQLiteStore(path)
-
-    def open(self) -> None:
-        if not os.path.exists(self.display):
-            # SQLiteStore.open() would create it: a mistyped path must not leave a new journal behind.
-            raise JournalError("%s does not exist; give the path the server's --journal uses" % self.display)
-        self.store.open()
-
-    def close(self) -> None:
-        self.store.close()
-
-    def counts(self) -> Dict[str, int]:
-        return self.store.counts()
-
-    def rows(self, state: Optional[str], limit: int) -> List[Dict[str, Any]]:
-        return self.store.list(state, limit)
-
-    def unfinished(self) -> List[Dict[str, Any]]:
-        return self.store.unfinished()
-
-    def get(self, task_id: str) -> Optional[Dict[str, Any]]:
-        return self.store.get(task_id)
-
-    def requeue(self, task_id: Optional[str]) -> int:
-        # requeue_failed() sets attempts back to 0: the next run has its whole retry budget.
-        return self.store.requeue_failed(task_id)
-
-    def purge(self, state: str) -> int:
-        return self.store.purge(state)
-
-    def nodes(self) -> Optional[list]:
-        return None  # one host, one process at a time: there is no node table
-
-
-class _PostgresJournal:
-    """The command's view of a PostgreSQL journal shared by a cluster."""
+class _Journal:
+    """The command's view of a journal: an SQLite file on this host, or a PostgreSQL cluster's database."""
 
     after_retry = "queued again; a node with a free slot runs them"
 
-    def __init__(self, dsn: str) -> None:
-        try:
-            from ._postgres import SCHEMA_VERSION as schema, PostgresEngine
-        except ImportError as exc:
-            raise JournalError("a postgresql:// journal needs psycopg 3 and psycopg_pool (%s); install "
-                               "them with: pip install 'greenqueue[postgres]'" % exc) from None
-        self.engine = PostgresEngine(dsn)
+    def __init__(self, path: str) -> None:
+        if path.startswith(_URL_SCHEMES):
+            try:
+                from ._postgres import SCHEMA_VERSION as schema, PostgresEngine
+            except ImportError as exc:
+                raise JournalError("a postgresql:// journal needs psycopg 3 and psycopg_pool (%s); install "
+                                   "them with: pip install 'greenqueue[postgres]'" % exc) from None
+            self.engine: Any = PostgresEngine(path)
+            self.file = None
+        else:
+            from ._sqlite import SCHEMA_VERSION as schema, SQLiteEngine
+            self.engine = SQLiteEngine(path)
+            self.file = path
         self.display = self.engine.display
         self.schema = schema
 
     def open(self) -> None:
+        if self.file is not None and not os.path.exists(self.file):
+            # Opening would create it: a mistyped path must not leave a new journal behind.
+            raise JournalError("%s does not exist; give the path the server's --journal uses" % self.file)
         self.engine.open()
 
     def close(self) -> None:
@@ -144,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _open(path: str) -> Any:
-    journal = _PostgresJournal(path) if path.startswith(_URL_SCHEMES) else _SQLiteJournal(path)
+    journal = _Journal(path)
     journal.open()
     return journal
 
@@ -192,7 +158,7 @@ def _summary(journal: Any) -> None:
     if waiting:
         oldest = waiting[0]
         print("oldest unfinished: %s %s since %s" % (oldest["id"], oldest["name"], _fmt_ts(oldest["created_at"])))
-    noted = [r for r in waiting if r["note"]]
+    noted = [r for r in waiting if r["note"] or "is not registered" in (r["error"] or "")]
     if noted:
         print("%d task(s) need attention (function not registered):" % len(noted))
         for r in noted:

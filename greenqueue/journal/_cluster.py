@@ -9,6 +9,12 @@ late result from a node that lost its lease is discarded by the database.
 The node's loops (claiming due rows, heartbeat, reaping, results of tasks
 that run elsewhere) live with the runner (``greenqueue.tasks._node``); this
 module never calls the runner.
+
+Group commit (``batch=True``, used for SQLite where a transaction costs more
+than the statement): spawns and final states queue up and one writer
+greenlet commits each batch in one transaction per kind; a spawn still
+returns only after its batch committed, while final states are written
+behind (a crash before their commit runs the task again: at-least-once).
 """
 
 import datetime
@@ -22,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ._base import MemoryStore
 from ._engine import UNFINISHED, NodeInfo, TaskRow
-from ._store import _dumps
+from ._codec import dumps as _dumps
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,18 @@ _UTC = datetime.timezone.utc
 def node_id() -> str:
     """A name for this process in the cluster: host, pid and a random suffix (pids are reused)."""
     return "%s-%d-%s" % (socket.gethostname(), os.getpid(), uuid.uuid4().hex[:6])
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # unknown: let its lease decide
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process with that pid
+    return True
 
 
 def _error_type(exc: Optional[BaseException]) -> Optional[str]:
@@ -49,7 +67,8 @@ class ClusterStore:
     clustered = True
 
     def __init__(self, engine: Any, node: Optional[str] = None, queues: Optional[Sequence[str]] = None,
-                 result_ttl: float = 3600.0, max_results: int = 10000, max_lease_losses: int = 3):
+                 result_ttl: float = 3600.0, max_results: int = 10000, max_lease_losses: int = 3,
+                 batch: bool = False):
         self.engine = engine
         self.display = engine.display
         self.node = node or node_id()
@@ -61,6 +80,11 @@ class ClusterStore:
         self._attempts: Dict[str, int] = {}   # task id -> the attempt this node holds
         self._recording = True
         self.epoch: Optional[int] = None      # the scheduler leader's epoch while this node leads
+        self.batch = batch
+        self._spawns: List[Any] = []          # (row, claim, waiter) not yet committed
+        self._finishes: List[tuple] = []      # engine.finish arguments not yet committed
+        self._wake: Any = None
+        self._writer: Any = None
 
     def __len__(self) -> int:
         return len(self.memory)
@@ -70,9 +94,36 @@ class ClusterStore:
     def open(self) -> "ClusterStore":
         """Open the engine and register this node."""
         self.engine.open()
+        if self.batch:
+            import gevent
+            from gevent.event import Event
+            self._wake = Event()
+            self._writer = gevent.spawn(self._write_loop)
         self.engine.register(NodeInfo(id=self.node, host=socket.gethostname(), pid=os.getpid(),
                                       queues=self.queues, started_at=time.time()))
         return self
+
+    def take_back_from_dead_local_nodes(self) -> int:
+        """Release at once the rows of nodes on this host whose process is gone (a kill -9, a crash).
+
+        Their leases would expire by themselves after --lease-timeout; a process that restarts on
+        the same host knows sooner, so a restart after a crash does not wait for it.
+        """
+        me = socket.gethostname()
+        dead = [n for n in self.engine.nodes() if n.host == me and n.id != self.node and not _alive(n.pid)]
+        if not dead:
+            return 0
+        held: Dict[str, List[str]] = {}
+        for row in self.engine.rows("STARTED", 1000000):
+            if row.owner is not None:
+                held.setdefault(row.owner, []).append(row.id)
+        total = 0
+        for node in dead:
+            total += self.engine.release(held.get(node.id, []), node.id) if held.get(node.id) else 0
+            self.engine.unregister(node.id)
+        if total:
+            log.info("journal %s: %d task(s) of a process that died on this host run again", self.display, total)
+        return total
 
     def serves(self, queue: str) -> bool:
         """True when this node claims tasks of ``queue``."""
@@ -99,7 +150,10 @@ class ClusterStore:
         """Commit the task's row; with ``claim`` this node runs it (the local fast path). Returns the row."""
         row = self.row_for(r, args, kwargs, serializer, queue, max_attempts, idempotency_key)
         owner = self.node if claim and connection is None else None
-        stored = self.engine.enqueue([row], owner=owner, connection=connection)[0]
+        if self._writer is not None and connection is None:
+            stored = self._queued_enqueue(row, owner is not None)
+        else:
+            stored = self.engine.enqueue([row], owner=owner, connection=connection)[0]
         if owner is not None and stored.id == row.id and stored.owner == self.node:
             self._attempts[stored.id] = stored.attempts
         return stored
@@ -140,14 +194,67 @@ class ClusterStore:
         except (TypeError, ValueError, pickle.PicklingError):
             blob = _dumps("json", repr(r.result))
         exc = r.exception
-        ok = self.engine.finish(r.id, self.node, attempt, r.state, blob, _error_type(exc),
-                                str(exc) if exc else None, r.traceback, self.result_ttl)
+        args = (r.id, self.node, attempt, r.state, blob, _error_type(exc), str(exc) if exc else None,
+                r.traceback, self.result_ttl)
+        if self._writer is not None:
+            self.memory.finished(r)
+            self._finishes.append(args)
+            self._wake.set()
+            return True
+        ok = self.engine.finish(*args)
         if ok:
             self.memory.finished(r)
         else:
             log.warning("task %s[%s]: result of attempt %d discarded: its lease expired and another node "
                         "took the task over", r.name, r.id, attempt)
         return ok
+
+    # -- group commit ------------------------------------------------------------------------
+
+    def _queued_enqueue(self, row: TaskRow, claim: bool) -> TaskRow:
+        from gevent.event import AsyncResult
+        waiter: Any = AsyncResult()
+        self._spawns.append((row, claim, waiter))
+        self._wake.set()
+        stored: TaskRow = waiter.get()  # raises the batch's JournalError
+        return stored
+
+    def _write_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit what is queued: spawns (their callers wait for this) and final states."""
+        spawns, self._spawns = self._spawns, []
+        finishes, self._finishes = self._finishes, []
+        for claim in (True, False):
+            part = [(row, waiter) for row, c, waiter in spawns if c == claim]
+            if not part:
+                continue
+            try:
+                stored = self.engine.enqueue([row for row, _ in part], owner=self.node if claim else None)
+            except Exception as exc:
+                for _, waiter in part:
+                    waiter.set_exception(exc)
+                continue
+            for (row, waiter), got in zip(part, stored):
+                if claim and got.id == row.id and got.owner == self.node:
+                    self._attempts[got.id] = got.attempts
+                waiter.set(got)
+        if finishes:
+            try:
+                many = getattr(self.engine, "finish_many", None)
+                results = many(finishes) if many is not None else [self.engine.finish(*a) for a in finishes]
+            except Exception as exc:
+                log.error("journal %s: %d final state(s) not written (%s); those tasks run again",
+                          self.display, len(finishes), exc)
+                return
+            for args, ok in zip(finishes, results):
+                if not ok:
+                    log.warning("task %s: result of attempt %d discarded: its lease expired and another node "
+                                "took the task over", args[0], args[2])
 
     def forget(self, task_id: str) -> None:
         """Stop holding ``task_id`` without writing (its lease was lost)."""
@@ -257,6 +364,8 @@ class ClusterStore:
 
     def stop_recording(self) -> None:
         """Hand what this node still holds back to the cluster now, instead of after a lease timeout."""
+        if self._writer is not None:
+            self.flush()
         held = list(self._attempts)
         self._recording = False
         if held:
@@ -269,6 +378,11 @@ class ClusterStore:
         try:
             if self._recording:
                 self.stop_recording()
+            elif self._writer is not None:
+                self.flush()
+            if self._writer is not None:
+                self._writer.kill(block=True)
+                self._writer = None
             self.engine.unregister(self.node)
         except Exception as exc:
             log.warning("journal %s: leaving the cluster failed: %s", self.display, exc)

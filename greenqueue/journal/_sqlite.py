@@ -222,6 +222,15 @@ def _write(conn: sqlite3.Connection) -> Iterator[float]:
         raise
 
 
+class _Contended(Exception):
+    """Another process holds a lock the open needs right now."""
+
+
+_FINISH = ("UPDATE greenqueue_tasks SET state = ?2, result = ?3, error_type = ?4, error = ?5, "
+           "traceback = ?6, owner = NULL, lease_expires = NULL, finished_at = ?1, updated_at = ?1, "
+           "expires_at = ?1 + ?7 WHERE id = ?8 AND owner = ?9 AND attempts = ?10")
+
+
 class SQLiteEngine:
     """The Engine protocol on one SQLite file shared by the processes of one host."""
 
@@ -316,6 +325,21 @@ class SQLiteEngine:
             raise
 
     def _open(self, _: None) -> None:
+        # Switching a new file to WAL takes an exclusive lock SQLite does not wait for: when
+        # several processes start together on one file, the losers retry until the timeout.
+        sleep = get_original("time", "sleep")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self._open_once()
+            except _Contended:
+                if time.monotonic() >= deadline:
+                    raise self._fail("open failed: another process held the file's write lock for more "
+                                     "than %g s (a long transaction, or a process stopped while holding "
+                                     "it); try again" % self.timeout) from None
+                sleep(0.02)
+
+    def _open_once(self) -> None:
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    timeout=self.timeout)
@@ -326,6 +350,8 @@ class SQLiteEngine:
                 # Look before WAL mode changes anything: a foreign file stays untouched.
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             except sqlite3.DatabaseError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise _Contended() from None
                 raise self._fail("not a greenqueue journal or corrupt (%s); move it away or pick another "
                                  "path" % exc) from None
             if tables and "greenqueue_meta" not in tables:
@@ -344,6 +370,8 @@ class SQLiteEngine:
                     conn.execute("INSERT INTO greenqueue_meta (key, value) VALUES ('opened_at', ?) "
                                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (repr(now),))
             except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise _Contended() from None
                 raise self._error("open", exc) from None
             except sqlite3.DatabaseError as exc:
                 raise self._fail("cannot use it: %s (disk full, read-only or corrupt?)" % exc) from None
@@ -482,11 +510,23 @@ class SQLiteEngine:
     def _finish(self, conn: sqlite3.Connection, params: tuple) -> int:
         with _write(conn) as now:
             self._changes += 1
-            return conn.execute(
-                "UPDATE greenqueue_tasks SET state = ?2, result = ?3, error_type = ?4, error = ?5, "
-                "traceback = ?6, owner = NULL, lease_expires = NULL, finished_at = ?1, updated_at = ?1, "
-                "expires_at = ?1 + ?7 WHERE id = ?8 AND owner = ?9 AND attempts = ?10",
-                (now,) + params).rowcount
+            return conn.execute(_FINISH, (now,) + params).rowcount
+
+    def finish_many(self, items: Sequence[tuple]) -> List[bool]:
+        """``finish(*args)`` for each item, in one transaction (a node's group commit of results)."""
+        params = []
+        for row_id, node, attempt, state, result, error_type, error, traceback, ttl in items:
+            if state not in FINAL:
+                raise self._fail("finish() takes a final state (%s), not %r" % (", ".join(FINAL), state))
+            params.append((state, result, error_type, error, traceback, float(ttl), row_id, node, attempt))
+        if not params:
+            return []
+        return self._call("finish", self._finish_many, params)
+
+    def _finish_many(self, conn: sqlite3.Connection, params: List[tuple]) -> List[bool]:
+        with _write(conn) as now:
+            self._changes += 1
+            return [conn.execute(_FINISH, (now,) + p).rowcount == 1 for p in params]
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
               error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
@@ -776,7 +816,7 @@ class SQLiteEngine:
                     return True
             except JournalError as exc:
                 # The claimer's own calls report the trouble; this one only stops hinting.
-                log.warning("%s; polling again in %.0f s", exc, max(1.0, timeout))
+                log.warning("%s; no wake-up hints until it works again", exc)
                 gevent.sleep(max(0.0, deadline - time.monotonic()))
                 return False
             left = deadline - time.monotonic()

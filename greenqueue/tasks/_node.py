@@ -40,6 +40,7 @@ HEARTBEAT = 1.0     # seconds between heartbeats (a cancel reaches its node with
 REAP_EVERY = 3      # heartbeats between reaps
 PRUNE_EVERY = 600   # heartbeats between prunes
 WATCH = 0.2         # seconds between looks at tasks that run elsewhere
+UNKNOWN_RETRY = 10.0  # seconds before a task no node here knows is offered again
 
 
 class _Trouble:
@@ -80,6 +81,7 @@ class Node:
         self._wake = Event()
         self._greenlets: List[Any] = []
         self.healthy = True
+        self._unknown: set = set()   # ids of unregistered tasks already reported
 
     def start(self) -> "Node":
         """Start the loops (on the task hub) and hook the runner's free-slot signal."""
@@ -127,10 +129,14 @@ class Node:
     def _run(self, row: Any) -> None:
         t = self.find_task(row.name)
         if t is None:
-            # Another node (a newer deploy) may know it; give it back for later instead of failing it.
-            log.warning("task %s[%s] is not registered on this node; handing it back for 10s", row.name, row.id)
-            self.store.retrying(_Named(row), 10.0, GreenqueueError("task %r is not registered on node %s"
-                                                                   % (row.name, self.store.node)))
+            # Another node (a newer deploy) may know it: keep it and offer it again later, never fail it.
+            if row.id not in self._unknown:
+                self._unknown.add(row.id)
+                log.warning("task %s[%s]: no task of that name is registered on this node; kept in the journal "
+                            "and offered again every %gs (see python -m greenqueue.journal %s list)",
+                            row.name, row.id, UNKNOWN_RETRY, self.store.display)
+            self.store.retrying(_Named(row), UNKNOWN_RETRY, GreenqueueError(
+                "task %r is not registered on node %s" % (row.name, self.store.node)))
             return
         self.runner.run_row(row, t)
 

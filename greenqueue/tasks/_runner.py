@@ -851,36 +851,6 @@ class Runner:
             return self.handle(found) if self.on_hub_thread() else self.call(self.handle, found)
         return found
 
-    def replay(self, find: Callable[[str], Any]) -> int:
-        """Spawn again every unfinished row of the store; ``find(name)`` gives the @task or None."""
-        replayed, unknown = 0, []
-        now = _time()
-        for row in self.store.unfinished():
-            t = find(row.name)
-            if t is None:
-                unknown.append(row.name)
-                self.store.note(row.id, "no task named %r was registered at the last start; kept" % row.name)
-                continue
-            self.respawn(t, row, now)
-            replayed += 1
-        if unknown:
-            log.warning("journal %s: kept %d task(s) whose function is not registered: %s "
-                        "(see python -m greenqueue.journal %s list)", self.store.display, len(unknown),
-                        ", ".join(sorted(set(unknown))), self.store.display)
-        if replayed:
-            log.info("journal %s: replayed %d unfinished task(s)", self.store.display, replayed)
-        return replayed
-
-    def respawn(self, t: Any, row: TaskRow, now: Optional[float] = None) -> TaskResult:
-        """Spawn ``row`` again as task ``t``, keeping its id (and its eta when still ahead)."""
-        from ..journal import loads
-        data = loads(row.serializer, row.payload)
-        eta = None
-        if row.eta is not None and row.eta > (now or _time()):
-            eta = datetime.datetime.fromtimestamp(row.eta, _UTC)
-        return self.spawn(t.fn, tuple(data["args"]), data["kwargs"], name=t.name, opts=t.opts, eta=eta,
-                          force=True, task_id=row.id, retries=row.attempts, serializer=row.serializer)
-
     # -- shutdown ---------------------------------------------------------------------------
 
     def drain(self, timeout: Optional[float] = None) -> DrainReport:
