@@ -26,12 +26,12 @@ def _noop(i):
     return i
 
 
-def _throughput(n, spawners, path=None):
+def _throughput(n, spawners, path=None, sync="normal"):
     runtime.reset()
     tasks.configure(hub="current", max_pending=10_000_000, max_concurrency=100)
     t = tasks.task(name="bench.noop")(_noop)
     if path:
-        runtime.get_runtime().open_store(path)
+        runtime.get_runtime().open_store(path, sync=sync)
     results = []
 
     def spawner(k):
@@ -68,6 +68,8 @@ def run(quick: bool = False, smoke: bool = False) -> list:
     with tempfile.TemporaryDirectory() as d:
         journaled = _throughput(n, spawners, d + "/journal.db")
         sequential = _throughput(n // 10, 1, d + "/journal2.db")
+        full = _throughput(n, spawners, d + "/journal3.db", sync="full")
+        full_sequential = _throughput(n // 10, 1, d + "/journal4.db", sync="full")
     rows = []
     try:
         seconds = 1 if smoke or quick else 5
@@ -87,6 +89,11 @@ def run(quick: bool = False, smoke: bool = False) -> list:
             "tasks/s", "in-memory tasks", memory, True, note="target >= 10,000/s and >= 0.3x"),
         row("journal", "journaled spawn->complete (1 spawner, a commit per spawn)", sequential,
             "tasks/s", "in-memory tasks", memory, True),
+        # What --journal-sync full (an fsync per commit) costs against the default, same run.
+        row("journal", "--journal-sync full, %d concurrent spawners" % spawners, full, "tasks/s",
+            "--journal-sync normal", journaled, True),
+        row("journal", "--journal-sync full, 1 spawner", full_sequential, "tasks/s",
+            "--journal-sync normal", sequential, True),
     ]
 
 

@@ -51,6 +51,16 @@ def _non_negative_float(text):
     return value
 
 
+JOURNAL_SYNC = ("normal", "full")
+
+
+def _journal_sync(text):
+    mode = str(text).lower()
+    if mode not in JOURNAL_SYNC:
+        raise ValueError("must be one of %s, got %r" % (", ".join(JOURNAL_SYNC), text))
+    return mode
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -147,6 +157,9 @@ SETTINGS = [
             shown="the app's `timeout`"),
     Setting("journal", None, "SQLite file, or postgresql://… shared by every node: tasks and schedules "
             "survive restarts and crashes", metavar="PATH|URL", shown="off"),
+    Setting("journal_sync", "normal", "SQLite journal durability: normal (a power cut may lose the last "
+            "commits, never corrupts) or full (fsync every commit, about twice the cost); PostgreSQL follows "
+            "the server's synchronous_commit", _journal_sync, metavar="normal|full"),
     Setting("workers", 1, "server processes on this host sharing the listening sockets", _positive_int,
             metavar="N"),
     Setting("lease_timeout", 30.0, "seconds before a dead node's tasks run elsewhere (and the scheduler "

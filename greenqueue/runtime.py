@@ -98,7 +98,8 @@ class Runtime:
             self.open_store(journal)
         return runner
 
-    def open_store(self, path: str, lease_timeout: float = 30.0, queues: Optional[Sequence[str]] = None) -> Any:
+    def open_store(self, path: str, lease_timeout: float = 30.0, queues: Optional[Sequence[str]] = None,
+                   sync: str = "normal") -> Any:
         """Open the journal at ``path`` (a file, or a postgresql:// URL shared by a cluster) for the runner
         and scheduler; a file's unfinished tasks run again, a cluster's are claimed by free nodes."""
         runner = self.runner
@@ -108,9 +109,10 @@ class Runtime:
             if current.display in (path, _mask(path)):
                 return current
             raise ConfigError("a journal (%s) is already open" % current.display)
-        return runner.call(self._open_cluster, path, lease_timeout, queues, current)
+        return runner.call(self._open_cluster, path, lease_timeout, queues, current, sync)
 
-    def _open_cluster(self, dsn: str, lease_timeout: float, queues: Optional[Sequence[str]], current: Any) -> Any:
+    def _open_cluster(self, dsn: str, lease_timeout: float, queues: Optional[Sequence[str]], current: Any,
+                      sync: str = "normal") -> Any:
         from .journal._cluster import ClusterStore
         from .tasks._node import Node
         runner = self.runner
@@ -126,7 +128,7 @@ class Runtime:
         else:
             # Processes of one host sharing a file are a cluster too: same claims, leases and leader.
             from .journal._sqlite import SQLiteEngine
-            engine = SQLiteEngine(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl)
+            engine = SQLiteEngine(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl, synchronous=sync)
             batch = True
         # SQLite pays per transaction, not per statement: spawns and results are group-committed.
         store = ClusterStore(engine, queues=queues, result_ttl=runner.result_ttl, max_results=runner.max_results,
@@ -148,7 +150,8 @@ class Runtime:
 
     def start(self, dirty_apps: Sequence[str] = (), dirty_workers: Optional[int] = None,
               dirty_timeout: Optional[float] = None, journal: Optional[str] = None,
-              lease_timeout: float = 30.0, queues: Optional[Sequence[str]] = None) -> "Runtime":
+              lease_timeout: float = 30.0, queues: Optional[Sequence[str]] = None,
+              journal_sync: str = "normal") -> "Runtime":
         """Start what the process declared: pools, the journal, the scheduler (when it has jobs), consumers."""
         if dirty_apps and not monkey.is_module_patched("os"):
             raise ConfigError("process pools need the main thread's gevent loop (gipc watches its children "
@@ -159,7 +162,7 @@ class Runtime:
             started_pools = self.pools.start(dirty_apps, workers=dirty_workers, timeout=dirty_timeout)
         try:
             if journal:
-                self.open_store(journal, lease_timeout, queues)
+                self.open_store(journal, lease_timeout, queues, journal_sync)
         except BaseException:
             for pool in started_pools:
                 pool.stop(5)

@@ -170,7 +170,8 @@ class Server:
         try:
             self.runtime.start(dirty_apps=s["dirty_apps"], dirty_workers=s["dirty_workers"],
                                dirty_timeout=s["dirty_timeout"], journal=s["journal"] or None,
-                               lease_timeout=s["lease_timeout"], queues=s["queues"])
+                               lease_timeout=s["lease_timeout"], queues=s["queues"],
+                               journal_sync=s["journal_sync"])
         except Exception as exc:
             self._remove_unix_sockets()
             self.runtime.pools.stop(5)

@@ -72,7 +72,8 @@ def run(module_name: str, settings: dict) -> int:
     try:
         rt.start(dirty_apps=settings["dirty_apps"], dirty_workers=settings["dirty_workers"],
                  dirty_timeout=settings["dirty_timeout"], journal=settings["journal"] or None,
-                 lease_timeout=settings["lease_timeout"], queues=settings["queues"])
+                 lease_timeout=settings["lease_timeout"], queues=settings["queues"],
+                 journal_sync=settings["journal_sync"])
     except JournalError as exc:
         rt.pools.stop(5)
         raise StartupError("--journal: %s" % exc) from None

@@ -266,3 +266,28 @@ def test_full_disk_while_running_refuses_spawns_and_loses_nothing_accepted(serve
     # The server keeps serving, and what it accepted ran.
     wait_for(lambda: len(done(tmp_path)) >= len(accepted), 10, message="the accepted tasks")
     assert requests.get(srv.url + "/task/" + accepted[0], timeout=5).json()["state"] == "SUCCESS"
+
+
+@pytest.mark.parametrize("setting, pragma", [(None, 1), ("full", 2)])
+def test_journal_sync_sets_how_sqlite_commits(tmp_path, setting, pragma):
+    import sqlite3
+
+    from greenqueue import config, runtime
+    argv = ["--journal-sync", setting] if setting else []
+    _, settings = config.load([*argv, "app:app"], environ={})
+    rt = runtime.get_runtime()
+    store = rt.open_store(str(tmp_path / "j.db"), sync=settings["journal_sync"])
+    try:
+        # synchronous is per connection: ask the engine's own (1 = NORMAL, 2 = FULL).
+        conn = store.engine._conn
+        assert isinstance(conn, sqlite3.Connection)
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == pragma
+    finally:
+        rt.close_store()
+
+
+def test_journal_sync_refuses_other_modes():
+    from greenqueue import config
+    from greenqueue.errors import ConfigError
+    with pytest.raises(ConfigError, match="--journal-sync: must be one of normal, full"):
+        config.load(["--journal-sync", "off", "app:app"], environ={})

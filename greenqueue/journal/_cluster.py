@@ -45,6 +45,8 @@ def node_id() -> str:
 def _alive(pid: int) -> bool:
     if pid <= 0:
         return True  # unknown: let its lease decide
+    if pid == os.getpid():
+        return False  # an earlier run of a container whose server is always pid 1, say: not us
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
