@@ -24,21 +24,18 @@ import collections
 import itertools
 import logging
 import os
-import random
-import signal
 import time
 import weakref
 from typing import Any, Deque, Iterable, Iterator, List, Optional, Sequence, Type, Union, cast
 
 import gevent
-import gipc
 from gevent.event import AsyncResult
 
 from .. import events
-from ..errors import Overloaded, UnknownPool, WorkerCrashed, WorkerError, WorkerTimeout, from_dict
+from ..errors import Overloaded, UnknownPool, WorkerError, WorkerTimeout, from_dict
 from ._app import STREAM_CREDIT, DirtyApp, _load_class, _spec_of
-from ._child import _worker_main
-from ._wire import Channel
+from ._worker import BadReply as _BadReply
+from ._worker import Worker as _Worker
 
 log = logging.getLogger(__name__)
 
@@ -54,165 +51,6 @@ DEFAULT_MAX_QUEUE = 1000
 CPU_CORES: Optional[int] = None
 
 _RELEASE_WAIT = 2.0   # seconds a cancelled stream may take to close before its worker is killed
-
-
-class _BadReply(Exception):
-    """A message from a worker arrived but cannot be unpickled in the server."""
-
-    def __str__(self):
-        exc = self.args[0]
-        return "%s: %s" % (type(exc).__name__, exc)
-
-
-class _Worker:
-    """Parent-side handle of one worker process.
-
-    Whoever holds the worker reads its replies: the caller during a call or
-    stream (no hop through another greenlet), an I/O watcher while it is
-    idle (so a crash, seen as EOF on the pipe, is noticed even then).
-    """
-
-    def __init__(self, pool, index):
-        self.pool = pool
-        self.index = index
-        # Any, not Optional: start() sets both before any other method runs.
-        self.proc: Any = None
-        self.conn: Any = None
-        self.pid = None
-        self.calls = 0
-        self.limit = 0
-        self.busy = False
-        self.deadline = None     # monotonic time the current wait must end by (the pool's watchdog checks)
-        self.dead = False
-        self.reason = None       # why we ended it: "timeout", "recycled", "stopped", "abandoned"
-        self.exit_error = None   # what a caller waiting on this worker gets once it is dead
-        # The idle watcher, made by start(); _readable runs only as its callback.
-        self._io: Any = None
-
-    def start(self):
-        """Fork the child and wait for it to initialise; raise WorkerError if init fails."""
-        parent_end, child_end = gipc.pipe(duplex=True)
-        self.conn = Channel(parent_end)
-        self.proc = gipc.start_process(_worker_main, args=(child_end, self.pool.spec, os.getpid(), self.pool.idle_poll),
-                                       daemon=True)
-        try:
-            with gevent.Timeout(max(self.pool.timeout or 0, 60.0)):
-                msg = self.conn.get()
-        except (EOFError, gevent.Timeout):
-            self._reap()
-            raise WorkerError("worker for %s exited during start-up (exit code %s)"
-                              % (self.pool.spec, self.proc.exitcode)) from None
-        if msg[0] == "init_failed":
-            self._reap()
-            err = from_dict(msg[1])
-            raise WorkerError("%s init() failed: %s" % (self.pool.spec, err))
-        self.pid = msg[1]
-        mr = self.pool.max_requests
-        # Jitter so workers started together do not all recycle at once.
-        self.limit = mr + random.randint(0, max(0, mr // 10)) if mr else 0
-        self._io = gevent.get_hub().loop.io(self.conn.rfd, 1)
-        self.watch()
-        events.notify(events.WorkerStarted(self.pool, pid=self.pid, index=self.index))
-        return self
-
-    # -- idle watching ------------------------------------------------------------------
-
-    def watch(self):
-        """While idle, wake up if the pipe becomes readable (EOF after a crash, or the stop ack)."""
-        if not self.dead and self._io is not None:
-            if self.conn.pending():
-                gevent.spawn(self._drain_idle)  # already read into the buffer: the fd will not wake us
-            else:
-                self._io.start(self._readable)
-
-    def unwatch(self):
-        """Stop the idle watcher: the new holder reads the pipe itself."""
-        if self._io is not None:
-            self._io.stop()
-
-    def _readable(self):
-        self._io.stop()
-        gevent.spawn(self._drain_idle)  # runs in the hub: do the reading in a greenlet
-
-    def _drain_idle(self):
-        if self.busy or self.dead:
-            return
-        try:
-            msg = self.recv()
-        except _BadReply as exc:
-            log.warning("worker %d of %s sent a message the server cannot unpickle while idle: %s",
-                        self.index, self.pool.spec, exc)
-            msg = ("late",)
-        if msg[0] != "exc":
-            self.watch()  # a late or "stopped" message; keep watching for the EOF
-
-    # -- talking to the child ------------------------------------------------------------
-
-    def recv(self):
-        """Next message from the child; ``("exc", None, error)`` once it is dead."""
-        if self.dead:
-            return ("exc", None, self.exit_error)
-        try:
-            return self.conn.get()
-        except (EOFError, OSError, gipc.GIPCClosed):
-            self._on_exit()
-            return ("exc", None, self.exit_error)
-        except Exception as exc:
-            # A frame that arrived whole but does not unpickle here (a class only the worker
-            # can import, say). It is consumed; the next recv() reads the next message.
-            raise _BadReply(exc) from exc
-
-    def send(self, msg):
-        """Send a message to the child (a dead child is noticed by whoever reads next)."""
-        try:
-            self.conn.put(msg)
-        except (OSError, EOFError, gipc.GIPCClosed):
-            pass
-
-    def _on_exit(self):
-        if self.dead:
-            return
-        self.dead = True
-        self.unwatch()
-        self._reap()
-        reason = self.reason or "crashed"
-        exitcode = self.proc.exitcode if self.proc is not None else None
-        if reason == "timeout":
-            self.exit_error = WorkerTimeout("%s call ran past %ss; the worker was killed and is being replaced"
-                                            % (self.pool.spec, self.pool.timeout))
-        elif reason == "stopped":
-            self.exit_error = WorkerError("the pool for %s stopped during the call" % self.pool.spec)
-        else:
-            self.exit_error = WorkerCrashed("worker %d (pid %s) of %s died during the call (exit code %s); "
-                                            "a new one is being started" % (self.index, self.pid, self.pool.spec,
-                                                                           exitcode))
-        if reason == "crashed":
-            log.warning("worker %d (pid %s) of %s died (exit code %s)", self.index, self.pid,
-                        self.pool.spec, exitcode)
-        events.notify(events.WorkerExited(self.pool, pid=self.pid or 0, index=self.index,
-                                          exitcode=exitcode, reason=reason))
-        self.pool._worker_gone(self)
-
-    def _reap(self):
-        try:
-            self.conn.close()
-        except Exception:
-            pass  # already closed
-        if self.proc is not None:
-            self.proc.join(timeout=2)
-            if self.proc.is_alive():
-                self.kill()
-                self.proc.join(timeout=2)
-
-    def kill(self, reason=None):
-        """SIGKILL the child; the next read sees EOF and finishes the bookkeeping."""
-        if reason and not self.reason:
-            self.reason = reason
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class ProcessPool:
@@ -248,7 +86,7 @@ class ProcessPool:
         self.idle_poll = _grant_idle_poll(self)
         try:
             for index in range(self.size):
-                w = _Worker(self, index).start()
+                w = _Worker(self, index, self._worker_gone).start()
                 self._workers.append(w)
                 self._idle.append(w)
         except WorkerError:
@@ -363,7 +201,7 @@ class ProcessPool:
         w.proc.join(timeout=10)
         if w.proc.is_alive():
             w.kill()
-        w._on_exit()  # nobody reads this worker's pipe any more; account for it and replace it
+        w.on_exit()  # nobody reads this worker's pipe any more; account for it and replace it
 
     def _worker_gone(self, w):
         if w in self._idle:
@@ -383,7 +221,7 @@ class ProcessPool:
             if self._stopping:
                 return
             try:
-                w = _Worker(self, index).start()
+                w = _Worker(self, index, self._worker_gone).start()
             except WorkerError as exc:
                 self._failures += 1
                 log.error("%s; retrying in %.1fs", exc, min(30.0, 0.5 * 2 ** (self._failures - 1)))
@@ -554,7 +392,7 @@ class ProcessPool:
                 w.kill()
                 w.proc.join(timeout=2)
         for w in workers:
-            w._on_exit()  # an idle worker's EOF may not have been read yet
+            w.on_exit()  # an idle worker's EOF may not have been read yet
         for waiter in list(self._waiters):
             waiter.set_exception(WorkerError("the pool for %s stopped" % self.spec))
         self._waiters.clear()
