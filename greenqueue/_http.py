@@ -8,18 +8,20 @@ hub. Each connection owns its parser, two I/O watchers
 stream runs) and one timer for its deadlines; their callbacks run in the
 hub. Nothing is shared between connections except the read-only
 :class:`HTTPSettings` (whose ``shutting_down`` flag the server sets), the
-server's set of live connections, a bounded cache of header names and the
-list of connections whose whole response waits for the end of the hub's
-turn (sent by one hub callback; see :meth:`Connection.send_final`). All of
-it belongs to the one hub that serves connections (the main thread's).
+server's set of live connections, a bounded cache of header names (in
+:mod:`greenqueue._request`) and the list of connections whose whole
+response waits for the end of the hub's turn (sent by one hub callback; see
+:meth:`Connection.send_final`). All of it belongs to the one hub that
+serves connections (the main thread's).
 
 Why not gevent.pywsgi's own parser: it accepts many malformed requests and
 treats unknown transfer codings as "no body" (a request-smuggling risk).
-llhttp (through ``httptools``) rejects those; this module adds the limits
-llhttp leaves to the embedder (request line, header count and size, header
-timeout, HTTP version, asterisk-form only for OPTIONS) and writes responses
-so the headers and the first body chunk leave in one send, which avoids the
-delayed-ACK stall pywsgi has on keep-alive connections.
+llhttp (through ``httptools``) rejects those; :mod:`greenqueue._request`
+adds the limits llhttp leaves to the embedder (request line, header count
+and size, HTTP version, asterisk-form only for OPTIONS), this module the
+header timeout, and it writes responses so the headers and the first body
+chunk leave in one send, which avoids the delayed-ACK stall pywsgi has on
+keep-alive connections.
 
 Why the socket is read and written below gevent's socket methods: those set
 up a gevent.Timeout per wait and ask the kernel for the send buffer size per
@@ -34,9 +36,8 @@ import logging
 import socket
 import sys
 import time
-from collections import deque
 from math import inf
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 from urllib.parse import unquote_to_bytes
 
 import gevent
@@ -44,7 +45,12 @@ import httptools
 from gevent import getcurrent
 
 from . import events
-from ._response import _REASONS, ClientDisconnected, IncompleteBody, _http_date, _Response
+from ._request import (_KEYS, _METHODS, _NO_BODY, _PROTOCOLS, HTTPSettings, Input, RequestError, _environ_key,
+                       _NoBody, _Parser, _Request)
+from ._response import _REASONS, ClientDisconnected, _http_date, _Response
+
+# Part of this module's interface since before the request side had a module of its own.
+__all__ = ["Connection", "HTTPSettings", "Input", "RequestError"]
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("greenqueue.access")
@@ -54,11 +60,6 @@ _MAX_DRAIN = 1 << 20  # unread request body we still read to keep a connection a
 _monotonic = time.monotonic
 _RequestFinished = events.RequestFinished
 _wanted = events.wanted
-_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
-_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
-# Request header name -> environ key ("" when dropped). Bounded: names come from clients.
-_KEYS: Dict[bytes, str] = {}
-_MAX_KEYS = 1024
 # Whole responses up to this size wait for the end of the hub's turn; larger ones leave at once.
 _BATCH_MAX = 65536
 # Connections with a response waiting for the end of the hub's turn (this process serves
@@ -66,275 +67,17 @@ _BATCH_MAX = 65536
 _PENDING: List["Connection"] = []
 
 
-def _busy(loop):
+def _busy(loop: Any) -> bool:
     """True when the hub has other watchers to run in this turn (other clients' requests, say)."""
     return getattr(loop, "pendingcnt", 1) > 0  # libev counts them; other loops: assume busy
 
 
-def _flush_pending():
+def _flush_pending() -> None:
     """Send every response queued during this turn of the hub (a hub callback)."""
     conns = _PENDING[:]
     del _PENDING[:]
     for conn in conns:
         conn._flush_queued()
-
-
-class HTTPSettings:
-    """Read-only limits and policies shared by every connection of one server."""
-
-    def __init__(self, app: Callable, *, max_request_line: int = 8190, max_header_size: int = 65536,
-                 max_headers: int = 100, header_timeout: Optional[float] = 10.0,
-                 keepalive_timeout: Optional[float] = 75.0, forwarded_allow: Any = (), server_name: str = "",
-                 server_port: Any = "", access_log_enabled: bool = False) -> None:
-        self.app = app
-        self.max_request_line = max_request_line
-        self.max_header_size = max_header_size
-        self.max_headers = max_headers
-        self.header_timeout = header_timeout or None
-        self.keepalive_timeout = keepalive_timeout or None
-        # None means "trust any peer"; a tuple of ip_network otherwise.
-        self.forwarded_allow = forwarded_allow
-        self.server_name = server_name
-        self.server_port = str(server_port)
-        self.access_log_enabled = access_log_enabled
-        self.shutting_down = False
-        #: What every environ of this server starts from (a connection adds its peer).
-        self.base_environ = {
-            "SCRIPT_NAME": "", "SERVER_NAME": server_name, "SERVER_PORT": self.server_port,
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.multithread": False,
-            "wsgi.multiprocess": False, "wsgi.run_once": False, "wsgi.input_terminated": True,
-        }
-
-
-class RequestError(Exception):
-    """A request we refuse; ``status`` is the 4xx/5xx to answer with."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-class _Request:
-    """One parsed request: filled by the parser callbacks, read by the WSGI app."""
-
-    __slots__ = ("url", "headers", "header_bytes", "complete", "headers_done", "body", "body_len",
-                 "method", "version", "keep_alive", "upgrade")
-
-    def __init__(self):
-        self.url = b""
-        self.headers = []
-        self.header_bytes = 0
-        self.headers_done = False
-        self.complete = False
-        self.body = []
-        self.body_len = 0
-        self.method = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.upgrade = False
-
-
-class _Parser:
-    """httptools protocol object: turns callbacks into queued :class:`_Request` objects.
-
-    One per connection, reused for every request on it; one feed parses every
-    request the bytes contain (pipelining), each queued in order.
-    """
-
-    __slots__ = ("settings", "queue", "current", "parser", "error")
-
-    def __init__(self, settings: HTTPSettings) -> None:
-        self.settings = settings
-        self.queue: Deque[_Request] = deque()
-        self.current: Any = None  # the _Request being parsed (set by on_message_begin before any other callback)
-        self.parser = httptools.HttpRequestParser(self)
-        self.error: Optional[RequestError] = None
-
-    def feed(self, data):
-        """Parse ``data``; raise RequestError for anything llhttp or our limits refuse."""
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # An Upgrade/CONNECT request: we answer it as plain HTTP and close after it.
-            if self.current is not None:
-                self.current.upgrade = True
-                self.current.complete = True
-        except httptools.HttpParserCallbackError:
-            raise self.error or RequestError(400, "bad request") from None
-        except httptools.HttpParserInvalidMethodError:
-            raise RequestError(501, "method not implemented") from None
-        except httptools.HttpParserInvalidURLError:
-            raise RequestError(400, "invalid request target") from None
-        except httptools.HttpParserError as exc:
-            reason = str(exc) or "malformed request"
-            if reason == "Invalid HTTP version":
-                raise RequestError(505, reason) from None
-            raise RequestError(400, reason) from None
-
-    def _fail(self, status, reason):
-        self.error = RequestError(status, reason)
-        raise self.error
-
-    # httptools callbacks -------------------------------------------------
-    def on_message_begin(self):
-        self.current = _Request()
-        self.queue.append(self.current)
-
-    def on_url(self, url):
-        req = self.current
-        req.url += url
-        if len(req.url) > self.settings.max_request_line:
-            self._fail(414, "request line longer than %d bytes" % self.settings.max_request_line)
-
-    def on_header(self, name, value):
-        req = self.current
-        req.headers.append((name, value))
-        req.header_bytes += len(name) + len(value) + 4
-        if len(req.headers) > self.settings.max_headers:
-            self._fail(431, "more than %d header fields" % self.settings.max_headers)
-        if req.header_bytes > self.settings.max_header_size:
-            self._fail(431, "headers larger than %d bytes" % self.settings.max_header_size)
-
-    def on_headers_complete(self):
-        req = self.current
-        p = self.parser
-        req.method = p.get_method()
-        req.version = version = p.get_http_version()
-        if version != "1.1" and version != "1.0":
-            # llhttp reads any one-digit major and minor; we speak HTTP/1.x only (RFC 9110 15.6.6).
-            self._fail(505, "HTTP/%s is not supported" % version)
-        if req.url == b"*" and req.method != b"OPTIONS":
-            # RFC 9112 3.2.4: the asterisk-form is only for a server-wide OPTIONS.
-            self._fail(400, "the request target * is only allowed with OPTIONS")
-        req.keep_alive = p.should_keep_alive()
-        req.headers_done = True
-
-    def on_body(self, body):
-        req = self.current
-        req.body.append(body)
-        req.body_len += len(body)
-
-    def on_message_complete(self):
-        self.current.complete = True
-
-
-def _environ_key(name: bytes) -> str:
-    """The environ key of request header ``name``, or "" when the header is dropped."""
-    key = name.decode("latin-1").upper()
-    if "_" in key:
-        key = ""  # dropped like gunicorn does: X_Forwarded_For must not pose as X-Forwarded-For
-    else:
-        key = key.replace("-", "_")
-        if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
-            key = "HTTP_" + key
-    if len(_KEYS) < _MAX_KEYS:
-        _KEYS[name] = key
-    return key
-
-
-class Input:
-    """``wsgi.input``: reads the request body lazily from the connection."""
-
-    __slots__ = ("_conn", "_req", "_buf", "_continue_sent", "cut")
-
-    def __init__(self, conn: "Connection", req: _Request) -> None:
-        self._conn = conn
-        self._req = req
-        self._buf = b""
-        self._continue_sent = False
-        self.cut = False  # the client closed the connection before the end of the body
-
-    def _fill(self):
-        """Read more body from the socket; False once the message is complete."""
-        req = self._req
-        if req.body:
-            self._buf += b"".join(req.body)
-            req.body.clear()
-            return True
-        if req.complete:
-            return False
-        if self.cut:
-            raise IncompleteBody()
-        conn = self._conn
-        if conn.expect_continue and not self._continue_sent:
-            self._continue_sent = True
-            conn.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
-        try:
-            conn.read_more(conn.body_timeout)
-        except EOFError:
-            self.cut = True
-            req.keep_alive = False
-            log.info("client %s closed the connection %d bytes into a request body",
-                     conn._peer(), req.body_len)
-            raise IncompleteBody() from None
-        return True
-
-    def read(self, size: Optional[int] = -1) -> bytes:
-        """Read up to ``size`` bytes (all when negative)."""
-        if size is None or size < 0:
-            while self._fill():
-                pass
-            data, self._buf = self._buf, b""
-            return data
-        while len(self._buf) < size and self._fill():
-            pass
-        data, self._buf = self._buf[:size], self._buf[size:]
-        return data
-
-    def readline(self, size: Optional[int] = -1) -> bytes:
-        """Read one line (up to ``size`` bytes)."""
-        while True:
-            idx = self._buf.find(b"\n")
-            if idx >= 0 or (size is not None and 0 <= size <= len(self._buf)):
-                break
-            if not self._fill():
-                break
-        end = idx + 1 if idx >= 0 else len(self._buf)
-        if size is not None and 0 <= size < end:
-            end = size
-        data, self._buf = self._buf[:end], self._buf[end:]
-        return data
-
-    def readlines(self, hint: Any = None) -> list:
-        """Read all remaining lines."""
-        return list(iter(self.readline, b""))
-
-    def __iter__(self):
-        return iter(self.readline, b"")
-
-    def unread(self) -> int:
-        """Bytes of body received but not yet consumed by the app."""
-        return len(self._buf) + self._req.body_len
-
-
-class _NoBody:
-    """``wsgi.input`` of a request that has no body (stateless, so one serves every request)."""
-
-    __slots__ = ()
-    cut = False
-
-    def read(self, size: Optional[int] = -1) -> bytes:
-        """Nothing to read."""
-        return b""
-
-    def readline(self, size: Optional[int] = -1) -> bytes:
-        """Nothing to read."""
-        return b""
-
-    def readlines(self, hint: Any = None) -> list:
-        """Nothing to read."""
-        return []
-
-    def __iter__(self):
-        return iter(())
-
-    def unread(self) -> int:
-        """Nothing left."""
-        return 0
-
-
-_NO_BODY = _NoBody()
 
 
 class Connection:
@@ -376,7 +119,7 @@ class Connection:
         self._trusted = self._trusted_proxy(self._peer_addr)  # X-Forwarded-* from this peer are believed
 
     # I/O ----------------------------------------------------------------
-    def _recv(self, timeout, wait_first=False):
+    def _recv(self, timeout: Optional[float], wait_first: bool = False) -> bytes:
         """recv once (b"" when the peer closed); socket.timeout when nothing came in ``timeout`` seconds."""
         raw = self._raw
         if wait_first:
@@ -387,7 +130,7 @@ class Connection:
             except BlockingIOError:
                 self._wait_readable(timeout)
 
-    def _wait_readable(self, timeout):
+    def _wait_readable(self, timeout: Optional[float]) -> None:
         if self._out is not None and not self._queued:
             self.send_raw(b"")  # what a flush could not send leaves before we wait on the client
         rio = self._rio
@@ -410,7 +153,7 @@ class Connection:
             rio.stop()
             self._deadline = None
 
-    def _arm(self, seconds, at):
+    def _arm(self, seconds: float, at: float) -> None:
         if self._timer is not None:
             self._timer.close()
         timer = self._hub.loop.timer(seconds, ref=False)
@@ -418,7 +161,7 @@ class Connection:
         self._timer = timer
         self._timer_at = at
 
-    def _on_timer(self):
+    def _on_timer(self) -> None:
         # Runs in the hub. The deadline may have moved since the timer was set: follow it.
         self._timer = None
         self._timer_at = inf
@@ -457,7 +200,7 @@ class Connection:
         self._dio.stop()
         self._streamer = None
 
-    def _on_readable(self):
+    def _on_readable(self) -> None:
         # Runs in the hub while a stream is being sent.
         try:
             data = self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
@@ -507,7 +250,7 @@ class Connection:
                 self._hub.loop.run_callback(_flush_pending)
             _PENDING.append(self)
 
-    def _flush_queued(self):
+    def _flush_queued(self) -> None:
         # Runs in the hub, from _flush_pending; must not block.
         self._queued = False
         data = self._out
@@ -546,7 +289,7 @@ class Connection:
             self._set_nodelay(False)
         self.send_raw(data)
 
-    def _end_burst(self):
+    def _end_burst(self) -> None:
         # Runs in the hub (a callback): setsockopt never blocks.
         self._burst_end = None
         if self._nagle:
@@ -560,14 +303,14 @@ class Connection:
         if self._nagle:
             self._set_nodelay(True)
 
-    def _set_nodelay(self, on):
+    def _set_nodelay(self, on: bool) -> None:
         try:
             self._raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if on else 0)
             self._nagle = not on
         except OSError:
             self.tcp = False  # the socket is closing: the stream's next write will say so
 
-    def _next_request(self, wait_first):
+    def _next_request(self, wait_first: bool) -> Optional[_Request]:
         """Return the next request once its headers are in, or None when the client is done."""
         queue = self.parser.queue
         settings = self.settings
@@ -639,7 +382,7 @@ class Connection:
             self.registry.discard(self)
             self._release()
 
-    def _release(self):
+    def _release(self) -> None:
         if self._out is not None:
             try:
                 self.send_raw(b"")
@@ -664,7 +407,7 @@ class Connection:
             except OSError:
                 pass  # already closed by the peer
 
-    def _send_error(self, status, reason):
+    def _send_error(self, status: int, reason: str) -> None:
         body = ("%d %s: %s\n" % (status, _REASONS.get(status, "Error"), reason)).encode("latin-1", "replace")
         head = ("HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
                 "Connection: close\r\nDate: %s\r\n\r\n" % (status, _REASONS.get(status, "Error"),
@@ -675,7 +418,7 @@ class Connection:
         except OSError:
             pass  # the client is gone; the rejection is logged
 
-    def _peer(self):
+    def _peer(self) -> str:
         if isinstance(self.address, tuple) and self.address:
             return self.address[0]
         return "unix"
@@ -726,7 +469,7 @@ class Connection:
         environ["wsgi.input"] = _NO_BODY if req.complete and not req.body else Input(self, req)
         return environ
 
-    def _trusted_proxy(self, remote_addr):
+    def _trusted_proxy(self, remote_addr: str) -> bool:
         allow = self.settings.forwarded_allow
         if not remote_addr:
             return True  # unix socket: only local processes with file access can connect
@@ -741,7 +484,7 @@ class Connection:
             return False
         return any(ip in net for net in allow)
 
-    def _apply_forwarded(self, environ):
+    def _apply_forwarded(self, environ: Dict[str, Any]) -> None:
         fwd_for = environ.get("HTTP_X_FORWARDED_FOR")
         if fwd_for:
             # The rightmost address is the one our trusted proxy saw connect to it.
@@ -752,7 +495,7 @@ class Connection:
         if proto in ("http", "https"):
             environ["wsgi.url_scheme"] = proto
 
-    def _handle_request(self, req):
+    def _handle_request(self, req: _Request) -> bool:
         """Run the app for ``req``; return True when the connection may serve another request."""
         started = _monotonic()
         environ = self._build_environ(req)
@@ -772,7 +515,7 @@ class Connection:
             return True
         return self._finish_body(req, environ["wsgi.input"])
 
-    def _finish_body(self, req, body):
+    def _finish_body(self, req: _Request, body: Union[Input, _NoBody]) -> bool:
         """Consume what the app left unread so the next request parses cleanly."""
         if body.cut or body.unread() > _MAX_DRAIN:
             return False
@@ -787,7 +530,7 @@ class Connection:
             return False
         return True
 
-    def _log_access(self, environ, resp, duration):
+    def _log_access(self, environ: Dict[str, Any], resp: _Response, duration: float) -> None:
         access_log.info('%s - - [%s] "%s %s %s" %s %s %.4f', environ.get("REMOTE_ADDR") or "-",
                         time.strftime("%d/%b/%Y:%H:%M:%S %z"), environ["REQUEST_METHOD"],
                         environ["RAW_URI"], environ["SERVER_PROTOCOL"], resp.status_code or "-",
