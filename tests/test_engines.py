@@ -247,6 +247,39 @@ def test_the_attempt_fences_a_node_that_claimed_the_same_row_again(engines):
     assert e.get("r").result == b"fresh"
 
 
+def test_finish_many_writes_every_final_state_each_fenced_by_its_own_attempt(engines):
+    e = engines(lease_timeout=1)
+    e.enqueue([row(id="stale"), row(id="ok"), row(id="bad"), row(id="theirs")])
+    first = {r.id: r for r in e.claim("A", None, 4)}
+    reaped(e, "stale")  # A lost every lease: it claims them again, with a new attempt each
+    again = {r.id: r for r in e.claim("A", None, 4)}
+    assert set(again) == set(first)
+    e.release(["theirs"], "A")
+    theirs, = e.claim("B", None, 1)
+    items = [
+        ("stale", "A", first["stale"].attempts, "SUCCESS", b"late", None, None, None, 60),
+        ("ok", "A", again["ok"].attempts, "SUCCESS", b"1", None, None, None, 60),
+        ("bad", "A", again["bad"].attempts, "FAILURE", None, "ValueError", "no", "Traceback...", 60),
+        ("theirs", "A", again["theirs"].attempts, "SUCCESS", b"mine?", None, None, None, 60),
+        ("stale", "A", again["stale"].attempts, "SUCCESS", b"fresh", None, None, None, 60),
+        ("ok", "A", again["ok"].attempts, "FAILURE", None, None, None, None, 60),
+    ]
+    # The same answers as one finish() per item, in order: the stale attempt, the row
+    # another node holds and the second finish of a finished row are fenced off.
+    assert e.finish_many(items) == [False, True, True, False, True, False]
+    got = {i: e.get(i) for i in ("stale", "ok", "bad", "theirs")}
+    assert (got["stale"].state, got["stale"].result) == ("SUCCESS", b"fresh")
+    assert (got["ok"].state, got["ok"].result, got["ok"].owner) == ("SUCCESS", b"1", None)
+    assert got["ok"].expires_at == pytest.approx(got["ok"].finished_at + 60)
+    assert (got["bad"].state, got["bad"].error_type, got["bad"].error, got["bad"].traceback) == (
+        "FAILURE", "ValueError", "no", "Traceback...")
+    assert (got["theirs"].state, got["theirs"].owner) == ("STARTED", "B")
+    assert e.finish("theirs", "B", theirs.attempts, "SUCCESS") is True
+    assert e.finish_many([]) == []
+    with pytest.raises(JournalError):
+        e.finish_many([("ok", "A", 1, "RUNNING", None, None, None, None, 60)])
+
+
 def test_a_row_that_keeps_losing_its_lease_fails_as_a_poison_pill(engines):
     e = engines(lease_timeout=1)
     e.enqueue([row(id="pill")])

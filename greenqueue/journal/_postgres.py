@@ -24,14 +24,12 @@ since: a ping on every borrow would double the round trips of a busy node,
 while this way a restart costs at most the calls already on their way.
 """
 
-import dataclasses
 import logging
-import re
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg import conninfo as _conninfo
@@ -40,100 +38,19 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import JournalError
 from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow
+from ._postgres_sql import (CHANNEL, CLAIM, CLAIMABLE, COLS, FINISH, FINISH_FIELDS, FINISH_MANY, HEARTBEAT,
+                            INSERT, INSERT_FIELDS, LEAD, MIGRATION_LOCK, MIN_SERVER, NOW, REAP, RELEASE, RETRY,
+                            SCHEMA_VERSION, mask_dsn, migrate)
 
 __all__ = ["PostgresEngine", "SCHEMA_VERSION", "mask_dsn"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-_MAGIC = "greenqueue-journal"
-_CHANNEL = "greenqueue"
-# Any constant works as long as every greenqueue version uses the same one:
-# it serialises schema creation and migration across nodes starting together.
-_MIGRATION_LOCK = 0x677265656E71  # "greenq"
-_MIN_SERVER = 130000
-_TABLES = ("greenqueue_meta", "greenqueue_tasks", "greenqueue_nodes", "greenqueue_leader",
-           "greenqueue_periodic", "greenqueue_anchors")
-
-# statement_timestamp(), not now(): a statement in a caller's long transaction
-# (enqueue(connection=)) still gets a fresh lease and due time.
-NOW = "extract(epoch from statement_timestamp())::float8"
-_CLAIMABLE = "('PENDING', 'SCHEDULED', 'RETRY')"
-
 # A connection that worked this recently is lent without a ping (see the docstring).
 _TRUST_FOR = 1.0
 
-_FIELDS = [f.name for f in dataclasses.fields(TaskRow)]
-_COLS = ", ".join(_FIELDS)
-_TCOLS = ", ".join("t." + f for f in _FIELDS)
-
-# Version N's statements bring a database from version N - 1 to N.
-_MIGRATIONS: Dict[int, List[str]] = {1: [
-    "CREATE TABLE greenqueue_meta (key text PRIMARY KEY, value text NOT NULL)",
-    """CREATE TABLE greenqueue_tasks (
-        id text PRIMARY KEY,
-        name text NOT NULL,
-        payload bytea NOT NULL,
-        serializer text NOT NULL,
-        queue text NOT NULL,
-        state text NOT NULL,
-        eta float8,
-        due float8 NOT NULL,
-        attempts integer NOT NULL DEFAULT 0,
-        max_attempts integer NOT NULL DEFAULT 1,
-        lease_losses integer NOT NULL DEFAULT 0,
-        idempotency_key text,
-        owner text,
-        lease_expires float8,
-        cancel_requested boolean NOT NULL DEFAULT false,
-        lost_by text[],
-        created_at float8 NOT NULL,
-        updated_at float8 NOT NULL,
-        started_at float8,
-        finished_at float8,
-        expires_at float8,
-        result bytea,
-        error_type text,
-        error text,
-        traceback text,
-        note text) WITH (fillfactor = 90)""",
-    "CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due) WHERE owner IS NULL AND state IN "
-    + _CLAIMABLE,
-    # Reap finds expired leases through this index too: an index on lease_expires would
-    # make every heartbeat's renewal a non-HOT update of every running row.
-    "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
-    "CREATE INDEX greenqueue_tasks_lost ON greenqueue_tasks (id) WHERE lost_by IS NOT NULL",
-    "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
-    "WHERE idempotency_key IS NOT NULL",
-    "CREATE INDEX greenqueue_tasks_expires ON greenqueue_tasks (expires_at) WHERE expires_at IS NOT NULL",
-    "CREATE INDEX greenqueue_tasks_created ON greenqueue_tasks (created_at)",
-    "CREATE INDEX greenqueue_tasks_state ON greenqueue_tasks (state, created_at)",
-    """CREATE TABLE greenqueue_nodes (
-        id text PRIMARY KEY, host text NOT NULL, pid integer NOT NULL, queues text[],
-        started_at float8 NOT NULL, heartbeat_at float8 NOT NULL, running integer NOT NULL DEFAULT 0)""",
-    """CREATE TABLE greenqueue_leader (
-        id integer PRIMARY KEY CHECK (id = 1), node text NOT NULL, epoch bigint NOT NULL,
-        lease_expires float8 NOT NULL, acquired_at float8 NOT NULL)""",
-    """CREATE TABLE greenqueue_periodic (
-        job text NOT NULL, due float8 NOT NULL, fired_at float8 NOT NULL, task_id text,
-        PRIMARY KEY (job, due))""",
-    "CREATE TABLE greenqueue_anchors (job text PRIMARY KEY, phase float8 NOT NULL, created_at float8 NOT NULL)",
-]}
-
-
-def mask_dsn(dsn: str) -> str:
-    """``dsn`` with its password replaced by ``***`` (URL or key=value form)."""
-    if "://" not in dsn:
-        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
-    parts = urlsplit(dsn)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = "%s%s@%s" % (user, ":***" if colon else "", hostinfo)
-    query = "&".join("%s=%s" % (k, "***" if k == "password" else v)
-                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+# Errors a statement may be retried after: the database rolled it back whole, nothing was half-written.
+_RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
 def _secrets(dsn: str) -> List[str]:
@@ -152,8 +69,11 @@ def _secrets(dsn: str) -> List[str]:
     return sorted(found, key=len, reverse=True)
 
 
-def _values(rows: Sequence[TaskRow], field: str) -> list:
-    return [getattr(r, field) for r in rows]
+def _rows_as_arrays(rows: Sequence[TaskRow], owner: Optional[str], lease: float) -> Dict[str, Any]:
+    """INSERT's parameters: one array per column, the owner and the lease."""
+    params: Dict[str, Any] = {f: [getattr(r, f) for r in rows] for f in INSERT_FIELDS}
+    params.update(payload=[r.payload or b"" for r in rows], owner=owner, lease=lease)
+    return params
 
 
 class _Connection(psycopg.Connection):
@@ -176,7 +96,7 @@ class PostgresEngine:
         self.result_ttl = float(result_ttl)
         self._pool_size = max(2, int(pool_size))
         self._secrets = _secrets(dsn)
-        self._pool: Optional[ConnectionPool] = None
+        self._pool: Optional[ConnectionPool[_Connection]] = None
         self._listener: Optional[psycopg.Connection] = None
         self._listen_lock = threading.Lock()
         self._closed = threading.Event()
@@ -256,6 +176,13 @@ class PostgresEngine:
         with self._conn(doing) as conn:
             return conn.execute(sql, params).rowcount
 
+    def _value(self, doing: str, sql: str, params: Any = None) -> Any:
+        """The first column of a statement that always returns one row (an aggregate, RETURNING of an upsert)."""
+        found = self._one(doing, sql, params)
+        if found is None:
+            raise JournalError("journal %s: %s failed: the statement returned no row" % (self.display, doing))
+        return found[0]
+
     # -- open / close ------------------------------------------------------------------
 
     def open(self) -> None:
@@ -267,12 +194,12 @@ class PostgresEngine:
         # password), where a pool would only time out.
         try:
             with psycopg.connect(self.dsn, **kwargs) as conn:
-                if conn.info.server_version < _MIN_SERVER:
+                if conn.info.server_version < MIN_SERVER:
                     raise JournalError("journal %s: PostgreSQL %s is too old; greenqueue needs 13 or newer"
                                        % (self.display, conn.info.parameter_status("server_version")))
                 with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                    self._migrate(conn)
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                    migrate(conn, self.display)
         except psycopg.Error as exc:
             raise JournalError(self._scrub(
                 "journal %s: cannot open it: %s. Check that PostgreSQL runs and the URL's host, port, user, "
@@ -292,43 +219,6 @@ class PostgresEngine:
         self._pool = pool
         self._closed.clear()
 
-    def _migrate(self, conn: psycopg.Connection) -> None:
-        present = {r[0] for r in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename = ANY(%s)",
-            (list(_TABLES),))}
-        if "greenqueue_meta" not in present:
-            if present:
-                raise JournalError("journal %s: this database has tables named like greenqueue's (%s) but no "
-                                   "greenqueue_meta; refusing to touch them. Point --journal at another "
-                                   "database or schema" % (self.display, ", ".join(sorted(present))))
-            version = 0
-        else:
-            meta = dict(conn.execute("SELECT key, value FROM greenqueue_meta").fetchall())
-            if meta.get("magic") != _MAGIC:
-                raise JournalError("journal %s: greenqueue_meta in this database belongs to something else "
-                                   "(magic %r); refusing to touch it. Point --journal at another database "
-                                   "or schema" % (self.display, meta.get("magic")))
-            try:
-                version = int(meta.get("schema_version", ""))
-            except ValueError:
-                version = -1
-            if version > SCHEMA_VERSION:
-                raise JournalError("journal %s: written by a newer greenqueue (schema %d, this one knows %d); "
-                                   "upgrade greenqueue on this node or point --journal at another database"
-                                   % (self.display, version, SCHEMA_VERSION))
-            if version < 1:
-                raise JournalError("journal %s: unknown schema version %r in greenqueue_meta; restore it or "
-                                   "point --journal at another database"
-                                   % (self.display, meta.get("schema_version")))
-        if version == SCHEMA_VERSION:
-            return
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            for stmt in _MIGRATIONS[step]:
-                conn.execute(stmt)
-        conn.execute("INSERT INTO greenqueue_meta (key, value) VALUES ('magic', %s), ('schema_version', %s) "
-                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (_MAGIC, str(SCHEMA_VERSION)))
-        log.info("journal %s: schema at version %d (was %d)", self.display, SCHEMA_VERSION, version)
-
     def close(self) -> None:
         """Release connections; rows keep their state."""
         self._closed.set()
@@ -339,42 +229,13 @@ class PostgresEngine:
 
     # -- tasks ---------------------------------------------------------------------------
 
-    _INSERT = """
-        WITH src AS (
-            SELECT * FROM unnest(%(id)s::text[], %(name)s::text[], %(payload)s::bytea[],
-                                 %(serializer)s::text[], %(queue)s::text[], %(state)s::text[],
-                                 %(eta)s::float8[], %(attempts)s::int[], %(max_attempts)s::int[],
-                                 %(idempotency_key)s::text[], %(note)s::text[])
-                AS s(id, name, payload, serializer, queue, state, eta, attempts, max_attempts,
-                     idempotency_key, note)),
-        ins AS (
-            INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts,
-                max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at)
-            SELECT id, name, payload, serializer, queue,
-                   CASE WHEN %(owner)s::text IS NULL THEN state ELSE 'STARTED' END,
-                   eta, coalesce(eta, {now}),
-                   attempts + CASE WHEN %(owner)s::text IS NULL THEN 0 ELSE 1 END, max_attempts,
-                   idempotency_key, note, %(owner)s::text,
-                   CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} + %(lease)s END,
-                   CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} END, {now}, {now}
-            FROM src
-            ON CONFLICT DO NOTHING
-            RETURNING {cols}, due),
-        hint AS (
-            SELECT pg_notify('{channel}', q) FROM (
-                SELECT DISTINCT queue AS q FROM ins WHERE owner IS NULL AND due <= {now}) d)
-        SELECT {cols}, (SELECT count(*) FROM hint) FROM ins
-        """.format(now=NOW, cols=_COLS, channel=_CHANNEL)
-
     def enqueue(self, rows: Sequence[TaskRow], owner: Optional[str] = None,
                 connection: Any = None) -> List[TaskRow]:
         """Insert ``rows`` in one commit (or the caller's transaction) and return what is stored, in order."""
         rows = list(rows)
         if not rows:
             return []
-        params = {f: _values(rows, f) for f in ("id", "name", "serializer", "queue", "state", "eta",
-                                                 "attempts", "max_attempts", "idempotency_key", "note")}
-        params.update(payload=[r.payload or b"" for r in rows], owner=owner, lease=self.lease_timeout)
+        params = _rows_as_arrays(rows, owner, self.lease_timeout)
         if connection is not None:
             if not isinstance(connection, psycopg.Connection):
                 raise JournalError("journal %s: connection= takes an open psycopg 3 connection, not %s"
@@ -388,22 +249,22 @@ class PostgresEngine:
         with self._conn("enqueue") as conn:
             return self._enqueue_on(conn, rows, params)
 
-    def _enqueue_on(self, conn: Any, rows: List[TaskRow], params: dict) -> List[TaskRow]:
+    def _enqueue_on(self, conn: Any, rows: List[TaskRow], params: Dict[str, Any]) -> List[TaskRow]:
         # The caller's connection may have any row factory; these rows are read by position.
         with conn.cursor(row_factory=tuple_row) as cur:
-            stored = {r[0]: TaskRow(*r[:-1]) for r in cur.execute(self._INSERT, params).fetchall()}
+            stored = {r[0]: TaskRow(*r[:-1]) for r in cur.execute(INSERT, params).fetchall()}
             if len(stored) < len(rows):
                 missing = [r for r in rows if r.id not in stored]
                 keys = [r.idempotency_key for r in missing if r.idempotency_key]
                 cur.execute("SELECT %s FROM greenqueue_tasks WHERE id = ANY(%%s) OR idempotency_key = ANY(%%s)"
-                            % _COLS, ([r.id for r in missing], keys))
+                            % COLS, ([r.id for r in missing], keys))
                 existing = [TaskRow(*r) for r in cur.fetchall()]
             else:
                 existing = []
         by_id = dict(stored)
         by_id.update((r.id, r) for r in existing)
         by_key = {r.idempotency_key: r for r in list(stored.values()) + existing if r.idempotency_key}
-        out = []
+        out: List[TaskRow] = []
         for row in rows:
             found = by_key.get(row.idempotency_key) if row.idempotency_key else None
             found = found or by_id.get(row.id)
@@ -417,21 +278,7 @@ class PostgresEngine:
         """Claim up to ``limit`` due, unowned rows (oldest due first) for ``node``."""
         if limit <= 0 or (queues is not None and not queues):
             return []
-        sql = """
-            WITH picked AS (
-                SELECT id FROM greenqueue_tasks
-                WHERE owner IS NULL AND state IN {claimable} AND due <= {now} {queue_filter}
-                ORDER BY due, created_at
-                LIMIT %(limit)s
-                FOR UPDATE SKIP LOCKED)
-            UPDATE greenqueue_tasks t
-            SET state = 'STARTED', owner = %(node)s, attempts = t.attempts + 1,
-                lease_expires = {now} + %(lease)s, started_at = {now}, updated_at = {now},
-                lost_by = NULLIF(array_remove(t.lost_by, %(node)s), '{{}}')
-            FROM picked WHERE t.id = picked.id
-            RETURNING {tcols}, t.due
-            """.format(claimable=_CLAIMABLE, now=NOW, tcols=_TCOLS,
-                       queue_filter="AND queue = ANY(%(queues)s)" if queues is not None else "")
+        sql = CLAIM.format(queue_filter="AND queue = ANY(%(queues)s)" if queues is not None else "")
         params = {"node": node, "limit": int(limit), "lease": self.lease_timeout,
                   "queues": list(queues) if queues is not None else None}
         got = self._all("claim", sql, params)
@@ -446,49 +293,67 @@ class PostgresEngine:
         if state not in FINAL:
             raise JournalError("journal %s: finish() takes a final state (%s), not %r"
                                % (self.display, ", ".join(FINAL), state))
-        sql = """UPDATE greenqueue_tasks
-                 SET state = %s, result = %s, error_type = %s, error = %s, traceback = %s,
-                     owner = NULL, lease_expires = NULL, finished_at = {now}, updated_at = {now},
-                     expires_at = {now} + %s
-                 WHERE id = %s AND owner = %s AND attempts = %s""".format(now=NOW)
-        return self._count("finish", sql, (state, result, error_type, error, traceback, float(ttl),
-                                           row_id, node, attempt)) == 1
+        return self._count("finish", FINISH, (state, result, error_type, error, traceback, float(ttl),
+                                              row_id, node, attempt)) == 1
 
-    # A row whose cancel was requested while it ran ends CANCELLED when it comes back
-    # unowned (retry, release, reap), instead of running again.
-    _BACK = """state = CASE WHEN t.cancel_requested THEN 'CANCELLED' ELSE {state} END,
-               finished_at = CASE WHEN t.cancel_requested THEN {now} END,
-               expires_at = CASE WHEN t.cancel_requested THEN {now} + %(ttl)s END,
-               owner = NULL, lease_expires = NULL, updated_at = {now}"""
+    def finish_many(self, items: Sequence[tuple]) -> List[bool]:
+        """``finish(*args)`` for each item in one statement and one commit (a node's group commit of results)."""
+        items = list(items)
+        for item in items:
+            if item[3] not in FINAL:
+                raise JournalError("journal %s: finish() takes a final state (%s), not %r"
+                                   % (self.display, ", ".join(FINAL), item[3]))
+        # A row finished twice in one batch must behave as two finish() calls in a row
+        # (the first may win, the second is fenced off): repeats go into a later round.
+        rounds: List[List[int]] = []
+        seen: Dict[str, int] = {}
+        for n, item in enumerate(items):
+            k = seen[item[0]] = seen.get(item[0], -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(n)
+        done = [False] * len(items)
+        if not items:
+            return done
+        with self._conn("finish") as conn:
+            if len(rounds) == 1:
+                self._finish_round(conn, items, rounds[0], done, retry=True)
+            else:
+                with conn.transaction():
+                    for part in rounds:
+                        self._finish_round(conn, items, part, done, retry=False)
+        return done
+
+    def _finish_round(self, conn: Any, items: List[tuple], part: List[int], done: List[bool],
+                      retry: bool) -> None:
+        params: Dict[str, Any] = {f: [items[n][k] for n in part] for k, f in enumerate(FINISH_FIELDS)}
+        params["ttl"] = [float(t) for t in params["ttl"]]
+        finished: Set[str] = set()
+        for tries_left in (2, 1, 0):
+            try:
+                finished = {r[0] for r in conn.execute(FINISH_MANY, params).fetchall()}
+                break
+            except _RETRYABLE:
+                # A heartbeat renewing the same rows may lock them in another order. Alone in
+                # autocommit, the statement was rolled back whole, so running it again is safe.
+                if tries_left == 0 or not retry:
+                    raise
+        for n in part:
+            done[n] = items[n][0] in finished
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
               error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
         """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off."""
-        sql = """WITH back AS (
-                     UPDATE greenqueue_tasks t SET {back}, eta = {now} + %(delay)s, due = {now} + %(delay)s,
-                         error_type = %(error_type)s, error = %(error)s
-                     WHERE id = %(id)s AND owner = %(node)s AND attempts = %(attempt)s
-                     RETURNING t.queue, t.state, t.due),
-                 hint AS (SELECT pg_notify('{channel}', queue) FROM back WHERE state = 'RETRY' AND due <= {now})
-                 SELECT count(*), (SELECT count(*) FROM hint) FROM back""".format(
-            back=self._BACK.format(state="'RETRY'", now=NOW), now=NOW, channel=_CHANNEL)
         params = {"id": row_id, "node": node, "attempt": attempt, "delay": max(0.0, float(delay)),
                   "error_type": error_type, "error": error, "ttl": self.result_ttl}
-        return self._one("retry", sql, params)[0] == 1
+        return bool(self._value("retry", RETRY, params) == 1)
 
     def release(self, row_ids: Iterable[str], node: str) -> int:
         """Hand rows this node holds back unowned (graceful shutdown), keeping their attempt count."""
         ids = list(row_ids)
         if not ids:
             return 0
-        sql = """WITH back AS (
-                     UPDATE greenqueue_tasks t SET {back}
-                     WHERE id = ANY(%(ids)s) AND owner = %(node)s RETURNING t.queue, t.state),
-                 hint AS (SELECT pg_notify('{channel}', q) FROM (
-                     SELECT DISTINCT queue AS q FROM back WHERE state = 'PENDING') d)
-                 SELECT count(*), (SELECT count(*) FROM hint) FROM back""".format(
-            back=self._BACK.format(state="'PENDING'", now=NOW), channel=_CHANNEL)
-        return self._one("release", sql, {"ids": ids, "node": node, "ttl": self.result_ttl})[0]
+        return int(self._value("release", RELEASE, {"ids": ids, "node": node, "ttl": self.result_ttl}))
 
     def cancel(self, row_id: str) -> Optional[str]:
         """Cancel a row: unowned rows end CANCELLED now, running ones get ``cancel_requested``."""
@@ -511,7 +376,7 @@ class PostgresEngine:
 
     def get(self, row_id: str) -> Optional[TaskRow]:
         """One row by id, or None."""
-        found = self._one("get", "SELECT %s FROM greenqueue_tasks WHERE id = %%s" % _COLS, (row_id,))
+        found = self._one("get", "SELECT %s FROM greenqueue_tasks WHERE id = %%s" % COLS, (row_id,))
         return TaskRow(*found) if found else None
 
     def next_due(self, queues: Optional[Sequence[str]]) -> Optional[float]:
@@ -520,41 +385,13 @@ class PostgresEngine:
             return None
         sql = ("SELECT min(due) - {now} FROM greenqueue_tasks WHERE owner IS NULL "
                "AND state IN {claimable} {queue_filter}").format(
-            now=NOW, claimable=_CLAIMABLE, queue_filter="AND queue = ANY(%s)" if queues is not None else "")
-        wait = self._one("next_due", sql, (list(queues),) if queues is not None else None)[0]
+            now=NOW, claimable=CLAIMABLE, queue_filter="AND queue = ANY(%s)" if queues is not None else "")
+        wait = self._value("next_due", sql, (list(queues),) if queues is not None else None)
         return None if wait is None else max(0.0, wait)
 
     def reap(self, max_lease_losses: int) -> List[TaskRow]:
         """Take back rows whose lease expired; returns them after the change."""
-        sql = """
-            WITH expired AS (
-                SELECT id, cancel_requested AS cancelled,
-                       NOT cancel_requested AND %(max)s > 0 AND lease_losses + 1 >= %(max)s AS poisoned
-                FROM greenqueue_tasks
-                WHERE owner IS NOT NULL AND state = 'STARTED' AND lease_expires < {now}
-                FOR UPDATE SKIP LOCKED),
-            reaped AS (
-                UPDATE greenqueue_tasks t SET
-                    lease_losses = t.lease_losses + 1,
-                    lost_by = array_append(coalesce(t.lost_by, '{{}}'), t.owner),
-                    owner = NULL, lease_expires = NULL, updated_at = {now},
-                    state = CASE WHEN x.cancelled THEN 'CANCELLED' WHEN x.poisoned THEN 'FAILURE'
-                                 ELSE 'PENDING' END,
-                    finished_at = CASE WHEN x.cancelled OR x.poisoned THEN {now} END,
-                    expires_at = CASE WHEN x.cancelled OR x.poisoned THEN {now} + %(ttl)s END,
-                    error_type = CASE WHEN x.poisoned THEN 'LeaseLost' ELSE t.error_type END,
-                    error = CASE WHEN x.poisoned
-                                 THEN format('lease lost %%s times: the node running it stopped renewing its '
-                                             'lease each time (max_lease_losses=%%s)',
-                                             t.lease_losses + 1, %(max)s)
-                                 ELSE t.error END
-                FROM expired x WHERE t.id = x.id
-                RETURNING {tcols}),
-            hint AS (SELECT pg_notify('{channel}', q) FROM (
-                SELECT DISTINCT queue AS q FROM reaped WHERE state = 'PENDING') d)
-            SELECT {cols}, (SELECT count(*) FROM hint) FROM reaped
-            """.format(now=NOW, tcols=_TCOLS, cols=_COLS, channel=_CHANNEL)
-        got = self._all("reap", sql, {"max": int(max_lease_losses or 0), "ttl": self.result_ttl})
+        got = self._all("reap", REAP, {"max": int(max_lease_losses or 0), "ttl": self.result_ttl})
         return [TaskRow(*r[:-1]) for r in got]
 
     def prune(self, periodic_ttl: float) -> int:
@@ -585,24 +422,11 @@ class PostgresEngine:
 
     def heartbeat(self, node: str, running: int) -> Heartbeat:
         """Renew the leases of every row ``node`` owns, in one statement, and report news."""
-        sql = """
-            WITH renewed AS (
-                UPDATE greenqueue_tasks SET lease_expires = {now} + %(lease)s
-                WHERE owner = %(node)s AND state = 'STARTED'
-                RETURNING id, cancel_requested),
-            lost AS (
-                UPDATE greenqueue_tasks SET lost_by = NULLIF(array_remove(lost_by, %(node)s), '{{}}')
-                WHERE lost_by IS NOT NULL AND %(node)s = ANY(lost_by) AND owner IS DISTINCT FROM %(node)s
-                RETURNING id),
-            me AS (
-                UPDATE greenqueue_nodes SET heartbeat_at = {now}, running = %(running)s
-                WHERE id = %(node)s RETURNING id)
-            SELECT (SELECT count(*) FROM renewed),
-                   ARRAY(SELECT id FROM renewed WHERE cancel_requested ORDER BY id),
-                   ARRAY(SELECT id FROM lost ORDER BY id),
-                   {now}, (SELECT count(*) FROM me)""".format(now=NOW)
-        renewed, cancel, lost, now, _ = self._one(
-            "heartbeat", sql, {"node": node, "running": int(running), "lease": self.lease_timeout})
+        found = self._one("heartbeat", HEARTBEAT,
+                          {"node": node, "running": int(running), "lease": self.lease_timeout})
+        if found is None:
+            raise JournalError("journal %s: heartbeat failed: the statement returned no row" % self.display)
+        renewed, cancel, lost, now, _ = found
         return Heartbeat(renewed=renewed, cancel=list(cancel), lost=list(lost), now=now)
 
     def unregister(self, node: str) -> None:
@@ -624,18 +448,7 @@ class PostgresEngine:
 
     def lead(self, node: str) -> Optional[int]:
         """Take or renew the scheduler's leader lease; the epoch while ``node`` leads, else None."""
-        sql = """
-            INSERT INTO greenqueue_leader AS l (id, node, epoch, lease_expires, acquired_at)
-            VALUES (1, %(node)s, 1, {now} + %(lease)s, {now})
-            ON CONFLICT (id) DO UPDATE SET
-                epoch = CASE WHEN l.node = excluded.node AND l.lease_expires > {now} THEN l.epoch
-                             ELSE l.epoch + 1 END,
-                acquired_at = CASE WHEN l.node = excluded.node AND l.lease_expires > {now} THEN l.acquired_at
-                                   ELSE {now} END,
-                node = excluded.node, lease_expires = excluded.lease_expires
-            WHERE l.node = excluded.node OR l.lease_expires <= {now}
-            RETURNING epoch""".format(now=NOW)
-        found = self._one("lead", sql, {"node": node, "lease": self.lease_timeout})
+        found = self._one("lead", LEAD, {"node": node, "lease": self.lease_timeout})
         return found[0] if found else None
 
     def fire(self, job: str, due: float, epoch: int, row: TaskRow) -> bool:
@@ -650,15 +463,12 @@ class PostgresEngine:
                             "VALUES (%s, %s, {now}, %s) ON CONFLICT DO NOTHING".format(now=NOW),
                             (job, float(due), row.id)).rowcount != 1:
                 return False
-            params = {f: [getattr(row, f)] for f in ("id", "name", "serializer", "queue", "state", "eta",
-                                                     "attempts", "max_attempts", "idempotency_key", "note")}
-            params.update(payload=[row.payload or b""], owner=None, lease=self.lease_timeout)
-            self._enqueue_on(conn, [row], params)
+            self._enqueue_on(conn, [row], _rows_as_arrays([row], None, self.lease_timeout))
             return True
 
     def last_fired(self, job: str) -> Optional[float]:
         """The latest due instant enqueued for ``job``, or None."""
-        return self._one("last_fired", "SELECT max(due) FROM greenqueue_periodic WHERE job = %s", (job,))[0]
+        return self._value("last_fired", "SELECT max(due) FROM greenqueue_periodic WHERE job = %s", (job,))
 
     def anchor(self, job: str, phase: float) -> float:
         """Store ``phase`` as ``job``'s anchor unless one exists; return the stored anchor."""
@@ -666,7 +476,11 @@ class PostgresEngine:
             conn.execute("INSERT INTO greenqueue_anchors (job, phase, created_at) VALUES (%s, %s, {now}) "
                          "ON CONFLICT (job) DO NOTHING".format(now=NOW), (job, float(phase)))
             # A separate statement: its snapshot includes a concurrent node's insert that won.
-            return conn.execute("SELECT phase FROM greenqueue_anchors WHERE job = %s", (job,)).fetchone()[0]
+            found = conn.execute("SELECT phase FROM greenqueue_anchors WHERE job = %s", (job,)).fetchone()
+        if found is None:
+            raise JournalError("journal %s: anchor of %s failed: the statement returned no row"
+                               % (self.display, job))
+        return float(found[0])
 
     # -- reading (CLI, dashboard) -----------------------------------------------------------------
 
@@ -685,7 +499,7 @@ class PostgresEngine:
             where.append("name = %s")
             params.append(name)
         sql = "SELECT %s FROM greenqueue_tasks %s ORDER BY created_at DESC, id DESC LIMIT %%s" % (
-            _COLS, ("WHERE " + " AND ".join(where)) if where else "")
+            COLS, ("WHERE " + " AND ".join(where)) if where else "")
         return [TaskRow(*r) for r in self._all("rows", sql, params + [int(limit)])]
 
     def requeue(self, row_id: Optional[str] = None) -> int:
@@ -698,8 +512,8 @@ class PostgresEngine:
                      WHERE state IN ('FAILURE', 'CANCELLED') {one} RETURNING queue),
                  hint AS (SELECT pg_notify('{channel}', q) FROM (SELECT DISTINCT queue AS q FROM back) d)
                  SELECT count(*), (SELECT count(*) FROM hint) FROM back""".format(
-            now=NOW, channel=_CHANNEL, one="AND id = %s" if row_id else "")
-        return self._one("requeue", sql, (row_id,) if row_id else None)[0]
+            now=NOW, channel=CHANNEL, one="AND id = %s" if row_id else "")
+        return int(self._value("requeue", sql, (row_id,) if row_id else None))
 
     def purge(self, state: str) -> int:
         """Delete rows of one final state; JournalError for unfinished states."""
@@ -736,7 +550,7 @@ class PostgresEngine:
                 self._drop_listener()
                 return not self._closed.is_set()
 
-    def _listening(self):
+    def _listening(self) -> Tuple[Optional[psycopg.Connection], bool]:
         """The LISTEN connection and whether it was (re)opened just now; (None, False) when unreachable."""
         conn = self._listener
         if conn is not None and not conn.closed and not conn.broken:
@@ -746,7 +560,7 @@ class PostgresEngine:
             return None, False
         try:
             conn = psycopg.connect(self.dsn, **self._connect_kwargs())
-            conn.execute("LISTEN %s" % _CHANNEL)
+            conn.execute("LISTEN %s" % CHANNEL)
         except psycopg.Error as exc:
             if not self._listen_down:
                 log.warning("journal %s: cannot LISTEN for wake-ups (%s); polling until PostgreSQL is back",

@@ -1,0 +1,305 @@
+"""The PostgreSQL engine's SQL: the schema, its migrations and the longer statements.
+
+Concurrency model: text and pure functions only; ``migrate`` runs on a
+connection its caller owns, inside the caller's transaction (which holds the
+migration lock). Nothing here imports psycopg, so this module loads without
+the PostgreSQL extra, and nothing here holds state to survive a fork.
+"""
+
+import dataclasses
+import logging
+import re
+from typing import Any, Dict, List
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from ..errors import JournalError
+from ._engine import TaskRow
+
+__all__ = ["SCHEMA_VERSION", "mask_dsn", "migrate"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MAGIC = "greenqueue-journal"
+CHANNEL = "greenqueue"
+# Any constant works as long as every greenqueue version uses the same one:
+# it serialises schema creation and migration across nodes starting together.
+MIGRATION_LOCK = 0x677265656E71  # "greenq"
+MIN_SERVER = 130000
+TABLES = ("greenqueue_meta", "greenqueue_tasks", "greenqueue_nodes", "greenqueue_leader",
+          "greenqueue_periodic", "greenqueue_anchors")
+
+# statement_timestamp(), not now(): a statement in a caller's long transaction
+# (enqueue(connection=)) still gets a fresh lease and due time.
+NOW = "extract(epoch from statement_timestamp())::float8"
+CLAIMABLE = "('PENDING', 'SCHEDULED', 'RETRY')"
+
+FIELDS = [f.name for f in dataclasses.fields(TaskRow)]
+COLS = ", ".join(FIELDS)
+TCOLS = ", ".join("t." + f for f in FIELDS)
+
+# Version N's statements bring a database from version N - 1 to N.
+MIGRATIONS: Dict[int, List[str]] = {1: [
+    "CREATE TABLE greenqueue_meta (key text PRIMARY KEY, value text NOT NULL)",
+    """CREATE TABLE greenqueue_tasks (
+        id text PRIMARY KEY,
+        name text NOT NULL,
+        payload bytea NOT NULL,
+        serializer text NOT NULL,
+        queue text NOT NULL,
+        state text NOT NULL,
+        eta float8,
+        due float8 NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        max_attempts integer NOT NULL DEFAULT 1,
+        lease_losses integer NOT NULL DEFAULT 0,
+        idempotency_key text,
+        owner text,
+        lease_expires float8,
+        cancel_requested boolean NOT NULL DEFAULT false,
+        lost_by text[],
+        created_at float8 NOT NULL,
+        updated_at float8 NOT NULL,
+        started_at float8,
+        finished_at float8,
+        expires_at float8,
+        result bytea,
+        error_type text,
+        error text,
+        traceback text,
+        note text) WITH (fillfactor = 90)""",
+    "CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due) WHERE owner IS NULL AND state IN "
+    + CLAIMABLE,
+    # Reap finds expired leases through this index too: an index on lease_expires would
+    # make every heartbeat's renewal a non-HOT update of every running row.
+    "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
+    "CREATE INDEX greenqueue_tasks_lost ON greenqueue_tasks (id) WHERE lost_by IS NOT NULL",
+    "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
+    "WHERE idempotency_key IS NOT NULL",
+    "CREATE INDEX greenqueue_tasks_expires ON greenqueue_tasks (expires_at) WHERE expires_at IS NOT NULL",
+    "CREATE INDEX greenqueue_tasks_created ON greenqueue_tasks (created_at)",
+    "CREATE INDEX greenqueue_tasks_state ON greenqueue_tasks (state, created_at)",
+    """CREATE TABLE greenqueue_nodes (
+        id text PRIMARY KEY, host text NOT NULL, pid integer NOT NULL, queues text[],
+        started_at float8 NOT NULL, heartbeat_at float8 NOT NULL, running integer NOT NULL DEFAULT 0)""",
+    """CREATE TABLE greenqueue_leader (
+        id integer PRIMARY KEY CHECK (id = 1), node text NOT NULL, epoch bigint NOT NULL,
+        lease_expires float8 NOT NULL, acquired_at float8 NOT NULL)""",
+    """CREATE TABLE greenqueue_periodic (
+        job text NOT NULL, due float8 NOT NULL, fired_at float8 NOT NULL, task_id text,
+        PRIMARY KEY (job, due))""",
+    "CREATE TABLE greenqueue_anchors (job text PRIMARY KEY, phase float8 NOT NULL, created_at float8 NOT NULL)",
+]}
+
+
+
+def mask_dsn(dsn: str) -> str:
+    """``dsn`` with its password replaced by ``***`` (URL or key=value form)."""
+    if "://" not in dsn:
+        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = "%s%s@%s" % (user, ":***" if colon else "", hostinfo)
+    query = "&".join("%s=%s" % (k, "***" if k == "password" else v)
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+
+def migrate(conn: Any, display: str) -> None:
+    """Create or upgrade the schema on ``conn`` (the caller holds the migration lock); JournalError if foreign."""
+    present = {r[0] for r in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename = ANY(%s)",
+        (list(TABLES),))}
+    if "greenqueue_meta" not in present:
+        if present:
+            raise JournalError("journal %s: this database has tables named like greenqueue's (%s) but no "
+                               "greenqueue_meta; refusing to touch them. Point --journal at another "
+                               "database or schema" % (display, ", ".join(sorted(present))))
+        version = 0
+    else:
+        meta: Dict[str, str] = dict(conn.execute("SELECT key, value FROM greenqueue_meta").fetchall())
+        if meta.get("magic") != MAGIC:
+            raise JournalError("journal %s: greenqueue_meta in this database belongs to something else "
+                               "(magic %r); refusing to touch it. Point --journal at another database "
+                               "or schema" % (display, meta.get("magic")))
+        try:
+            version = int(meta.get("schema_version", ""))
+        except ValueError:
+            version = -1
+        if version > SCHEMA_VERSION:
+            raise JournalError("journal %s: written by a newer greenqueue (schema %d, this one knows %d); "
+                               "upgrade greenqueue on this node or point --journal at another database"
+                               % (display, version, SCHEMA_VERSION))
+        if version < 1:
+            raise JournalError("journal %s: unknown schema version %r in greenqueue_meta; restore it or "
+                               "point --journal at another database" % (display, meta.get("schema_version")))
+    if version == SCHEMA_VERSION:
+        return
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for stmt in MIGRATIONS[step]:
+            conn.execute(stmt)
+    conn.execute("INSERT INTO greenqueue_meta (key, value) VALUES ('magic', %s), ('schema_version', %s) "
+                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (MAGIC, str(SCHEMA_VERSION)))
+    log.info("journal %s: schema at version %d (was %d)", display, SCHEMA_VERSION, version)
+
+
+# -- statements -----------------------------------------------------------------------------
+
+# Rows arrive as one array per column: a batch of spawns is one statement and one commit.
+INSERT = """
+    WITH src AS (
+        SELECT * FROM unnest(%(id)s::text[], %(name)s::text[], %(payload)s::bytea[],
+                             %(serializer)s::text[], %(queue)s::text[], %(state)s::text[],
+                             %(eta)s::float8[], %(attempts)s::int[], %(max_attempts)s::int[],
+                             %(idempotency_key)s::text[], %(note)s::text[])
+            AS s(id, name, payload, serializer, queue, state, eta, attempts, max_attempts,
+                 idempotency_key, note)),
+    ins AS (
+        INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts,
+            max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at)
+        SELECT id, name, payload, serializer, queue,
+               CASE WHEN %(owner)s::text IS NULL THEN state ELSE 'STARTED' END,
+               eta, coalesce(eta, {now}),
+               attempts + CASE WHEN %(owner)s::text IS NULL THEN 0 ELSE 1 END, max_attempts,
+               idempotency_key, note, %(owner)s::text,
+               CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} + %(lease)s END,
+               CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} END, {now}, {now}
+        FROM src
+        ON CONFLICT DO NOTHING
+        RETURNING {cols}, due),
+    hint AS (
+        SELECT pg_notify('{channel}', q) FROM (
+            SELECT DISTINCT queue AS q FROM ins WHERE owner IS NULL AND due <= {now}) d)
+    SELECT {cols}, (SELECT count(*) FROM hint) FROM ins
+    """.format(now=NOW, cols=COLS, channel=CHANNEL)
+
+# Columns enqueue() passes as arrays, besides the payload.
+INSERT_FIELDS = ("id", "name", "serializer", "queue", "state", "eta", "attempts", "max_attempts",
+                 "idempotency_key", "note")
+
+# {queue_filter} is empty or a condition on %(queues)s.
+CLAIM = """
+    WITH picked AS (
+        SELECT id FROM greenqueue_tasks
+        WHERE owner IS NULL AND state IN {claimable} AND due <= {now} {{queue_filter}}
+        ORDER BY due, created_at
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    UPDATE greenqueue_tasks t
+    SET state = 'STARTED', owner = %(node)s, attempts = t.attempts + 1,
+        lease_expires = {now} + %(lease)s, started_at = {now}, updated_at = {now},
+        lost_by = NULLIF(array_remove(t.lost_by, %(node)s), '{{{{}}}}')
+    FROM picked WHERE t.id = picked.id
+    RETURNING {tcols}, t.due
+    """.format(claimable=CLAIMABLE, now=NOW, tcols=TCOLS)
+
+# Fenced: only the owner's current attempt may write the final state.
+FINISH = """UPDATE greenqueue_tasks
+    SET state = %s, result = %s, error_type = %s, error = %s, traceback = %s,
+        owner = NULL, lease_expires = NULL, finished_at = {now}, updated_at = {now},
+        expires_at = {now} + %s
+    WHERE id = %s AND owner = %s AND attempts = %s""".format(now=NOW)
+
+# FINISH for many rows in one statement, each fenced by its own owner and attempt;
+# returns the ids it finished (a row id appears at most once per statement).
+FINISH_MANY = """UPDATE greenqueue_tasks t
+    SET state = s.state, result = s.result, error_type = s.error_type, error = s.error,
+        traceback = s.traceback, owner = NULL, lease_expires = NULL, finished_at = {now},
+        updated_at = {now}, expires_at = {now} + s.ttl
+    FROM unnest(%(id)s::text[], %(node)s::text[], %(attempt)s::int[], %(state)s::text[], %(result)s::bytea[],
+                %(error_type)s::text[], %(error)s::text[], %(traceback)s::text[], %(ttl)s::float8[])
+        AS s(id, node, attempt, state, result, error_type, error, traceback, ttl)
+    WHERE t.id = s.id AND t.owner = s.node AND t.attempts = s.attempt
+    RETURNING t.id""".format(now=NOW)
+
+# Columns of FINISH_MANY's arrays, in finish()'s argument order.
+FINISH_FIELDS = ("id", "node", "attempt", "state", "result", "error_type", "error", "traceback", "ttl")
+
+# A row whose cancel was requested while it ran ends CANCELLED when it comes back
+# unowned (retry, release, reap), instead of running again.
+BACK = """state = CASE WHEN t.cancel_requested THEN 'CANCELLED' ELSE {state} END,
+           finished_at = CASE WHEN t.cancel_requested THEN {now} END,
+           expires_at = CASE WHEN t.cancel_requested THEN {now} + %(ttl)s END,
+           owner = NULL, lease_expires = NULL, updated_at = {now}"""
+
+RETRY = """WITH back AS (
+        UPDATE greenqueue_tasks t SET {back}, eta = {now} + %(delay)s, due = {now} + %(delay)s,
+            error_type = %(error_type)s, error = %(error)s
+        WHERE id = %(id)s AND owner = %(node)s AND attempts = %(attempt)s
+        RETURNING t.queue, t.state, t.due),
+    hint AS (SELECT pg_notify('{channel}', queue) FROM back WHERE state = 'RETRY' AND due <= {now})
+    SELECT count(*), (SELECT count(*) FROM hint) FROM back""".format(
+    back=BACK.format(state="'RETRY'", now=NOW), now=NOW, channel=CHANNEL)
+
+RELEASE = """WITH back AS (
+        UPDATE greenqueue_tasks t SET {back}
+        WHERE id = ANY(%(ids)s) AND owner = %(node)s RETURNING t.queue, t.state),
+    hint AS (SELECT pg_notify('{channel}', q) FROM (
+        SELECT DISTINCT queue AS q FROM back WHERE state = 'PENDING') d)
+    SELECT count(*), (SELECT count(*) FROM hint) FROM back""".format(
+    back=BACK.format(state="'PENDING'", now=NOW), channel=CHANNEL)
+
+# Expired leases come back PENDING, or end CANCELLED (cancel requested) or FAILURE (poison pill).
+REAP = """
+    WITH expired AS (
+        SELECT id, cancel_requested AS cancelled,
+               NOT cancel_requested AND %(max)s > 0 AND lease_losses + 1 >= %(max)s AS poisoned
+        FROM greenqueue_tasks
+        WHERE owner IS NOT NULL AND state = 'STARTED' AND lease_expires < {now}
+        FOR UPDATE SKIP LOCKED),
+    reaped AS (
+        UPDATE greenqueue_tasks t SET
+            lease_losses = t.lease_losses + 1,
+            lost_by = array_append(coalesce(t.lost_by, '{{}}'), t.owner),
+            owner = NULL, lease_expires = NULL, updated_at = {now},
+            state = CASE WHEN x.cancelled THEN 'CANCELLED' WHEN x.poisoned THEN 'FAILURE'
+                         ELSE 'PENDING' END,
+            finished_at = CASE WHEN x.cancelled OR x.poisoned THEN {now} END,
+            expires_at = CASE WHEN x.cancelled OR x.poisoned THEN {now} + %(ttl)s END,
+            error_type = CASE WHEN x.poisoned THEN 'LeaseLost' ELSE t.error_type END,
+            error = CASE WHEN x.poisoned
+                         THEN format('lease lost %%s times: the node running it stopped renewing its '
+                                     'lease each time (max_lease_losses=%%s)',
+                                     t.lease_losses + 1, %(max)s)
+                         ELSE t.error END
+        FROM expired x WHERE t.id = x.id
+        RETURNING {tcols}),
+    hint AS (SELECT pg_notify('{channel}', q) FROM (
+        SELECT DISTINCT queue AS q FROM reaped WHERE state = 'PENDING') d)
+    SELECT {cols}, (SELECT count(*) FROM hint) FROM reaped
+    """.format(now=NOW, tcols=TCOLS, cols=COLS, channel=CHANNEL)
+
+# One statement renews every lease of a node, reports cancels and lost rows, and its own row.
+HEARTBEAT = """
+    WITH renewed AS (
+        UPDATE greenqueue_tasks SET lease_expires = {now} + %(lease)s
+        WHERE owner = %(node)s AND state = 'STARTED'
+        RETURNING id, cancel_requested),
+    lost AS (
+        UPDATE greenqueue_tasks SET lost_by = NULLIF(array_remove(lost_by, %(node)s), '{{}}')
+        WHERE lost_by IS NOT NULL AND %(node)s = ANY(lost_by) AND owner IS DISTINCT FROM %(node)s
+        RETURNING id),
+    me AS (
+        UPDATE greenqueue_nodes SET heartbeat_at = {now}, running = %(running)s
+        WHERE id = %(node)s RETURNING id)
+    SELECT (SELECT count(*) FROM renewed),
+           ARRAY(SELECT id FROM renewed WHERE cancel_requested ORDER BY id),
+           ARRAY(SELECT id FROM lost ORDER BY id),
+           {now}, (SELECT count(*) FROM me)""".format(now=NOW)
+
+# Take the leader lease when free or expired, renew it when held; the epoch grows on every change.
+LEAD = """
+    INSERT INTO greenqueue_leader AS l (id, node, epoch, lease_expires, acquired_at)
+    VALUES (1, %(node)s, 1, {now} + %(lease)s, {now})
+    ON CONFLICT (id) DO UPDATE SET
+        epoch = CASE WHEN l.node = excluded.node AND l.lease_expires > {now} THEN l.epoch
+                     ELSE l.epoch + 1 END,
+        acquired_at = CASE WHEN l.node = excluded.node AND l.lease_expires > {now} THEN l.acquired_at
+                           ELSE {now} END,
+        node = excluded.node, lease_expires = excluded.lease_expires
+    WHERE l.node = excluded.node OR l.lease_expires <= {now}
+    RETURNING epoch""".format(now=NOW)
