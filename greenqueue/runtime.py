@@ -117,7 +117,6 @@ class Runtime:
         from .tasks._node import Node
         runner = self.runner
         engine: Any
-        batch = False
         if dsn.startswith(("postgresql://", "postgres://")):
             try:
                 from .journal._postgres import PostgresEngine
@@ -129,10 +128,9 @@ class Runtime:
             # Processes of one host sharing a file are a cluster too: same claims, leases and leader.
             from .journal._sqlite import SQLiteEngine
             engine = SQLiteEngine(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl, synchronous=sync)
-            batch = True
-        # SQLite pays per transaction, not per statement: spawns and results are group-committed.
+        # Both engines pay per commit, not per statement: spawns and results are group-committed.
         store = ClusterStore(engine, queues=queues, result_ttl=runner.result_ttl, max_results=runner.max_results,
-                             batch=batch).open()
+                             batch=True).open()
         store.take_back_from_dead_local_nodes()
         if isinstance(current, MemoryStore):
             for r in reversed(current.recent(len(current))):

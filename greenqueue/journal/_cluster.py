@@ -10,11 +10,16 @@ The node's loops (claiming due rows, heartbeat, reaping, results of tasks
 that run elsewhere) live with the runner (``greenqueue.tasks._node``); this
 module never calls the runner.
 
-Group commit (``batch=True``, used for SQLite where a transaction costs more
-than the statement): spawns and final states queue up and one writer
-greenlet commits each batch in one transaction per kind; a spawn still
-returns only after its batch committed, while final states are written
-behind (a crash before their commit runs the task again: at-least-once).
+Group commit (``batch=True``, what the server uses: on SQLite and on
+PostgreSQL a commit costs more than the statement): spawns and final states
+queue up, and two writer greenlets, one for spawns and one for final states,
+each commit everything queued in one statement and one transaction per kind
+while the previous commit was on its way. A spawn still returns only after
+its batch committed; final states are written behind (a crash before their
+commit runs the task again: at-least-once). An engine that promises a
+bound on a failing spawn (``spawn_deadline``) gets it: a spawn queued behind
+a stuck batch gives up before it is sent, so it never waits for two
+timeouts in a row.
 """
 
 import datetime
@@ -26,6 +31,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..errors import JournalError
 from ._base import MemoryStore
 from ._engine import UNFINISHED, NodeInfo, TaskRow
 from ._codec import dumps as _dumps
@@ -83,10 +89,17 @@ class ClusterStore:
         self._recording = True
         self.epoch: Optional[int] = None      # the scheduler leader's epoch while this node leads
         self.batch = batch
-        self._spawns: List[Any] = []          # (row, claim, waiter) not yet committed
-        self._finishes: List[tuple] = []      # engine.finish arguments not yet committed
-        self._wake: Any = None
+        self._spawns: List[Any] = []          # (row, claim, waiter) not sent yet
+        self._finishes: List[tuple] = []      # engine.finish arguments not sent yet
+        self._wake: Any = None                # set when a spawn is queued
+        self._wake_finish: Any = None         # set when a final state is queued
         self._writer: Any = None
+        self._finisher: Any = None
+        self._stopping = False
+        deadline = getattr(engine, "spawn_deadline", None)
+        # The rest of the deadline is for the batch's own call, which the engine's timeout bounds.
+        self._queue_wait: Optional[float] = (
+            None if deadline is None else max(0.5, deadline - getattr(engine, "timeout", 0.0)))
 
     def __len__(self) -> int:
         return len(self.memory)
@@ -99,8 +112,9 @@ class ClusterStore:
         if self.batch:
             import gevent
             from gevent.event import Event
-            self._wake = Event()
-            self._writer = gevent.spawn(self._write_loop)
+            self._wake, self._wake_finish = Event(), Event()
+            self._writer = gevent.spawn(self._write_loop, self._wake, self._flush_spawns)
+            self._finisher = gevent.spawn(self._write_loop, self._wake_finish, self._flush_finishes)
         self.engine.register(NodeInfo(id=self.node, host=socket.gethostname(), pid=os.getpid(),
                                       queues=self.queues, started_at=time.time()))
         return self
@@ -201,7 +215,7 @@ class ClusterStore:
         if self._writer is not None:
             self.memory.finished(r)
             self._finishes.append(args)
-            self._wake.set()
+            self._wake_finish.set()
             return True
         ok = self.engine.finish(*args)
         if ok:
@@ -214,49 +228,93 @@ class ClusterStore:
     # -- group commit ------------------------------------------------------------------------
 
     def _queued_enqueue(self, row: TaskRow, claim: bool) -> TaskRow:
+        from gevent import Timeout
         from gevent.event import AsyncResult
         waiter: Any = AsyncResult()
-        self._spawns.append((row, claim, waiter))
+        entry = (row, claim, waiter)
+        self._spawns.append(entry)
         self._wake.set()
-        stored: TaskRow = waiter.get()  # raises the batch's JournalError
+        try:
+            stored: TaskRow = waiter.get(timeout=self._queue_wait)  # raises the batch's JournalError
+            return stored
+        except Timeout:
+            pass
+        if any(e is entry for e in self._spawns):
+            # Never sent, so never written: failing it now leaves nothing in doubt.
+            self._spawns.remove(entry)
+            raise JournalError("journal %s: spawn of %s not written within %.1f s: the journal is unreachable "
+                               "or too slow; try again" % (self.display, row.id, self._queue_wait or 0.0))
+        stored = waiter.get()  # sent: the engine's own timeout ends the wait
         return stored
 
-    def _write_loop(self) -> None:
+    def _write_loop(self, wake: Any, flush: Any) -> None:
         while True:
-            self._wake.wait()
-            self._wake.clear()
-            self.flush()
+            wake.wait()
+            wake.clear()
+            flush()
+            if self._stopping:
+                return
+
+    def _stop_writers(self) -> None:
+        """Let the writers finish the batch on its way, then commit what is left in this greenlet."""
+        writers = [w for w in (self._writer, self._finisher) if w is not None]
+        if not writers:
+            return
+        import gevent
+        # From here on spawns and final states are written directly, by their own greenlets.
+        self._writer = self._finisher = None
+        self._stopping = True
+        self._wake.set()
+        self._wake_finish.set()
+        # Killing a writer mid-commit would lose its batch of final states (they run again):
+        # it gets the engine's timeout to end its call first.
+        gevent.joinall(writers, timeout=getattr(self.engine, "timeout", 5.0) + 2.0)
+        for writer in writers:
+            writer.kill(block=True)
+        self.flush()
 
     def flush(self) -> None:
-        """Commit what is queued: spawns (their callers wait for this) and final states."""
+        """Commit what is queued now: spawns (their callers wait for this), then final states."""
+        self._flush_spawns()
+        self._flush_finishes()
+
+    def _flush_spawns(self) -> None:
         spawns, self._spawns = self._spawns, []
-        finishes, self._finishes = self._finishes, []
         for claim in (True, False):
             part = [(row, waiter) for row, c, waiter in spawns if c == claim]
             if not part:
                 continue
             try:
                 stored = self.engine.enqueue([row for row, _ in part], owner=self.node if claim else None)
-            except Exception as exc:
+            except BaseException as exc:
+                # Every caller hears the outcome, even when the writer is killed mid-call (close()).
+                failed = exc if isinstance(exc, Exception) else JournalError(
+                    "journal %s: the store closed before the spawn was written" % self.display)
                 for _, waiter in part:
-                    waiter.set_exception(exc)
+                    waiter.set_exception(failed)
+                if failed is not exc:
+                    raise
                 continue
             for (row, waiter), got in zip(part, stored):
                 if claim and got.id == row.id and got.owner == self.node:
                     self._attempts[got.id] = got.attempts
                 waiter.set(got)
-        if finishes:
-            try:
-                many = getattr(self.engine, "finish_many", None)
-                results = many(finishes) if many is not None else [self.engine.finish(*a) for a in finishes]
-            except Exception as exc:
-                log.error("journal %s: %d final state(s) not written (%s); those tasks run again",
-                          self.display, len(finishes), exc)
-                return
-            for args, ok in zip(finishes, results):
-                if not ok:
-                    log.warning("task %s: result of attempt %d discarded: its lease expired and another node "
-                                "took the task over", args[0], args[2])
+
+    def _flush_finishes(self) -> None:
+        finishes, self._finishes = self._finishes, []
+        if not finishes:
+            return
+        try:
+            many = getattr(self.engine, "finish_many", None)
+            results = many(finishes) if many is not None else [self.engine.finish(*a) for a in finishes]
+        except Exception as exc:
+            log.error("journal %s: %d final state(s) not written (%s); those tasks run again",
+                      self.display, len(finishes), exc)
+            return
+        for args, ok in zip(finishes, results):
+            if not ok:
+                log.warning("task %s: result of attempt %d discarded: its lease expired and another node "
+                            "took the task over", args[0], args[2])
 
     def forget(self, task_id: str) -> None:
         """Stop holding ``task_id`` without writing (its lease was lost)."""
@@ -290,7 +348,6 @@ class ClusterStore:
 
     def requeue(self, task_id: str) -> TaskRow:
         """Make a failed or cancelled row run again (fresh attempt budget) and return it."""
-        from ..errors import JournalError
         row = self.engine.get(task_id)
         if row is None:
             raise JournalError("task %s is not in the journal %s" % (task_id, self.display))
@@ -366,8 +423,7 @@ class ClusterStore:
 
     def stop_recording(self) -> None:
         """Hand what this node still holds back to the cluster now, instead of after a lease timeout."""
-        if self._writer is not None:
-            self.flush()
+        self._stop_writers()
         held = list(self._attempts)
         self._recording = False
         if held:
@@ -380,11 +436,8 @@ class ClusterStore:
         try:
             if self._recording:
                 self.stop_recording()
-            elif self._writer is not None:
-                self.flush()
-            if self._writer is not None:
-                self._writer.kill(block=True)
-                self._writer = None
+            else:
+                self._stop_writers()
             self.engine.unregister(self.node)
         except Exception as exc:
             log.warning("journal %s: leaving the cluster failed: %s", self.display, exc)

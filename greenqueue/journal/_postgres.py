@@ -85,6 +85,10 @@ class _Connection(psycopg.Connection):
 class PostgresEngine:
     """The Engine protocol on PostgreSQL 13+ through psycopg 3 and psycopg_pool."""
 
+    #: Seconds within which a spawn fails while PostgreSQL is unreachable (the README's
+    #: promise); a group-committing store keeps it for spawns queued behind a stuck batch.
+    spawn_deadline = 5.0
+
     def __init__(self, dsn: str, lease_timeout: float = 30.0, pool_size: int = 8,
                  timeout: float = 3.0, result_ttl: float = 3600.0) -> None:
         self.dsn = dsn
