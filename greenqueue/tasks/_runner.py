@@ -1,16 +1,11 @@
-"""The task runner: a FIFO of waiting tasks, a slot counter, a heap of delayed tasks.
+"""The task runner: accepts tasks, records them in the store, and answers for them until they finish.
 
-Concurrency model: the runner lives on one gevent hub, the *task hub*. In
-the greenqueue server (and any monkey-patched process) that is the main
-thread's hub; in a process that already runs a gevent hub in the spawning
-thread, that hub; otherwise (``flask run``, a script, a notebook) the runner
-starts one daemon thread with a hub of its own at the first spawn. Every
-started attempt gets its own greenlet on the task hub; at most
-``max_concurrency`` of them hold a slot. Waiting tasks sit in a deque (idle
-tasks in a second deque served only from ``gevent.idle()``); delayed tasks
-sit in one heap keyed by ``time.monotonic()`` and are released by one timer
-greenlet. A running task that blocks in ``TaskResult.get()`` lends its slot
-out until it wakes, so a task waiting on another never deadlocks the pool.
+Concurrency model: the runner lives on one gevent hub, the *task hub*
+(``_hub.TaskHub`` picks it at the first spawn: the server's main-thread hub,
+the spawning thread's hub, or a daemon thread of the runner's own outside
+the server). Slots, waiting lines, the delay heap and the task greenlets are
+the engine's (``_engine.TaskEngine``, this class's base); this module adds
+spawning, the shared-store handles, cancel, lookups, drain and kill.
 
 All runner state is touched on the task hub's thread only. A spawn, cancel
 or drain from another thread is handed over with
@@ -18,27 +13,25 @@ or drain from another thread is handed over with
 lock (never the task hub). Spawning never blocks the hub: it raises
 Overloaded instead; a durable spawn waits, in its own greenlet (or thread),
 for the store's commit. The store (``greenqueue.journal.Store``) is told
-about every transition through its methods; it never calls back.
+about every transition through its methods; it never calls back. A forked
+child drops the parent's default runner (its task thread does not exist there).
 """
 
-import atexit
-import collections
 import contextvars
 import datetime
 import heapq
 import logging
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import gevent
-from gevent import Greenlet, monkey
-from gevent.event import Event
 
 from .. import events
-from ..errors import CancelledError, ConfigError, GreenqueueError, Overloaded, TaskTimeout
+from ..errors import CancelledError, ConfigError, GreenqueueError, Overloaded
 from ..journal import MemoryStore, Store, TaskRow
+from ._engine import TaskEngine
+from ._hub import MODES, TaskHub, real_ident
 from ._options import NO_OPTIONS, TaskOptions, callable_name, check_number, new_id
 from ._result import CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, SUCCESS, TaskResult
 
@@ -49,23 +42,10 @@ __all__ = ["Runner", "DrainReport", "TaskOptions", "get_runner", "reset"]
 _UTC = datetime.timezone.utc
 _monotonic = time.monotonic
 _time = time.time
-# The OS thread, even in a monkey-patched process (where get_ident names the greenlet).
-_real_ident = monkey.get_original("_thread", "get_ident")
-_allocate_lock = monkey.get_original("_thread", "allocate_lock")
-_start_thread = monkey.get_original("_thread", "start_new_thread")
 _subscribers = events.subscribers
 
 #: Seconds a process outside the server waits at exit for tasks still running or waiting.
 EXIT_DRAIN = 5.0
-MODES = ("auto", "current", "thread")
-
-
-class _TaskGreenlet(Greenlet):
-    """The greenlet a task runs in."""
-
-    # No snapshot of the spawning stack: it is a third of the cost of creating the
-    # greenlet, and would show the runner's dispatch loop rather than the caller.
-    spawning_stack_limit = 0
 
 
 @dataclass
@@ -87,10 +67,6 @@ class DrainReport:
         return ("%d task(s) finished, %d still running, %d still waiting, "
                 "%d delayed task(s) not due, in %.2fs"
                 % (self.finished, self.running, self.pending, self.scheduled, self.elapsed))
-
-
-class _Expired(BaseException):
-    """Raised into a task greenlet by its own timeout (never escapes the runner)."""
 
 
 def _now() -> datetime.datetime:
@@ -119,34 +95,7 @@ def _flask_app() -> Any:
     return app_ctx.app if app_ctx is not None else None
 
 
-class _Handoff:
-    """A value computed on the task hub for a caller on another thread, which waits on a plain lock."""
-
-    __slots__ = ("lock", "ok", "value")
-
-    def __init__(self) -> None:
-        self.lock = _allocate_lock()
-        self.lock.acquire()
-        self.ok = True
-        self.value: Any = None
-
-    def run(self, fn: Callable[..., Any], args: tuple) -> None:
-        try:
-            self.value = fn(*args)
-        except BaseException as exc:  # handed to the caller's thread, which re-raises it
-            self.ok, self.value = False, exc
-        finally:
-            self.lock.release()
-
-    def result(self, timeout: Optional[float]) -> Any:
-        if not self.lock.acquire(True, -1 if timeout is None else timeout):
-            raise TaskTimeout("the task hub did not answer within %ss" % timeout)
-        if not self.ok:
-            raise self.value
-        return self.value
-
-
-class Runner:
+class Runner(TaskEngine):
     """Runs tasks in greenlets with bounded concurrency, waiting queue and kept results."""
 
     def __init__(self, max_concurrency: int = 100, max_pending: int = 10000, result_ttl: float = 3600,
@@ -154,41 +103,28 @@ class Runner:
                  mode: str = "auto"):
         if mode not in MODES:
             raise ConfigError("mode must be one of %s, got %r" % (", ".join(MODES), mode))
-        self.max_concurrency = 100
+        super().__init__(store if store is not None else MemoryStore())
         self.max_pending = 10000
         self.result_ttl = 3600.0
         self.max_results = 10000
         self.eager = False
-        self.mode = mode
-        self.store: Any = store if store is not None else MemoryStore()
-        self._active = 0                     # slots in use
-        self._pending: collections.deque = collections.deque()  # waiting normal tasks (may hold cancelled ones)
-        self._idle_q: collections.deque = collections.deque()   # waiting idle tasks (may hold cancelled ones)
-        self._pending_count = 0              # live entries of both deques
-        self._heap: list = []                # (due monotonic, seq, TaskResult)
-        self._scheduled_count = 0
-        self._seq = 0
-        self._running: Dict[Any, TaskResult] = {}   # task greenlet -> TaskResult
-        self._live: Dict[str, TaskResult] = {}      # id -> unfinished TaskResult
-        self._timer: Any = None
-        self._timer_wake: Any = None
-        self._idle_worker: Any = None
-        self._idle_wake: Any = None
+        self._taskhub = TaskHub(mode, self._at_exit)
         self._batchers: Dict[Any, Any] = {}
         self._closed = False
-        self._thread: Optional[int] = None   # OS thread of the task hub, once bound
-        self._hub: Any = None
-        self._keep_alive: Any = None          # set to stop our own task thread
-        # Handles of tasks queued in (or running from) a shared store, not here; weak, so a
-        # handle nobody holds costs nothing once its caller drops it.
-        self._elsewhere: "weakref.WeakValueDictionary[str, TaskResult]" = weakref.WeakValueDictionary()
         self._options: Dict[str, Dict[str, Any]] = {}   # task id -> apply_async options, until recorded
-        #: Called when a slot frees and nothing waits here (a node's claimer listens).
-        self.on_free_slot: Optional[Callable[[], None]] = None
         #: The app whose context tasks claimed from a shared store run in (the server's Flask app).
         self.app: Any = None
         self.configure(max_concurrency=max_concurrency, max_pending=max_pending,
                        result_ttl=result_ttl, max_results=max_results, eager=eager)
+
+    @property
+    def mode(self) -> str:
+        """Where tasks run: "auto", "current" or "thread" (see ``configure(hub=...)``)."""
+        return self._taskhub.mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._taskhub.mode = mode
 
     # -- configuration and counters -----------------------------------------
 
@@ -203,7 +139,7 @@ class Runner:
         if hub is not None:
             if hub not in MODES:
                 raise ConfigError("hub must be one of %s, got %r" % (", ".join(MODES), hub))
-            if self._hub is not None and hub != self.mode:
+            if self._taskhub.hub is not None and hub != self.mode:
                 raise ConfigError("hub=%r: the runner already runs tasks (mode %r); set it before the "
                                   "first spawn" % (hub, self.mode))
             self.mode = hub
@@ -222,7 +158,8 @@ class Runner:
                 target.result_ttl, target.max_results = self.result_ttl, self.max_results
         if hasattr(self.store, "result_ttl"):
             self.store.result_ttl = self.result_ttl
-        if self._thread is not None and self._thread == _real_ident():
+        thread = self._taskhub.thread
+        if thread is not None and thread == real_ident():
             self._dispatch()
         return self
 
@@ -270,66 +207,16 @@ class Runner:
     @property
     def threaded(self) -> bool:
         """True when tasks run on the runner's own daemon thread (outside the server)."""
-        return self._keep_alive is not None
-
-    def _bind(self) -> None:
-        """Choose the task hub at the first spawn (DESIGN: "Outside the server")."""
-        mode = self.mode
-        if mode == "auto":
-            from gevent._hub_local import get_hub_if_exists  # gevent exports it there (no public alias)
-            patched = monkey.is_module_patched("threading") or monkey.is_module_patched("socket")
-            mode = "current" if patched or get_hub_if_exists() is not None else "thread"
-        if mode == "current":
-            self._hub = gevent.get_hub()
-            self._thread = _real_ident()
-            return
-        started = _Handoff()
-        _start_thread(self._thread_main, (started,))
-        started.result(30)
-        # WARNING, not INFO: outside the server nobody configured logging, and this line must show.
-        log.warning("greenqueue: tasks run on a background thread with its own gevent hub (this process is "
-                 "not the greenqueue server and is not monkey-patched); blocking I/O in a task holds up "
-                 "the other tasks unless the process calls gevent.monkey.patch_all() first")
-        atexit.register(self._at_exit)
-
-    def _thread_main(self, started: _Handoff) -> None:
-        def bind() -> None:
-            self._hub = gevent.get_hub()
-            self._thread = _real_ident()
-            self._keep_alive = Event()
-        started.run(bind, ())
-        # An idle loop with nothing referenced would exit: a started async watcher keeps it
-        # running while this thread waits for spawns handed over from other threads.
-        keeper = self._hub.loop.async_()
-        keeper.start(lambda: None)
-        try:
-            self._keep_alive.wait()
-        finally:
-            keeper.stop()
-            keeper.close()
-            self._thread = None
-
-    def _on_hub(self) -> bool:
-        ident = _real_ident()
-        if ident == self._thread:
-            return True
-        if self._thread is None:
-            self._bind()
-            return ident == self._thread
-        return False
+        return self._taskhub.threaded
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None) -> Any:
         """Run ``fn(*args)`` in a greenlet on the task hub and return its value (from any thread)."""
-        if self._on_hub():
-            return fn(*args)
-        handoff = _Handoff()
-        self._hub.loop.run_callback_threadsafe(gevent.spawn, handoff.run, fn, args)
-        return handoff.result(timeout)
+        return self._taskhub.call(fn, *args, timeout=timeout)
 
     def _at_exit(self) -> None:
         # Interpreter exit outside the server: give what was spawned a short drain, so
         # `r = t.delay(); sys.exit()` still runs the task (the journal keeps the rest).
-        if self._keep_alive is None or self._closed:
+        if not self._taskhub.threaded or self._closed:
             return
         try:
             # Spawns handed over just before exit may not be accepted yet; the drain is queued
@@ -376,7 +263,8 @@ class Runner:
             r._serializer = serializer
             if options and getattr(self.store, "clustered", False):
                 self._options[r.id] = options
-        if _real_ident() != self._thread and not self._on_hub():
+        taskhub = self._taskhub
+        if real_ident() != taskhub.thread and not taskhub.on_hub():
             return self._accept_from_thread(r, delay, force)
         return self._accept(r, delay, force)
 
@@ -403,7 +291,7 @@ class Runner:
             if not force and self._pending_count >= self.max_pending:
                 raise Overloaded("%d tasks are already waiting (max_pending=%d); try again later"
                                  % (self._pending_count, self.max_pending))
-            self._hub.loop.run_callback_threadsafe(self._accept_quietly, r, delay)
+            self._taskhub.hand_over(self._accept_quietly, r, delay)
             return r
         return self.call(self._accept, r, delay, force)
 
@@ -527,267 +415,11 @@ class Runner:
         if g is not None and not g.dead and g is not gevent.getcurrent():
             g.kill(block=False)
 
-    def _enqueue(self, r: TaskResult) -> None:
-        """Put a due task in line (or straight into a free slot); never raises Overloaded."""
-        if r._idle:
-            r._where = "idle"
-            self._idle_q.append(r)
-            self._pending_count += 1
-            self._kick_idle()
-        elif self._active < self.max_concurrency and not self._pending:
-            self._start(r)
-        else:
-            r._where = "pending"
-            self._pending.append(r)
-            self._pending_count += 1
-
-    def _start(self, r: TaskResult) -> None:
-        self._active += 1
-        r._slot = True
-        r._where = "running"
-        g = _TaskGreenlet(self._run, r)
-        r._greenlet = g
-        self._running[g] = r
-        g.start()
-
-    def _dispatch(self) -> None:
-        """Start waiting tasks while slots are free; wake the idle worker when only idle ones wait."""
-        pending = self._pending
-        while pending and self._active < self.max_concurrency:
-            r = pending.popleft()
-            if r._where != "pending":
-                continue  # cancelled while waiting
-            self._pending_count -= 1
-            self._start(r)
-        if self._idle_q and not pending and self._active < self.max_concurrency and self._idle_wake is not None:
-            self._idle_wake.set()
-        if self.on_free_slot is not None and not pending and self._active < self.max_concurrency:
-            self.on_free_slot()
-
-    # -- delayed tasks ----------------------------------------------------------
-
-    def _schedule(self, r: TaskResult, delay: Optional[float]) -> None:
-        due = _monotonic() + (delay or 0.0)
-        self._seq += 1
-        r._where = "scheduled"
-        self._scheduled_count += 1
-        heap = self._heap
-        earliest = heap[0][0] if heap else None
-        heapq.heappush(heap, (due, self._seq, r))
-        if self._timer is None:
-            self._timer_wake = Event()
-            self._timer = gevent.spawn(self._timer_loop)
-        elif earliest is None or due < earliest:
-            self._timer_wake.set()
-
-    def _timer_loop(self) -> None:
-        heap = self._heap
-        wake = self._timer_wake
-        while True:
-            now = _monotonic()
-            while heap and heap[0][0] <= now:
-                r = heapq.heappop(heap)[2]
-                if r._where != "scheduled":
-                    continue  # cancelled while delayed
-                self._scheduled_count -= 1
-                if r.state == SCHEDULED:
-                    r.state = PENDING
-                self._enqueue(r)
-            if len(heap) > 64 and len(heap) > 2 * self._scheduled_count:
-                # Cancelled entries would otherwise stay until their due time.
-                heap[:] = [e for e in heap if e[2]._where == "scheduled"]
-                heapq.heapify(heap)
-            wake.clear()
-            wake.wait(heap[0][0] - now if heap else None)
-
-    # -- idle tasks ---------------------------------------------------------------
-
-    def _kick_idle(self) -> None:
-        if self._idle_worker is None:
-            self._idle_wake = Event()
-            self._idle_worker = gevent.spawn(self._idle_loop)
-        else:
-            self._idle_wake.set()
-
-    def _idle_loop(self) -> None:
-        idle_q = self._idle_q
-        try:
-            while idle_q:
-                gevent.idle()
-                if self._pending or self._active >= self.max_concurrency:
-                    self._idle_wake.clear()
-                    self._idle_wake.wait()
-                    continue
-                r = idle_q.popleft()
-                if r._where != "idle":
-                    continue
-                self._pending_count -= 1
-                self._start(r)
-        finally:
-            self._idle_worker = None
-
-    # -- running --------------------------------------------------------------------
-
-    def _run(self, r: TaskResult) -> None:
-        g = r._greenlet
-        try:
-            if r.state not in READY_STATES:  # cancelled between _start and now
-                self._attempt(r)
-        finally:
-            del self._running[g]
-            if r._slot:
-                r._slot = False
-                self._active -= 1
-            self._dispatch()
-
-    def _attempt(self, r: TaskResult) -> None:
-        opts = r._opts
-        r.state = STARTED
-        r._started_ts = _time()
-        if r._serializer is not None:
-            self.store.started(r)
-        if _subscribers:
-            events.notify(events.TaskStarted(r))
-        exc: Optional[BaseException] = None
-        value = None
-        timer = None
-        expired = False
-        t0 = _monotonic()
-        try:
-            if opts.timeout is not None:
-                timer = gevent.Timeout.start_new(opts.timeout, _Expired())
-            if r._app is not None:
-                with r._app.app_context():
-                    value = r._fn(*r._args, **r._kwargs)
-            else:
-                value = r._fn(*r._args, **r._kwargs)
-        except _Expired:
-            exc = None  # decided below from the timer, which also catches a swallowed expiry
-        except gevent.GreenletExit as e:
-            if r.state == CANCELLED or r._where == "store":
-                return  # cancel() already finished the result, or abandon() gave the lease up
-            exc = e
-        except (KeyboardInterrupt, SystemExit) as e:
-            self._finish(r, FAILURE, exc=e, duration=_monotonic() - t0)
-            raise  # the process is stopping; let the hub see it
-        except BaseException as e:
-            # gevent.Timeout and other BaseExceptions become GreenqueueErrors in _set.
-            exc = e
-        finally:
-            if timer is not None:
-                expired = not timer.pending
-                timer.close()
-        duration = _monotonic() - t0
-        if r.state == CANCELLED:
-            return
-        if timer is not None and expired:
-            exc = TaskTimeout("task %s[%s] timed out after %ss" % (r.name, r.id, opts.timeout))
-        if exc is None:
-            self._finish(r, SUCCESS, value=value, duration=duration)
-        elif isinstance(exc, gevent.GreenletExit):
-            # Killed by someone other than cancel() (killall, shutdown): still a result.
-            self._finish(r, CANCELLED, exc=exc, duration=duration)
-        elif r.retries < opts.retries:
-            self._retry(r, exc, duration)
-        else:
-            self._finish(r, FAILURE, exc=exc, duration=duration)
-
-    def _retry(self, r: TaskResult, exc: BaseException, duration: float) -> None:
-        r.retries += 1
-        r.duration = duration
-        r.state = RETRY
-        delay = r._opts.delay_for(r.retries)
-        log.debug("task %s[%s] attempt %d failed, retrying in %.3fs", r.name, r.id, r.retries, delay)
-        handed_back = r._serializer is not None and self.store.retrying(r, delay, exc)
-        if _subscribers:
-            events.notify(events.TaskRetrying(r, exception=exc, delay=delay))
-        if handed_back:
-            r._where = "store"  # the shared store has it; any node claims it when due
-            self._live.pop(r.id, None)
-            self._elsewhere[r.id] = r
-            return
-        if delay > 0:
-            self._schedule(r, delay)
-        else:
-            # This greenlet still holds its slot; queue behind waiting tasks for fairness.
-            r._where = "pending"
-            self._pending.append(r)
-            self._pending_count += 1
-
-    def _finish(self, r: TaskResult, state: str, value: Any = None, exc: Optional[BaseException] = None,
-                duration: Optional[float] = None, tb: Optional[str] = None) -> None:
-        if r.state in READY_STATES:
-            return
-        if duration is not None:
-            r.duration = duration
-        r._finished_ts = _time()
-        r._where = None
-        serializer = r._serializer
-        if not r._set(state, value, exc, tb):
-            return
-        self._live.pop(r.id, None)
-        self.store.finished(r, serializer)
-        if _subscribers:
-            if state == SUCCESS:
-                events.notify(events.TaskSucceeded(r, duration=r.duration or 0.0))
-            elif state == FAILURE:
-                events.notify(events.TaskFailed(r, exception=r.exception, duration=r.duration or 0.0))
-            else:
-                events.notify(events.TaskCancelled(r))
-
-    def _run_eager(self, r: TaskResult, delay: Optional[float], eta: Optional[datetime.datetime]) -> TaskResult:
-        """Run inline in the caller (tests): no delay, no timeout, exceptions propagate."""
-        if eta is not None:
-            r.eta = eta if eta.tzinfo is not None else eta.replace(tzinfo=_UTC)
-        if _subscribers:
-            events.notify(events.TaskSpawned(r))
-        while True:
-            r.state = STARTED
-            r._started_ts = _time()
-            if _subscribers:
-                events.notify(events.TaskStarted(r))
-            t0 = _monotonic()
-            try:
-                value = r._fn(*r._args, **r._kwargs)
-            except Exception as e:
-                if r.retries < r._opts.retries:
-                    r.retries += 1
-                    r.state = RETRY
-                    if _subscribers:
-                        events.notify(events.TaskRetrying(r, exception=e, delay=0.0))
-                    continue
-                self._finish(r, FAILURE, exc=e, duration=_monotonic() - t0)
-                raise
-            self._finish(r, SUCCESS, value=value, duration=_monotonic() - t0)
-            return r
-
     # -- used by TaskResult and batches -------------------------------------------------
-
-    def holds_slot(self, greenlet: Any) -> Optional[TaskResult]:
-        """The task running in ``greenlet`` if it holds a slot now, else None."""
-        r = self._running.get(greenlet)
-        return r if r is not None and r._slot else None
-
-    def release_slot(self, r: TaskResult) -> None:
-        """Lend ``r``'s slot out while it waits on another task."""
-        r._slot = False
-        self._active -= 1
-        self._dispatch()
-
-    def reacquire_slot(self, r: TaskResult) -> None:
-        """Give ``r`` its slot back when its wait ends."""
-        # May exceed max_concurrency for a moment: the woken task must not wait
-        # behind tasks that started while it was blocked (that could deadlock).
-        r._slot = True
-        self._active += 1
 
     def on_hub_thread(self) -> bool:
         """True when the caller runs on the task hub's thread (or no hub is bound yet)."""
-        return self._thread is None or _real_ident() == self._thread
-
-    def current(self) -> Optional[TaskResult]:
-        """The TaskResult running in the calling greenlet (None outside a task)."""
-        return self._running.get(gevent.getcurrent())
+        return self._taskhub.on_hub_thread()
 
     def track(self, r: TaskResult) -> None:
         """Hold an unfinished result made elsewhere (a batch item) so lookups and cancel find it."""
@@ -886,7 +518,7 @@ class Runner:
     def kill(self, timeout: float = 1.0) -> None:
         """Cancel every waiting, delayed and running task, and stop the helper greenlets."""
         if not self.on_hub_thread():
-            if self._hub is not None and self._keep_alive is not None:
+            if self._taskhub.hub is not None and self._taskhub.threaded:
                 try:
                     self.call(self.kill, timeout, timeout=timeout + 5)
                 except Exception:
@@ -906,13 +538,12 @@ class Runner:
         self._heap.clear()
         self._pending_count = self._scheduled_count = 0
         self._batchers.clear()
-        if self._keep_alive is not None:
-            self._keep_alive.set()  # our own task thread ends once this greenlet returns
+        self._taskhub.stop()  # our own task thread ends once this greenlet returns
 
     def forget_after_fork(self) -> None:
         """Drop everything without touching the hub (the child of a fork has neither thread nor tasks)."""
         self._closed = True
-        self._thread = self._hub = self._keep_alive = None
+        self._taskhub.forget()
 
 
 _default: Optional[Runner] = None
