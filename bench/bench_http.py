@@ -14,6 +14,13 @@ so a noisy neighbour hits them all alike; each figure is the best of its
 rounds. ``server CPU`` rows divide the CPU time of the server's process
 tree by the requests served: on a shared machine that moves far less than
 requests per second do.
+
+``--workers 2`` rows (bare callable and Flask hello, 50 connections) race
+``greenqueue --workers 2`` against ``granian --workers 2`` and ``gunicorn -k
+gevent -w 2``, each server spread over cores 0 and 1. A machine with two
+cores has none left for wrk, so wrk shares both with the server: these rows
+say how the servers use two processes when the client competes for the
+same CPUs, not how they scale on a larger host.
 """
 
 import os
@@ -36,23 +43,32 @@ CASES = (
     ("Flask hello", FLASK, "/", ("granian", "gunicorn -k gevent", "gevent.pywsgi")),
     ("Flask json 4KiB", FLASK, "/json", ("granian", "gunicorn -k gevent", "gevent.pywsgi")),
 )
+#: The --workers rows: (label, app, path, peers), all at 50 connections on cores 0 and 1.
+WORKER_CASES = (
+    ("bare WSGI", BARE, "/", ("granian", "gunicorn -k gevent")),
+    ("Flask hello", FLASK, "/", ("granian", "gunicorn -k gevent")),
+)
+WORKERS = 2
+WORKER_CONNS = 50
+#: Cores of the --workers rows; wrk runs on the same ones (a two-core machine has no third).
+WORKER_CORES = "0,1"
 TARGETS = {("bare WSGI", 50, "gevent floor"): 0.5, ("Flask hello", 50, "granian"): 1.0,
            ("Flask hello", 500, "granian"): 1.0}
 
 
-def granian_flags(conns):
+def granian_flags(conns, workers=1):
     """The granian options used at ``conns`` connections (printed in the rows' notes)."""
-    flags = ["--interface", "wsgi", "--workers", "1"]
+    flags = ["--interface", "wsgi", "--workers", str(workers)]
     if conns >= 500:
         flags += ["--backpressure", str(GRANIAN_BACKPRESSURE)]
     return flags
 
 
-def command(name, app, port, conns):
+def command(name, app, port, conns, workers=1):
     """The command line of server ``name`` serving ``app`` on ``port`` (None when it is not installed)."""
     bind = "127.0.0.1:%d" % port
     if name == "greenqueue":
-        return [PY, "-m", "greenqueue.server", "--bind", bind, "--log-level", "warning",
+        return [PY, "-m", "greenqueue.server", "--bind", bind, "--log-level", "warning", "--workers", str(workers),
                 "--max-connections", "2000", "--backlog", "4096", app]
     if name == "gevent floor":
         return [PY, "-m", "bench.apps.http_floor", str(port)]
@@ -61,12 +77,12 @@ def command(name, app, port, conns):
     if name == "granian":
         if not os.path.exists(GRANIAN):
             return None
-        return [GRANIAN] + granian_flags(conns) + ["--host", "127.0.0.1", "--port", str(port), "--backlog",
+        return [GRANIAN] + granian_flags(conns, workers) + ["--host", "127.0.0.1", "--port", str(port), "--backlog",
                                                    "4096", "--log-level", "warning", app]
     if name == "gunicorn -k gevent":
         if not os.path.exists(GUNICORN):
             return None
-        return [GUNICORN, "-k", "gevent", "-w", "1", "--worker-connections", "2000", "--backlog", "4096",
+        return [GUNICORN, "-k", "gevent", "-w", str(workers), "--worker-connections", "2000", "--backlog", "4096",
                 "-b", bind, "--log-level", "warning", app]
     raise ValueError(name)
 
@@ -84,9 +100,9 @@ def cpu_seconds(pid):
     return total
 
 
-def _measure(proc, url, conns, seconds):
+def _measure(proc, url, conns, seconds, core=1):
     before = cpu_seconds(proc.pid)
-    result = wrk(url, conns, seconds)
+    result = wrk(url, conns, seconds, core=core)
     served = result["rps"] * max(1, int(seconds))
     result["cpu_us"] = (cpu_seconds(proc.pid) - before) / served * 1e6 if served else None
     return result
@@ -100,41 +116,81 @@ def _best(runs):
             "runs": [round(r["rps"]) for r in runs]}
 
 
-def measure_case(app, path, names, conn_counts, seconds, rounds):
+def measure_case(app, path, names, conn_counts, seconds, rounds, workers=1):
     """Return {(server, conns): best result}; servers run side by side, wrk rounds interleaved."""
+    # One process per server on core 0 and wrk on core 1; with more processes both share every core.
+    core = 0 if workers == 1 else WORKER_CORES
+    wrk_core = 1 if workers == 1 else WORKER_CORES
+
+    def flags_at(name, conns):
+        return tuple(granian_flags(conns, workers)) if name == "granian" else ()
+
     runs = {}
     with ExitStack() as stack:
         instances = {}  # (name, granian flags) -> (proc, port): granian runs twice, with and without backpressure
         for name in names:
-            for flags in sorted({tuple(granian_flags(c)) if name == "granian" else () for c in conn_counts}):
+            for flags in sorted({flags_at(name, c) for c in conn_counts}):
                 port = free_port()
-                cmd = command(name, app, port, 500 if "--backpressure" in flags else 1)
+                cmd = command(name, app, port, 500 if "--backpressure" in flags else 1, workers)
                 if cmd is None:
                     continue
-                instances[(name, flags)] = (stack.enter_context(server(cmd, port)), port)
-                wrk("http://127.0.0.1:%d%s" % (port, path), 10, 1)  # warm-up
+                instances[(name, flags)] = (stack.enter_context(server(cmd, port, core=core)), port)
+                wrk("http://127.0.0.1:%d%s" % (port, path), 10, 1, core=wrk_core)  # warm-up
         for _ in range(rounds):
             for conns in conn_counts:
                 for name in names:
-                    got = instances.get((name, tuple(granian_flags(conns)) if name == "granian" else ()))
+                    got = instances.get((name, flags_at(name, conns)))
                     if got is not None:
                         proc, port = got
                         runs.setdefault((name, conns), []).append(
-                            _measure(proc, "http://127.0.0.1:%d%s" % (port, path), conns, seconds))
+                            _measure(proc, "http://127.0.0.1:%d%s" % (port, path), conns, seconds, wrk_core))
     return {key: _best(got) for key, got in runs.items()}
 
 
-def _note(label, conns, peer, mine, theirs):
+def _note(label, conns, peer, mine, theirs, workers=1):
     parts = []
     if peer == "granian":
-        parts.append("granian " + " ".join(granian_flags(conns)))
+        parts.append("granian " + " ".join(granian_flags(conns, workers)))
+    elif workers > 1:
+        parts.append("gunicorn -k gevent -w %d" % workers)
+    if workers > 1:
+        parts.append("wrk shares cores %s with the servers" % WORKER_CORES)
     if mine["errors"] or theirs["errors"]:
         parts.append("errors: %d/%d" % (mine["errors"], theirs["errors"]))
-    target = TARGETS.get((label, conns, peer))
+    # The targets are for one process each; the --workers rows have none.
+    target = TARGETS.get((label, conns, peer)) if workers == 1 else None
     if target is not None and mine["rps"] and theirs["rps"]:
         ratio = mine["rps"] / theirs["rps"]
         parts.append("target >= %.1fx %s" % (target, "met" if ratio >= target else "MISSED"))
     return "; ".join(parts)
+
+
+def _rows(label, results, conns, peers, workers=1):
+    """The req/s, p99 and (at 50 connections) server CPU rows of one app at ``conns`` connections."""
+    rows = []
+    mine = results[("greenqueue", conns)]
+    name = "%s c=%d" % (label, conns) + (" --workers %d" % workers if workers > 1 else "")
+    for peer in peers:
+        theirs = results.get((peer, conns))
+        if theirs is None:
+            rows.append(row("http", name + " req/s", mine["rps"], "req/s", peer, None, note="not installed"))
+            continue
+        note = _note(label, conns, peer, mine, theirs, workers)
+        rows.append(row("http", name + " req/s", mine["rps"], "req/s", peer, theirs["rps"], True, note))
+        rows.append(row("http", name + " p99", mine["p99_ms"], "ms", peer, theirs["p99_ms"], False))
+        if conns == 50:
+            rows.append(row("http", name + " server CPU", mine["cpu_us"], "us/req", peer, theirs["cpu_us"], False))
+    return rows
+
+
+def run_workers(quick: bool = False) -> list:
+    """The --workers rows alone (bare callable and Flask hello, 50 connections)."""
+    seconds, rounds = (1, 1) if quick else (5, 3)
+    rows = []
+    for label, app, path, peers in WORKER_CASES:
+        results = measure_case(app, path, ("greenqueue",) + peers, (WORKER_CONNS,), seconds, rounds, WORKERS)
+        rows.extend(_rows(label, results, WORKER_CONNS, peers, WORKERS))
+    return rows
 
 
 def run(quick: bool = False, smoke: bool = False) -> list:
@@ -144,36 +200,26 @@ def run(quick: bool = False, smoke: bool = False) -> list:
     conn_counts = (1, 50) if smoke else (1, 50, 500)
     cases = CASES[:2] if smoke or quick else CASES
     rows = []
-    for label, app, path, peers in cases:
-        if smoke:
-            peers = peers[:1]
-        try:
+    try:
+        for label, app, path, peers in cases:
+            if smoke:
+                peers = peers[:1]
             results = measure_case(app, path, ("greenqueue",) + peers, conn_counts, seconds,
                                    1 if path == "/json" else rounds)
-        except FileNotFoundError as exc:
-            return [row("http", "all", None, "", "-", None, note=str(exc))]
-        for conns in conn_counts:
-            mine = results[("greenqueue", conns)]
-            name = "%s c=%d" % (label, conns)
-            for peer in peers:
-                theirs = results.get((peer, conns))
-                if theirs is None:
-                    rows.append(row("http", name + " req/s", mine["rps"], "req/s", peer, None,
-                                    note="not installed"))
-                    continue
-                note = _note(label, conns, peer, mine, theirs)
-                rows.append(row("http", name + " req/s", mine["rps"], "req/s", peer, theirs["rps"], True, note))
-                rows.append(row("http", name + " p99", mine["p99_ms"], "ms", peer, theirs["p99_ms"], False))
-                if conns == 50:
-                    rows.append(row("http", name + " server CPU", mine["cpu_us"], "us/req", peer,
-                                    theirs["cpu_us"], False))
+            for conns in conn_counts:
+                rows.extend(_rows(label, results, conns, peers))
+        if not smoke:  # the smoke test checks the bench still runs; one process per server shows that
+            rows.extend(run_workers(quick))
+    except FileNotFoundError as exc:
+        return [row("http", "all", None, "", "-", None, note=str(exc))]
     return rows
 
 
 def main(argv=None):
     """Command-line entry point."""
     footer = ("load generator: wrk, 1 thread, keep-alive; best of 3 interleaved rounds (1 with --quick); "
-              "granian --backpressure %d at 500 connections" % GRANIAN_BACKPRESSURE)
+              "granian --backpressure %d at 500 connections; --workers %d rows: servers on cores %s and wrk "
+              "shares those same cores" % (GRANIAN_BACKPRESSURE, WORKERS, WORKER_CORES))
     return bench_main(run, __doc__, argv, footer=footer)
 
 
