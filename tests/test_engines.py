@@ -753,12 +753,9 @@ def _reap_processes(procs):
             proc.communicate()
 
 
-@pytest.mark.realproc
-def test_processes_claiming_from_one_file_never_get_the_same_row(sqlite_engines, tmp_path):
-    e = sqlite_engines()
-    ids = {r.id for r in e.enqueue([row() for _ in range(600)])}
-    ledger = tmp_path / "ledger"
-    procs = [_python(CLAIMER, sqlite_engines.target, ledger, "P%d" % i) for i in range(3)]
+def _together(procs, timeout):
+    """Wait until every script says "ready", send them all "go", and return their outputs (exit 0 each)."""
+    outs = []
     try:
         for proc in procs:
             assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=10)
@@ -766,10 +763,20 @@ def test_processes_claiming_from_one_file_never_get_the_same_row(sqlite_engines,
             proc.stdin.write("go\n")
             proc.stdin.flush()
         for proc in procs:
-            out, err = proc.communicate(timeout=60)
+            out, err = proc.communicate(timeout=timeout)
             assert proc.returncode == 0, err
+            outs.append(out)
     finally:
         _reap_processes(procs)
+    return outs
+
+
+@pytest.mark.realproc
+def test_processes_claiming_from_one_file_never_get_the_same_row(sqlite_engines, tmp_path):
+    e = sqlite_engines()
+    ids = {r.id for r in e.enqueue([row() for _ in range(600)])}
+    ledger = tmp_path / "ledger"
+    _together([_python(CLAIMER, sqlite_engines.target, ledger, "P%d" % i) for i in range(3)], timeout=60)
     claims = [line.split() for line in ledger.read_text().splitlines()]
     claimed = [c[1] for c in claims]
     twice = [i for i, n in collections.Counter(claimed).items() if n > 1]
@@ -796,18 +803,8 @@ print("opened", flush=True)
 @pytest.mark.realproc
 def test_processes_starting_together_on_a_new_file_all_open_it(tmp_path):
     path = tmp_path / "new.db"
-    procs = [_python(OPENER, path) for _ in range(6)]
-    try:
-        for proc in procs:
-            assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=10)
-        for proc in procs:
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        for proc in procs:
-            out, err = proc.communicate(timeout=30)
-            assert proc.returncode == 0 and "opened" in out, err
-    finally:
-        _reap_processes(procs)
+    outs = _together([_python(OPENER, path) for _ in range(6)], timeout=30)
+    assert all("opened" in out for out in outs)
     with closing(sqlite3.connect(str(path))) as conn:
         assert dict(conn.execute("SELECT key, value FROM greenqueue_meta"))["schema_version"] == "2"
 
