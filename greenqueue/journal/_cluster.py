@@ -97,9 +97,10 @@ class ClusterStore:
         self._finisher: Any = None
         self._stopping = False
         deadline = getattr(engine, "spawn_deadline", None)
-        # The rest of the deadline is for the batch's own call, which the engine's timeout bounds.
+        # The rest of the deadline is for the batch's own call, which the engine's timeout
+        # bounds, plus a second of slack for what that call does after the timeout.
         self._queue_wait: Optional[float] = (
-            None if deadline is None else max(0.5, deadline - getattr(engine, "timeout", 0.0)))
+            None if deadline is None else max(0.5, deadline - getattr(engine, "timeout", 0.0) - 1.0))
 
     def __len__(self) -> int:
         return len(self.memory)
@@ -289,7 +290,8 @@ class ClusterStore:
             except BaseException as exc:
                 # Every caller hears the outcome, even when the writer is killed mid-call (close()).
                 failed = exc if isinstance(exc, Exception) else JournalError(
-                    "journal %s: the store closed before the spawn was written" % self.display)
+                    "journal %s: the store closed while the spawn was being written; it may or may not "
+                    "be stored" % self.display)
                 for _, waiter in part:
                     waiter.set_exception(failed)
                 if failed is not exc:
