@@ -42,12 +42,7 @@ Wake-ups: SQLite has no LISTEN, so ``wait_for_work`` polls every
 changes when another connection commits) and, only after a change, one
 indexed look for due, unowned rows.
 
-Schema: version 2 of the file format the single-process journal started
-(version 1, ``greenqueue_tasks`` and ``greenqueue_periodic``). One file holds
-one store, so ``open()`` migrates a version 1 file in place under the write
-lock, keeping its unfinished tasks and periodic history, rather than keeping
-a second set of tables beside rows nobody would replay. An older greenqueue
-then refuses the file with its "newer greenqueue" error.
+Schema: see ``_sqlite_sql``.
 """
 
 import json
@@ -55,180 +50,24 @@ import logging
 import os
 import sqlite3
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import gevent
 from gevent.monkey import get_original
 
 from ..errors import ConfigError, JournalError
 from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow
+from ._sqlite_sql import (BACK, COLS, FINISH, FROM_V1, INSERT, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION,
+                          SYNCHRONOUS, TABLES, UNOWNED, chunks, filesystem_of, marks, queue_filter, task_row,
+                          write)
 
-__all__ = ["SQLiteEngine", "SCHEMA_VERSION"]
+__all__ = ["SQLiteEngine", "SCHEMA_VERSION", "filesystem_of"]
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 2
-_MAGIC = "greenqueue-journal"
-_CLAIMABLE = "('PENDING', 'SCHEDULED', 'RETRY')"
-_SYNCHRONOUS = ("NORMAL", "FULL")
-# Filesystems whose locking or shared memory cannot carry WAL between processes.
-_NETWORK_FS = frozenset(("nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "ceph", "glusterfs",
-                         "fuse.sshfs", "lustre", "gpfs"))
-# Without ANALYZE statistics the planner prefers the (state, created_at) index, which
-# reads every pending row and sorts them; these name the index each query is built for.
-_UNOWNED = "greenqueue_tasks INDEXED BY greenqueue_tasks_due WHERE owner IS NULL AND state IN " + _CLAIMABLE
-_RUNNING = "greenqueue_tasks INDEXED BY greenqueue_tasks_owner WHERE owner IS NOT NULL AND state = 'STARTED'"
-# Well under SQLite's 32766 host parameters per statement.
-_CHUNK = 500
-
-_FIELDS = [f for f in TaskRow.__dataclass_fields__]
-_COLS = ", ".join(_FIELDS)
-_CANCEL_AT = _FIELDS.index("cancel_requested")
-
-_TABLES = [
-    """CREATE TABLE greenqueue_tasks (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        payload BLOB NOT NULL,
-        serializer TEXT NOT NULL,
-        queue TEXT NOT NULL DEFAULT 'default',
-        state TEXT NOT NULL,
-        eta REAL,
-        due REAL NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        max_attempts INTEGER NOT NULL DEFAULT 1,
-        lease_losses INTEGER NOT NULL DEFAULT 0,
-        idempotency_key TEXT,
-        owner TEXT,
-        lease_expires REAL,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        expires_at REAL,
-        result BLOB,
-        error_type TEXT,
-        error TEXT,
-        traceback TEXT,
-        note TEXT)""",
-    # A partial index serves only queries that repeat its WHERE terms verbatim (_UNOWNED).
-    "CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due, created_at) "
-    "WHERE owner IS NULL AND state IN " + _CLAIMABLE,
-    "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
-    "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
-    "WHERE idempotency_key IS NOT NULL",
-    "CREATE INDEX greenqueue_tasks_expires ON greenqueue_tasks (expires_at) WHERE expires_at IS NOT NULL",
-    "CREATE INDEX greenqueue_tasks_created ON greenqueue_tasks (created_at)",
-    "CREATE INDEX greenqueue_tasks_state ON greenqueue_tasks (state, created_at)",
-    # PostgreSQL's lost_by array: nodes whose lease on a row was taken back, until their
-    # heartbeat hears of it. The cascade drops them with a pruned or purged row.
-    """CREATE TABLE greenqueue_lost (
-        task_id TEXT NOT NULL REFERENCES greenqueue_tasks (id) ON DELETE CASCADE,
-        node TEXT NOT NULL,
-        PRIMARY KEY (task_id, node)) WITHOUT ROWID""",
-    "CREATE INDEX greenqueue_lost_node ON greenqueue_lost (node)",
-    """CREATE TABLE greenqueue_nodes (
-        id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, queues TEXT,
-        started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, running INTEGER NOT NULL DEFAULT 0)""",
-    """CREATE TABLE greenqueue_leader (
-        id INTEGER PRIMARY KEY CHECK (id = 1), node TEXT NOT NULL, epoch INTEGER NOT NULL,
-        lease_expires REAL NOT NULL, acquired_at REAL NOT NULL)""",
-    """CREATE TABLE greenqueue_periodic (
-        job TEXT NOT NULL, due REAL NOT NULL, fired_at REAL NOT NULL, task_id TEXT,
-        PRIMARY KEY (job, due))""",
-    "CREATE TABLE greenqueue_anchors (job TEXT PRIMARY KEY, phase REAL NOT NULL, created_at REAL NOT NULL)",
-]
-
-# Version 1 (the single-process journal) to 2: rebuild its two tables, keeping their rows.
-# A version 1 row left STARTED belonged to a process that is gone: it becomes claimable.
-_FROM_V1 = [
-    "DROP INDEX IF EXISTS greenqueue_tasks_state",
-    "ALTER TABLE greenqueue_tasks RENAME TO greenqueue_v1_tasks",
-    "ALTER TABLE greenqueue_periodic RENAME TO greenqueue_v1_periodic",
-] + _TABLES + [
-    """INSERT INTO greenqueue_tasks (id, name, payload, serializer, state, eta, due, attempts, max_attempts,
-           created_at, updated_at, started_at, finished_at, expires_at, result, error_type, error, traceback, note)
-       SELECT id, name, payload, serializer, CASE WHEN state = 'STARTED' THEN 'PENDING' ELSE state END,
-           eta, coalesce(eta, created_at), attempts, max(attempts, 1), created_at, updated_at, started_at,
-           finished_at, expires_at, result, error_type, error, traceback, note
-       FROM greenqueue_v1_tasks""",
-    "INSERT INTO greenqueue_periodic (job, due, fired_at) SELECT job, scheduled_for, fired_at "
-    "FROM greenqueue_v1_periodic",
-    "DROP TABLE greenqueue_v1_tasks",
-    "DROP TABLE greenqueue_v1_periodic",
-]
-
-_INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts, "
-           "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
-
-# A row whose cancel was requested while it ran ends CANCELLED when it comes back
-# unowned (retry, release), instead of running again.
-_BACK = """state = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE :state END,
-           finished_at = CASE WHEN cancel_requested THEN :now END,
-           expires_at = CASE WHEN cancel_requested THEN :now + :ttl END,
-           owner = NULL, lease_expires = NULL, updated_at = :now"""
-
-
-def _task(r: Sequence[Any]) -> TaskRow:
-    r = list(r[:len(_FIELDS)])
-    r[_CANCEL_AT] = bool(r[_CANCEL_AT])
-    return TaskRow(*r)
-
-
-def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(values), _CHUNK):
-        yield values[i:i + _CHUNK]
-
-
-def _marks(values: Sequence[Any]) -> str:
-    return ", ".join("?" * len(values))
-
-
-def _queue_filter(queues: Optional[Sequence[str]]) -> Tuple[str, list]:
-    if queues is None:
-        return "", []
-    return "AND queue IN (%s)" % _marks(queues), list(queues)
-
-
-def filesystem_of(path: str, mountinfo: str) -> str:
-    """The filesystem type ``/proc/self/mountinfo`` text gives for ``path`` ("" if unknown)."""
-    best, kind = "", ""
-    for line in mountinfo.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right.split():
-            continue
-        mount = fields[4].replace("\\040", " ")
-        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best):
-            best, kind = mount, right.split()[0]
-    return kind
-
-
-@contextmanager
-def _write(conn: sqlite3.Connection) -> Iterator[float]:
-    """One write transaction under SQLite's write lock; yields the database's clock."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        # Read after the lock is ours, so times follow the order writers commit in.
-        yield time.time()
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 class _Contended(Exception):
     """Another process holds a lock the open needs right now."""
-
-
-_FINISH = ("UPDATE greenqueue_tasks SET state = ?2, result = ?3, error_type = ?4, error = ?5, "
-           "traceback = ?6, owner = NULL, lease_expires = NULL, finished_at = ?1, updated_at = ?1, "
-           "expires_at = ?1 + ?7 WHERE id = ?8 AND owner = ?9 AND attempts = ?10")
 
 
 class SQLiteEngine:
@@ -247,8 +86,8 @@ class SQLiteEngine:
         #: How long rows the engine finishes by itself (poison pill, cancel at reap) are kept.
         self.result_ttl = float(result_ttl)
         mode = str(synchronous).upper()
-        if mode not in _SYNCHRONOUS:
-            raise ConfigError("synchronous=%r: use one of %s" % (synchronous, ", ".join(_SYNCHRONOUS)))
+        if mode not in SYNCHRONOUS:
+            raise ConfigError("synchronous=%r: use one of %s" % (synchronous, ", ".join(SYNCHRONOUS)))
         self.synchronous = mode
         self._conn: Optional[sqlite3.Connection] = None
         self._pool: Any = None
@@ -310,7 +149,7 @@ class SQLiteEngine:
                 kind = filesystem_of(os.path.realpath(directory), f.read())
         except OSError:
             kind = ""  # not Linux: nothing to look at, the README's warning stands
-        if kind in _NETWORK_FS:
+        if kind in NETWORK_FS:
             raise self._fail("is on a network filesystem (%s); SQLite's WAL needs a local disk shared by "
                              "the processes of one host. Use a local path, or PostgreSQL for several hosts"
                              % kind)
@@ -364,7 +203,7 @@ class SQLiteEngine:
                                      "share it. Use a file on a local disk" % mode)
                 conn.execute("PRAGMA synchronous=%s" % self.synchronous)
                 conn.execute("PRAGMA foreign_keys=ON")
-                with _write(conn) as now:
+                with write(conn) as now:
                     self._migrate(conn)
                     # A write proves now, not at the first spawn, that the disk takes it.
                     conn.execute("INSERT INTO greenqueue_meta (key, value) VALUES ('opened_at', ?) "
@@ -391,7 +230,7 @@ class SQLiteEngine:
                              "Point --journal at another file" % ", ".join(sorted(tables)))
         else:
             meta = dict(conn.execute("SELECT key, value FROM greenqueue_meta"))
-            if meta.get("magic") != _MAGIC:
+            if meta.get("magic") != MAGIC:
                 raise self._fail("has a greenqueue_meta table but is not a greenqueue journal (magic %r); "
                                  "refusing to touch it. Point --journal at another file" % meta.get("magic"))
             try:
@@ -406,11 +245,11 @@ class SQLiteEngine:
                                  "another file" % meta.get("schema_version"))
         if version == SCHEMA_VERSION:
             return
-        for stmt in (_TABLES if version == 0 else _FROM_V1):
+        for stmt in (TABLES if version == 0 else FROM_V1):
             conn.execute(stmt)
         conn.executemany("INSERT INTO greenqueue_meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
                          "DO UPDATE SET value = excluded.value",
-                         [("magic", _MAGIC), ("schema_version", str(SCHEMA_VERSION))])
+                         [("magic", MAGIC), ("schema_version", str(SCHEMA_VERSION))])
         conn.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
         log.info("journal %s: schema at version %d (was %d)", self.path, SCHEMA_VERSION, version)
 
@@ -441,13 +280,13 @@ class SQLiteEngine:
         return self._call("enqueue", self._enqueue, rows, owner)
 
     def _enqueue(self, conn: sqlite3.Connection, rows: List[TaskRow], owner: Optional[str]) -> List[TaskRow]:
-        with _write(conn) as now:
+        with write(conn) as now:
             return self._insert(conn, now, rows, owner)
 
     def _insert(self, conn: sqlite3.Connection, now: float, rows: List[TaskRow],
                 owner: Optional[str]) -> List[TaskRow]:
         mine = owner is not None
-        conn.executemany(_INSERT, [(
+        conn.executemany(INSERT, [(
             r.id, r.name, r.payload or b"", r.serializer, r.queue, "STARTED" if mine else r.state, r.eta,
             now if r.eta is None else r.eta, r.attempts + mine, r.max_attempts, r.idempotency_key, r.note,
             owner, now + self.lease_timeout if mine else None, now if mine else None, now, now)
@@ -458,9 +297,9 @@ class SQLiteEngine:
         keys = [r.idempotency_key for r in rows if r.idempotency_key]
         found: List[TaskRow] = []
         for column, values in (("id", ids), ("idempotency_key", keys)):
-            for part in _chunks(values):
-                found += map(_task, conn.execute("SELECT %s FROM greenqueue_tasks WHERE %s IN (%s)"
-                                                 % (_COLS, column, _marks(part)), part))
+            for part in chunks(values):
+                found += map(task_row, conn.execute("SELECT %s FROM greenqueue_tasks WHERE %s IN (%s)"
+                                                 % (COLS, column, marks(part)), part))
         by_id = {r.id: r for r in found}
         by_key = {r.idempotency_key: r for r in found if r.idempotency_key}
         out = []
@@ -479,24 +318,24 @@ class SQLiteEngine:
 
     def _claim(self, conn: sqlite3.Connection, node: str, queues: Optional[Sequence[str]],
                limit: int) -> List[TaskRow]:
-        where, params = _queue_filter(queues)
-        pick = "SELECT id FROM %s AND due <= ? %s ORDER BY due, created_at LIMIT ?" % (_UNOWNED, where)
+        where, params = queue_filter(queues)
+        pick = "SELECT id FROM %s AND due <= ? %s ORDER BY due, created_at LIMIT ?" % (UNOWNED, where)
         # An idle claimer should not take the write lock every poll that other processes need.
         if not conn.execute(pick, [time.time()] + params + [1]).fetchone():
             return []
-        with _write(conn) as now:
+        with write(conn) as now:
             ids = [r[0] for r in conn.execute(pick, [now] + params + [limit])]
             if not ids:
                 return []
             got = conn.execute(
                 "UPDATE greenqueue_tasks SET state = 'STARTED', owner = ?, attempts = attempts + 1, "
                 "lease_expires = ?, started_at = ?, updated_at = ? WHERE id IN (%s) RETURNING %s"
-                % (_marks(ids), _COLS), [node, now + self.lease_timeout, now, now] + ids).fetchall()
-            conn.execute("DELETE FROM greenqueue_lost WHERE node = ? AND task_id IN (%s)" % _marks(ids),
+                % (marks(ids), COLS), [node, now + self.lease_timeout, now, now] + ids).fetchall()
+            conn.execute("DELETE FROM greenqueue_lost WHERE node = ? AND task_id IN (%s)" % marks(ids),
                          [node] + ids)
             self._changes += 1
         order = {row_id: i for i, row_id in enumerate(ids)}
-        return sorted(map(_task, got), key=lambda r: order[r.id])
+        return sorted(map(task_row, got), key=lambda r: order[r.id])
 
     def finish(self, row_id: str, node: str, attempt: int, state: str, result: Optional[bytes] = None,
                error_type: Optional[str] = None, error: Optional[str] = None,
@@ -508,9 +347,9 @@ class SQLiteEngine:
         return self._call("finish", self._finish, params) == 1
 
     def _finish(self, conn: sqlite3.Connection, params: tuple) -> int:
-        with _write(conn) as now:
+        with write(conn) as now:
             self._changes += 1
-            return conn.execute(_FINISH, (now,) + params).rowcount
+            return conn.execute(FINISH, (now,) + params).rowcount
 
     def finish_many(self, items: Sequence[tuple]) -> List[bool]:
         """``finish(*args)`` for each item, in one transaction (a node's group commit of results)."""
@@ -524,9 +363,9 @@ class SQLiteEngine:
         return self._call("finish", self._finish_many, params)
 
     def _finish_many(self, conn: sqlite3.Connection, params: List[tuple]) -> List[bool]:
-        with _write(conn) as now:
+        with write(conn) as now:
             self._changes += 1
-            return [conn.execute(_FINISH, (now,) + p).rowcount == 1 for p in params]
+            return [conn.execute(FINISH, (now,) + p).rowcount == 1 for p in params]
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
               error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
@@ -541,7 +380,7 @@ class SQLiteEngine:
         """Hand rows this node holds back unowned (graceful shutdown), keeping their attempt count."""
         ids = list(row_ids)
         total = 0
-        for part in _chunks(ids):
+        for part in chunks(ids):
             params = {"node": node, "state": "PENDING"}
             params.update(("i%d" % n, row_id) for n, row_id in enumerate(part))
             where = "id IN (%s)" % ", ".join(":i%d" % n for n in range(len(part)))
@@ -549,18 +388,18 @@ class SQLiteEngine:
         return total
 
     def _back(self, conn: sqlite3.Connection, extra: str, where: str, params: dict) -> int:
-        with _write(conn) as now:
+        with write(conn) as now:
             self._changes += 1
             params = dict(params, now=now, ttl=self.result_ttl)
             return conn.execute("UPDATE greenqueue_tasks SET %s WHERE %s AND owner = :node"
-                                % (", ".join(filter(None, (_BACK, extra))), where), params).rowcount
+                                % (", ".join(filter(None, (BACK, extra))), where), params).rowcount
 
     def cancel(self, row_id: str) -> Optional[str]:
         """Cancel a row: unowned rows end CANCELLED now, running ones get ``cancel_requested``."""
         return self._call("cancel", self._cancel, row_id)
 
     def _cancel(self, conn: sqlite3.Connection, row_id: str) -> Optional[str]:
-        with _write(conn) as now:
+        with write(conn) as now:
             found = conn.execute("SELECT state, owner FROM greenqueue_tasks WHERE id = ?", (row_id,)).fetchone()
             if found is None:
                 return None
@@ -578,8 +417,8 @@ class SQLiteEngine:
 
     def get(self, row_id: str) -> Optional[TaskRow]:
         """One row by id, or None."""
-        found = self._call("get", self._read, "SELECT %s FROM greenqueue_tasks WHERE id = ?" % _COLS, (row_id,))
-        return _task(found[0]) if found else None
+        found = self._call("get", self._read, "SELECT %s FROM greenqueue_tasks WHERE id = ?" % COLS, (row_id,))
+        return task_row(found[0]) if found else None
 
     def _read(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> List[tuple]:
         return conn.execute(sql, params).fetchall()
@@ -588,8 +427,8 @@ class SQLiteEngine:
         """Seconds (database clock) until the earliest unowned row is due; 0 if one is due now."""
         if queues is not None and not queues:
             return None
-        where, params = _queue_filter(queues)
-        due = self._call("next_due", self._read, "SELECT min(due) FROM %s %s" % (_UNOWNED, where),
+        where, params = queue_filter(queues)
+        due = self._call("next_due", self._read, "SELECT min(due) FROM %s %s" % (UNOWNED, where),
                          params)[0][0]
         return None if due is None else max(0.0, due - time.time())
 
@@ -600,12 +439,12 @@ class SQLiteEngine:
     def _reap(self, conn: sqlite3.Connection, most: int) -> List[TaskRow]:
         # A look without the write lock first: most reaps find nothing, and the running rows
         # (bounded by the nodes' slots) are all the owner index holds.
-        if not conn.execute("SELECT 1 FROM %s AND lease_expires < ? LIMIT 1" % _RUNNING,
+        if not conn.execute("SELECT 1 FROM %s AND lease_expires < ? LIMIT 1" % RUNNING,
                             (time.time(),)).fetchone():
             return []
-        with _write(conn) as now:
+        with write(conn) as now:
             expired = conn.execute("SELECT id, owner, cancel_requested, lease_losses FROM %s "
-                                   "AND lease_expires < ?" % _RUNNING, (now,)).fetchall()
+                                   "AND lease_expires < ?" % RUNNING, (now,)).fetchall()
             for row_id, owner, cancelled, losses in expired:
                 poisoned = not cancelled and most > 0 and losses + 1 >= most
                 final = cancelled or poisoned
@@ -624,15 +463,15 @@ class SQLiteEngine:
                              (row_id, owner))
             self._changes += 1
             ids = [r[0] for r in expired]
-            return [_task(r) for part in _chunks(ids) for r in conn.execute(
-                "SELECT %s FROM greenqueue_tasks WHERE id IN (%s)" % (_COLS, _marks(part)), part)]
+            return [task_row(r) for part in chunks(ids) for r in conn.execute(
+                "SELECT %s FROM greenqueue_tasks WHERE id IN (%s)" % (COLS, marks(part)), part)]
 
     def prune(self, periodic_ttl: float) -> int:
         """Delete finished rows past ``expires_at`` and periodic keys older than ``periodic_ttl``."""
         return self._call("prune", self._prune, float(periodic_ttl))
 
     def _prune(self, conn: sqlite3.Connection, periodic_ttl: float) -> int:
-        with _write(conn) as now:
+        with write(conn) as now:
             tasks = conn.execute("DELETE FROM greenqueue_tasks WHERE expires_at < ? AND state IN %s"
                                  % str(tuple(FINAL)), (now,)).rowcount
             # A job's latest key stays: it is what last_fired() and catch_up start from.
@@ -659,7 +498,7 @@ class SQLiteEngine:
                     "started": node.started_at, "running": node.running})
 
     def _write_sql(self, conn: sqlite3.Connection, sql: str, params: dict) -> int:
-        with _write(conn) as now:
+        with write(conn) as now:
             self._changes += 1
             return conn.execute(sql, dict(params, now=now)).rowcount
 
@@ -668,7 +507,7 @@ class SQLiteEngine:
         return self._call("heartbeat", self._heartbeat, node, int(running))
 
     def _heartbeat(self, conn: sqlite3.Connection, node: str, running: int) -> Heartbeat:
-        with _write(conn) as now:
+        with write(conn) as now:
             renewed = conn.execute("UPDATE greenqueue_tasks INDEXED BY greenqueue_tasks_owner "
                                    "SET lease_expires = ? WHERE owner = ? AND state = 'STARTED' "
                                    "RETURNING id, cancel_requested",
@@ -687,7 +526,7 @@ class SQLiteEngine:
         self._call("unregister", self._unregister, node)
 
     def _unregister(self, conn: sqlite3.Connection, node: str) -> None:
-        with _write(conn) as now:
+        with write(conn) as now:
             conn.execute("DELETE FROM greenqueue_nodes WHERE id = ?", (node,))
             # A leader that leaves cleanly hands over now instead of after a lease timeout.
             conn.execute("UPDATE greenqueue_leader SET lease_expires = ? WHERE node = ?", (now, node))
@@ -707,7 +546,7 @@ class SQLiteEngine:
         return self._call("lead", self._lead, node)
 
     def _lead(self, conn: sqlite3.Connection, node: str) -> Optional[int]:
-        with _write(conn) as now:
+        with write(conn) as now:
             current = conn.execute("SELECT node, epoch, lease_expires FROM greenqueue_leader "
                                    "WHERE id = 1").fetchone()
             expires = now + self.lease_timeout
@@ -732,7 +571,7 @@ class SQLiteEngine:
     def _fire(self, conn: sqlite3.Connection, job: str, due: float, epoch: int, row: TaskRow) -> bool:
         # The write lock holds off a new leader's lead() until this commits, so a fire either
         # lands before the hand-over or sees the new epoch and stops.
-        with _write(conn) as now:
+        with write(conn) as now:
             current = conn.execute("SELECT epoch FROM greenqueue_leader WHERE id = 1").fetchone()
             if current is None or current[0] != epoch:
                 return False
@@ -752,7 +591,7 @@ class SQLiteEngine:
         return self._call("anchor", self._anchor, job, float(phase))
 
     def _anchor(self, conn: sqlite3.Connection, job: str, phase: float) -> float:
-        with _write(conn) as now:
+        with write(conn) as now:
             conn.execute("INSERT INTO greenqueue_anchors (job, phase, created_at) VALUES (?, ?, ?) "
                          "ON CONFLICT (job) DO NOTHING", (job, phase, now))
             return conn.execute("SELECT phase FROM greenqueue_anchors WHERE job = ?", (job,)).fetchone()[0]
@@ -775,15 +614,15 @@ class SQLiteEngine:
             where.append("name = ?")
             params.append(name)
         sql = "SELECT %s FROM greenqueue_tasks %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
-            _COLS, ("WHERE " + " AND ".join(where)) if where else "")
-        return [_task(r) for r in self._call("rows", self._read, sql, params + [int(limit)])]
+            COLS, ("WHERE " + " AND ".join(where)) if where else "")
+        return [task_row(r) for r in self._call("rows", self._read, sql, params + [int(limit)])]
 
     def requeue(self, row_id: Optional[str] = None) -> int:
         """FAILURE/CANCELLED rows (one, or all) back to PENDING with a fresh attempt budget."""
         return self._call("requeue", self._requeue, row_id)
 
     def _requeue(self, conn: sqlite3.Connection, row_id: Optional[str]) -> int:
-        with _write(conn) as now:
+        with write(conn) as now:
             back = conn.execute(
                 "UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = ?1, attempts = 0, "
                 "lease_losses = 0, cancel_requested = 0, finished_at = NULL, expires_at = NULL, result = NULL, "
@@ -791,8 +630,8 @@ class SQLiteEngine:
                 "WHERE state IN ('FAILURE', 'CANCELLED') %s RETURNING id" % ("AND id = ?2" if row_id else ""),
                 (now, row_id) if row_id else (now,)).fetchall()
             ids = [r[0] for r in back]
-            for part in _chunks(ids):
-                conn.execute("DELETE FROM greenqueue_lost WHERE task_id IN (%s)" % _marks(part), part)
+            for part in chunks(ids):
+                conn.execute("DELETE FROM greenqueue_lost WHERE task_id IN (%s)" % marks(part), part)
             self._changes += 1
             return len(ids)
 
@@ -833,5 +672,5 @@ class SQLiteEngine:
         if first:
             # This engine has seen nothing yet: whatever is due, the caller should look.
             return True
-        return conn.execute("SELECT 1 FROM %s AND due <= ? LIMIT 1" % _UNOWNED,
+        return conn.execute("SELECT 1 FROM %s AND due <= ? LIMIT 1" % UNOWNED,
                             (time.time(),)).fetchone() is not None

@@ -1,0 +1,181 @@
+"""The SQLite engine's SQL: the schema, its migration from version 1 and shared statements.
+
+Concurrency model: constants and pure functions; ``write`` runs on the
+connection its caller owns (the engine's thread). Nothing here holds state.
+
+Schema: version 2 of the file format the single-process journal started
+(version 1, ``greenqueue_tasks`` and ``greenqueue_periodic``). One file holds
+one store, so ``open()`` migrates a version 1 file in place under the write
+lock, keeping its unfinished tasks and periodic history, rather than keeping
+a second set of tables beside rows nobody would replay. An older greenqueue
+then refuses the file with its "newer greenqueue" error.
+"""
+
+import sqlite3
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence, Tuple
+
+from ._engine import TaskRow
+
+SCHEMA_VERSION = 2
+MAGIC = "greenqueue-journal"
+CLAIMABLE = "('PENDING', 'SCHEDULED', 'RETRY')"
+SYNCHRONOUS = ("NORMAL", "FULL")
+# Filesystems whose locking or shared memory cannot carry WAL between processes.
+NETWORK_FS = frozenset(("nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "ceph", "glusterfs",
+                        "fuse.sshfs", "lustre", "gpfs"))
+# Without ANALYZE statistics the planner prefers the (state, created_at) index, which
+# reads every pending row and sorts them; these name the index each query is built for.
+UNOWNED = "greenqueue_tasks INDEXED BY greenqueue_tasks_due WHERE owner IS NULL AND state IN " + CLAIMABLE
+RUNNING = "greenqueue_tasks INDEXED BY greenqueue_tasks_owner WHERE owner IS NOT NULL AND state = 'STARTED'"
+# Well under SQLite's 32766 host parameters per statement.
+CHUNK = 500
+
+FIELDS = [f for f in TaskRow.__dataclass_fields__]
+COLS = ", ".join(FIELDS)
+CANCEL_AT = FIELDS.index("cancel_requested")
+
+TABLES = [
+    """CREATE TABLE greenqueue_tasks (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        serializer TEXT NOT NULL,
+        queue TEXT NOT NULL DEFAULT 'default',
+        state TEXT NOT NULL,
+        eta REAL,
+        due REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL DEFAULT 1,
+        lease_losses INTEGER NOT NULL DEFAULT 0,
+        idempotency_key TEXT,
+        owner TEXT,
+        lease_expires REAL,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        expires_at REAL,
+        result BLOB,
+        error_type TEXT,
+        error TEXT,
+        traceback TEXT,
+        note TEXT)""",
+    # A partial index serves only queries that repeat its WHERE terms verbatim (UNOWNED).
+    "CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due, created_at) "
+    "WHERE owner IS NULL AND state IN " + CLAIMABLE,
+    "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
+    "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
+    "WHERE idempotency_key IS NOT NULL",
+    "CREATE INDEX greenqueue_tasks_expires ON greenqueue_tasks (expires_at) WHERE expires_at IS NOT NULL",
+    "CREATE INDEX greenqueue_tasks_created ON greenqueue_tasks (created_at)",
+    "CREATE INDEX greenqueue_tasks_state ON greenqueue_tasks (state, created_at)",
+    # PostgreSQL's lost_by array: nodes whose lease on a row was taken back, until their
+    # heartbeat hears of it. The cascade drops them with a pruned or purged row.
+    """CREATE TABLE greenqueue_lost (
+        task_id TEXT NOT NULL REFERENCES greenqueue_tasks (id) ON DELETE CASCADE,
+        node TEXT NOT NULL,
+        PRIMARY KEY (task_id, node)) WITHOUT ROWID""",
+    "CREATE INDEX greenqueue_lost_node ON greenqueue_lost (node)",
+    """CREATE TABLE greenqueue_nodes (
+        id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, queues TEXT,
+        started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, running INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE greenqueue_leader (
+        id INTEGER PRIMARY KEY CHECK (id = 1), node TEXT NOT NULL, epoch INTEGER NOT NULL,
+        lease_expires REAL NOT NULL, acquired_at REAL NOT NULL)""",
+    """CREATE TABLE greenqueue_periodic (
+        job TEXT NOT NULL, due REAL NOT NULL, fired_at REAL NOT NULL, task_id TEXT,
+        PRIMARY KEY (job, due))""",
+    "CREATE TABLE greenqueue_anchors (job TEXT PRIMARY KEY, phase REAL NOT NULL, created_at REAL NOT NULL)",
+]
+
+# Version 1 (the single-process journal) to 2: rebuild its two tables, keeping their rows.
+# A version 1 row left STARTED belonged to a process that is gone: it becomes claimable.
+FROM_V1 = [
+    "DROP INDEX IF EXISTS greenqueue_tasks_state",
+    "ALTER TABLE greenqueue_tasks RENAME TO greenqueue_v1_tasks",
+    "ALTER TABLE greenqueue_periodic RENAME TO greenqueue_v1_periodic",
+] + TABLES + [
+    """INSERT INTO greenqueue_tasks (id, name, payload, serializer, state, eta, due, attempts, max_attempts,
+           created_at, updated_at, started_at, finished_at, expires_at, result, error_type, error, traceback, note)
+       SELECT id, name, payload, serializer, CASE WHEN state = 'STARTED' THEN 'PENDING' ELSE state END,
+           eta, coalesce(eta, created_at), attempts, max(attempts, 1), created_at, updated_at, started_at,
+           finished_at, expires_at, result, error_type, error, traceback, note
+       FROM greenqueue_v1_tasks""",
+    "INSERT INTO greenqueue_periodic (job, due, fired_at) SELECT job, scheduled_for, fired_at "
+    "FROM greenqueue_v1_periodic",
+    "DROP TABLE greenqueue_v1_tasks",
+    "DROP TABLE greenqueue_v1_periodic",
+]
+
+INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts, "
+           "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+
+# A row whose cancel was requested while it ran ends CANCELLED when it comes back
+# unowned (retry, release), instead of running again.
+BACK = """state = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE :state END,
+           finished_at = CASE WHEN cancel_requested THEN :now END,
+           expires_at = CASE WHEN cancel_requested THEN :now + :ttl END,
+           owner = NULL, lease_expires = NULL, updated_at = :now"""
+
+
+def task_row(r: Sequence[Any]) -> TaskRow:
+    """A TaskRow from a SELECT of COLS."""
+    r = list(r[:len(FIELDS)])
+    r[CANCEL_AT] = bool(r[CANCEL_AT])
+    return TaskRow(*r)
+
+
+def chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """``values`` in slices small enough for one statement's parameters."""
+    for i in range(0, len(values), CHUNK):
+        yield values[i:i + CHUNK]
+
+
+def marks(values: Sequence[Any]) -> str:
+    """``?, ?, ?`` for ``values``."""
+    return ", ".join("?" * len(values))
+
+
+def queue_filter(queues: Optional[Sequence[str]]) -> Tuple[str, list]:
+    """The AND clause and parameters that keep a claim to ``queues`` (None: every queue)."""
+    if queues is None:
+        return "", []
+    return "AND queue IN (%s)" % marks(queues), list(queues)
+
+
+def filesystem_of(path: str, mountinfo: str) -> str:
+    """The filesystem type ``/proc/self/mountinfo`` text gives for ``path`` ("" if unknown)."""
+    best, kind = "", ""
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        mount = fields[4].replace("\\040", " ")
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, right.split()[0]
+    return kind
+
+
+@contextmanager
+def write(conn: sqlite3.Connection) -> Iterator[float]:
+    """One write transaction under SQLite's write lock; yields the database's clock."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Read after the lock is ours, so times follow the order writers commit in.
+        yield time.time()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+FINISH = ("UPDATE greenqueue_tasks SET state = ?2, result = ?3, error_type = ?4, error = ?5, "
+           "traceback = ?6, owner = NULL, lease_expires = NULL, finished_at = ?1, updated_at = ?1, "
+           "expires_at = ?1 + ?7 WHERE id = ?8 AND owner = ?9 AND attempts = ?10")
