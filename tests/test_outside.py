@@ -167,6 +167,32 @@ def test_a_forked_child_gets_a_fresh_runtime(tmp_path):
     assert "child 0" in proc.stdout
 
 
+def test_a_forked_child_draws_task_ids_of_its_own(tmp_path):
+    # --workers N forks its servers: ids drawn after the fork must differ, or two processes
+    # on one journal would hand each other's rows back as their own spawns.
+    proc = run_script("""
+        import os, greenqueue
+
+        @greenqueue.task
+        def noop():
+            return None
+
+        noop.delay().get(timeout=5)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, " ".join(noop.delay().id for _ in range(3)).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        theirs = set(os.read(read, 1000).decode().split())
+        mine = [noop.delay().id for _ in range(3)]
+        stamps = [i[:12] for i in mine]  # the creation time in ms leads
+        print("shared", len(theirs & set(mine)), "sorted", stamps == sorted(stamps))
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "shared 0 sorted True" in proc.stdout
+
+
 def test_pools_outside_the_server_need_monkey_patching(tmp_path):
     proc = run_script("""
         import greenqueue

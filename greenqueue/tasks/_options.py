@@ -3,7 +3,9 @@
 Concurrency model: immutable values and pure functions; safe from any thread.
 """
 
+import os
 import random
+from time import time as _time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -12,6 +14,8 @@ from ..errors import ConfigError
 __all__ = ["TaskOptions", "NO_OPTIONS", "new_id", "callable_name", "check_number"]
 
 _rand = random.Random()
+# A forked child (--workers N, a gipc worker) would otherwise draw the parent's ids.
+os.register_at_fork(after_in_child=_rand.seed)
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,10 @@ NO_OPTIONS = TaskOptions()
 
 
 def new_id() -> str:
-    """A fresh task id: 32 hex digits."""
-    return "%032x" % _rand.getrandbits(128)
+    """A fresh task id: 32 hex digits, the first 12 the creation time in ms (ids sort by age, as UUIDv7's do)."""
+    # Time first: a journal's primary-key index then grows at one end, so a commit of many
+    # spawns dirties a few pages instead of one random page per task.
+    return "%012x%020x" % (int(_time() * 1000) & 0xFFFFFFFFFFFF, _rand.getrandbits(80))
 
 
 def callable_name(fn: Any) -> str:
