@@ -1,7 +1,9 @@
 """A cluster node's app: tasks append to a ledger file, so tests count what really ran.
 
 Environment: CLUSTER_LEDGER (file the tasks append to), CLUSTER_JOB=1 to declare
-an every-second periodic job, CLUSTER_PG (a DSN for the transactional spawn view).
+an every-second periodic job, CLUSTER_SLOW_JOB=1 to declare an every-second job
+whose run takes longer than a second (max_instances=1), CLUSTER_PG (a DSN for the
+transactional spawn view).
 """
 
 import os
@@ -46,6 +48,50 @@ def flaky(n):
     return n * 2
 
 
+@task
+def beating(n, seconds):
+    """Write a timestamped beat every 50 ms for ``seconds``, then an end line: shows when it stopped."""
+    me = greenqueue.tasks.current()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        _write("beat %s %s %.3f %s" % (n, me.id if me else "?", time.time(), NODE))
+        gevent.sleep(0.05)
+    _write("end %s %s %.3f %s" % (n, me.id if me else "?", time.time(), NODE))
+    return n
+
+
+@task
+def mapped(n):
+    """One item of ``mapped.map(...)``: record that it ran here."""
+    me = greenqueue.tasks.current()
+    _write("mapped %s %s %s" % (n, me.id if me else "?", NODE))
+    return n
+
+
+@task(queue="reports")
+def report(n):
+    """A task of the ``reports`` queue: record where it ran."""
+    me = greenqueue.tasks.current()
+    _write("report %s %s %s" % (n, me.id if me else "?", NODE))
+    return n
+
+
+@task
+def echo(**kwargs):
+    """Record and return its keyword arguments (spawn() keywords belong to the task)."""
+    _write("echo %s %s" % (",".join(sorted(kwargs)), NODE))
+    return kwargs
+
+
+if os.environ.get("CLUSTER_SLOW_JOB"):
+    @periodic(every(seconds=1), max_instances=1)
+    def slow_tick():
+        """A run that outlasts its one-second interval: start and end times show any overlap."""
+        _write("slow-start %.3f %s" % (time.time(), NODE))
+        gevent.sleep(1.5)
+        _write("slow-end %.3f %s" % (time.time(), NODE))
+
+
 if os.environ.get("CLUSTER_JOB"):
     @periodic(every(seconds=1))
     def tick():
@@ -65,6 +111,45 @@ def spawn():
         r = work.spawn_later(delay, i, seconds) if delay else work.spawn(i, seconds)
         ids.append(r.id)
     return jsonify(ids=ids)
+
+
+@app.post("/beating")
+def spawn_beating():
+    r = beating.spawn(request.args.get("n", "0"), float(request.args.get("seconds", "10")))
+    return jsonify(id=r.id)
+
+
+@app.post("/cancel/<task_id>")
+def cancel(task_id):
+    r = greenqueue.result(task_id)
+    return jsonify(cancelled=r.cancel() if r is not None else None)
+
+
+@app.post("/map")
+def spawn_map():
+    n = int(request.args.get("n", "1"))
+    return jsonify(ids=[r.id for r in mapped.map(range(n))])
+
+
+@app.post("/report")
+def spawn_report():
+    n = int(request.args.get("n", "1"))
+    start = int(request.args.get("start", "0"))
+    return jsonify(ids=[report.spawn(i).id for i in range(start, start + n)])
+
+
+@app.post("/spawn-to/<queue>")
+def spawn_to(queue):
+    n = int(request.args.get("n", "1"))
+    start = int(request.args.get("start", "0"))
+    return jsonify(ids=[work.apply_async((i, 0), queue=queue).id for i in range(start, start + n)])
+
+
+@app.post("/echo")
+def spawn_echo():
+    # Option names as keywords of spawn(): they are the task's arguments, not options.
+    r = echo.spawn(queue="nowhere", countdown=60, idempotency_key="k", connection="c")
+    return jsonify(id=r.id)
 
 
 @app.post("/idempotent/<key>")
