@@ -30,6 +30,13 @@ tries the non-blocking system call first, waits on its own watcher only
 when the kernel says it would block, and keeps one timer whose deadline it
 moves (a float store per wait) instead of starting and cancelling a timer
 per wait.
+
+Why a waiting connection holds nothing of its finished request: with
+hundreds of clients one turn of the hub runs hundreds of requests, so an
+object a parked connection keeps until its next request (the last request,
+a bound method made per wait) outlives the young garbage collections and
+reaches the oldest generation, whose full collections (each scanning the
+whole heap) then come more often.
 """
 
 import logging
@@ -86,7 +93,7 @@ class Connection:
     __slots__ = ("sock", "address", "settings", "registry", "parser", "idle", "expect_continue", "body_timeout",
                  "tcp", "_nagle", "_burst_end", "_raw", "_hub", "_rio", "_dio", "_streamer", "_deadline",
                  "_waiter", "_parked", "_timer", "_timer_at", "_peer_addr", "_peer_port", "_trusted", "_out",
-                 "_queued")
+                 "_queued", "_wake")
 
     def __init__(self, sock: Any, address: Any, settings: HTTPSettings, registry: Any) -> None:
         self.sock = sock
@@ -108,6 +115,7 @@ class Connection:
         self._streamer: Any = None  # the greenlet to stop when the client hangs up mid-stream
         self._deadline: Optional[float] = None  # monotonic time the current wait gives up (None: not waiting)
         self._waiter: Any = None  # the greenlet in that wait
+        self._wake: Any = None    # its bound switch, made once (a new one per wait would outlive young collections)
         self._parked = False      # that greenlet is parked in _wait_readable (a flush may wake it)
         self._out: Optional[bytes] = None  # response bytes not sent yet (queued, or what a flush could not send)
         self._queued = False      # this connection is in _PENDING
@@ -136,7 +144,10 @@ class Connection:
         rio = self._rio
         if rio is None:
             rio = self._rio = self._hub.loop.io(self._raw.fileno(), 1)
-        glet = self._waiter = getcurrent()
+        glet = getcurrent()
+        if glet is not self._waiter or self._wake is None:
+            self._waiter = glet
+            self._wake = glet.switch
         if timeout is not None:
             deadline = _monotonic() + timeout
             self._deadline = deadline
@@ -144,7 +155,7 @@ class Connection:
                 self._arm(timeout, deadline)
         # The watcher switches straight back into this greenlet (no Waiter object per wait);
         # a stray switch only costs a recv that finds nothing, after which we wait again.
-        rio.start(glet.switch)
+        rio.start(self._wake)
         self._parked = True
         try:
             self._hub.switch()
@@ -376,6 +387,12 @@ class Connection:
                     self._send_error(exc.status, exc.reason)
                     return
                 wait_first = not self.parser.queue
+                if wait_first:
+                    # Nothing half-parsed is left: let the finished request go before we wait.
+                    # Kept by hundreds of parked connections, requests would reach the oldest
+                    # garbage-collected generation (see the module docstring).
+                    self.parser.current = None
+                req = None
         except (OSError, EOFError):
             return  # the client went away; nothing to answer
         finally:
@@ -392,6 +409,7 @@ class Connection:
             if watcher is not None:
                 watcher.close()
         self._timer = self._rio = self._dio = None
+        self._waiter = self._wake = None
         try:
             self.sock.close()
         except OSError:
