@@ -95,9 +95,9 @@ if os.environ.get("CLUSTER_SLOW_JOB"):
 if os.environ.get("CLUSTER_JOB"):
     @periodic(every(seconds=1))
     def tick():
-        """Record the instant this run was due for (the run's eta) and where it ran."""
+        """Record the instant this run was due for (the run's eta), where it ran and its task id."""
         me = greenqueue.tasks.current()
-        _write("tick %.3f %s" % (me.eta.timestamp() if me and me.eta else -1, NODE))
+        _write("tick %.3f %s %s" % (me.eta.timestamp() if me and me.eta else -1, NODE, me.id if me else "?"))
 
 
 @app.post("/spawn")
