@@ -906,11 +906,9 @@ def test_a_single_process_journal_is_migrated_keeping_its_tasks(tmp_path):
 
 
 def test_synchronous_is_normal_or_full(sqlite_engines):
-    def level(engine):
-        return engine._call("test", engine._read, "PRAGMA synchronous", ())[0][0]
-
-    assert level(sqlite_engines()) == 1
-    assert level(sqlite_engines(synchronous="full")) == 2
+    assert sqlite_engines().pragma("synchronous") == 1
+    assert sqlite_engines(synchronous="full").pragma("synchronous") == 2
+    assert sqlite_engines().pragma("journal_mode") == "wal"
     with pytest.raises(ConfigError, match="NORMAL, FULL"):
         sqlite_engines(synchronous="OFF")
 
