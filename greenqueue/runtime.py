@@ -32,7 +32,7 @@ from . import procpool as _procpool
 from . import scheduler as _scheduler
 from . import tasks as _tasks
 from .errors import ConfigError, GreenqueueError
-from .journal import MemoryStore
+from .journal import MemoryStore, engine_for, mask_dsn
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,13 @@ class Runtime:
 
     def open_store(self, path: str, lease_timeout: float = 30.0, queues: Optional[Sequence[str]] = None,
                    sync: str = "normal") -> Any:
-        """Open the journal at ``path`` (a file, or a postgresql:// URL shared by a cluster) for the runner
-        and scheduler; a file's unfinished tasks run again, a cluster's are claimed by free nodes."""
+        """Open the journal at ``path`` (an SQLite file or a postgresql:// URL) for the runner and scheduler;
+        its unfinished tasks are claimed by whichever node has a free slot, this one included."""
         runner = self.runner
         current = runner.store
         path = os.fspath(path)
         if current.durable:
-            if current.display in (path, _mask(path)):
+            if current.display in (path, mask_dsn(path)):
                 return current
             raise ConfigError("a journal (%s) is already open" % current.display)
         return runner.call(self._open_cluster, path, lease_timeout, queues, current, sync)
@@ -116,18 +116,8 @@ class Runtime:
         from .journal._cluster import ClusterStore
         from .tasks._node import Node
         runner = self.runner
-        engine: Any
-        if dsn.startswith(("postgresql://", "postgres://")):
-            try:
-                from .journal._postgres import PostgresEngine
-            except ImportError as exc:
-                raise ConfigError("--journal %s needs PostgreSQL support: pip install 'greenqueue[postgres]' (%s)"
-                                  % (_mask(dsn), exc)) from None
-            engine = PostgresEngine(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl)
-        else:
-            # Processes of one host sharing a file are a cluster too: same claims, leases and leader.
-            from .journal._sqlite import SQLiteEngine
-            engine = SQLiteEngine(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl, synchronous=sync)
+        # A file is a cluster too (the processes of one host): same claims, leases and leader.
+        engine = engine_for(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl, synchronous=sync)
         # Both engines pay per commit, not per statement: spawns and results are group-committed.
         store = ClusterStore(engine, queues=queues, result_ttl=runner.result_ttl, max_results=runner.max_results,
                              batch=True).open()
@@ -283,18 +273,6 @@ class Runtime:
                 step()
             except Exception:
                 log.exception("runtime reset: %s failed", step.__module__)
-
-
-def _mask(url: str) -> str:
-    """A URL with its password replaced by ***, for logs and errors."""
-    from urllib.parse import urlsplit, urlunsplit
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = "%s:***@%s" % (parts.username or "", parts.hostname or "")
-    if parts.port:
-        netloc += ":%d" % parts.port
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 _default: Optional[Runtime] = None

@@ -13,6 +13,8 @@ import requests
 from greenqueue.journal import TaskRow
 from greenqueue.journal._sqlite import SCHEMA_VERSION, SQLiteEngine
 
+from .pg_support import pg, pg_dsn  # noqa: F401  (fixtures)
+
 from .conftest import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.realproc
@@ -287,3 +289,29 @@ def test_journal_sync_refuses_other_modes():
     from greenqueue.errors import ConfigError
     with pytest.raises(ConfigError, match="--journal-sync: must be one of normal, full"):
         config.load(["--journal-sync", "off", "app:app"], environ={})
+
+
+def test_opening_the_open_journal_again_is_a_no_op_and_another_is_refused(tmp_path):
+    from greenqueue import runtime
+    from greenqueue.errors import ConfigError
+    rt = runtime.get_runtime()
+    store = rt.open_store(str(tmp_path / "j.db"))
+    try:
+        assert rt.open_store(str(tmp_path / "j.db")) is store
+        with pytest.raises(ConfigError, match="is already open"):
+            rt.open_store(str(tmp_path / "other.db"))
+    finally:
+        rt.close_store()
+
+
+@pytest.mark.postgres
+def test_a_url_with_its_password_in_the_query_is_recognised_when_opened_again(pg_dsn):
+    from greenqueue import runtime
+    dsn = pg_dsn + ("&" if "?" in pg_dsn else "?") + "password=s3cret"
+    rt = runtime.get_runtime()
+    store = rt.open_store(dsn)
+    try:
+        assert "s3cret" not in store.display
+        assert rt.open_store(dsn) is store
+    finally:
+        rt.close_store()

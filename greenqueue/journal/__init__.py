@@ -10,10 +10,35 @@ engine keeps are in ``_engine.py``. Nothing here survives a fork: a child
 process opens its own store.
 """
 
+from typing import Any
+
+from ..errors import ConfigError
 from ._base import MemoryStore, Store
 from ._cluster import ClusterStore, node_id
 from ._codec import SERIALIZERS, dumps, loads
 from ._engine import FINAL, UNFINISHED, Engine, Heartbeat, NodeInfo, TaskRow
+from ._postgres_sql import mask_dsn
 
 __all__ = ["Store", "MemoryStore", "ClusterStore", "Engine", "TaskRow", "NodeInfo", "Heartbeat", "node_id",
-           "dumps", "loads", "SERIALIZERS", "UNFINISHED", "FINAL"]
+           "dumps", "loads", "SERIALIZERS", "UNFINISHED", "FINAL", "URL_SCHEMES", "engine_for", "mask_dsn"]
+
+#: A journal given as one of these is a PostgreSQL database; anything else is an SQLite file.
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def engine_for(path: str, lease_timeout: float = 30.0, result_ttl: float = 3600.0,
+               synchronous: str = "normal") -> Any:
+    """The (unopened) engine for a journal ``path``: PostgreSQL for a URL, else the SQLite file.
+
+    ``synchronous`` applies to SQLite only. A URL without the ``postgres`` extra is a
+    ConfigError saying what to install.
+    """
+    if path.startswith(URL_SCHEMES):
+        try:
+            from ._postgres import PostgresEngine
+        except ImportError as exc:
+            raise ConfigError("journal %s needs PostgreSQL support (psycopg 3 and psycopg_pool): "
+                              "pip install 'greenqueue[postgres]' (%s)" % (mask_dsn(path), exc)) from None
+        return PostgresEngine(path, lease_timeout=lease_timeout, result_ttl=result_ttl)
+    from ._sqlite import SQLiteEngine
+    return SQLiteEngine(path, lease_timeout=lease_timeout, result_ttl=result_ttl, synchronous=synchronous)

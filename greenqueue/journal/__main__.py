@@ -15,13 +15,13 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..errors import JournalError
+from ..errors import ConfigError, JournalError
+from . import URL_SCHEMES, engine_for
 from ._engine import FINAL, UNFINISHED
 
 _UTC = datetime.timezone.utc
 _STATES = UNFINISHED + FINAL
 _RETRYABLE = ("FAILURE", "CANCELLED")
-_URL_SCHEMES = ("postgresql://", "postgres://")
 
 
 def _fmt_ts(ts: Optional[float]) -> str:
@@ -34,20 +34,13 @@ class _Journal:
     after_retry = "queued again; a node with a free slot runs them"
 
     def __init__(self, path: str) -> None:
-        if path.startswith(_URL_SCHEMES):
-            try:
-                from ._postgres import SCHEMA_VERSION as schema, PostgresEngine
-            except ImportError as exc:
-                raise JournalError("a postgresql:// journal needs psycopg 3 and psycopg_pool (%s); install "
-                                   "them with: pip install 'greenqueue[postgres]'" % exc) from None
-            self.engine: Any = PostgresEngine(path)
-            self.file = None
-        else:
-            from ._sqlite import SCHEMA_VERSION as schema, SQLiteEngine
-            self.engine = SQLiteEngine(path)
-            self.file = path
+        try:
+            self.engine: Any = engine_for(path)
+        except ConfigError as exc:  # the postgres extra is missing
+            raise JournalError(str(exc)) from None
+        self.file = None if path.startswith(URL_SCHEMES) else path
+        self.schema = self.engine.schema_version
         self.display = self.engine.display
-        self.schema = schema
 
     def open(self) -> None:
         if self.file is not None and not os.path.exists(self.file):

@@ -307,8 +307,7 @@ class ClusterStore:
         if not finishes:
             return
         try:
-            many = getattr(self.engine, "finish_many", None)
-            results = many(finishes) if many is not None else [self.engine.finish(*a) for a in finishes]
+            results = self.engine.finish_many(finishes)
         except Exception as exc:
             log.error("journal %s: %d final state(s) not written (%s); those tasks run again",
                       self.display, len(finishes), exc)

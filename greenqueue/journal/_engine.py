@@ -132,6 +132,9 @@ class Engine(Protocol):
                traceback: Optional[str] = None, ttl: float = 3600.0) -> bool:
         """Record the final state of ``node``'s attempt ``attempt``; False when fenced off."""
 
+    def finish_many(self, items: Sequence[tuple]) -> List[bool]:
+        """``finish(*item)`` for each item in one commit (a node's group commit); one answer per item."""
+
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
               error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
         """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off."""

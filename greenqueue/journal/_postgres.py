@@ -85,6 +85,9 @@ class _Connection(psycopg.Connection):
 class PostgresEngine:
     """The Engine protocol on PostgreSQL 13+ through psycopg 3 and psycopg_pool."""
 
+    #: The schema version this engine writes.
+    schema_version = SCHEMA_VERSION
+
     #: Seconds within which a spawn fails while PostgreSQL is unreachable (the README's
     #: promise); a group-committing store keeps it for spawns queued behind a stuck batch.
     spawn_deadline = 5.0

@@ -108,7 +108,6 @@ def mask_dsn(dsn: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-
 def migrate(conn: Any, display: str) -> None:
     """Create or upgrade the schema on ``conn`` (the caller holds the migration lock); JournalError if foreign."""
     present = {r[0] for r in conn.execute(

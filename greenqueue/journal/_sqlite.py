@@ -73,6 +73,9 @@ class _Contended(Exception):
 class SQLiteEngine(NodeRows):
     """The Engine protocol on one SQLite file shared by the processes of one host."""
 
+    #: The schema version this engine writes.
+    schema_version = SCHEMA_VERSION
+
     #: Seconds between two looks at the file while ``wait_for_work`` waits.
     poll_interval = 0.05
 
