@@ -66,8 +66,18 @@ __all__ = ["SQLiteEngine", "SCHEMA_VERSION", "filesystem_of"]
 log = logging.getLogger(__name__)
 
 
+def _locked(exc: sqlite3.Error) -> bool:
+    """True when ``exc`` is SQLite saying another connection holds the lock it needs."""
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
 class _Contended(Exception):
-    """Another process holds a lock the open needs right now."""
+    """Another process holds a lock the open needs right now (``error`` is SQLite's)."""
+
+    def __init__(self, error: sqlite3.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class SQLiteEngine(NodeRows):
@@ -108,12 +118,11 @@ class SQLiteEngine(NodeRows):
         return JournalError("journal %s: %s" % (self.path, reason))
 
     def _error(self, doing: str, exc: sqlite3.Error) -> JournalError:
-        text = str(exc)
-        if "locked" in text or "busy" in text:
+        if _locked(exc):
             reason = ("another process held the file's write lock for more than %g s (a long transaction, "
                       "or a process stopped while holding it); try again" % self.timeout)
         else:
-            reason = "%s: %s (disk full, read-only or corrupt?)" % (type(exc).__name__, text)
+            reason = "%s: %s (disk full, read-only or corrupt?)" % (type(exc).__name__, exc)
         return self._fail("%s failed: %s" % (doing, reason))
 
     def _guarded(self, doing: str, fn: Callable[..., Any], args: tuple) -> Tuple[bool, Any]:
@@ -174,11 +183,9 @@ class SQLiteEngine(NodeRows):
         while True:
             try:
                 return self._open_once()
-            except _Contended:
+            except _Contended as contended:
                 if time.monotonic() >= deadline:
-                    raise self._fail("open failed: another process held the file's write lock for more "
-                                     "than %g s (a long transaction, or a process stopped while holding "
-                                     "it); try again" % self.timeout) from None
+                    raise self._error("open", contended.error) from None
                 sleep(0.02)
 
     def _open_once(self) -> None:
@@ -192,8 +199,8 @@ class SQLiteEngine(NodeRows):
                 # Look before WAL mode changes anything: a foreign file stays untouched.
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             except sqlite3.DatabaseError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    raise _Contended() from None
+                if _locked(exc):
+                    raise _Contended(exc) from None
                 raise self._fail("not a greenqueue journal or corrupt (%s); move it away or pick another "
                                  "path" % exc) from None
             if tables and "greenqueue_meta" not in tables:
@@ -212,8 +219,8 @@ class SQLiteEngine(NodeRows):
                     conn.execute("INSERT INTO greenqueue_meta (key, value) VALUES ('opened_at', ?) "
                                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (repr(now),))
             except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    raise _Contended() from None
+                if _locked(exc):
+                    raise _Contended(exc) from None
                 raise self._error("open", exc) from None
             except sqlite3.DatabaseError as exc:
                 raise self._fail("cannot use it: %s (disk full, read-only or corrupt?)" % exc) from None
