@@ -62,6 +62,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _discarded(name: str, task_id: str, attempt: int) -> None:
+    log.warning("task %s[%s]: result of attempt %d discarded: its lease expired and another node took the "
+                "task over", name, task_id, attempt)
+
+
 def _error_type(exc: Optional[BaseException]) -> Optional[str]:
     if exc is None:
         return None
@@ -90,7 +95,7 @@ class ClusterStore:
         self.epoch: Optional[int] = None      # the scheduler leader's epoch while this node leads
         self.batch = batch
         self._spawns: List[Any] = []          # (row, claim, waiter) not sent yet
-        self._finishes: List[tuple] = []      # engine.finish arguments not sent yet
+        self._finishes: List[tuple] = []      # (task name, engine.finish arguments) not sent yet
         self._wake: Any = None                # set when a spawn is queued
         self._wake_finish: Any = None         # set when a final state is queued
         self._writer: Any = None
@@ -215,15 +220,14 @@ class ClusterStore:
                 r.traceback, self.result_ttl)
         if self._writer is not None:
             self.memory.finished(r)
-            self._finishes.append(args)
+            self._finishes.append((r.name, args))
             self._wake_finish.set()
             return True
         ok = self.engine.finish(*args)
         if ok:
             self.memory.finished(r)
         else:
-            log.warning("task %s[%s]: result of attempt %d discarded: its lease expired and another node "
-                        "took the task over", r.name, r.id, attempt)
+            _discarded(r.name, r.id, attempt)
         return ok
 
     # -- group commit ------------------------------------------------------------------------
@@ -307,15 +311,14 @@ class ClusterStore:
         if not finishes:
             return
         try:
-            results = self.engine.finish_many(finishes)
+            results = self.engine.finish_many([args for _, args in finishes])
         except Exception as exc:
             log.error("journal %s: %d final state(s) not written (%s); those tasks run again",
                       self.display, len(finishes), exc)
             return
-        for args, ok in zip(finishes, results):
+        for (name, args), ok in zip(finishes, results):
             if not ok:
-                log.warning("task %s: result of attempt %d discarded: its lease expired and another node "
-                            "took the task over", args[0], args[2])
+                _discarded(name, args[0], args[2])
 
     def forget(self, task_id: str) -> None:
         """Stop holding ``task_id`` without writing (its lease was lost)."""
