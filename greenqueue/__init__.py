@@ -31,6 +31,7 @@ _EXPORTS = {
     "TaskTimeout": "errors", "WaitTimeout": "errors", "CancelledError": "errors", "WorkerError": "errors",
     "RemoteError": "errors", "WorkerCrashed": "errors", "WorkerTimeout": "errors",
     "JournalError": "errors", "StartupError": "errors", "UnknownPool": "errors",
+    "SerializationError": "errors",
 }
 # Celery's names for the same things.
 _ALIASES = {"AsyncResult": ("tasks", "result")}
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from .errors import JournalError as JournalError
     from .errors import Overloaded as Overloaded
     from .errors import RemoteError as RemoteError
+    from .errors import SerializationError as SerializationError
     from .errors import StartupError as StartupError
     from .errors import TaskTimeout as TaskTimeout
     from .errors import UnknownPool as UnknownPool

@@ -22,6 +22,10 @@ class ConfigError(GreenqueueError, ValueError):
     """A setting, CLI flag or config file value is invalid."""
 
 
+class SerializationError(ConfigError, TypeError):
+    """Task arguments or a result the task's serializer cannot carry (JSON by default)."""
+
+
 class Overloaded(GreenqueueError):
     """A queue is full; retry later (views turn this into 503)."""
 
