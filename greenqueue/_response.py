@@ -29,6 +29,8 @@ import gevent
 from gevent import getcurrent
 from werkzeug.exceptions import ClientDisconnected as _WerkzeugClientDisconnected
 
+from .errors import GreenqueueError
+
 log = logging.getLogger("greenqueue._http")
 # What an app may raise that becomes a 500 (or a cut body): its exceptions, and a
 # gevent.Timeout it started and did not catch (a BaseException, like GreenletExit).
@@ -52,12 +54,13 @@ class ClientDisconnected(gevent.GreenletExit):
     """
 
 
-class IncompleteBody(_WerkzeugClientDisconnected, EOFError):
+class IncompleteBody(_WerkzeugClientDisconnected, EOFError, GreenqueueError):
     """``wsgi.input`` ended because the client closed the connection before the end of the body.
 
     Werkzeug's ClientDisconnected, so Flask answers its 400 without logging a
-    traceback; an EOFError, as a short body always was here. When it escapes
-    a plain WSGI app the server answers 400 itself.
+    traceback; an EOFError, as a short body always was here; and a
+    GreenqueueError, as every error greenqueue raises is. When it escapes a
+    plain WSGI app the server answers 400 itself.
     """
 
     description = "The client closed the connection before the end of the request body."
