@@ -281,7 +281,9 @@ def _is_private(name):
 def task_result_private_names(source, class_name="TaskResult"):
     """The underscored, non-dunder names a class defines: slots, attributes set on self, methods."""
     tree = ast.parse(source)
-    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == class_name)
+    classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == class_name]
+    assert classes, "%s is not defined in %s any more: point RESULT_MODULE at its module" % (class_name, RESULT_MODULE)
+    cls = classes[0]
     names = set()
     for stmt in cls.body:
         if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__"
