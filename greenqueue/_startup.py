@@ -1,7 +1,9 @@
-"""Start-up helpers of the server: import the app, parse and bind addresses.
+"""Start-up helpers of the server and the worker: import user code, parse and bind addresses, logging.
 
-Concurrency model: called from the server's main greenlet before it serves
-(``listen`` uses gevent sockets, so the process is already monkey-patched).
+Concurrency model: called from the main greenlet before the process serves
+(``listen`` uses gevent sockets, so the process is already monkey-patched);
+:func:`import_spec` also runs in a process-pool child, and in the scheduler
+CLI, before either has a hub of its own.
 Every failure is a :class:`greenqueue.errors.StartupError` with one line
 for the user; the full traceback of a failed import goes to the
 ``greenqueue.startup`` logger at DEBUG (``--log-level debug`` shows it).
@@ -25,7 +27,9 @@ from .errors import EXIT_STARTUP, EXIT_USAGE, StartupError
 if TYPE_CHECKING:
     from gevent import socket as gsocket
 
-__all__ = ["setup_logging", "watch_blocking", "load_app", "parse_bind", "listen", "display", "where",
+    from .config import Settings
+
+__all__ = ["setup_logging", "watch_blocking", "import_spec", "load_app", "parse_bind", "listen", "display", "where",
            "StartupError",
            "EXIT_USAGE", "EXIT_STARTUP"]
 
@@ -34,48 +38,61 @@ log = logging.getLogger("greenqueue.startup")
 Address = Union[str, Tuple[str, int]]
 
 
-def load_app(spec: str) -> Callable[..., Any]:
-    """Import ``MODULE:APP`` (cwd on sys.path, like gunicorn) and return the WSGI callable."""
+def import_spec(spec: str, kind: str = "module", form: str = "") -> Any:
+    """Import ``MODULE`` or ``MODULE:ATTR`` (cwd on sys.path, like gunicorn); return the module or the attribute.
+
+    The one way greenqueue loads user code (the app, a worker's module, a dirty app, the
+    scheduler CLI's module). ``kind`` names the thing in messages; a ``form`` such as
+    ``"MODULE:APP"`` makes ``:ATTR`` required. Every failure is one StartupError line that
+    points at the user's own code; the whole traceback goes to the log at DEBUG.
+    """
     module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise StartupError("app %r: expected MODULE:APP, e.g. myproject.web:app" % spec)
+    if not module_name or (sep and not attr) or (form and not sep):
+        raise StartupError("%s %r: expected %s" % (kind, spec, form or "MODULE or MODULE:NAME"))
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        log.debug("app %r: importing %s failed", spec, module_name, exc_info=True)
-        hint = _file_name_hint(spec, module_name, attr)
+        log.debug("%s %r: importing %s failed", kind, spec, module_name, exc_info=True)
+        hint = _file_name_hint(kind, spec, module_name, attr)
         if hint:
             raise StartupError(hint) from None
         if exc.name and module_name.startswith(exc.name):
-            raise StartupError("app %r: no module named %r (run from your project's directory "
-                               "or set PYTHONPATH)" % (spec, exc.name)) from None
-        raise StartupError("app %r: importing %s failed: %s: %s (at %s)"
-                           % (spec, module_name, type(exc).__name__, exc, where(exc))) from None
+            raise StartupError("%s %r: no module named %r (run from your project's directory "
+                               "or set PYTHONPATH)" % (kind, spec, exc.name)) from None
+        raise StartupError("%s %r: importing %s failed: %s: %s (at %s)"
+                           % (kind, spec, module_name, type(exc).__name__, exc, where(exc))) from None
     except Exception as exc:
-        log.debug("app %r: importing %s failed", spec, module_name, exc_info=True)
+        log.debug("%s %r: importing %s failed", kind, spec, module_name, exc_info=True)
         hint = "" if log.isEnabledFor(logging.DEBUG) else "; --log-level debug shows the whole traceback"
-        raise StartupError("app %r: importing %s failed: %s: %s (at %s)%s"
-                           % (spec, module_name, type(exc).__name__, exc, where(exc), hint)) from None
-    app: Any = module
-    for part in attr.split("."):
-        app = getattr(app, part, None)
-        if app is None:
-            raise StartupError("app %r: module %s has no attribute %r" % (spec, module_name, attr))
+        raise StartupError("%s %r: importing %s failed: %s: %s (at %s)%s"
+                           % (kind, spec, module_name, type(exc).__name__, exc, where(exc), hint)) from None
+    found: Any = module
+    for part in attr.split(".") if attr else ():
+        found = getattr(found, part, None)
+        if found is None:
+            raise StartupError("%s %r: module %s has no attribute %r" % (kind, spec, module_name, attr))
+    return found
+
+
+def load_app(spec: str) -> Callable[..., Any]:
+    """Import ``MODULE:APP`` (cwd on sys.path, like gunicorn) and return the WSGI callable."""
+    app = import_spec(spec, "app", "MODULE:APP, e.g. myproject.web:app")
     if not callable(app):
+        attr = spec.partition(":")[2]
         raise StartupError("app %r: %s is a %s, not a WSGI callable" % (spec, attr, type(app).__name__))
-    return app
+    return cast(Callable[..., Any], app)
 
 
-def _file_name_hint(spec: str, module_name: str, attr: str) -> Optional[str]:
+def _file_name_hint(kind: str, spec: str, module_name: str, attr: str) -> Optional[str]:
     # People type the file they see ("web/app.py:app"); the spec wants the module's dotted name.
     if not (module_name.endswith(".py") or "/" in module_name or os.sep in module_name):
         return None
     dotted = module_name[:-3] if module_name.endswith(".py") else module_name
     dotted = dotted.strip("./" + os.sep).replace(os.sep, ".").replace("/", ".")
-    return ("app %r: looks like a file name; use the module name '%s:%s' (run from the directory "
-            "that holds it, or set PYTHONPATH)" % (spec, dotted, attr))
+    return ("%s %r: looks like a file name; use the module name '%s' (run from the directory "
+            "that holds it, or set PYTHONPATH)" % (kind, spec, dotted + (":" + attr if attr else "")))
 
 
 def where(exc: BaseException) -> str:
@@ -199,12 +216,12 @@ def display(bind: str) -> str:
     return "http://%s:%d" % (host, port)
 
 
-def setup_logging(settings: dict) -> None:
+def setup_logging(settings: "Settings") -> None:
     """Log to stderr at --log-level, one line per record; the access log to its own target."""
-    level = getattr(logging, settings["log_level"].upper())
+    level = getattr(logging, settings.log_level.upper())
     handler = logging.StreamHandler(sys.stderr)
     # Several processes write to one stderr under --workers: each line says which one.
-    pid = " [%(process)d]" if settings.get("workers", 1) > 1 else ""
+    pid = " [%(process)d]" if settings.workers > 1 else ""
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s" + pid + " %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -212,8 +229,8 @@ def setup_logging(settings: dict) -> None:
     access = logging.getLogger("greenqueue.access")
     access.propagate = False
     access.handlers[:] = []
-    if settings["access_log"]:
-        target = settings["access_log"]
+    if settings.access_log:
+        target = settings.access_log
         ah = logging.StreamHandler(sys.stderr) if target == "-" else logging.FileHandler(target)
         ah.setFormatter(logging.Formatter("%(message)s"))
         access.addHandler(ah)
@@ -232,7 +249,7 @@ def watch_blocking(max_blocking_ms: float) -> None:
     # One log line per event instead of gevent's multi-line report on stderr.
     gevent.config.print_blocking_reports = False
 
-    def on_blocked(event):
+    def on_blocked(event: Any) -> None:
         stack = next((item for item in event.info if 'File "' in item), "")
         frames = [line.strip() for line in stack.splitlines() if line.strip().startswith('File "')]
         where = frames[-1] if frames else "unknown location"

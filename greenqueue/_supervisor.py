@@ -1,30 +1,40 @@
 """``--workers N``: a supervising parent and N server processes sharing its listening sockets.
 
-Concurrency model: the parent runs no gevent hub of its own. It binds every
-``--bind`` address, then forks N children with the original ``os.fork``;
-each child re-initialises gevent (``gevent.reinit``), imports the app itself,
-serves the inherited sockets (the kernel spreads connections over the
-processes accepting on them) and tells the parent it is ready through a
-pipe. The parent polls, ten times a second, for exited children and ready
-pipes: a child that dies after it was ready is replaced, with a growing
-pause when it keeps dying; a child that fails before it is ready (bad app,
-refused settings) stops them all with its exit status. SIGTERM/SIGINT go to
+Concurrency model: the parent runs no gevent hub of its own and imports
+none of the user's code (neither the app nor the ``--dirty-app`` classes).
+It binds every ``--bind`` address, then forks N children with the original
+``os.fork``; each child re-initialises gevent (``gevent.reinit``), imports
+the app itself, serves the inherited sockets (the kernel spreads
+connections over the processes accepting on them) and tells the parent it
+is ready, and which pool worker processes it started, with one JSON message
+on a pipe. The parent polls, ten times a second, for exited children and
+ready pipes: a child that dies after it was ready is replaced, with a
+growing pause when it keeps dying; a child that fails before it is ready
+(bad app, refused settings) stops them all with its exit status. Once every
+child has reported, the parent logs the start-up line. SIGTERM/SIGINT go to
 every child, which drain as a single server does; the parent exits 0 when
 they all exited 0. A second signal kills them and exits 1. Signal handlers
-only set a flag.
+only set a flag (:class:`greenqueue._lifecycle.StopSignals`, the server's
+and the worker's own); the polling loop acts on it.
 """
 
+import json
 import logging
 import os
-import select
 import signal
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from gevent import monkey
 
+from ._lifecycle import STOP_SIGNALS, Ready, StopSignals
 from ._startup import EXIT_STARTUP, StartupError, display, listen
+
+if TYPE_CHECKING:
+    from gevent import socket as gsocket
+
+    from .config import Settings
 
 log = logging.getLogger("greenqueue.supervisor")
 
@@ -34,6 +44,8 @@ __all__ = ["Supervisor"]
 STABLE = 30.0
 MAX_PAUSE = 30.0
 TICK = 0.1
+#: Most bytes of a ready message the parent reads (a message up to PIPE_BUF arrives in one piece).
+READY_MAX = 65536
 
 # The parent must not run gevent's loop (a forked child would inherit its greenlets).
 _fork = monkey.get_original("os", "fork")
@@ -54,55 +66,50 @@ class _Child:
         self.crashes = 0
         self.respawn_at: Optional[float] = None
         self.exit_code: Optional[int] = None
+        #: Pool worker processes the child said it started, by dirty app.
+        self.pools: Dict[str, int] = {}
 
 
 class Supervisor:
     """Binds once, forks N servers, replaces crashed ones, drains them all on a signal."""
 
-    def __init__(self, app_spec: str, settings: Dict[str, Any], serve: Callable[..., int]):
+    def __init__(self, app_spec: str, settings: "Settings",
+                 serve: Callable[[str, "Settings", Sequence[Tuple[str, "gsocket.socket"]], Ready], int]) -> None:
         self.app_spec = app_spec
         self.settings = settings
-        #: Runs one server process: ``serve(app_spec, settings, listeners=, ready=)`` -> exit status.
+        #: Runs one server process: ``serve(app_spec, settings, listeners, ready)`` -> exit status.
         self.serve = serve
         self.children: List[_Child] = []
-        self.listeners: List[Tuple[str, Any]] = []
-        self.stopping: Optional[str] = None
+        self.listeners: List[Tuple[str, "gsocket.socket"]] = []
+        self.signals = StopSignals()
         self.fatal: Optional[int] = None
+        self.announced = False
 
     def run(self) -> int:
         """Serve with N processes until a signal; returns the exit status."""
         s = self.settings
-        for bind in s["bind"]:
+        for bind in s.bind:
             try:
-                self.listeners.append((bind, listen(bind, s["backlog"])))
+                self.listeners.append((bind, listen(bind, s.backlog)))
             except StartupError:
                 self._close()
                 raise
-        self._say_what_runs()
-
-        def on_signal(signum: int, frame: Any) -> None:
-            if self.stopping is not None:
-                self._signal_all(signal.SIGKILL)
-                os.write(2, b"greenqueue: second signal: killed every worker\n")
-                os._exit(1)
-            self.stopping = signal.Signals(signum).name
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        for index in range(s["workers"]):
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.signals.on_signal)
+        for index in range(s.workers):
             child = _Child(index)
             self.children.append(child)
             self._spawn(child)
-        while self.stopping is None and self.fatal is None:
+        while self.signals.first is None and self.fatal is None:
             self._tick()
         if self.fatal is not None:
             self._signal_all(signal.SIGTERM)
             self._wait_all(10)
             self._close()
             return self.fatal
-        log.info("%s: stopping %d worker(s)", self.stopping, len(self.children))
+        log.info("%s: stopping %d worker(s)", self.signals.first, len(self.children))
         self._signal_all(signal.SIGTERM)
-        clean = self._wait_all(s["graceful_timeout"] + 10)
+        clean = self._wait_all(s.graceful_timeout + 10)
         self._close()
         log.info("supervisor: all workers stopped")
         return 0 if clean else 1
@@ -116,16 +123,13 @@ class Supervisor:
         if not waiting:
             _sleep(TICK)
         for fd in readable:
-            child = waiting[fd]
-            child.ready = os.read(fd, 1) == b"R"
-            os.close(fd)
-            child.ready_fd = None
-            if child.ready:
-                log.info("worker %d (pid %d) is serving", child.index, child.pid)
+            self._read_ready(waiting[fd], fd)
+        if not self.announced and self.children and all(c.ready for c in self.children):
+            self._say_what_runs()
         self._reap()
         now = time.monotonic()
         for child in self.children:
-            if child.respawn_at is not None and now >= child.respawn_at and self.stopping is None:
+            if child.respawn_at is not None and now >= child.respawn_at and self.signals.first is None:
                 child.respawn_at = None
                 self._spawn(child)
 
@@ -145,7 +149,7 @@ class Supervisor:
             if child.ready_fd is not None:
                 os.close(child.ready_fd)
                 child.ready_fd = None
-            if self.stopping is not None or self.fatal is not None:
+            if self.signals.first is not None or self.fatal is not None:
                 continue  # we asked it to stop
             if not child.ready:
                 log.error("worker %d (pid %d) failed to start (exit %d); stopping", child.index, pid, code)
@@ -158,25 +162,38 @@ class Supervisor:
                         pid, "signal %d" % -code if code < 0 else "exit %d" % code, lived, pause)
             child.respawn_at = time.monotonic() + pause
 
+    def _read_ready(self, child: _Child, fd: int) -> None:
+        """Take a child's ready message: it serves, with the pool worker processes it names."""
+        message = os.read(fd, READY_MAX)
+        os.close(fd)
+        child.ready_fd = None
+        if not message:
+            return  # closed without a message: the child failed before serving, and _reap says how
+        child.ready = True
+        try:
+            child.pools = {str(k): int(v) for k, v in json.loads(message)["pools"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("worker %d (pid %d) is serving but sent an unreadable ready message %r",
+                        child.index, child.pid, message[:200])
+        pools = sum(child.pools.values())
+        log.info("worker %d (pid %d) is serving%s", child.index, child.pid,
+                 " with %d pool worker process(es)" % pools if pools else "")
+
     def _say_what_runs(self) -> None:
+        """The start-up line, once every server process has said what it started."""
+        self.announced = True
         s = self.settings
-        pools = 0
-        from .procpool._app import _load_class
-        for spec in s["dirty_apps"]:
-            try:
-                cls = _load_class(spec)
-            except Exception as exc:
-                raise StartupError("--dirty-app %s: %s: %s" % (spec, type(exc).__name__, exc)) from None
-            pools += int(s["dirty_workers"] or getattr(cls, "workers", 1) or 1)
+        counts = [sum(c.pools.values()) for c in self.children]
         extras = []
-        if pools:
-            extras.append("%d pool worker process(es) each, %d in all" % (pools, pools * s["workers"]))
-        if not s["journal"]:
+        if any(counts):
+            each = "%d pool worker process(es) each, " % counts[0] if len(set(counts)) == 1 else ""
+            extras.append("%s%d in all" % (each, sum(counts)))
+        if not s.journal:
             extras.append("no --journal: each process keeps its own tasks and results")
         else:
             extras.append("one cluster through the journal")
         log.info("greenqueue supervisor (pid %d): %d server processes for %s on %s; %s", os.getpid(),
-                 s["workers"], self.app_spec, ", ".join(display(b) for b, _ in self.listeners), "; ".join(extras))
+                 s.workers, self.app_spec, ", ".join(display(b) for b, _ in self.listeners), "; ".join(extras))
 
     def _spawn(self, child: _Child) -> None:
         read_fd, write_fd = os.pipe()
@@ -196,10 +213,10 @@ class Supervisor:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         status = EXIT_STARTUP
         try:
-            def ready() -> None:
-                os.write(ready_fd, b"R")
+            def ready(pools: Dict[str, int]) -> None:
+                os.write(ready_fd, json.dumps({"pools": pools}).encode())
                 os.close(ready_fd)
-            status = self.serve(self.app_spec, self.settings, listeners=self.listeners, ready=ready)
+            status = self.serve(self.app_spec, self.settings, self.listeners, ready)
         except BaseException:
             log.exception("worker %d failed", child.index)
         finally:
@@ -219,6 +236,8 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         killed = False
         while any(c.pid for c in self.children):
+            if self.signals.second is not None:
+                self._kill_all_and_exit()
             self._reap()
             if time.monotonic() > deadline and not killed:
                 log.warning("workers still running after the graceful timeout; killing them")
@@ -226,6 +245,12 @@ class Supervisor:
                 killed = True
             _sleep(TICK / 2)
         return not killed and all(c.exit_code in (0, None) for c in self.children)
+
+    def _kill_all_and_exit(self) -> None:
+        self._signal_all(signal.SIGKILL)
+        log.warning("second %s: killed every worker; exiting now without draining", self.signals.second)
+        sys.stderr.flush()
+        os._exit(1)
 
     def _close(self) -> None:
         for bind, sock in self.listeners:

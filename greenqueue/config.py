@@ -5,6 +5,9 @@ Precedence, lowest first: default, ``GREENQUEUE_*`` environment variable,
 ``--config`` file, command line. A config-file name that is no setting is
 reported (with the closest setting's name) rather than silently ignored;
 names starting with ``_``, imports, functions and classes are the file's own.
+What :func:`load` returns is a frozen :class:`Settings`, read (never
+changed) by the supervisor, the server and the worker; a forked server
+process inherits it as it is.
 """
 
 import argparse
@@ -16,12 +19,12 @@ import runpy
 import sys
 import traceback
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .errors import ConfigError
 
-__all__ = ["Setting", "SETTINGS", "build_parser", "load", "parse_ips"]
+__all__ = ["Setting", "SETTINGS", "Settings", "build_parser", "load", "parse_ips"]
 
 
 def _positive_int(text):
@@ -185,6 +188,61 @@ _FLAG_OVERRIDES = {"dirty_apps": "--dirty-app"}
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The values of every :data:`SETTINGS` entry, one typed attribute each (``settings.max_connections``).
+
+    The table stays the one source of names, defaults and parsing; this class only gives
+    the parsed values types, and importing this module checks the two name the same settings.
+    """
+
+    bind: Sequence[str]
+    config: Optional[str]
+    graceful_timeout: float
+    max_connections: int
+    backlog: int
+    header_timeout: float
+    keepalive_timeout: float
+    max_request_line: int
+    max_header_size: int
+    max_headers: int
+    forwarded_allow_ips: str
+    access_log: Optional[str]
+    log_level: str
+    max_blocking_ms: float
+    dirty_apps: Sequence[str]
+    dirty_workers: Optional[int]
+    dirty_timeout: Optional[float]
+    journal: Optional[str]
+    journal_sync: str
+    workers: int
+    lease_timeout: float
+    queues: Optional[Sequence[str]]
+    metrics_path: Optional[str]
+    dashboard_path: Optional[str]
+    dashboard_allow_ips: str
+    dashboard_token: Optional[str]
+    max_concurrency: Optional[int]
+    max_pending: Optional[int]
+
+    def __getitem__(self, name: str) -> Any:
+        """``settings["backlog"]``: the same value as ``settings.backlog``, for code that reads settings by name."""
+        if name not in _BY_NAME:
+            raise KeyError(name)
+        return getattr(self, name)
+
+
+def _check_settings_class() -> None:
+    # A setting added to the table but not to the class (or the reverse) fails at import, not at run time.
+    declared = [f.name for f in fields(Settings)]
+    if declared != [s.name for s in SETTINGS]:
+        raise TypeError("config.Settings and config.SETTINGS disagree: %s"
+                        % ", ".join(sorted(set(declared) ^ set(_BY_NAME)) or "the order differs"))
+
+
+_check_settings_class()
+
+
 #: Settings that mean nothing to a node without HTTP (python -m greenqueue.worker).
 HTTP_ONLY = ("bind", "max_connections", "backlog", "header_timeout", "keepalive_timeout", "max_request_line",
              "max_header_size", "max_headers", "forwarded_allow_ips", "access_log", "metrics_path",
@@ -317,8 +375,8 @@ def _print_warning(message: str) -> None:
 
 
 def load(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None,
-         warn: Callable[[str], None] = _print_warning, worker: bool = False) -> Tuple[str, Dict[str, Any]]:
-    """Parse argv/env/config into ``(app_spec, settings dict)``; raise ConfigError when invalid."""
+         warn: Callable[[str], None] = _print_warning, worker: bool = False) -> Tuple[str, Settings]:
+    """Parse argv/env/config into ``(app_spec, Settings)``; raise ConfigError when invalid."""
     environ = os.environ if environ is None else environ
     parser = build_parser("python -m greenqueue.worker" if worker else "greenqueue", worker)
     args = vars(parser.parse_args(argv))
@@ -333,4 +391,4 @@ def load(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
         values.update(_from_file(config_path, warn))
         values["config"] = config_path
     values.update(cli)
-    return app_spec, values
+    return app_spec, Settings(**values)

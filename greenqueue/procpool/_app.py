@@ -4,7 +4,6 @@ Concurrency model: plain definitions; the methods of a DirtyApp run in a
 worker process, one call at a time.
 """
 
-import importlib
 import traceback
 from typing import Any, Dict, Type, Union
 
@@ -53,10 +52,9 @@ def _spec_of(app_or_path: Union[str, Type[DirtyApp]]) -> str:
 
 
 def _load_class(spec: str) -> Type[DirtyApp]:
-    module, _, name = spec.partition(":")
-    obj = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
+    # The one loader of user code: its errors point at the app's own line, in the parent and in a child.
+    from .._startup import import_spec
+    obj = import_spec(spec, "dirty app", "MODULE:CLASS")
     if not (isinstance(obj, type) and issubclass(obj, DirtyApp)):
         raise GreenqueueError("dirty app %s is not a DirtyApp subclass" % spec)
     return obj
