@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # tasks
     "task": "tasks", "spawn": "tasks", "spawn_later": "tasks", "spawn_at": "tasks",
-    "spawn_idle": "tasks", "TaskResult": "tasks", "result": "tasks",
+    "spawn_idle": "tasks", "TaskResult": "tasks", "result": "tasks", "AsyncResult": "tasks",
     "cooperate": "tasks", "run_in_thread": "tasks", "progress": "tasks",
     # the runtime: limits, the journal, starting outside the server
     "configure": "runtime", "start": "runtime", "health": "runtime",
@@ -33,8 +33,8 @@ _EXPORTS = {
     "JournalError": "errors", "StartupError": "errors", "UnknownPool": "errors",
     "SerializationError": "errors",
 }
-# Celery's names for the same things.
-_ALIASES = {"AsyncResult": ("tasks", "result")}
+# Other projects' names for the same things.
+_ALIASES: dict = {}
 
 __all__ = sorted(list(_EXPORTS) + list(_ALIASES)) + ["__version__"]
 
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from .tasks import TaskResult as TaskResult
     from .tasks import cooperate as cooperate
     from .tasks import progress as progress
-    from .tasks import result as AsyncResult
+    from .tasks import AsyncResult as AsyncResult
     from .tasks import result as result
     from .tasks import run_in_thread as run_in_thread
     from .tasks import spawn as spawn

@@ -32,7 +32,8 @@ from . import procpool as _procpool
 from . import scheduler as _scheduler
 from . import tasks as _tasks
 from .errors import ConfigError, GreenqueueError
-from .journal import MemoryStore, engine_for, mask_dsn
+from .journal import MemoryStore, Store, mask_dsn, open_store
+from .tasks._node import Node
 
 log = logging.getLogger(__name__)
 
@@ -42,42 +43,38 @@ __all__ = ["Runtime", "get_runtime", "reset", "start", "configure", "health"]
 class Runtime:
     """Owns runner, scheduler, pools, store, consumers and hooks; the server drives it."""
 
-    def __init__(self, runner: Optional[_tasks.Runner] = None, scheduler: Optional[_scheduler.Scheduler] = None,
-                 pools: Optional[_procpool.Pools] = None, hooks: Optional[_hooks.Hooks] = None):
-        self._runner = runner
-        self._scheduler = scheduler
-        self._pools = pools
-        self._hooks = hooks
+    def __init__(self) -> None:
         self.started = False
-        #: The cluster loops (claims, heartbeat, reaper) while the store is shared.
-        self.node: Any = None
+        #: A node's loops (claims, heartbeat, reaper, following tasks elsewhere) while a journal is open.
+        self.node: Optional[Node] = None
 
     # -- the parts ----------------------------------------------------------------
-    # The default runtime's parts are the module defaults the decorators registered on;
-    # asking each time keeps a module-level reset of one part visible here.
+    # The parts are the module defaults the decorators (@task, @periodic, @consume, hooks)
+    # registered on, where they must be before any runtime exists; asking each time keeps
+    # a module-level reset of one part visible here.
 
     @property
     def runner(self) -> _tasks.Runner:
         """The task runner (``@task`` spawns run here)."""
-        return self._runner if self._runner is not None else _tasks.get_runner()
+        return _tasks.get_runner()
 
     @property
     def scheduler(self) -> _scheduler.Scheduler:
         """The periodic-job scheduler (``@periodic`` registers here)."""
-        return self._scheduler if self._scheduler is not None else _scheduler.get_scheduler()
+        return _scheduler.get_scheduler()
 
     @property
     def pools(self) -> _procpool.Pools:
         """The process pools started from ``--dirty-app``."""
-        return self._pools if self._pools is not None else _procpool.get_pools()
+        return _procpool.get_pools()
 
     @property
     def hooks(self) -> _hooks.Hooks:
         """Start-up and shutdown hooks."""
-        return self._hooks if self._hooks is not None else _hooks.get_hooks()
+        return _hooks.get_hooks()
 
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         """Where tasks are recorded: a MemoryStore, or the journal when one is open."""
         return self.runner.store
 
@@ -99,7 +96,7 @@ class Runtime:
         return runner
 
     def open_store(self, path: str, lease_timeout: float = 30.0, queues: Optional[Sequence[str]] = None,
-                   sync: str = "normal") -> Any:
+                   sync: str = "normal") -> Store:
         """Open the journal at ``path`` (an SQLite file or a postgresql:// URL) for the runner and scheduler;
         its unfinished tasks are claimed by whichever node has a free slot, this one included."""
         runner = self.runner
@@ -109,24 +106,15 @@ class Runtime:
             if current.display in (path, mask_dsn(path)):
                 return current
             raise ConfigError("a journal (%s) is already open" % current.display)
-        return runner.call(self._open_cluster, path, lease_timeout, queues, current, sync)
+        store: Store = runner.call(self._open_journal, path, lease_timeout, queues, sync)
+        return store
 
-    def _open_cluster(self, dsn: str, lease_timeout: float, queues: Optional[Sequence[str]], current: Any,
-                      sync: str = "normal") -> Any:
-        from .journal._cluster import ClusterStore
-        from .tasks._node import Node
+    def _open_journal(self, path: str, lease_timeout: float, queues: Optional[Sequence[str]],
+                      sync: str = "normal") -> Store:
         runner = self.runner
-        # A file is a cluster too (the processes of one host): same claims, leases and leader.
-        engine = engine_for(dsn, lease_timeout=lease_timeout, result_ttl=runner.result_ttl, synchronous=sync)
-        # Both engines pay per commit, not per statement: spawns and results are group-committed.
-        store = ClusterStore(engine, queues=queues, result_ttl=runner.result_ttl, max_results=runner.max_results,
-                             batch=True).open()
-        store.take_back_from_dead_local_nodes()
-        if isinstance(current, MemoryStore):
-            for r in reversed(current.recent(len(current))):
-                store.memory.finished(r)
+        store = open_store(path, lease_timeout=lease_timeout, result_ttl=runner.result_ttl, synchronous=sync,
+                           queues=queues)
         runner.use_store(store)
-        self.scheduler.store = store
         # LISTEN blocks its greenlet cooperatively only where sockets are gevent's.
         self.node = Node(runner, store, _tasks.find_task, listen=monkey.is_module_patched("socket")).start()
         log.info("cluster %s: this node is %s (%s)", store.display, store.node,
@@ -211,49 +199,71 @@ class Runtime:
             self.node = None
         if store.durable:
             runner.call(store.close)
-            runner.use_store(MemoryStore(runner.result_ttl, runner.max_results))
-            self.scheduler.store = None
+            runner.use_store(MemoryStore())
 
     # -- what the dashboard and metrics show -------------------------------------------------
 
     def snapshot(self, limit: int = 50) -> Dict[str, Any]:
-        """Tasks (running, waiting, delayed, recent), counts, jobs, pools and the store, as plain objects."""
+        """Tasks (running, waiting, delayed, recent), counts, jobs, pools and the store, as plain objects.
+
+        Waiting and delayed tasks are this process's and the store's (a journal's rows wait there
+        for any node), so the dashboard shows and cancels both alike.
+        """
         runner = self.runner
         if not runner.on_hub_thread():
-            return runner.call(self.snapshot, limit)
+            snap: Dict[str, Any] = runner.call(self.snapshot, limit)
+            return snap
         store = runner.store
-        nodes = []
-        if getattr(store, "clustered", False):
-            try:
-                nodes = [vars(n) for n in store.nodes()]
-            except Exception as exc:  # the dashboard still shows this node when the store is away
-                log.warning("cluster %s: cannot list nodes: %s", store.display, exc)
-        return {"tasks": runner.snapshot(limit), "counts": runner.stats(), "jobs": self.scheduler.jobs(),
+        tasks = runner.snapshot(limit)
+        nodes: List[Dict[str, Any]] = []
+        try:
+            nodes = [vars(n) for n in store.nodes()]
+            for key, states in _WAITING.items():
+                rows = [row for state in states for row in store.rows(state, limit) if row.owner is None]
+                rows.sort(key=lambda row: row.eta or 0.0)
+                tasks[key] = (tasks[key] + [runner.handle(row) for row in rows])[:limit]
+        except GreenqueueError as exc:  # the dashboard still shows this node when the store is away
+            log.warning("store %s: cannot list its tasks: %s", store.display, exc)
+        return {"tasks": tasks, "counts": self.counts(), "jobs": self.scheduler.jobs(),
                 "pools": self.pools.stats(), "store": store.display, "durable": store.durable,
-                "nodes": nodes, "node": getattr(store, "node", None),
-                "leader": self.scheduler.leading if getattr(store, "clustered", False) else None}
+                "nodes": nodes, "node": store.node if nodes else None,
+                "leader": self.scheduler.leading if nodes else None}
+
+    def counts(self) -> Dict[str, int]:
+        """Tasks running here, and waiting or delayed here and in the store (for any node), and limits."""
+        runner = self.runner
+        if not runner.on_hub_thread():
+            counted: Dict[str, int] = runner.call(self.counts)
+            return counted
+        counts = runner.stats()
+        try:
+            stored = runner.store.counts()
+        except GreenqueueError as exc:
+            log.warning("store %s: cannot count its tasks: %s", runner.store.display, exc)
+            return counts
+        # The store's rows in these states wait for any node; rows this node runs are STARTED
+        # there and counted by the runner already.
+        for key, states in _WAITING.items():
+            counts[key] += sum(stored.get(state, 0) for state in states)
+        return counts
 
     def health(self) -> Dict[str, Any]:
         """What the store is doing: ``{"status": "ok" | "degraded", "store": ..., ...}`` (no password)."""
         store = self.runner.store
         out: Dict[str, Any] = {"status": "ok", "store": store.display, "durable": store.durable}
-        if getattr(store, "clustered", False):
-            node = self.node
-            healthy = node.healthy if node is not None else False
-            out.update(node=store.node, leader=self.scheduler.leading, reachable=healthy)
-            if not healthy:
+        node = self.node
+        if node is not None:
+            out.update(node=store.node, leader=self.scheduler.leading, reachable=node.healthy)
+            if not node.healthy:
                 out["status"] = "degraded"
                 out["detail"] = "the shared store is unreachable; spawns fail with JournalError until it is back"
         return out
 
-    def retry(self, task_id: str) -> _tasks.TaskResult:
+    def retry(self, task_id: str) -> _tasks.TaskResult[Any]:
         """Run a failed or cancelled journaled task again, same id, fresh attempt budget (any node claims it)."""
         runner = self.runner
-        store = runner.store
-        if not store.durable:
-            raise GreenqueueError("retry needs the journal (--journal PATH); only journaled tasks can be retried")
-        row = runner.call(store.requeue, task_id)
-        handle = runner.call(runner.handle, row)
+        row = runner.call(runner.store.requeue, task_id)
+        handle: _tasks.TaskResult[Any] = runner.call(runner.handle, row)
         if self.node is not None:
             self.node.wake()
         return handle
@@ -274,6 +284,9 @@ class Runtime:
             except Exception:
                 log.exception("runtime reset: %s failed", step.__module__)
 
+
+#: The dashboard's lists of tasks that wait, and the store states that feed each.
+_WAITING = {"pending": ("PENDING",), "scheduled": ("SCHEDULED", "RETRY")}
 
 _default: Optional[Runtime] = None
 

@@ -23,7 +23,8 @@ from cronsim import CronSim, CronSimError
 
 from . import eventlog, events
 from .errors import ConfigError
-from .tasks import Task, TaskResult, get_runner, task
+from .journal import Store, new_row
+from .tasks import Runner, Task, TaskResult, get_runner, task
 from .tasks._options import new_id
 
 if TYPE_CHECKING:
@@ -225,11 +226,11 @@ class Scheduler:
     """Holds jobs, decides what is due at ``now`` and runs a loop greenlet that sleeps in between."""
 
     def __init__(self, clock: Optional[Clock] = None, rng: Optional[random.Random] = None,
-                 store: Any = None) -> None:
+                 runner: Optional[Runner] = None) -> None:
         self.clock: Clock = clock or SystemClock()
         self.rng = rng or random.Random()
-        #: Where fired runs are recorded (the journal), so catch-up holds across restarts; None: nowhere.
-        self.store = store
+        #: The runner whose store records fired runs and whose tasks run them (None: the default runner).
+        self.runner = runner
         self._jobs: Dict[str, Job] = {}
         self._loop: Optional["Greenlet[..., Any]"] = None
         self._wake: Optional["Event"] = None
@@ -267,16 +268,19 @@ class Scheduler:
 
     # -- the pure core ---------------------------------------------------------------
 
+    def _tasks_runner(self) -> Runner:
+        return self.runner if self.runner is not None else get_runner()
+
     @property
-    def clustered(self) -> bool:
-        """True when the store is shared by several nodes (one of them leads and fires)."""
-        return getattr(self.store, "clustered", False)
+    def store(self) -> Store:
+        """Where fired runs are recorded: the runner's store (the journal keeps them across restarts)."""
+        return self._tasks_runner().store
 
     def tick(self, now: Optional[datetime.datetime] = None) -> List[TaskResult[Any]]:
         """Run what is due at ``now`` (default: the clock); returns the TaskResults spawned."""
         now = _aware(now or self.clock.now())
         spawned: List[TaskResult[Any]] = []
-        if self.clustered and not self._lead():
+        if not self._lead():
             return spawned
         for job in list(self._jobs.values()):
             if job.next_run is None:
@@ -298,15 +302,16 @@ class Scheduler:
         return spawned
 
     def _lead(self) -> bool:
-        """In a cluster: take or keep the leader lease. A node that does not lead fires nothing and
-        forgets its due times, so it picks them up from the store when it leads (catch-up holds)."""
+        """Take or keep the leadership (a process alone always leads). A node that does not lead fires
+        nothing and forgets its due times, so it picks them up from the store when it leads (catch-up holds)."""
         try:
             leading = self.store.lead()
         except Exception as exc:  # the store is unreachable: nobody can fire now, least of all us
             log.warning("scheduler: cannot reach the store to lead (%s); not firing", exc)
             leading = False
         if leading != self.leading:
-            log.info("scheduler: this node %s the leader", "is now" if leading else "is no longer")
+            log.info("scheduler: this node %s the leader (%s)", "is now" if leading else "is no longer",
+                     self.store.display)
             self.leading = leading
         if not leading:
             for job in self._jobs.values():
@@ -315,16 +320,16 @@ class Scheduler:
 
     def _resume_point(self, job: Job, now: datetime.datetime) -> datetime.datetime:
         """First due time: after the store's last recorded run if there is one (catch-up after downtime)."""
-        if self.store is not None:
-            last = self.store.last_fired(job.name)
-            if last is not None:
-                job.last_run = last
-                return job.schedule.next_after(last, job.tz)
-            if self.clustered and isinstance(job.schedule, every) and not job.schedule.align:
-                # Every node must compute the same instants: the grid is anchored in the store
-                # by whichever node saw the job first.
-                anchor = self.store.anchor(job.name, job.first_run(now))
-                return job.schedule.on_grid(anchor, now)
+        store = self.store
+        last = store.last_fired(job.name)
+        if last is not None:
+            job.last_run = last
+            return job.schedule.next_after(last, job.tz)
+        if isinstance(job.schedule, every) and not job.schedule.align:
+            # Every node must compute the same instants: the grid is anchored in the store
+            # by whichever node saw the job first.
+            anchor = store.anchor(job.name, job.first_run(now))
+            return job.schedule.on_grid(anchor, now)
         return job.first_run(now)
 
     def _due(self, job: Job, due: List[datetime.datetime], now: datetime.datetime) -> List[TaskResult[Any]]:
@@ -341,51 +346,35 @@ class Scheduler:
         return [r for r in (self._submit(job, when) for when in due) if r is not None]
 
     def _submit(self, job: Job, scheduled_for: datetime.datetime) -> Optional[TaskResult[Any]]:
-        """Spawn one run as a task, unless max_instances runs are still going."""
-        if self.clustered:
-            return self._submit_shared(job, scheduled_for)
-        job.running = [r for r in job.running if not r.ready()]
-        if len(job.running) >= job.max_instances:
+        """Fire one run as a task, once per instant (cluster-wide with a journal), unless
+        max_instances runs are still going (counted by the store for what it records)."""
+        runner = self._tasks_runner()
+        busy = runner.unfinished_count(job.task.name)
+        if busy >= job.max_instances:
             events.notify(events.JobSkipped(job, reason="max_instances=%d runs still going" % job.max_instances,
                                             scheduled_for=scheduled_for))
-            log.info("job %s skipped: %d run(s) still going", job.name, len(job.running))
+            log.info("job %s skipped: %d run(s) still going", job.name, busy)
             return None
         delay = self.rng.uniform(0, job.jitter) if job.jitter else 0
-        r = job.task.spawn_later(delay) if delay else job.task.spawn()
-        job.running.append(r)
+        # The run's eta is the instant it serves (a task can read it), or with jitter that much
+        # later than now; never later than the wall clock, which a test's clock may be ahead of.
+        wall = datetime.datetime.now(UTC)
+        eta = wall + datetime.timedelta(seconds=delay) if delay else min(scheduled_for, wall)
+        row = new_row(new_id(), job.task.name, (), {}, job.task.serializer, job.task.queue, eta,
+                      max_attempts=job.task.opts.retries + 1)
+        stored = runner.store.fire(job.name, scheduled_for, row)
+        if stored is None:
+            log.info("job %s: the run for %s was already fired, or this node stopped leading", job.name,
+                     scheduled_for)
+            return None
+        r = runner.adopt(stored, job.task, announce=True)
+        job.running = [run for run in job.running if not run.ready()] + [r]
         job.last_run = scheduled_for
         job.last_state = r.state
 
         def finished(result: TaskResult[Any], job: Job = job) -> None:
             job.last_state = result.state
         r.add_done_callback(finished)
-        events.notify(events.JobFired(job, result=r, scheduled_for=scheduled_for))
-        if self.store is not None:
-            self.store.fired(job.name, scheduled_for)
-        return r
-
-    def _submit_shared(self, job: Job, scheduled_for: datetime.datetime) -> Optional[TaskResult[Any]]:
-        """Enqueue one run in the shared store, once per instant cluster-wide; any node runs it."""
-        store = self.store
-        busy = store.unfinished_count(job.task.name)
-        if busy >= job.max_instances:
-            events.notify(events.JobSkipped(job, reason="max_instances=%d runs still going" % job.max_instances,
-                                            scheduled_for=scheduled_for))
-            log.info("job %s skipped: %d run(s) still going in the cluster", job.name, busy)
-            return None
-        delay = self.rng.uniform(0, job.jitter) if job.jitter else 0
-        runner = get_runner()
-        r: TaskResult[Any] = TaskResult(runner, new_id(), job.task.name, None, (), {}, job.task.opts, None)
-        # The run's eta is its due instant (plus jitter): the task can read which instant it serves.
-        r.eta = scheduled_for + datetime.timedelta(seconds=delay)
-        row = store.row_for(r, (), {}, job.task.serializer, job.task.queue, job.task.opts.retries + 1)
-        if not store.fire_row(job.name, scheduled_for, row):
-            log.info("job %s: the run for %s was already enqueued, or this node stopped leading", job.name,
-                     scheduled_for)
-            return None
-        r = runner.handle(row)
-        job.last_run = scheduled_for
-        job.last_state = r.state
         events.notify(events.JobFired(job, result=r, scheduled_for=scheduled_for))
         return r
 
@@ -424,10 +413,10 @@ class Scheduler:
             except (Exception, gevent.Timeout):  # a Timeout from a validate() callable must not end the loop
                 log.exception("scheduler tick failed; continuing")
             wait = self.seconds_until_next()
-            if self.clustered:
-                # Renew (or try to take) the leader lease well inside its timeout.
-                lease = getattr(getattr(self.store, "engine", None), "lease_timeout", 30.0)
-                wait = min(wait if wait is not None else lease, lease / 3)
+            # Renew (or try to take) the leadership well inside its lease (a process alone's never ends).
+            renew = self.store.lease_timeout / 3
+            if renew != float("inf"):
+                wait = renew if wait is None else min(wait, renew)
             wake.clear()
             # Sleep until the earliest due time; add() and stop() wake us early.
             wake.wait(timeout=wait)

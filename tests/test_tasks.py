@@ -7,11 +7,13 @@ joins; timing assertions are relative and generous.
 """
 
 import datetime
+import gc
 import inspect
 import logging
 import subprocess
 import sys
 import time
+import weakref
 
 import gevent
 import pytest
@@ -365,9 +367,10 @@ def test_base_exceptions_raised_by_a_task_still_give_a_result(raised, expected_s
 
 def test_killing_a_task_greenlet_from_outside_gives_cancelled():
     started = Event()
-    r = spawn(lambda: (started.set(), gevent.sleep(WAIT * 10)))
+    greenlets = []
+    r = spawn(lambda: (greenlets.append(gevent.getcurrent()), started.set(), gevent.sleep(WAIT * 10)))
     started.wait(WAIT)
-    r._greenlet.kill()
+    greenlets[0].kill()
     with pytest.raises(errors.CancelledError):
         r.get(WAIT)
     assert r.state == CANCELLED
@@ -612,10 +615,20 @@ def test_results_expire_after_result_ttl():
 
 
 def test_finished_results_drop_their_arguments():
-    payload = bytearray(1000)
-    r = spawn(len, payload)
+    class Payload(bytearray):
+        pass
+
+    payload = Payload(1000)
+    gone = weakref.ref(payload)
+
+    def size(data):
+        return len(data)
+
+    r = spawn(size, payload)
+    del payload
     assert r.get(WAIT) == 1000
-    assert r._args is None and r._fn is None
+    gc.collect()
+    assert gone() is None, "a finished result still holds its arguments"
 
 
 def test_drain_reports_finished_running_and_delayed():

@@ -253,7 +253,7 @@ class _StateCollector:
             from ..runtime import get_runtime
             runtime = get_runtime()
         g = GaugeMetricFamily("greenqueue_tasks", "Tasks now, by state", labels=["state"])
-        stats = runtime.runner.stats()
+        stats = runtime.counts()
         for state in ("running", "pending", "scheduled"):
             g.add_metric([state], stats[state])
         yield g
@@ -278,7 +278,7 @@ class _StateCollector:
         conns.add_metric([], len(self.connections) if self.connections is not None else 0)
         yield conns
         store = runtime.store
-        if getattr(store, "clustered", False):
+        if runtime.node is not None:
             # Which node this scrape came from, and whether it leads the scheduler: Prometheus
             # scrapes every node, and these labels tell the series apart.
             node = GaugeMetricFamily("greenqueue_node", "This cluster node (1), by node id and store",

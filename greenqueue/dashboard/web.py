@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 from urllib.parse import parse_qs
 
+from ..errors import GreenqueueError
 from .state import snapshot
 
 __all__ = ["Observability"]
@@ -132,11 +133,9 @@ class Observability:
             if r is None:
                 return _json(start_response, "404 Not Found", {"error": "no such task"})
             return _json(start_response, "200 OK", {"cancelled": r.cancel(), "state": r.state})
-        if not runtime.store.durable:
-            return _json(start_response, "409 Conflict", {"error": "retry needs the journal (--journal PATH)"})
         try:
             r = runtime.retry(task_id)
-        except Exception as exc:
+        except GreenqueueError as exc:  # no journal, no such task, or not failed: the store says which
             return _json(start_response, "409 Conflict", {"error": str(exc)})
         return _json(start_response, "200 OK", {"retried": True, "state": r.state})
 

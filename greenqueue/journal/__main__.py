@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import ConfigError, JournalError
 from . import URL_SCHEMES, engine_for
-from ._engine import FINAL, UNFINISHED
+from ._engine import FINAL, UNFINISHED, Engine
 
 _UTC = datetime.timezone.utc
 _STATES = UNFINISHED + FINAL
@@ -35,7 +35,7 @@ class _Journal:
 
     def __init__(self, path: str) -> None:
         try:
-            self.engine: Any = engine_for(path)
+            self.engine: Engine = engine_for(path)
         except ConfigError as exc:  # the postgres extra is missing
             raise JournalError(str(exc)) from None
         self.file = None if path.startswith(URL_SCHEMES) else path

@@ -1,78 +1,164 @@
-"""The store protocol the task runner calls, and the in-memory store.
+"""The store protocol the task runner and the scheduler call, the row they pass, and the memory store.
 
-Concurrency model: the runner calls a store from the runner's hub thread
-only (a spawning greenlet, a task greenlet, the timer greenlet). The memory
-store is plain dicts touched from that thread; a durable store may block the
-calling greenlet (never the hub) while it commits. Nothing here survives a
-fork: a child process builds its own store.
+Concurrency model: callers use a store from the task hub's greenlets only
+(a spawning greenlet, a task greenlet, a node's loops, the scheduler's
+loop). The memory store is plain dicts touched from that thread; a durable
+store may block the calling greenlet (never the hub) while it commits.
+Nothing here survives a fork: a child process builds its own store.
 
-The runner tells the store about each transition of a task: ``spawned``
-(a durable store commits before returning, so a spawn that returned
-survives a crash), ``started``, ``retrying``, ``finished`` (False means the
-result was fenced off and must be discarded) and asks it for finished
-results by id, unfinished rows to run again, and periodic runs. A store
-never calls the runner back and never raises from an event listener.
+What crosses the seam is a :class:`TaskRow` (id, name, serialized
+arguments, queue, state, attempts, eta, result), never a result handle.
+A store answers every call the same way whatever it is; what differs is
+its behaviour:
+
+* ``spawned``/``spawned_many``/``fire`` return the stored row; its
+  ``owner`` says who runs it. The memory store has no other node, so every
+  row it returns is this node's; a shared store gives this node only the
+  rows it claimed and keeps the rest for whichever node is free.
+* ``retrying`` returns True when the store took the retry over (any node
+  claims the row when due); the memory store returns False and the runner
+  keeps the retry itself.
+* ``durable`` says whether a spawn must be written before it returns. A
+  runner records nothing in a store that is not durable (no row is built,
+  nothing is serialized): that is the in-memory fast path.
 """
 
-import collections
 import datetime
 import time
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Dict, List, Optional, Protocol, Sequence
 
-from ._engine import TaskRow
+from ..errors import ConfigError, GreenqueueError, SerializationError
+from ._codec import dumps
+from ._engine import Heartbeat, NodeInfo, TaskRow
 
-__all__ = ["Store", "MemoryStore", "TaskRow"]
+__all__ = ["Store", "MemoryStore", "TaskRow", "new_row"]
 
-_monotonic = time.monotonic
+_UTC = datetime.timezone.utc
+
+
+def new_row(task_id: str, name: str, args: Sequence[object], kwargs: Dict[str, object], serializer: str,
+            queue: str = "default", eta: Optional[datetime.datetime] = None, attempts: int = 0,
+            max_attempts: int = 1, idempotency_key: Optional[str] = None) -> TaskRow:
+    """The row a spawn becomes; SerializationError when ``serializer`` cannot carry the arguments."""
+    try:
+        payload = dumps(serializer, {"args": list(args), "kwargs": kwargs})
+    except (TypeError, ValueError) as exc:
+        raise SerializationError("task %s: arguments cannot be journaled as %s (%s); pass ids instead of "
+                                 "objects, or use @task(serializer='pickle')"
+                                 % (name, serializer.upper(), exc)) from None
+    ts = eta.timestamp() if eta is not None else None
+    return TaskRow(id=task_id, name=name, payload=payload, serializer=serializer, queue=queue,
+                   state="SCHEDULED" if ts is not None and ts > time.time() else "PENDING", eta=ts,
+                   attempts=attempts, max_attempts=max_attempts, idempotency_key=idempotency_key)
 
 
 class Store(Protocol):
-    """What the task runner needs from storage: transitions in, results and due work out."""
+    """What the runner, its node loops and the scheduler need from storage."""
 
-    #: True when rows outlive the process (journaled @task spawns wait for their commit).
+    #: True when a spawn is written before it returns (rows outlive the process).
     durable: bool
     #: Where it lives (a path, or a DSN with the password masked); "memory" for the memory store.
     display: str
+    #: This process's node id (rows it runs carry it as ``owner``).
+    node: str
 
-    def spawned(self, r: Any, args: tuple, kwargs: dict, serializer: str) -> Optional[TaskRow]:
-        """Record a new task; a durable store returns only once it is committed (JournalError if not).
+    @property
+    def lease_timeout(self) -> float:
+        """Seconds a lease lasts without a heartbeat (how often a node and a leader must renew)."""
 
-        A shared store returns the committed row (another task's, when its idempotency key was used).
+    # -- options ----------------------------------------------------------------------
+
+    def check_options(self, task: str, options: Dict[str, object]) -> None:
+        """ConfigError unless this store can honour ``apply_async`` options (queue, idempotency_key, connection)."""
+
+    def configure(self, result_ttl: float) -> None:
+        """How long finished rows are kept (``greenqueue.configure(result_ttl=...)``)."""
+
+    # -- spawning and attempts --------------------------------------------------------------
+
+    def serves(self, queue: str) -> bool:
+        """True when this node runs tasks of ``queue``."""
+
+    def spawned(self, row: TaskRow, claim: bool = False, connection: object = None) -> TaskRow:
+        """Record a new row; a durable store returns once it is committed (JournalError if not).
+
+        With ``claim`` this node asks to run it now (it has a free slot). Returns the stored
+        row: another task's when its idempotency key was used before.
         """
 
-    def started(self, r: Any) -> None:
-        """An attempt of ``r`` started."""
+    def spawned_many(self, rows: Sequence[TaskRow], connection: object = None) -> List[TaskRow]:
+        """Record many rows in one commit (``task.map``); none is claimed on the way in."""
 
-    def retrying(self, r: Any, delay: float, exc: Optional[BaseException]) -> Optional[bool]:
-        """An attempt failed; another follows after ``delay`` seconds.
+    def started(self, task_id: str) -> None:
+        """An attempt of a row this node runs started."""
 
-        True when the store took the retry over (a shared store: any node claims it when due);
-        otherwise this process schedules it.
-        """
+    def retrying(self, task_id: str, name: str, delay: float, exc: Optional[BaseException]) -> bool:
+        """An attempt failed and another follows after ``delay`` s; True when the store took it over."""
 
-    def finished(self, r: Any, serializer: Optional[str]) -> bool:
-        """``r`` reached a final state; False when its result must be discarded (fenced off)."""
+    def finished(self, row: TaskRow) -> bool:
+        """A row this node ran reached its final state; False when the result was fenced off."""
 
-    def lookup(self, task_id: str) -> Any:
-        """A finished result by id: a TaskResult kept in memory, a TaskRow from disk, or None."""
+    def cancel(self, task_id: str) -> Optional[str]:
+        """Cancel a row wherever it is; its state before, or None when the store has no such row."""
 
-    def unfinished(self) -> List[TaskRow]:
-        """Rows that must run again (after a restart or crash), oldest first."""
+    def requeue(self, task_id: str) -> TaskRow:
+        """Make a failed or cancelled row run again with a fresh attempt budget."""
 
-    def fired(self, job: str, due: datetime.datetime) -> bool:
-        """Record that ``job``'s run due at ``due`` was enqueued; False if it already was."""
+    # -- reading ---------------------------------------------------------------------------
+
+    def lookup(self, task_id: str) -> Optional[TaskRow]:
+        """The row with this id (finished or not), or None."""
+
+    def get_many(self, task_ids: Sequence[str]) -> List[TaskRow]:
+        """The rows with these ids that exist, in one read."""
+
+    def rows(self, state: str, limit: int) -> List[TaskRow]:
+        """Up to ``limit`` rows in ``state`` (the dashboard's waiting and delayed tasks)."""
+
+    def counts(self) -> Dict[str, int]:
+        """``{state: rows}`` over the store."""
+
+    def count_unfinished(self, name: str) -> int:
+        """Rows of task ``name`` not finished yet (``max_instances``), counted by the store."""
+
+    def nodes(self) -> List[NodeInfo]:
+        """The nodes sharing this store (none for the memory store)."""
+
+    # -- a node's claims ---------------------------------------------------------------------
+
+    def claim(self, limit: int) -> List[TaskRow]:
+        """Claim up to ``limit`` due rows for this node (never more: no prefetch)."""
+
+    def next_due(self) -> Optional[float]:
+        """Seconds until the next row this node could claim is due (None: none waits)."""
+
+    def heartbeat(self, running: int) -> Heartbeat:
+        """Renew this node's leases; the reply lists rows to cancel and rows lost."""
+
+    def reap(self) -> List[TaskRow]:
+        """Take back rows whose lease expired (any node's)."""
+
+    def prune(self) -> int:
+        """Delete finished rows and periodic keys past their time."""
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Block this greenlet until another node enqueued work (a hint) or ``timeout`` passes."""
+
+    # -- the scheduler -------------------------------------------------------------------
+
+    def lead(self) -> bool:
+        """Take or renew the scheduler's leadership; True while this node leads."""
+
+    def fire(self, job: str, due: datetime.datetime, row: TaskRow) -> Optional[TaskRow]:
+        """Record ``row`` as ``job``'s run for ``due``, once; the stored row, or None if already fired."""
 
     def last_fired(self, job: str) -> Optional[datetime.datetime]:
-        """The latest due instant recorded for ``job``, or None."""
+        """The latest due instant recorded for ``job`` across restarts, or None."""
 
-    def recent(self, limit: int) -> List[Any]:
-        """The newest ``limit`` results finished in this process, newest first (for the dashboard)."""
+    def anchor(self, job: str, phase: datetime.datetime) -> datetime.datetime:
+        """The instant an ``every()`` job's grid is anchored at, agreed by every node."""
 
-    def note(self, task_id: str, text: str) -> None:
-        """Attach a note to a stored row (an unfinished task whose function is not registered)."""
-
-    def __len__(self) -> int:
-        """How many finished results are kept in memory."""
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def stop_recording(self) -> None:
         """Keep what is unfinished as it is (shutdown): later transitions are not written."""
@@ -82,87 +168,133 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """Finished results kept in this process, bounded by ``max_results`` and ``result_ttl``."""
+    """The store of a process alone: nothing is written, every row is this node's, it always leads."""
 
     durable = False
     display = "memory"
+    lease_timeout = float("inf")
 
-    def __init__(self, result_ttl: float = 3600.0, max_results: int = 10000):
-        self.result_ttl = result_ttl
-        self.max_results = max_results
-        # id -> (TaskResult, monotonic time it finished), oldest first
-        self._finished: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
-        self._prune_at = 0.0
+    def __init__(self, node: str = "local") -> None:
+        self.node = node
         self._periodic: Dict[str, datetime.datetime] = {}
 
-    def __len__(self) -> int:
-        return len(self._finished)
+    def check_options(self, task: str, options: Dict[str, object]) -> None:
+        """Queues need no store (this process runs them all); keys and transactions need a journal."""
+        needs = sorted(k for k, v in options.items() if k != "queue" and v is not None)
+        if needs:
+            raise ConfigError("%s.apply_async(%s=...) needs a journal shared by the processes that spawn "
+                              "(--journal PATH or postgresql://...), which this process does not use"
+                              % (task, needs[0]))
 
-    def spawned(self, r: Any, args: tuple, kwargs: dict, serializer: str) -> None:
-        """Nothing to record: the runner holds live tasks itself."""
+    def configure(self, result_ttl: float) -> None:
+        """Nothing is kept here: the runner keeps finished results itself."""
 
-    def started(self, r: Any) -> None:
-        """Nothing to record."""
-
-    def retrying(self, r: Any, delay: float, exc: Optional[BaseException]) -> None:
-        """Nothing to record."""
-
-    def finished(self, r: Any, serializer: Optional[str] = None) -> bool:
-        """Keep ``r`` for lookup, bounded by max_results and result_ttl."""
-        store = self._finished
-        now = _monotonic()
-        if self.max_results:
-            store[r.id] = (r, now)
-            while len(store) > self.max_results:  # while: configure() may have lowered it
-                store.popitem(last=False)
-        if now < self._prune_at:
-            return True  # lookup() hides expired ones; pruning on each insert is wasted work
-        self._prune_at = now + min(1.0, self.result_ttl / 10)
-        cutoff = now - self.result_ttl
-        while store:
-            if next(iter(store.values()))[1] > cutoff:
-                break
-            store.popitem(last=False)
+    def serves(self, queue: str) -> bool:
+        """A process alone runs every queue."""
         return True
 
-    def lookup(self, task_id: str) -> Any:
-        """The kept result, or None when unknown or past result_ttl."""
-        kept = self._finished.get(task_id)
-        if kept is None or kept[1] + self.result_ttl < _monotonic():
-            return None
-        return kept[0]
+    def spawned(self, row: TaskRow, claim: bool = False, connection: object = None) -> TaskRow:
+        """Nothing to write: the row is this node's to run."""
+        if connection is not None:
+            raise ConfigError("a spawn inside a caller's transaction needs a postgresql:// journal")
+        row.owner = self.node
+        return row
 
-    def recent(self, limit: int) -> List[Any]:
-        """The newest ``limit`` finished results, newest first."""
-        out: List[Any] = []
-        for r, _ in reversed(self._finished.values()):
-            if len(out) >= limit:
-                break
-            out.append(r)
-        return out
+    def spawned_many(self, rows: Sequence[TaskRow], connection: object = None) -> List[TaskRow]:
+        """Nothing to write: every row is this node's to run."""
+        return [self.spawned(row, False, connection) for row in rows]
 
-    def unfinished(self) -> List[TaskRow]:
-        """Nothing survives in memory."""
+    def started(self, task_id: str) -> None:
+        """Nothing to record."""
+
+    def retrying(self, task_id: str, name: str, delay: float, exc: Optional[BaseException]) -> bool:
+        """The runner keeps the retry: there is no other node to hand it to."""
+        return False
+
+    def finished(self, row: TaskRow) -> bool:
+        """Nothing to record; never fenced off."""
+        return True
+
+    def cancel(self, task_id: str) -> Optional[str]:
+        """No rows here: the runner cancels what it holds."""
+        return None
+
+    def requeue(self, task_id: str) -> TaskRow:
+        """Nothing is kept to run again."""
+        raise GreenqueueError("retry needs the journal (--journal PATH); only journaled tasks can be retried")
+
+    def lookup(self, task_id: str) -> Optional[TaskRow]:
+        """No rows here: finished results live in the runner."""
+        return None
+
+    def get_many(self, task_ids: Sequence[str]) -> List[TaskRow]:
+        """No rows here."""
         return []
 
-    def note(self, task_id: str, text: str) -> None:
-        """No rows to annotate."""
+    def rows(self, state: str, limit: int) -> List[TaskRow]:
+        """No rows here: the runner lists what it holds."""
+        return []
 
-    def fired(self, job: str, due: datetime.datetime) -> bool:
-        """Remember the latest due instant per job (this process only)."""
-        last = self._periodic.get(job)
-        if last is not None and due <= last:
-            return False
-        self._periodic[job] = due
+    def counts(self) -> Dict[str, int]:
+        """No rows here."""
+        return {}
+
+    def count_unfinished(self, name: str) -> int:
+        """No rows here: the runner counts what it holds."""
+        return 0
+
+    def nodes(self) -> List[NodeInfo]:
+        """A process alone is no cluster."""
+        return []
+
+    def claim(self, limit: int) -> List[TaskRow]:
+        """Nothing waits here."""
+        return []
+
+    def next_due(self) -> Optional[float]:
+        """Nothing waits here."""
+        return None
+
+    def heartbeat(self, running: int) -> Heartbeat:
+        """No leases to renew."""
+        return Heartbeat()
+
+    def reap(self) -> List[TaskRow]:
+        """No leases to expire."""
+        return []
+
+    def prune(self) -> int:
+        """Nothing kept to prune."""
+        return 0
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """No other node enqueues here."""
+        return False
+
+    def lead(self) -> bool:
+        """A process alone always leads."""
         return True
 
+    def fire(self, job: str, due: datetime.datetime, row: TaskRow) -> Optional[TaskRow]:
+        """Once per due instant and job, in this process; the row is this node's."""
+        last = self._periodic.get(job)
+        if last is not None and due <= last:
+            return None
+        self._periodic[job] = due
+        row.owner = self.node
+        return row
+
     def last_fired(self, job: str) -> Optional[datetime.datetime]:
-        """Unknown across restarts: None until this process fired the job."""
+        """Unknown across restarts: nothing is written."""
         return None
+
+    def anchor(self, job: str, phase: datetime.datetime) -> datetime.datetime:
+        """Nobody else to agree with: the grid starts where this process first saw the job."""
+        return phase
 
     def stop_recording(self) -> None:
         """Nothing is written."""
 
     def close(self) -> None:
-        """Forget every kept result."""
-        self._finished.clear()
+        """Nothing to release."""
+

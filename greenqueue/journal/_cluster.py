@@ -24,7 +24,6 @@ timeouts in a row.
 
 import datetime
 import logging
-import pickle
 import socket
 import os
 import time
@@ -32,9 +31,7 @@ import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import JournalError
-from ._base import MemoryStore
-from ._engine import UNFINISHED, NodeInfo, TaskRow
-from ._codec import dumps as _dumps
+from ._engine import Engine, Heartbeat, NodeInfo, TaskRow
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +74,9 @@ class ClusterStore:
     """Store protocol over an Engine: rows shared by every node, attempts fenced, runs claimed."""
 
     durable = True
-    clustered = True
 
-    def __init__(self, engine: Any, node: Optional[str] = None, queues: Optional[Sequence[str]] = None,
-                 result_ttl: float = 3600.0, max_results: int = 10000, max_lease_losses: int = 3,
-                 batch: bool = False):
+    def __init__(self, engine: Engine, node: Optional[str] = None, queues: Optional[Sequence[str]] = None,
+                 result_ttl: float = 3600.0, max_lease_losses: int = 3, batch: bool = False):
         self.engine = engine
         self.display = engine.display
         self.node = node or node_id()
@@ -89,7 +84,6 @@ class ClusterStore:
         self.queues = None if queues is None else list(queues)
         self.result_ttl = result_ttl
         self.max_lease_losses = max_lease_losses
-        self.memory = MemoryStore(result_ttl, max_results)
         self._attempts: Dict[str, int] = {}   # task id -> the attempt this node holds
         self._recording = True
         self.epoch: Optional[int] = None      # the scheduler leader's epoch while this node leads
@@ -101,19 +95,22 @@ class ClusterStore:
         self._writer: Any = None
         self._finisher: Any = None
         self._stopping = False
-        deadline = getattr(engine, "spawn_deadline", None)
+        # Engines that promise a bound on a failing spawn say so; the SQLite engine's own timeout is the bound.
+        deadline: Optional[float] = getattr(engine, "spawn_deadline", None)
         # The rest of the deadline is for the batch's own call, which the engine's timeout
         # bounds, plus a second of slack for what that call does after the timeout.
         self._queue_wait: Optional[float] = (
             None if deadline is None else max(0.5, deadline - getattr(engine, "timeout", 0.0) - 1.0))
 
-    def __len__(self) -> int:
-        return len(self.memory)
+    @property
+    def lease_timeout(self) -> float:
+        """Seconds a lease lasts without a heartbeat (``--lease-timeout``)."""
+        return self.engine.lease_timeout
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def open(self) -> "ClusterStore":
-        """Open the engine and register this node."""
+        """Open the engine, register this node and take back what dead processes on this host held."""
         self.engine.open()
         if self.batch:
             import gevent
@@ -123,9 +120,10 @@ class ClusterStore:
             self._finisher = gevent.spawn(self._write_loop, self._wake_finish, self._flush_finishes)
         self.engine.register(NodeInfo(id=self.node, host=socket.gethostname(), pid=os.getpid(),
                                       queues=self.queues, started_at=time.time()))
+        self._take_back_from_dead_local_nodes()
         return self
 
-    def take_back_from_dead_local_nodes(self) -> int:
+    def _take_back_from_dead_local_nodes(self) -> int:
         """Release at once the rows of nodes on this host whose process is gone (a kill -9, a crash).
 
         Their leases would expire by themselves after --lease-timeout; a process that restarts on
@@ -147,30 +145,23 @@ class ClusterStore:
             log.info("journal %s: %d task(s) of a process that died on this host run again", self.display, total)
         return total
 
+    # -- options -------------------------------------------------------------------------
+
+    def check_options(self, task: str, options: Dict[str, object]) -> None:
+        """Every option is honoured here (a connection only by an engine that can join it)."""
+
+    def configure(self, result_ttl: float) -> None:
+        """Keep finished rows ``result_ttl`` seconds from now on."""
+        self.result_ttl = result_ttl
+
     def serves(self, queue: str) -> bool:
         """True when this node claims tasks of ``queue``."""
         return self.queues is None or queue in self.queues
 
-    # -- the Store protocol ----------------------------------------------------------------
+    # -- spawning and attempts ---------------------------------------------------------------
 
-    def row_for(self, r: Any, args: tuple, kwargs: dict, serializer: str, queue: str = "default",
-                max_attempts: int = 1, idempotency_key: Optional[str] = None) -> TaskRow:
-        """The row a spawn of ``r`` becomes (TypeError when the arguments cannot be stored)."""
-        try:
-            payload = _dumps(serializer, {"args": list(args), "kwargs": kwargs})
-        except (TypeError, ValueError) as exc:
-            raise TypeError("task %s: arguments cannot be journaled as JSON (%s); pass ids instead "
-                            "of objects, or use @task(serializer='pickle')" % (r.name, exc)) from None
-        eta = r.eta.timestamp() if r.eta is not None else None
-        return TaskRow(id=r.id, name=r.name, payload=payload, serializer=serializer, queue=queue,
-                       state="SCHEDULED" if eta is not None and eta > time.time() else "PENDING", eta=eta,
-                       attempts=r.retries, max_attempts=max_attempts, idempotency_key=idempotency_key)
-
-    def spawned(self, r: Any, args: tuple, kwargs: dict, serializer: str, claim: bool = False,
-                queue: str = "default", max_attempts: int = 1, idempotency_key: Optional[str] = None,
-                connection: Any = None) -> TaskRow:
-        """Commit the task's row; with ``claim`` this node runs it (the local fast path). Returns the row."""
-        row = self.row_for(r, args, kwargs, serializer, queue, max_attempts, idempotency_key)
+    def spawned(self, row: TaskRow, claim: bool = False, connection: object = None) -> TaskRow:
+        """Commit the row; with ``claim`` this node runs it (the local fast path). Returns the stored row."""
         owner = self.node if claim and connection is None else None
         if self._writer is not None and connection is None:
             stored = self._queued_enqueue(row, owner is not None)
@@ -180,54 +171,37 @@ class ClusterStore:
             self._attempts[stored.id] = stored.attempts
         return stored
 
-    def spawned_many(self, rows: List[TaskRow], connection: Any = None) -> List[TaskRow]:
+    def spawned_many(self, rows: Sequence[TaskRow], connection: object = None) -> List[TaskRow]:
         """Commit many rows at once (``task.map``); none is claimed here, any node takes them."""
         return self.engine.enqueue(rows, connection=connection)
 
-    def claimed(self, row: TaskRow) -> None:
-        """Remember the attempt a claim gave this node."""
-        self._attempts[row.id] = row.attempts
-
-    def holds(self, task_id: str) -> bool:
-        """True while this node holds a claim on ``task_id``."""
-        return task_id in self._attempts
-
-    def started(self, r: Any) -> None:
+    def started(self, task_id: str) -> None:
         """Nothing to write: the claim already counted the attempt and started the lease."""
 
-    def retrying(self, r: Any, delay: float, exc: Optional[BaseException]) -> bool:
+    def retrying(self, task_id: str, name: str, delay: float, exc: Optional[BaseException]) -> bool:
         """Give the row back as RETRY, due in ``delay`` s; any node claims it then. Always True."""
-        attempt = self._attempts.pop(r.id, None)
+        attempt = self._attempts.pop(task_id, None)
         if attempt is None or not self._recording:
             return True
-        if not self.engine.retry(r.id, self.node, attempt, delay, _error_type(exc), str(exc) if exc else None):
+        if not self.engine.retry(task_id, self.node, attempt, delay, _error_type(exc), str(exc) if exc else None):
             log.warning("task %s[%s]: lease lost before the retry was recorded; the node that holds it "
-                        "decides", r.name, r.id)
+                        "decides", name, task_id)
         return True
 
-    def finished(self, r: Any, serializer: Optional[str]) -> bool:
+    def finished(self, row: TaskRow) -> bool:
         """Write the final state, fenced by attempt; False when another node took the task over."""
-        attempt = self._attempts.pop(r.id, None)
-        if attempt is None or serializer is None or not self._recording:
-            self.memory.finished(r)
+        attempt = self._attempts.pop(row.id, None)
+        if attempt is None or not self._recording:
             return True
-        try:
-            blob = _dumps(serializer, r.result) if r.state == "SUCCESS" else None
-        except (TypeError, ValueError, pickle.PicklingError):
-            blob = _dumps("json", repr(r.result))
-        exc = r.exception
-        args = (r.id, self.node, attempt, r.state, blob, _error_type(exc), str(exc) if exc else None,
-                r.traceback, self.result_ttl)
+        args = (row.id, self.node, attempt, row.state, row.result, row.error_type, row.error,
+                row.traceback, self.result_ttl)
         if self._writer is not None:
-            self.memory.finished(r)
-            self._finishes.append((r.name, args))
+            self._finishes.append((row.name, args))
             self._wake_finish.set()
             return True
         ok = self.engine.finish(*args)
-        if ok:
-            self.memory.finished(r)
-        else:
-            _discarded(r.name, r.id, attempt)
+        if not ok:
+            _discarded(row.name, row.id, attempt)
         return ok
 
     # -- group commit ------------------------------------------------------------------------
@@ -328,28 +302,6 @@ class ClusterStore:
         """Cancel a row wherever it is; returns its state before (None: no such row)."""
         return self.engine.cancel(task_id)
 
-    def lookup(self, task_id: str) -> Any:
-        """A finished result: recent ones from memory, others as the row (from any node)."""
-        r = self.memory.lookup(task_id)
-        if r is not None:
-            return r
-        return self.engine.get(task_id)
-
-    def get(self, task_id: str) -> Optional[TaskRow]:
-        """The row, finished or not."""
-        return self.engine.get(task_id)
-
-    def recent(self, limit: int) -> List[Any]:
-        """Results finished on this node, newest first."""
-        return self.memory.recent(limit)
-
-    def unfinished(self) -> List[TaskRow]:
-        """Nothing to replay: unfinished rows are claimed by whichever node has a free slot."""
-        return []
-
-    def note(self, task_id: str, text: str) -> None:
-        """Notes are not kept in a shared store."""
-
     def requeue(self, task_id: str) -> TaskRow:
         """Make a failed or cancelled row run again (fresh attempt budget) and return it."""
         row = self.engine.get(task_id)
@@ -358,7 +310,32 @@ class ClusterStore:
         if row.state not in ("FAILURE", "CANCELLED"):
             raise JournalError("task %s is %s; only failed or cancelled tasks can be retried" % (task_id, row.state))
         self.engine.requeue(task_id)
+        again = self.engine.get(task_id)
+        if again is None:
+            raise JournalError("task %s was deleted from the journal %s while it was retried" % (task_id, self.display))
+        return again
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def lookup(self, task_id: str) -> Optional[TaskRow]:
+        """The row, finished or not, from any node."""
         return self.engine.get(task_id)
+
+    def get_many(self, task_ids: Sequence[str]) -> List[TaskRow]:
+        """The rows with these ids, in one read."""
+        return self.engine.get_many(task_ids) if task_ids else []
+
+    def rows(self, state: str, limit: int) -> List[TaskRow]:
+        """Up to ``limit`` rows in ``state``, newest first."""
+        return self.engine.rows(state, limit)
+
+    def counts(self) -> Dict[str, int]:
+        """``{state: rows}`` over the whole cluster."""
+        return self.engine.counts()
+
+    def count_unfinished(self, name: str) -> int:
+        """Runs of task ``name`` not finished yet, cluster-wide, counted by the database."""
+        return self.engine.count_unfinished(name)
 
     # -- the node's claims ------------------------------------------------------------------
 
@@ -373,7 +350,7 @@ class ClusterStore:
         """Seconds until the next unowned row this node could claim is due."""
         return self.engine.next_due(self.queues)
 
-    def heartbeat(self, running: int) -> Any:
+    def heartbeat(self, running: int) -> Heartbeat:
         """Renew this node's leases; the reply lists rows to cancel and rows lost."""
         beat = self.engine.heartbeat(self.node, running)
         for task_id in beat.lost:
@@ -399,15 +376,11 @@ class ClusterStore:
         self.epoch = self.engine.lead(self.node)
         return self.epoch is not None
 
-    def fire_row(self, job: str, due: datetime.datetime, row: TaskRow) -> bool:
+    def fire(self, job: str, due: datetime.datetime, row: TaskRow) -> Optional[TaskRow]:
         """Enqueue ``row`` as ``job``'s run for ``due``, once cluster-wide, while this node leads."""
-        if self.epoch is None:
-            return False
-        return self.engine.fire(job, due.timestamp(), self.epoch, row)
-
-    def fired(self, job: str, due: datetime.datetime) -> bool:
-        """Periodic keys are written by fire_row in the same transaction as the run."""
-        return True
+        if self.epoch is None or not self.engine.fire(job, due.timestamp(), self.epoch, row):
+            return None
+        return row
 
     def last_fired(self, job: str) -> Optional[datetime.datetime]:
         """The latest due instant any node enqueued for ``job``."""
@@ -418,10 +391,6 @@ class ClusterStore:
         """The instant an ``every()`` job's grid is anchored at, shared by every node."""
         ts = self.engine.anchor(job, phase.timestamp())
         return datetime.datetime.fromtimestamp(ts, _UTC)
-
-    def unfinished_count(self, name: str) -> int:
-        """Runs of task ``name`` not finished yet, cluster-wide (for max_instances)."""
-        return sum(len(self.engine.rows(state, 1000, name)) for state in UNFINISHED)
 
     # -- shutdown ---------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "task", "Task", "TaskResult", "spawn", "spawn_later", "spawn_at", "spawn_idle",
     "result", "configure", "drain", "cooperate", "run_in_thread", "get_runner", "reset", "progress",
-    "current", "Runner", "DrainReport", "TaskOptions", "get_task", "find_task", "registered",
+    "current", "Runner", "DrainReport", "AsyncResult", "TaskOptions", "get_task", "find_task", "registered",
     "clear_registry", "PerItem", "APPLY_OPTIONS",
     "PENDING", "SCHEDULED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED",
     "READY_STATES",
@@ -94,6 +94,26 @@ def spawn_idle(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Task
 def result(task_id: str) -> Optional[TaskResult]:
     """Look up a TaskResult by id (None when unknown or expired); asks the journal too."""
     return get_runner().result(task_id)
+
+
+class _AsyncResultType(type):
+    """Makes ``isinstance(r, AsyncResult)`` true of every TaskResult, as Celery's results all are."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, TaskResult)
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return issubclass(sub, TaskResult)
+
+
+class AsyncResult(metaclass=_AsyncResultType):
+    """Celery's ``AsyncResult(id)``: the TaskResult for ``id`` from any node; PENDING while the id is unknown."""
+
+    # The instances are TaskResults (the one a spawn returned, when this process holds it),
+    # so a port's isinstance checks and attribute reads work on either.
+    def __new__(cls, task_id: str) -> "TaskResult[Any]":  # type: ignore[misc]
+        """The TaskResult with this id, or a PENDING one that a journal brings up to date when it appears."""
+        return get_runner().follow(task_id)
 
 
 def configure(max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,

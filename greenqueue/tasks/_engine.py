@@ -1,44 +1,44 @@
-"""The runner's engine: slots, waiting lines, the delay heap, the idle worker; running and finishing attempts.
+"""The task engine: slots, waiting lines, the delay heap and the idle worker, over records of its own.
 
 Concurrency model: everything here runs on the task hub's thread (the
 ``Runner`` hands calls from other threads over before they reach this
-code), so the state needs no lock. Every started attempt gets its own
-greenlet; at most ``max_concurrency`` of them hold a slot. Waiting tasks
-sit in a deque (idle tasks in a second deque served only from
-``gevent.idle()`` by one idle-worker greenlet); delayed tasks sit in one
-heap keyed by ``time.monotonic()`` and are released by one timer greenlet.
-A task blocked on another lends its slot out (``release_slot``) and takes
-it back when it wakes, so a task waiting on another never deadlocks the
-pool. Nothing here blocks the hub; the store is told about every
-transition through its methods and never calls back.
+code), so the state needs no lock. The engine knows nothing of stores,
+events or results: the runner gives it an :class:`Entry` per task it
+holds and a function that runs one attempt of an entry; the engine decides
+when. Every started attempt gets its own greenlet; at most
+``max_concurrency`` of them hold a slot. Waiting entries sit in a deque
+(idle ones in a second deque served only from ``gevent.idle()`` by one
+idle-worker greenlet); delayed entries sit in one heap keyed by
+``time.monotonic()`` and are released by one timer greenlet. A task
+blocked on another lends its slot out (``lend_slot``) and takes it back
+when it wakes, so a task waiting on another never deadlocks the pool.
+Nothing here blocks the hub.
 """
 
 import collections
-import datetime
 import heapq
-import logging
 import time
-import weakref
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import gevent
 from gevent import Greenlet
 from gevent.event import Event
 
-from .. import events
-from ..errors import TaskTimeout
-from ._result import CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, SUCCESS, TaskResult
+from ._options import TaskOptions
+from ._result import PENDING, READY_STATES, SCHEDULED, TaskResult
 
-# The runner's logger: this code was the runner's until it got its own module, and
-# logging config written for the runner should keep seeing its lines by name.
-log = logging.getLogger("greenqueue.tasks._runner")
+if TYPE_CHECKING:
+    from gevent.event import Event as EventT
 
-__all__ = ["TaskEngine"]
+__all__ = ["TaskEngine", "Entry", "PENDING_LINE", "IDLE_LINE", "DELAYED", "RUNNING"]
 
-_UTC = datetime.timezone.utc
 _monotonic = time.monotonic
-_time = time.time
-_subscribers = events.subscribers
+
+#: Where an entry is: waiting for a slot, waiting for an idle hub, delayed, running (or None: nowhere yet/any more).
+PENDING_LINE = "pending"
+IDLE_LINE = "idle"
+DELAYED = "scheduled"
+RUNNING = "running"
 
 
 class _TaskGreenlet(Greenlet):
@@ -49,291 +49,252 @@ class _TaskGreenlet(Greenlet):
     spawning_stack_limit = 0
 
 
-class _Expired(BaseException):
-    """Raised into a task greenlet by its own timeout (never escapes the runner)."""
+class Entry:
+    """The runner's record of a task it holds: what to call, where it waits, whether it holds a slot."""
+
+    # Slots keep a waiting task small: 100,000 scheduled tasks are a normal load.
+    __slots__ = ("handle", "fn", "args", "kwargs", "opts", "app", "idle", "where", "slot", "greenlet",
+                 "serializer", "queue", "abandoned")
+
+    def __init__(self, handle: TaskResult[Any], fn: Optional[Callable[..., Any]], args: tuple, kwargs: dict,
+                 opts: TaskOptions, app: Any = None, idle: bool = False) -> None:
+        self.handle = handle
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.opts = opts
+        #: The Flask app whose context the task runs in (None: none).
+        self.app = app
+        self.idle = idle
+        self.where: Optional[str] = None
+        self.slot = False
+        self.greenlet: Optional[Greenlet[..., Any]] = None
+        #: Set when the store records this task (a durable store, an ``@task``).
+        self.serializer: Optional[str] = None
+        self.queue = "default"
+        #: Set when the task's lease went to another node: its greenlet ends without a result.
+        self.abandoned = False
+
+    def __repr__(self) -> str:
+        return "<Entry %s %s>" % (self.handle.id, self.where)
 
 
 class TaskEngine:
-    """The task state machine under ``Runner``: queues and slots in, finished results out."""
+    """Slot accounting: entries in, attempts started in task greenlets when a slot is free."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, run_attempt: Callable[[Entry], None]) -> None:
         self.max_concurrency = 100
-        self.store: Any = store
-        self._active = 0                     # slots in use
-        self._pending: collections.deque = collections.deque()  # waiting normal tasks (may hold cancelled ones)
-        self._idle_q: collections.deque = collections.deque()   # waiting idle tasks (may hold cancelled ones)
-        self._pending_count = 0              # live entries of both deques
-        self._heap: list = []                # (due monotonic, seq, TaskResult)
-        self._scheduled_count = 0
+        self._run_attempt = run_attempt
+        self.active = 0                       # slots in use
+        self._pending: Deque[Entry] = collections.deque()  # waiting normal entries (may hold removed ones)
+        self._idle_q: Deque[Entry] = collections.deque()   # waiting idle entries (may hold removed ones)
+        self.pending_count = 0                # live entries of both deques
+        self._heap: List[Tuple[float, int, Entry]] = []    # (due monotonic, seq, entry)
+        self.scheduled_count = 0
         self._seq = 0
-        self._running: Dict[Any, TaskResult] = {}   # task greenlet -> TaskResult
-        self._live: Dict[str, TaskResult] = {}      # id -> unfinished TaskResult
-        self._timer: Any = None
-        self._timer_wake: Any = None
-        self._idle_worker: Any = None
-        self._idle_wake: Any = None
-        # Handles of tasks queued in (or running from) a shared store, not here; weak, so a
-        # handle nobody holds costs nothing once its caller drops it.
-        self._elsewhere: "weakref.WeakValueDictionary[str, TaskResult]" = weakref.WeakValueDictionary()
+        self._running: Dict[Any, Entry] = {}  # task greenlet -> entry
+        self._timer: Optional[Greenlet[..., Any]] = None
+        self._timer_wake: Optional["EventT"] = None
+        self._idle_worker: Optional[Greenlet[..., Any]] = None
+        self._idle_wake: Optional["EventT"] = None
         #: Called when a slot frees and nothing waits here (a node's claimer listens).
         self.on_free_slot: Optional[Callable[[], None]] = None
 
+    # -- counts -----------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Task greenlets started and not finished."""
+        return len(self._running)
+
+    def free_slots(self) -> int:
+        """Slots free for claimed work: nothing waits here and fewer than max_concurrency run."""
+        return max(0, self.max_concurrency - self.active - self.pending_count)
+
+    def has_free_slot(self) -> bool:
+        """True when a task due now would start at once (a slot is free and nothing waits)."""
+        return self.active < self.max_concurrency and not self._pending
+
+    def busy(self) -> bool:
+        """True when a new waiting task would have to wait behind others."""
+        return bool(self._pending) or self.active >= self.max_concurrency
+
     # -- slots ------------------------------------------------------------------------
 
-    def holds_slot(self, greenlet: Any) -> Optional[TaskResult]:
-        """The task running in ``greenlet`` if it holds a slot now, else None."""
-        r = self._running.get(greenlet)
-        return r if r is not None and r._slot else None
+    def current(self) -> Optional[Entry]:
+        """The entry running in the calling greenlet (None outside a task)."""
+        return self._running.get(gevent.getcurrent())
 
-    def release_slot(self, r: TaskResult) -> None:
-        """Lend ``r``'s slot out while it waits on another task."""
-        r._slot = False
-        self._active -= 1
-        self._dispatch()
+    def lend_slot(self, waiting_on: TaskResult[Any]) -> Optional[Entry]:
+        """Free the calling task's slot while it waits on ``waiting_on``; the entry to give it back to."""
+        e = self._running.get(gevent.getcurrent())
+        if e is None or not e.slot or e.handle is waiting_on:
+            return None
+        e.slot = False
+        self.active -= 1
+        self.dispatch()
+        return e
 
-    def reacquire_slot(self, r: TaskResult) -> None:
-        """Give ``r`` its slot back when its wait ends."""
+    def take_slot_back(self, e: Entry) -> None:
+        """Give ``e`` its slot back when its wait ends."""
         # May exceed max_concurrency for a moment: the woken task must not wait
         # behind tasks that started while it was blocked (that could deadlock).
-        r._slot = True
-        self._active += 1
-
-    def current(self) -> Optional[TaskResult]:
-        """The TaskResult running in the calling greenlet (None outside a task)."""
-        return self._running.get(gevent.getcurrent())
+        e.slot = True
+        self.active += 1
 
     # -- waiting lines -------------------------------------------------------------
 
-    def _enqueue(self, r: TaskResult) -> None:
-        """Put a due task in line (or straight into a free slot); never raises Overloaded."""
-        if r._idle:
-            r._where = "idle"
-            self._idle_q.append(r)
-            self._pending_count += 1
+    def enqueue(self, e: Entry) -> None:
+        """Put a due entry in line (or straight into a free slot); never raises Overloaded."""
+        if e.idle:
+            e.where = IDLE_LINE
+            self._idle_q.append(e)
+            self.pending_count += 1
             self._kick_idle()
-        elif self._active < self.max_concurrency and not self._pending:
-            self._start(r)
+        elif self.active < self.max_concurrency and not self._pending:
+            self.start(e)
         else:
-            r._where = "pending"
-            self._pending.append(r)
-            self._pending_count += 1
+            e.where = PENDING_LINE
+            self._pending.append(e)
+            self.pending_count += 1
 
-    def _start(self, r: TaskResult) -> None:
-        self._active += 1
-        r._slot = True
-        r._where = "running"
-        g = _TaskGreenlet(self._run, r)
-        r._greenlet = g
-        self._running[g] = r
+    def queue_behind(self, e: Entry) -> None:
+        """Put ``e`` at the end of the waiting line even when a slot is free (a retry, for fairness)."""
+        e.where = PENDING_LINE
+        self._pending.append(e)
+        self.pending_count += 1
+
+    def remove(self, e: Entry) -> None:
+        """Take ``e`` out of whatever line or heap it waits in (cancel)."""
+        if e.where in (PENDING_LINE, IDLE_LINE):
+            self.pending_count -= 1
+        elif e.where == DELAYED:
+            self.scheduled_count -= 1
+        e.where = None  # the deques and the heap skip it when they reach it
+
+    def start(self, e: Entry) -> None:
+        """Start ``e``'s attempt in a new task greenlet, in a slot."""
+        self.active += 1
+        e.slot = True
+        e.where = RUNNING
+        g = _TaskGreenlet(self._run, e)
+        e.greenlet = g
+        self._running[g] = e
         g.start()
 
-    def _dispatch(self) -> None:
-        """Start waiting tasks while slots are free; wake the idle worker when only idle ones wait."""
+    def dispatch(self) -> None:
+        """Start waiting entries while slots are free; wake the idle worker when only idle ones wait."""
         pending = self._pending
-        while pending and self._active < self.max_concurrency:
-            r = pending.popleft()
-            if r._where != "pending":
-                continue  # cancelled while waiting
-            self._pending_count -= 1
-            self._start(r)
-        if self._idle_q and not pending and self._active < self.max_concurrency and self._idle_wake is not None:
+        while pending and self.active < self.max_concurrency:
+            e = pending.popleft()
+            if e.where != PENDING_LINE:
+                continue  # removed while waiting
+            self.pending_count -= 1
+            self.start(e)
+        if self._idle_q and not pending and self.active < self.max_concurrency and self._idle_wake is not None:
             self._idle_wake.set()
-        if self.on_free_slot is not None and not pending and self._active < self.max_concurrency:
+        if self.on_free_slot is not None and not pending and self.active < self.max_concurrency:
             self.on_free_slot()
 
-    # -- delayed tasks ----------------------------------------------------------
+    # -- delayed entries ----------------------------------------------------------
 
-    def _schedule(self, r: TaskResult, delay: Optional[float]) -> None:
+    def schedule(self, e: Entry, delay: Optional[float]) -> None:
+        """Hold ``e`` until ``delay`` seconds from now, then put it in line."""
         due = _monotonic() + (delay or 0.0)
         self._seq += 1
-        r._where = "scheduled"
-        self._scheduled_count += 1
+        e.where = DELAYED
+        self.scheduled_count += 1
         heap = self._heap
         earliest = heap[0][0] if heap else None
-        heapq.heappush(heap, (due, self._seq, r))
-        if self._timer is None:
+        heapq.heappush(heap, (due, self._seq, e))
+        if self._timer is None or self._timer_wake is None:
             self._timer_wake = Event()
-            self._timer = gevent.spawn(self._timer_loop)
+            self._timer = gevent.spawn(self._timer_loop, self._timer_wake)
         elif earliest is None or due < earliest:
             self._timer_wake.set()
 
-    def _timer_loop(self) -> None:
+    def _timer_loop(self, wake: "EventT") -> None:
         heap = self._heap
-        wake = self._timer_wake
         while True:
             now = _monotonic()
             while heap and heap[0][0] <= now:
-                r = heapq.heappop(heap)[2]
-                if r._where != "scheduled":
-                    continue  # cancelled while delayed
-                self._scheduled_count -= 1
-                if r.state == SCHEDULED:
-                    r.state = PENDING
-                self._enqueue(r)
-            if len(heap) > 64 and len(heap) > 2 * self._scheduled_count:
-                # Cancelled entries would otherwise stay until their due time.
-                heap[:] = [e for e in heap if e[2]._where == "scheduled"]
+                e = heapq.heappop(heap)[2]
+                if e.where != DELAYED:
+                    continue  # removed while delayed
+                self.scheduled_count -= 1
+                if e.handle.state == SCHEDULED:
+                    e.handle.state = PENDING
+                self.enqueue(e)
+            if len(heap) > 64 and len(heap) > 2 * self.scheduled_count:
+                # Removed entries would otherwise stay until their due time.
+                heap[:] = [item for item in heap if item[2].where == DELAYED]
                 heapq.heapify(heap)
             wake.clear()
             wake.wait(heap[0][0] - now if heap else None)
 
-    # -- idle tasks ---------------------------------------------------------------
+    # -- idle entries ---------------------------------------------------------------
 
     def _kick_idle(self) -> None:
-        if self._idle_worker is None:
+        if self._idle_worker is None or self._idle_wake is None:
             self._idle_wake = Event()
-            self._idle_worker = gevent.spawn(self._idle_loop)
+            self._idle_worker = gevent.spawn(self._idle_loop, self._idle_wake)
         else:
             self._idle_wake.set()
 
-    def _idle_loop(self) -> None:
+    def _idle_loop(self, wake: "EventT") -> None:
         idle_q = self._idle_q
         try:
             while idle_q:
                 gevent.idle()
-                if self._pending or self._active >= self.max_concurrency:
-                    self._idle_wake.clear()
-                    self._idle_wake.wait()
+                if self._pending or self.active >= self.max_concurrency:
+                    wake.clear()
+                    wake.wait()
                     continue
-                r = idle_q.popleft()
-                if r._where != "idle":
+                e = idle_q.popleft()
+                if e.where != IDLE_LINE:
                     continue
-                self._pending_count -= 1
-                self._start(r)
+                self.pending_count -= 1
+                self.start(e)
         finally:
             self._idle_worker = None
 
     # -- running --------------------------------------------------------------------
 
-    def _run(self, r: TaskResult) -> None:
-        g = r._greenlet
+    def _run(self, e: Entry) -> None:
+        g = e.greenlet
         try:
-            if r.state not in READY_STATES:  # cancelled between _start and now
-                self._attempt(r)
+            if e.handle.state not in READY_STATES:  # cancelled between start() and now
+                self._run_attempt(e)
         finally:
             del self._running[g]
-            if r._slot:
-                r._slot = False
-                self._active -= 1
-            self._dispatch()
+            if e.slot:
+                e.slot = False
+                self.active -= 1
+            self.dispatch()
 
-    def _attempt(self, r: TaskResult) -> None:
-        opts = r._opts
-        r.state = STARTED
-        r._started_ts = _time()
-        if r._serializer is not None:
-            self.store.started(r)
-        if _subscribers:
-            events.notify(events.TaskStarted(r))
-        exc: Optional[BaseException] = None
-        value = None
-        timer = None
-        expired = False
-        t0 = _monotonic()
-        try:
-            if opts.timeout is not None:
-                timer = gevent.Timeout.start_new(opts.timeout, _Expired())
-            if r._app is not None:
-                with r._app.app_context():
-                    value = r._fn(*r._args, **r._kwargs)
-            else:
-                value = r._fn(*r._args, **r._kwargs)
-        except _Expired:
-            exc = None  # decided below from the timer, which also catches a swallowed expiry
-        except gevent.GreenletExit as e:
-            if r.state == CANCELLED or r._where == "store":
-                return  # cancel() already finished the result, or abandon() gave the lease up
-            exc = e
-        except (KeyboardInterrupt, SystemExit) as e:
-            self._finish(r, FAILURE, exc=e, duration=_monotonic() - t0)
-            raise  # the process is stopping; let the hub see it
-        except BaseException as e:
-            # gevent.Timeout and other BaseExceptions become GreenqueueErrors in _set.
-            exc = e
-        finally:
-            if timer is not None:
-                expired = not timer.pending
-                timer.close()
-        duration = _monotonic() - t0
-        if r.state == CANCELLED:
-            return
-        if timer is not None and expired:
-            exc = TaskTimeout("task %s[%s] timed out after %ss" % (r.name, r.id, opts.timeout))
-        if exc is None:
-            self._finish(r, SUCCESS, value=value, duration=duration)
-        elif isinstance(exc, gevent.GreenletExit):
-            # Killed by someone other than cancel() (killall, shutdown): still a result.
-            self._finish(r, CANCELLED, exc=exc, duration=duration)
-        elif r.retries < opts.retries:
-            self._retry(r, exc, duration)
-        else:
-            self._finish(r, FAILURE, exc=exc, duration=duration)
+    # -- listing and stopping ---------------------------------------------------------
 
-    def _retry(self, r: TaskResult, exc: BaseException, duration: float) -> None:
-        r.retries += 1
-        r.duration = duration
-        r.state = RETRY
-        delay = r._opts.delay_for(r.retries)
-        log.debug("task %s[%s] attempt %d failed, retrying in %.3fs", r.name, r.id, r.retries, delay)
-        handed_back = r._serializer is not None and self.store.retrying(r, delay, exc)
-        if _subscribers:
-            events.notify(events.TaskRetrying(r, exception=exc, delay=delay))
-        if handed_back:
-            r._where = "store"  # the shared store has it; any node claims it when due
-            self._live.pop(r.id, None)
-            self._elsewhere[r.id] = r
-            return
-        if delay > 0:
-            self._schedule(r, delay)
-        else:
-            # This greenlet still holds its slot; queue behind waiting tasks for fairness.
-            r._where = "pending"
-            self._pending.append(r)
-            self._pending_count += 1
+    def running_entries(self) -> List[Entry]:
+        """Entries whose attempt runs now."""
+        return list(self._running.values())
 
-    def _finish(self, r: TaskResult, state: str, value: Any = None, exc: Optional[BaseException] = None,
-                duration: Optional[float] = None, tb: Optional[str] = None) -> None:
-        if r.state in READY_STATES:
-            return
-        if duration is not None:
-            r.duration = duration
-        r._finished_ts = _time()
-        r._where = None
-        serializer = r._serializer
-        if not r._set(state, value, exc, tb):
-            return
-        self._live.pop(r.id, None)
-        self.store.finished(r, serializer)
-        if _subscribers:
-            if state == SUCCESS:
-                events.notify(events.TaskSucceeded(r, duration=r.duration or 0.0))
-            elif state == FAILURE:
-                events.notify(events.TaskFailed(r, exception=r.exception, duration=r.duration or 0.0))
-            else:
-                events.notify(events.TaskCancelled(r))
+    def waiting_entries(self) -> List[Entry]:
+        """Entries waiting for a slot, normal ones first, in the order they will start."""
+        return ([e for e in self._pending if e.where == PENDING_LINE]
+                + [e for e in self._idle_q if e.where == IDLE_LINE])
 
-    def _run_eager(self, r: TaskResult, delay: Optional[float], eta: Optional[datetime.datetime]) -> TaskResult:
-        """Run inline in the caller (tests): no delay, no timeout, exceptions propagate."""
-        if eta is not None:
-            r.eta = eta if eta.tzinfo is not None else eta.replace(tzinfo=_UTC)
-        if _subscribers:
-            events.notify(events.TaskSpawned(r))
-        while True:
-            r.state = STARTED
-            r._started_ts = _time()
-            if _subscribers:
-                events.notify(events.TaskStarted(r))
-            t0 = _monotonic()
-            try:
-                value = r._fn(*r._args, **r._kwargs)
-            except Exception as e:
-                if r.retries < r._opts.retries:
-                    r.retries += 1
-                    r.state = RETRY
-                    if _subscribers:
-                        events.notify(events.TaskRetrying(r, exception=e, delay=0.0))
-                    continue
-                self._finish(r, FAILURE, exc=e, duration=_monotonic() - t0)
-                raise
-            self._finish(r, SUCCESS, value=value, duration=_monotonic() - t0)
-            return r
+    def delayed_entries(self, limit: int) -> List[Entry]:
+        """Up to ``limit`` delayed entries, soonest first."""
+        return [item[2] for item in heapq.nsmallest(limit, self._heap) if item[2].where == DELAYED][:limit]
+
+    def stop(self, timeout: float) -> None:
+        """Kill the task greenlets and the helper greenlets, and forget every line."""
+        greenlets: List[Any] = [g for g in (self._timer, self._idle_worker) if g is not None]
+        greenlets.extend(self._running)
+        self._timer = self._idle_worker = None
+        if greenlets:
+            gevent.killall(greenlets, block=True, timeout=timeout)
+        self._pending.clear()
+        self._idle_q.clear()
+        self._heap.clear()
+        self.pending_count = self.scheduled_count = 0

@@ -13,8 +13,10 @@ when the store is shared (``ClusterStore``):
   second, stops tasks cancelled from another node and drops tasks whose
   lease went elsewhere; every few beats it reaps rows whose lease expired
   (any node's) and now and then prunes old rows;
-* the watcher asks the store about tasks spawned here that run elsewhere,
-  so ``get()`` on them returns.
+* the watcher asks the store, in one read, about the tasks spawned here
+  that run elsewhere, so ``get()`` on them returns: at once when the
+  engine's hint says another node wrote something, else every 0.2 s for
+  handles someone waits on and every second for the rest.
 
 A store outage shows as JournalError in these loops: each logs one line
 when it starts failing and one when it recovers, and retries with backoff.
@@ -29,6 +31,7 @@ import gevent
 from gevent.event import Event
 
 from ..errors import GreenqueueError
+from ..journal import Store, TaskRow
 from ._runner import Runner
 
 log = logging.getLogger(__name__)
@@ -70,22 +73,23 @@ class _Trouble:
 class Node:
     """The loops that make this process one node of the cluster its store is shared with."""
 
-    def __init__(self, runner: Runner, store: Any, find_task: Callable[[str], Any], listen: bool = True,
+    def __init__(self, runner: Runner, store: Store, find_task: Callable[[str], Any], listen: bool = True,
                  heartbeat: float = HEARTBEAT, poll: float = POLL):
         self.runner = runner
         self.store = store
         self.find_task = find_task
         self.listen = listen
-        self.heartbeat_interval = min(heartbeat, max(0.2, store.engine.lease_timeout / 3))
+        self.heartbeat_interval = min(heartbeat, max(0.2, store.lease_timeout / 3))
         self.poll = poll
         self._wake = Event()
+        self._news = Event()   # another node wrote something: look at the tasks that run elsewhere
         self._greenlets: List[Any] = []
         self.healthy = True
         self._unknown: set = set()   # ids of unregistered tasks already reported
 
     def start(self) -> "Node":
         """Start the loops (on the task hub) and hook the runner's free-slot signal."""
-        self.runner.on_free_slot = self.wake
+        self.runner.engine.on_free_slot = self.wake
         loops = [self._claim_loop, self._beat_loop, self._watch_loop]
         if self.listen:
             loops.append(self._listen_loop)
@@ -98,7 +102,7 @@ class Node:
 
     def stop(self) -> None:
         """Stop claiming; running tasks are the runner's to drain."""
-        self.runner.on_free_slot = None
+        self.runner.engine.on_free_slot = None
         gevent.killall(self._greenlets, block=True, timeout=5)
         self._greenlets = []
 
@@ -126,7 +130,7 @@ class Node:
             self._wake.clear()
             self._wake.wait(timeout)
 
-    def _run(self, row: Any) -> None:
+    def _run(self, row: TaskRow) -> None:
         t = self.find_task(row.name)
         if t is None:
             # Another node (a newer deploy) may know it: keep it and offer it again later, never fail it.
@@ -135,10 +139,10 @@ class Node:
                 log.warning("task %s[%s]: no task of that name is registered on this node; kept in the journal "
                             "and offered again every %gs (see python -m greenqueue.journal %s list)",
                             row.name, row.id, UNKNOWN_RETRY, self.store.display)
-            self.store.retrying(_Named(row), UNKNOWN_RETRY, GreenqueueError(
+            self.store.retrying(row.id, row.name, UNKNOWN_RETRY, GreenqueueError(
                 "task %r is not registered on node %s" % (row.name, self.store.node)))
             return
-        self.runner.run_row(row, t)
+        self.runner.adopt(row, t)
 
     def _listen_loop(self) -> None:
         trouble = _Trouble("listening for new work", self.store.display)
@@ -146,6 +150,7 @@ class Node:
             try:
                 if self.store.wait_for_work(5.0):
                     self._wake.set()
+                    self._news.set()
                 trouble.ok()
             except GreenqueueError as exc:
                 gevent.sleep(trouble.failed(exc))
@@ -163,11 +168,10 @@ class Node:
                     if r is not None and not r.ready():
                         self.runner.cancel(r)
                 for task_id in beat.lost:
-                    r = self.runner.result(task_id)
-                    if r is not None and not r.ready():
+                    r = self.runner.abandon(task_id)
+                    if r is not None:
                         log.warning("task %s[%s]: lease lost (this node was too slow to renew it); "
                                     "another node runs it", r.name, r.id)
-                        self.runner.abandon(r)
                 if beats % REAP_EVERY == 0:
                     for row in self.store.reap():
                         log.warning("task %s[%s]: its node stopped renewing the lease; %s", row.name, row.id,
@@ -184,23 +188,18 @@ class Node:
         trouble = _Trouble("following tasks that run elsewhere", self.store.display)
         rounds = 0
         while True:
-            gevent.sleep(WATCH)
+            self._news.wait(WATCH)
+            news = self._news.is_set()
+            self._news.clear()
             rounds += 1
             try:
                 # Handles someone waits on are asked about often; the rest (a loop that polls
-                # ready()) about once a second.
-                for r in self.runner.elsewhere(waited_only=rounds % 5 != 0):
-                    row = self.store.get(r.id)
-                    if row is not None:
-                        self.runner.settle(r, row)
+                # ready()) about once a second, or whenever another node wrote something.
+                handles = self.runner.elsewhere(waited_only=not news and rounds % 5 != 0)
+                if handles:
+                    by_id = {r.id: r for r in handles}
+                    for row in self.store.get_many(list(by_id)):
+                        self.runner.settle(by_id[row.id], row)
                 trouble.ok()
             except GreenqueueError as exc:
                 gevent.sleep(trouble.failed(exc))
-
-
-class _Named:
-    """The two fields a store's retry needs, for a row this node cannot run."""
-
-    def __init__(self, row: Any):
-        self.id = row.id
-        self.name = row.name

@@ -6,14 +6,18 @@ or a ``cancel()``). Its public attributes may be read from any thread.
 Waiters on the task hub block on a gevent Event made lazily (a result nobody
 waits for costs no hub objects); waiters on other threads (a Werkzeug
 request thread, a script's main thread) block on a plain lock each, which
-``_set`` releases after the state is final. The underscored slots are the
-runner's bookkeeping (``_runner.py`` is the only other module that uses them).
+``resolve()`` releases after the state is final. The underscored slots are
+this module's own: the runner changes a handle only through the functions
+at the end of this module (``mark_started``, ``resolve``, ``follow_row``),
+and keeps what it needs to run a task (function, arguments, slot) in a
+record of its own.
 """
 
 import builtins
 import datetime
 import logging
 import traceback as _traceback
+from time import time as _time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, List, Optional, TypeVar
 
 import gevent
@@ -22,7 +26,7 @@ from gevent.event import Event
 
 from .. import errors
 from ..errors import CancelledError, GreenqueueError, RemoteError, TaskTimeout, WaitTimeout
-from ._options import NO_OPTIONS, TaskOptions
+from ..journal import TaskRow
 
 if TYPE_CHECKING:
     from ._runner import Runner
@@ -60,16 +64,14 @@ class TaskResult(Generic[R]):
     # Slots keep a waiting task small: 100,000 scheduled tasks are a normal load.
     __slots__ = (
         "id", "name", "state", "result", "exception", "traceback", "retries", "progress",
-        "eta", "_started_ts", "_finished_ts", "duration",
-        "_fn", "_args", "_kwargs", "_opts", "_runner", "_greenlet", "_done",
-        "_app", "_where", "_slot", "_idle", "_callbacks", "_serializer", "_twaiters", "__weakref__",
+        "eta", "_started_ts", "_finished_ts", "duration", "_runner", "_done", "_callbacks", "_twaiters",
+        "__weakref__",
     )
 
-    def __init__(self, runner: Optional["Runner"], task_id: str, name: str, fn: Optional[Callable[..., Any]],
-                 args: tuple, kwargs: dict, opts: TaskOptions, app: Any, idle: bool = False) -> None:
+    def __init__(self, runner: Optional["Runner"], task_id: str, name: str, state: str = PENDING) -> None:
         self.id: str = task_id
         self.name: str = name
-        self.state: str = PENDING
+        self.state: str = state
         self.result: Optional[R] = None
         self.exception: Optional[BaseException] = None
         self.traceback: Optional[str] = None
@@ -82,21 +84,9 @@ class TaskResult(Generic[R]):
         self._finished_ts: Optional[float] = None
         #: Seconds the last attempt ran (None until it ends).
         self.duration: Optional[float] = None
-        # The call's inputs are dropped (set to None) once the result is final, and
-        # only the runner reads them before that: Any spares it a None check per use.
-        self._fn: Any = fn
-        self._args: Any = args
-        self._kwargs: Any = kwargs
-        self._opts: TaskOptions = opts
         self._runner = runner
-        self._greenlet: Optional[gevent.Greenlet[..., Any]] = None
         self._done: Optional[Event] = None
-        self._app: Any = app
-        self._where: Optional[str] = None
-        self._slot: bool = False
-        self._idle: bool = idle
         self._callbacks: Optional[List[Callable[..., Any]]] = None
-        self._serializer: Optional[str] = None   # set when a durable store records this task
         self._twaiters: Optional[List[Any]] = None  # locks of waiters on other threads
 
     def __repr__(self) -> str:
@@ -145,16 +135,14 @@ class TaskResult(Generic[R]):
             return self._wait_from_thread(timeout)
         if self._done is None:
             self._done = Event()
-        me = runner.holds_slot(gevent.getcurrent()) if runner is not None else None
-        if runner is not None and me is not None and me is not self:
-            # A task that waits gives its slot away so the task it waits on can
-            # run: with max_concurrency=1 this is what prevents a deadlock.
-            runner.release_slot(me)
+        # A task that waits gives its slot away so the task it waits on can
+        # run: with max_concurrency=1 this is what prevents a deadlock.
+        lent = runner.lend_slot(self) if runner is not None else None
         try:
             self._done.wait(timeout)
         finally:
-            if runner is not None and me is not None and me is not self:
-                runner.reacquire_slot(me)
+            if lent is not None and runner is not None:
+                runner.take_slot_back(lent)
         return self.state in READY_STATES
 
     def _wait_from_thread(self, timeout: Optional[float]) -> bool:
@@ -163,7 +151,7 @@ class TaskResult(Generic[R]):
         if self._twaiters is None:
             self._twaiters = []
         self._twaiters.append(lock)
-        # _set makes the state final before it reads _twaiters: if it ran in between, see it here.
+        # resolve() makes the state final before it reads _twaiters: if it ran in between, see it here.
         if self.state not in READY_STATES:
             lock.acquire(True, -1 if timeout is None else max(0.0, timeout))
         return self.state in READY_STATES
@@ -188,17 +176,10 @@ class TaskResult(Generic[R]):
         return self.cancel()
 
     @classmethod
-    def restored(cls, runner: Optional["Runner"], row: Any) -> "TaskResult[Any]":
+    def restored(cls, runner: Optional["Runner"], row: TaskRow) -> "TaskResult[Any]":
         """A finished result read back from a durable store's row."""
-        from ..journal import loads
-        r = cls(runner, row.id, row.name, None, (), {}, NO_OPTIONS, None)
-        r.retries = max(0, row.attempts - 1)
-        r._started_ts = row.started_at
-        r._finished_ts = row.finished_at
-        if row.state == SUCCESS:
-            r._set(SUCCESS, loads(row.serializer, row.result))
-        else:
-            r._set(row.state, exc=_rebuilt(row.error_type, row.error or ""), tb=row.traceback or "")
+        r: TaskResult[Any] = cls(runner, row.id, row.name)
+        follow_row(r, row)
         return r
 
     def add_done_callback(self, fn: Callable[["TaskResult[R]"], Any]) -> None:
@@ -209,39 +190,6 @@ class TaskResult(Generic[R]):
             self._callbacks = [fn]
         else:
             self._callbacks.append(fn)
-
-    # -- runner side -------------------------------------------------------
-
-    def _set(self, state: str, value: Any = None, exc: Optional[BaseException] = None,
-             tb: Optional[str] = None) -> bool:
-        """Make the result final and wake waiters; returns False if it already was."""
-        if self.state in READY_STATES:
-            return False
-        self.state = state
-        self.result = value
-        if exc is not None:
-            exc = _as_exception(exc)
-            self.exception = exc
-            self.traceback = tb if tb is not None else "".join(
-                _traceback.format_exception(type(exc), exc, exc.__traceback__))
-        # Drop the call's inputs so a kept result does not pin big arguments.
-        self._fn = self._args = self._kwargs = self._app = None
-        self._greenlet = None
-        if self._done is not None:
-            self._done.set()
-        if self._twaiters is not None:
-            for lock in self._twaiters:
-                lock.release()
-            self._twaiters = None
-        callbacks, self._callbacks = self._callbacks, None
-        for fn in callbacks or ():
-            try:
-                fn(self)
-            except Exception:
-                # A callback bug must not leave the other callbacks unrun.
-                log.exception("done callback %r of task %s failed", fn, self.id)
-        return True
-
 
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 
@@ -277,3 +225,71 @@ def _as_exception(exc: BaseException) -> Exception:
         new = GreenqueueError("task raised %s: %s" % (type(exc).__name__, exc))
     new.__cause__ = exc
     return new
+
+
+# -- the runner's side: the only ways a handle changes ---------------------------------------
+
+
+def mark_started(r: "TaskResult[Any]", ts: float) -> None:
+    """An attempt of ``r`` started at wall-clock ``ts``."""
+    r.state = STARTED
+    r._started_ts = ts
+
+
+def resolve(r: "TaskResult[Any]", state: str, value: Any = None, exc: Optional[BaseException] = None,
+            tb: Optional[str] = None, finished_ts: Optional[float] = None) -> bool:
+    """Make ``r`` final and wake its waiters and callbacks; False if it already was."""
+    if r.state in READY_STATES:
+        return False
+    r._finished_ts = finished_ts if finished_ts is not None else _time()
+    r.state = state
+    r.result = value
+    if exc is not None:
+        exc = _as_exception(exc)
+        r.exception = exc
+        r.traceback = tb if tb is not None else "".join(
+            _traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if r._done is not None:
+        r._done.set()
+    if r._twaiters is not None:
+        for lock in r._twaiters:
+            lock.release()
+        r._twaiters = None
+    callbacks, r._callbacks = r._callbacks, None
+    for fn in callbacks or ():
+        try:
+            fn(r)
+        except Exception:
+            # A callback bug must not leave the other callbacks unrun.
+            log.exception("done callback %r of task %s failed", fn, r.id)
+    return True
+
+
+def follow_row(r: "TaskResult[Any]", row: TaskRow) -> bool:
+    """Bring ``r`` up to date with its row in a store; True when that made it final."""
+    if r.state in READY_STATES:
+        return False
+    r.retries = max(0, row.attempts - 1)
+    if row.state not in READY_STATES:
+        if row.state in (STARTED, RETRY, SCHEDULED, PENDING):
+            r.state = row.state
+        return False
+    r._started_ts = row.started_at
+    if row.state == SUCCESS:
+        from ..journal import loads
+        return resolve(r, SUCCESS, loads(row.serializer, row.result), finished_ts=row.finished_at)
+    return resolve(r, row.state, exc=_rebuilt(row.error_type, row.error or ""), tb=row.traceback or "",
+                   finished_ts=row.finished_at)
+
+
+def on_done(r: "TaskResult[Any]", fn: Callable[["TaskResult[Any]"], Any]) -> None:
+    """Run ``fn(r)`` when ``r`` is ready, before callbacks added later (a batch item's mirror)."""
+    if r._callbacks is None:
+        r._callbacks = [fn]
+    else:
+        r._callbacks.insert(0, fn)
+
+
+def is_waited(r: "TaskResult[Any]") -> bool:
+    """True when someone waits on ``r`` or has a callback on it (worth asking the store about often)."""
+    return r._done is not None or bool(r._twaiters) or bool(r._callbacks)

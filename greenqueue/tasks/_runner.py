@@ -4,8 +4,11 @@ Concurrency model: the runner lives on one gevent hub, the *task hub*
 (``_hub.TaskHub`` picks it at the first spawn: the server's main-thread hub,
 the spawning thread's hub, or a daemon thread of the runner's own outside
 the server). Slots, waiting lines, the delay heap and the task greenlets are
-the engine's (``_engine.TaskEngine``, this class's base); this module adds
-spawning, the shared-store handles, cancel, lookups, drain and kill.
+the engine's (``_engine.TaskEngine``, a part the runner holds, over records
+of its own: ``Entry``); one attempt is ``_attempt.run``; finished results
+are kept in ``_kept.KeptResults``. This module adds spawning, the rows a
+store gives this node, handles of tasks that run elsewhere, cancel,
+lookups, drain and kill.
 
 All runner state is touched on the task hub's thread only. A spawn, cancel
 or drain from another thread is handed over with
@@ -19,21 +22,26 @@ child drops the parent's default runner (its task thread does not exist there).
 
 import contextvars
 import datetime
-import heapq
 import logging
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import gevent
 
 from .. import events
 from ..errors import CancelledError, ConfigError, GreenqueueError, Overloaded
-from ..journal import MemoryStore, Store, TaskRow
-from ._engine import TaskEngine
+from ..journal import MemoryStore, Store, TaskRow, loads, new_row
+from ._attempt import finish as finish_attempt
+from ._attempt import run as run_attempt
+from ._attempt import run_eager
+from ._engine import DELAYED, Entry, TaskEngine
 from ._hub import MODES, TaskHub, real_ident
+from ._kept import KeptResults
 from ._options import NO_OPTIONS, TaskOptions, callable_name, check_number, new_id
-from ._result import CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, SUCCESS, TaskResult
+from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, SUCCESS, TaskResult,
+                      follow_row, is_waited, mark_started, resolve)
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +103,31 @@ def _flask_app() -> Any:
     return app_ctx.app if app_ctx is not None else None
 
 
-class Runner(TaskEngine):
-    """Runs tasks in greenlets with bounded concurrency, waiting queue and kept results."""
+class Runner:
+    """Runs tasks in greenlets with bounded concurrency, a waiting line and kept results; records them in a store."""
 
     def __init__(self, max_concurrency: int = 100, max_pending: int = 10000, result_ttl: float = 3600,
                  max_results: int = 10000, eager: bool = False, store: Optional[Store] = None,
                  mode: str = "auto"):
         if mode not in MODES:
             raise ConfigError("mode must be one of %s, got %r" % (", ".join(MODES), mode))
-        super().__init__(store if store is not None else MemoryStore())
+        #: Slots, waiting lines and the delay heap: the part that decides when an attempt starts.
+        self.engine = TaskEngine(self._run_attempt)
+        #: Where tasks are recorded: the memory store, or the journal once one is open.
+        self.store: Store = store if store is not None else MemoryStore()
+        #: Results of tasks finished in this process, for ``result(id)`` and the dashboard.
+        self.kept = KeptResults()
         self.max_pending = 10000
-        self.result_ttl = 3600.0
-        self.max_results = 10000
         self.eager = False
         self._taskhub = TaskHub(mode, self._at_exit)
         self._batchers: Dict[Any, Any] = {}
         self._closed = False
-        self._options: Dict[str, Dict[str, Any]] = {}   # task id -> apply_async options, until recorded
+        self._live: Dict[str, Entry] = {}           # id -> entry of an unfinished task held here
+        # Handles of tasks queued in (or running from) a shared store, not here; weak, so a
+        # handle nobody holds costs nothing once its caller drops it.
+        self._elsewhere: "weakref.WeakValueDictionary[str, TaskResult[Any]]" = weakref.WeakValueDictionary()
+        # Handles of ids no store knows yet (``AsyncResult(id)``), followed until their row appears.
+        self._unknown: "weakref.WeakValueDictionary[str, TaskResult[Any]]" = weakref.WeakValueDictionary()
         #: The app whose context tasks claimed from a shared store run in (the server's Flask app).
         self.app: Any = None
         self.configure(max_concurrency=max_concurrency, max_pending=max_pending,
@@ -127,6 +143,21 @@ class Runner(TaskEngine):
         self._taskhub.mode = mode
 
     # -- configuration and counters -----------------------------------------
+
+    @property
+    def max_concurrency(self) -> int:
+        """Task greenlets that may hold a slot at once."""
+        return self.engine.max_concurrency
+
+    @property
+    def result_ttl(self) -> float:
+        """Seconds a finished result is kept."""
+        return self.kept.result_ttl
+
+    @property
+    def max_results(self) -> int:
+        """Finished results kept in this process at most."""
+        return self.kept.max_results
 
     def configure(self, max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,
                   result_ttl: Optional[float] = None, max_results: Optional[int] = None,
@@ -144,63 +175,63 @@ class Runner(TaskEngine):
                                   "first spawn" % (hub, self.mode))
             self.mode = hub
         if max_concurrency is not None:
-            self.max_concurrency = check_number("max_concurrency", max_concurrency, 1)
+            self.engine.max_concurrency = check_number("max_concurrency", max_concurrency, 1)
         if max_pending is not None:
             self.max_pending = check_number("max_pending", max_pending, 0)
         if result_ttl is not None:
-            self.result_ttl = check_number("result_ttl", result_ttl, 0, float)
+            self.kept.result_ttl = check_number("result_ttl", result_ttl, 0, float)
         if max_results is not None:
-            self.max_results = check_number("max_results", max_results, 0)
+            self.kept.max_results = check_number("max_results", max_results, 0)
         if eager is not None:
             self.eager = bool(eager)
-        for target in (self.store, getattr(self.store, "memory", None)):
-            if isinstance(target, MemoryStore):
-                target.result_ttl, target.max_results = self.result_ttl, self.max_results
-        if hasattr(self.store, "result_ttl"):
-            self.store.result_ttl = self.result_ttl
+        self.store.configure(self.kept.result_ttl)
         thread = self._taskhub.thread
         if thread is not None and thread == real_ident():
-            self._dispatch()
+            self.engine.dispatch()
         return self
 
     def use_store(self, store: Store) -> None:
-        """Record tasks in ``store`` from now on (the journal); its unfinished rows are not replayed here."""
+        """Record tasks in ``store`` from now on (the journal, or the memory store again)."""
+        if self.store.durable:
+            # The closed journal's rows are the truth now (another process may requeue them):
+            # results kept from it would answer for rows that have moved on.
+            self.kept.clear()
         self.store = store
         self.configure()
 
     @property
     def running(self) -> int:
         """Number of task greenlets started and not finished."""
-        return len(self._running)
+        return self.engine.running
 
     @property
     def pending(self) -> int:
         """Number of tasks waiting for a slot (idle tasks included)."""
-        return self._pending_count
+        return self.engine.pending_count
 
     @property
     def scheduled(self) -> int:
-        """Number of delayed tasks (spawn_later/spawn_at/retry backoff) not due yet."""
-        return self._scheduled_count
+        """Number of delayed tasks (spawn_later/spawn_at/retry backoff) held here and not due yet."""
+        return self.engine.scheduled_count
 
     @property
     def slots_in_use(self) -> int:
         """Slots held right now (a task blocked in ``get()`` lends its slot out)."""
-        return self._active
+        return self.engine.active
 
     def stats(self) -> dict:
         """Counters as a dict for metrics and the dashboard."""
         return {"running": self.running, "pending": self.pending, "scheduled": self.scheduled,
-                "results": len(self.store), "max_concurrency": self.max_concurrency,
+                "results": len(self.kept), "max_concurrency": self.max_concurrency,
                 "max_pending": self.max_pending}
 
-    def snapshot(self, limit: int = 50) -> Dict[str, List[TaskResult]]:
-        """Up to ``limit`` running, waiting, delayed (soonest first) and recent (newest first) tasks."""
-        waiting = [r for r in list(self._pending) + list(self._idle_q) if r._where in ("pending", "idle")]
-        scheduled = [e[-1] for e in heapq.nsmallest(limit, self._heap) if e[-1]._where == "scheduled"]
-        recent = self.store.recent(limit)
-        return {"running": list(self._running.values())[:limit], "pending": waiting[:limit],
-                "scheduled": scheduled, "recent": recent}
+    def snapshot(self, limit: int = 50) -> Dict[str, List[TaskResult[Any]]]:
+        """Up to ``limit`` running, waiting, delayed (soonest first) and recent (newest first) tasks held here."""
+        engine = self.engine
+        return {"running": [e.handle for e in engine.running_entries()[:limit]],
+                "pending": [e.handle for e in engine.waiting_entries()[:limit]],
+                "scheduled": [e.handle for e in engine.delayed_entries(limit)],
+                "recent": self.kept.recent(limit)}
 
     # -- the task hub -----------------------------------------------------------
 
@@ -212,6 +243,10 @@ class Runner(TaskEngine):
     def call(self, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None) -> Any:
         """Run ``fn(*args)`` in a greenlet on the task hub and return its value (from any thread)."""
         return self._taskhub.call(fn, *args, timeout=timeout)
+
+    def on_hub_thread(self) -> bool:
+        """True when the caller runs on the task hub's thread (or no hub is bound yet)."""
+        return self._taskhub.on_hub_thread()
 
     def _at_exit(self) -> None:
         # Interpreter exit outside the server: give what was spawned a short drain, so
@@ -225,31 +260,45 @@ class Runner(TaskEngine):
         except Exception:
             log.exception("task drain at exit failed")
 
+    # -- slots, for TaskResult.wait() ----------------------------------------------------
+
+    def current(self) -> Optional[TaskResult[Any]]:
+        """The TaskResult running in the calling greenlet (None outside a task)."""
+        e = self.engine.current()
+        return None if e is None else e.handle
+
+    def lend_slot(self, waiting_on: TaskResult[Any]) -> Optional[Entry]:
+        """Free the calling task's slot while it waits on ``waiting_on`` (None: not a task holding one)."""
+        return self.engine.lend_slot(waiting_on)
+
+    def take_slot_back(self, lent: Entry) -> None:
+        """Give back the slot ``lend_slot`` freed."""
+        self.engine.take_slot_back(lent)
+
     # -- spawning -------------------------------------------------------------
 
     def spawn(self, fn: Callable[..., Any], args: tuple = (), kwargs: Optional[dict] = None, *,
               name: Optional[str] = None, opts: Optional[TaskOptions] = None, delay: Optional[float] = None,
               eta: Optional[datetime.datetime] = None, idle: bool = False, force: bool = False,
-              on_done: Optional[Callable[[TaskResult], None]] = None, task_id: Optional[str] = None,
+              on_done: Optional[Callable[[TaskResult[Any]], None]] = None, task_id: Optional[str] = None,
               retries: int = 0, serializer: Optional[str] = None,
-              options: Optional[Dict[str, Any]] = None) -> TaskResult:
+              options: Optional[Dict[str, Any]] = None) -> TaskResult[Any]:
         """Accept ``fn(*args, **kwargs)`` as a task and return its TaskResult at once.
 
         ``force`` skips the max_pending check (work already accepted in another
         form, such as a batch); ``on_done(result)`` runs when it is ready.
         ``serializer`` (set for ``@task`` functions) lets a durable store record
         the task; ``task_id`` and ``retries`` restore a task read back from one.
-        ``options`` (queue, idempotency_key, connection) go to a shared store.
+        ``options`` (queue, idempotency_key, connection) go to the store, which says
+        whether it can honour them.
         """
         if self._closed:
             raise GreenqueueError("this task runner was reset; use greenqueue.tasks.get_runner()")
-        r: TaskResult[Any] = TaskResult(self, task_id or new_id(), name or callable_name(fn), fn, args,
-                                        kwargs or {}, opts or NO_OPTIONS, _flask_app(), idle)
+        r: TaskResult[Any] = TaskResult(self, task_id or new_id(), name or callable_name(fn))
         r.retries = retries
+        e = Entry(r, fn, args, kwargs or {}, opts or NO_OPTIONS, _flask_app(), idle)
         if on_done is not None:
-            r._callbacks = [on_done]
-        if self.eager:
-            return self._run_eager(r, delay, eta)
+            r.add_done_callback(on_done)
         if eta is not None:
             if eta.tzinfo is None:
                 eta = eta.replace(tzinfo=_UTC)  # naive means UTC (DESIGN.md)
@@ -257,210 +306,243 @@ class Runner(TaskEngine):
             r.eta = eta
         elif delay is not None:
             r.eta = _now() + datetime.timedelta(seconds=delay)
+        if self.eager:
+            run_eager(self, e)
+            return r
         if delay is not None and delay > 0:
             r.state = SCHEDULED
+        if options:
+            self.store.check_options(r.name, options)
+            e.queue = options.get("queue") or "default"
         if serializer is not None and self.store.durable:
-            r._serializer = serializer
-            if options and getattr(self.store, "clustered", False):
-                self._options[r.id] = options
+            e.serializer = serializer
         taskhub = self._taskhub
         if real_ident() != taskhub.thread and not taskhub.on_hub():
-            return self._accept_from_thread(r, delay, force)
-        return self._accept(r, delay, force)
+            return self._accept_from_thread(e, delay, force, options)
+        return self._accept(e, delay, force, options)
 
-    def _accept(self, r: TaskResult, delay: Optional[float], force: bool) -> TaskResult:
-        if r.state == SCHEDULED:
-            r = self._record(r)
-            if r._where is None:
-                self._schedule(r, delay)
-            return r
-        if not force and self._pending_count >= self.max_pending and (
-                r._idle or self._pending or self._active >= self.max_concurrency):
-            raise Overloaded("%d tasks are already waiting (max_pending=%d); try again later, or raise "
-                             "max_pending with greenqueue.configure()" % (self._pending_count, self.max_pending))
-        r = self._record(r)
-        if r._where is None:
-            self._enqueue(r)
-        return r
+    def _overloaded(self) -> Overloaded:
+        return Overloaded("%d tasks are already waiting (max_pending=%d); try again later, or raise "
+                          "max_pending with greenqueue.configure()" % (self.engine.pending_count, self.max_pending))
 
-    def _accept_from_thread(self, r: TaskResult, delay: Optional[float], force: bool) -> TaskResult:
-        # The caller is on another thread (a Werkzeug request thread, a script's main
-        # thread): the runner's state is the task hub's, so hand the spawn over.
-        if r._serializer is None:
-            # Nothing to commit: the caller need not wait for the hub to take it.
-            if not force and self._pending_count >= self.max_pending:
-                raise Overloaded("%d tasks are already waiting (max_pending=%d); try again later"
-                                 % (self._pending_count, self.max_pending))
-            self._taskhub.hand_over(self._accept_quietly, r, delay)
-            return r
-        return self.call(self._accept, r, delay, force)
-
-    def _accept_quietly(self, r: TaskResult, delay: Optional[float]) -> None:
-        try:
-            self._accept(r, delay, True)
-        except Exception as exc:
-            log.exception("task %s[%s] could not be accepted", r.name, r.id)
-            r._set(FAILURE, exc=exc)
-
-    def _record(self, r: TaskResult) -> TaskResult:
-        """Record a new task in the store; returns the handle to give the caller."""
-        if r._serializer is not None:
-            if getattr(self.store, "clustered", False):
-                return self._record_shared(r)
+    def _accept(self, e: Entry, delay: Optional[float], force: bool,
+                options: Optional[Dict[str, Any]] = None) -> TaskResult[Any]:
+        r = e.handle
+        engine = self.engine
+        scheduled = r.state == SCHEDULED
+        if not scheduled and not force and engine.pending_count >= self.max_pending and (e.idle or engine.busy()):
+            raise self._overloaded()
+        if e.serializer is not None:
             # A durable spawn returns only once its row is committed; if that fails the
             # caller gets the JournalError and the task never existed.
-            self.store.spawned(r, r._args, r._kwargs, r._serializer)
-        self._live[r.id] = r
+            elsewhere = self._record(e, options or {})
+            if elsewhere is not None:
+                return elsewhere
+        self._live[r.id] = e
         if _subscribers:
             events.notify(events.TaskSpawned(r))
-        return r
-
-    def _record_shared(self, r: TaskResult) -> TaskResult:
-        # A node that has a free slot runs what it spawns (no round trip through the
-        # queue); anything else waits in the shared store for whichever node is free.
-        store = self.store
-        opts = self._options.pop(r.id, None) or {}
-        queue = opts.get("queue") or "default"
-        claim = (r.state != SCHEDULED and not r._idle and opts.get("connection") is None
-                 and self._active < self.max_concurrency and not self._pending and store.serves(queue))
-        row = store.spawned(r, r._args, r._kwargs, r._serializer, claim=claim, queue=queue,
-                            max_attempts=r._opts.retries + 1, idempotency_key=opts.get("idempotency_key"),
-                            connection=opts.get("connection"))
-        if row.id != r.id:
-            # The idempotency key was used before: hand back the first task's result.
-            return self.result(row.id) or self.handle(row)
-        if store.holds(r.id):
-            self._live[r.id] = r
+        if scheduled:
+            engine.schedule(e, delay)
         else:
-            r._where = "store"
-            r.state = row.state if row.state in (PENDING, SCHEDULED) else PENDING
-            self._elsewhere[r.id] = r
+            engine.enqueue(e)
+        return r
+
+    def _accept_from_thread(self, e: Entry, delay: Optional[float], force: bool,
+                            options: Optional[Dict[str, Any]]) -> TaskResult[Any]:
+        # The caller is on another thread (a Werkzeug request thread, a script's main
+        # thread): the runner's state is the task hub's, so hand the spawn over.
+        if e.serializer is None:
+            # Nothing to commit: the caller need not wait for the hub to take it.
+            if not force and self.engine.pending_count >= self.max_pending:
+                raise self._overloaded()
+            self._taskhub.hand_over(self._accept_quietly, e, delay)
+            return e.handle
+        return self.call(self._accept, e, delay, force, options)
+
+    def _accept_quietly(self, e: Entry, delay: Optional[float]) -> None:
+        try:
+            self._accept(e, delay, True)
+        except Exception as exc:
+            log.exception("task %s[%s] could not be accepted", e.handle.name, e.handle.id)
+            resolve(e.handle, FAILURE, exc=exc)
+
+    def _record(self, e: Entry, options: Dict[str, Any]) -> Optional[TaskResult[Any]]:
+        """Write a new task's row; the handle to give the caller when the task is not held here, else None."""
+        # A node that has a free slot runs what it spawns (no round trip through the
+        # queue); anything else waits in the store for whichever node is free.
+        r = e.handle
+        store = self.store
+        connection = options.get("connection")
+        row = new_row(r.id, r.name, e.args, e.kwargs, e.serializer or "json", e.queue, r.eta, r.retries,
+                      e.opts.retries + 1, options.get("idempotency_key"))
+        claim = (r.state != SCHEDULED and not e.idle and connection is None and self.engine.has_free_slot()
+                 and store.serves(e.queue))
+        stored = store.spawned(row, claim=claim, connection=connection)
+        if stored.id != row.id:
+            # The idempotency key was used before: hand back the first task's result.
+            return self.result(stored.id) or self.handle(stored)
+        if stored.owner == store.node:
+            return None
+        r.state = stored.state if stored.state in (PENDING, SCHEDULED) else PENDING
+        self._elsewhere[r.id] = r
         if _subscribers:
             events.notify(events.TaskSpawned(r))
         return r
 
-    def handle(self, row: TaskRow) -> TaskResult:
-        """A TaskResult for a row of a shared store: final now, or updated when it finishes elsewhere."""
+    def spawn_rows(self, rows: Sequence[TaskRow], t: Any) -> List[TaskResult[Any]]:
+        """Record rows of task ``t`` in one commit (``task.map``); hold those the store gives this node."""
+        if not self.on_hub_thread():
+            return self.call(self.spawn_rows, rows, t)
+        return [self.adopt(row, t) for row in self.store.spawned_many(rows)]
+
+    def adopt(self, row: TaskRow, t: Any, announce: bool = False) -> TaskResult[Any]:
+        """Hold a row the store gave this node (claimed, or fired here) as task ``t``; follow any other row.
+
+        ``announce`` publishes TaskSpawned (a scheduler's run); a claimed row was announced where it was spawned.
+        """
+        if row.owner != self.store.node:
+            r = self.handle(row)
+        else:
+            r = self._hold(row, t)
+        if announce and _subscribers:
+            events.notify(events.TaskSpawned(r))
+        return r
+
+    def _hold(self, row: TaskRow, t: Any) -> TaskResult[Any]:
+        held = self._live.get(row.id)
+        if held is not None:
+            return held.handle
+        data = loads(row.serializer, row.payload)
+        r = self._elsewhere.pop(row.id, None)  # a handle this process made when it spawned the task
+        if r is None or r.state in READY_STATES:
+            r = TaskResult(self, row.id, t.name)
+        r.retries = max(0, row.attempts - 1)
+        r.eta = None if row.eta is None else datetime.datetime.fromtimestamp(row.eta, _UTC)
+        e = Entry(r, t.fn, tuple(data["args"]), data["kwargs"], t.opts, self.app)
+        e.queue = row.queue
+        if self.store.durable:
+            e.serializer = row.serializer
+        self._live[r.id] = e
+        delay = None if row.eta is None else row.eta - _time()
+        if delay is not None and delay > 0:
+            r.state = SCHEDULED
+            self.engine.schedule(e, delay)
+        else:
+            r.state = PENDING
+            self.engine.enqueue(e)
+        return r
+
+    # -- tasks that run elsewhere ----------------------------------------------------------
+
+    def handle(self, row: TaskRow) -> TaskResult[Any]:
+        """A TaskResult for a row of the store: final now, or updated when it finishes elsewhere."""
         if row.state in READY_STATES:
             return TaskResult.restored(self, row)
-        r = self._live.get(row.id) or self._elsewhere.get(row.id)
+        held = self._live.get(row.id)
+        if held is not None:
+            return held.handle
+        r = self._elsewhere.get(row.id)
         if r is None:
-            r = TaskResult(self, row.id, row.name, None, (), {}, NO_OPTIONS, None)
-            r.state = row.state if row.state in (PENDING, SCHEDULED, STARTED, RETRY) else PENDING
+            r = TaskResult(self, row.id, row.name,
+                           row.state if row.state in (PENDING, SCHEDULED, STARTED, RETRY) else PENDING)
             r.retries = max(0, row.attempts - 1)
-            r._where = "store"
             self._elsewhere[r.id] = r
         return r
 
-    def elsewhere(self, waited_only: bool = False) -> List[TaskResult]:
+    def follow(self, task_id: str) -> TaskResult[Any]:
+        """The TaskResult for ``task_id``; unknown yet, a PENDING one the store brings up to date if it appears."""
+        found = self.result(task_id)
+        if found is not None:
+            return found
+        if not self.on_hub_thread():
+            followed: TaskResult[Any] = self.call(self.follow, task_id)
+            return followed
+        r = self._unknown.get(task_id)
+        if r is None:
+            # Not in _elsewhere: result(id) must keep saying None for an id nobody spawned.
+            r = self._unknown[task_id] = TaskResult(self, task_id, "unknown")
+        return r
+
+    def elsewhere(self, waited_only: bool = False) -> List[TaskResult[Any]]:
         """Unfinished handles held in this process for tasks that wait or run elsewhere."""
-        handles = [r for r in list(self._elsewhere.values()) if r.state not in READY_STATES]
+        handles = [r for r in list(self._elsewhere.values()) + list(self._unknown.values())
+                   if r.state not in READY_STATES]
         if waited_only:
-            handles = [r for r in handles if r._done is not None or r._twaiters or r._callbacks]
+            handles = [r for r in handles if is_waited(r)]
         return handles
 
-    def settle(self, r: TaskResult, row: TaskRow) -> None:
-        """Finish a handle whose task ended elsewhere, from its row."""
-        if r.state in READY_STATES or row.state not in READY_STATES:
-            if row.state in (STARTED, RETRY, SCHEDULED, PENDING) and r.state not in READY_STATES:
-                r.state = row.state
+    def settle(self, r: TaskResult[Any], row: TaskRow) -> None:
+        """Bring a handle whose task runs elsewhere up to date with its row; finish it when the row is final."""
+        if not follow_row(r, row):
             return
-        done = TaskResult.restored(self, row)
-        r.retries = done.retries
-        r._started_ts, r._finished_ts = row.started_at, row.finished_at
-        r._where = None
         self._elsewhere.pop(r.id, None)
-        r._set(done.state, done.result, done.exception, done.traceback)
+        self._unknown.pop(r.id, None)
+        self.kept.keep(r)
         if _subscribers:
-            if done.state == SUCCESS:
+            if r.state == SUCCESS:
                 events.notify(events.TaskSucceeded(r, duration=0.0))
-            elif done.state == FAILURE:
+            elif r.state == FAILURE:
                 events.notify(events.TaskFailed(r, exception=r.exception, duration=0.0))
             else:
                 events.notify(events.TaskCancelled(r))
 
+    def follow_elsewhere(self, e: Entry) -> None:
+        """The store took ``e`` over (a retry any node claims): keep only its handle, to follow it."""
+        e.where = None
+        self._live.pop(e.handle.id, None)
+        self._elsewhere[e.handle.id] = e.handle
+
     def free_slots(self) -> int:
         """Slots free for claimed work: nothing waits locally and fewer than max_concurrency run."""
-        return max(0, self.max_concurrency - self._active - self._pending_count)
+        return self.engine.free_slots()
 
-    def run_row(self, row: TaskRow, t: Any) -> TaskResult:
-        """Start a row this node claimed, as task ``t``, in a free slot."""
-        from ..journal import loads
-        data = loads(row.serializer, row.payload)
-        r = self._live.get(row.id) or self._elsewhere.pop(row.id, None)
-        if r is not None:
-            self._live[r.id] = r
-        if r is None or r.state in READY_STATES:
-            r = TaskResult(self, row.id, t.name, t.fn, tuple(data["args"]), data["kwargs"], t.opts, self.app)
-            self._live[r.id] = r
-        else:
-            # A handle this process made when it spawned the task without a free slot.
-            r._fn, r._args, r._kwargs, r._opts = t.fn, tuple(data["args"]), data["kwargs"], t.opts
-            r._app = r._app or self.app
-        r.retries = max(0, row.attempts - 1)
-        r._serializer = row.serializer
-        r.eta = None if row.eta is None else datetime.datetime.fromtimestamp(row.eta, _UTC)
-        r.state = PENDING
-        r._where = None
-        self._start(r)
-        return r
-
-    def abandon(self, r: TaskResult) -> None:
-        """Stop running ``r`` here without a result: its lease went to another node."""
-        g = r._greenlet
-        r._where = "store"
-        r.state = PENDING
-        self._live.pop(r.id, None)
-        self._elsewhere[r.id] = r
+    def abandon(self, task_id: str) -> Optional[TaskResult[Any]]:
+        """Stop running ``task_id`` here without a result: its lease went to another node."""
+        e = self._live.get(task_id)
+        if e is None or e.handle.state in READY_STATES:
+            return None
+        g = e.greenlet
+        e.abandoned = True
+        self.engine.remove(e)
+        e.handle.state = PENDING
+        self.follow_elsewhere(e)
         if g is not None and not g.dead and g is not gevent.getcurrent():
             g.kill(block=False)
+        return e.handle
 
-    # -- used by TaskResult and batches -------------------------------------------------
+    def unfinished_count(self, name: str) -> int:
+        """Runs of task ``name`` not finished yet: the store counts what it records, this runner the rest."""
+        here = sum(1 for e in self._live.values()
+                   if e.serializer is None and e.handle.name == name and e.handle.state not in READY_STATES)
+        return here + self.store.count_unfinished(name)
 
-    def on_hub_thread(self) -> bool:
-        """True when the caller runs on the task hub's thread (or no hub is bound yet)."""
-        return self._taskhub.on_hub_thread()
+    # -- attempts ---------------------------------------------------------------------------
 
-    def track(self, r: TaskResult) -> None:
+    def _run_attempt(self, e: Entry) -> None:
+        run_attempt(self, e)
+
+    def settled(self, e: Entry) -> None:
+        """``e`` reached its final state: stop holding it and keep its result."""
+        self._live.pop(e.handle.id, None)
+        self.kept.keep(e.handle)
+
+    # -- used by batches -------------------------------------------------
+
+    def track(self, r: TaskResult[Any]) -> None:
         """Hold an unfinished result made elsewhere (a batch item) so lookups and cancel find it."""
-        self._live[r.id] = r
+        self._live[r.id] = Entry(r, None, (), {}, NO_OPTIONS)
         if _subscribers:
             events.notify(events.TaskSpawned(r))
 
-    def mark_started(self, r: TaskResult, ts: float) -> None:
+    def mark_started(self, r: TaskResult[Any], ts: float) -> None:
         """Mark a tracked result STARTED at wall-clock ``ts`` (batch items when their batch runs)."""
-        r.state = STARTED
-        r._started_ts = ts
+        mark_started(r, ts)
 
-    def finish(self, r: TaskResult, state: str, value: Any = None, exc: Optional[BaseException] = None,
+    def finish(self, r: TaskResult[Any], state: str, value: Any = None, exc: Optional[BaseException] = None,
                duration: Optional[float] = None, tb: Optional[str] = None) -> None:
         """Make a tracked result final (batch items mirror their batch)."""
-        self._finish(r, state, value, exc, duration, tb)
-
-    def cancel(self, r: TaskResult) -> bool:
-        """Cancel ``r``: drop it if waiting or delayed, kill its greenlet if running."""
-        if not self.on_hub_thread():
-            return self.call(self.cancel, r)
-        where = r._where
-        if r.state in READY_STATES:
-            return False
-        if where == "store":
-            before = self.store.cancel(r.id)
-            if before in (PENDING, SCHEDULED, RETRY):
-                r._where = None
-                self._elsewhere.pop(r.id, None)
-                self._finish(r, CANCELLED, exc=CancelledError("task %s[%s] was cancelled" % (r.name, r.id)))
-                return True
-            return before == STARTED  # the node running it stops it at its next heartbeat
-        if where in ("pending", "idle"):
-            self._pending_count -= 1
-        elif where == "scheduled":
-            self._scheduled_count -= 1
-        g = r._greenlet
-        self._finish(r, CANCELLED, exc=CancelledError("task %s[%s] was cancelled" % (r.name, r.id)))
-        if g is not None and not g.dead and g is not gevent.getcurrent():
-            g.kill(block=False)
-        return True
+        e = self._live.get(r.id) or Entry(r, None, (), {}, NO_OPTIONS)
+        finish_attempt(self, e, state, value, exc, duration, tb)
 
     def batcher(self, key: Any, make: Callable[[], Any]) -> Any:
         """The batch collector for ``key`` (a batch task), made by ``make()`` on first use."""
@@ -469,49 +551,73 @@ class Runner(TaskEngine):
             b = self._batchers[key] = make()
         return b
 
-    # -- results, restarts ----------------------------------------------------------------
+    # -- cancel and results --------------------------------------------------------------
 
-    def result(self, task_id: str) -> Optional[TaskResult]:
+    def cancel(self, r: TaskResult[Any]) -> bool:
+        """Cancel ``r``: drop it if waiting or delayed, kill its greenlet if running, ask the store if elsewhere."""
+        if not self.on_hub_thread():
+            return bool(self.call(self.cancel, r))
+        if r.state in READY_STATES:
+            return False
+        cancelled = CancelledError("task %s[%s] was cancelled" % (r.name, r.id))
+        e = self._live.get(r.id)
+        if e is None:
+            before = self.store.cancel(r.id)
+            if before in (PENDING, SCHEDULED, RETRY):
+                self._elsewhere.pop(r.id, None)
+                finish_attempt(self, Entry(r, None, (), {}, NO_OPTIONS), CANCELLED, exc=cancelled)
+                return True
+            return before == STARTED  # the node running it stops it at its next heartbeat
+        self.engine.remove(e)
+        g = e.greenlet
+        finish_attempt(self, e, CANCELLED, exc=cancelled)
+        if g is not None and not g.dead and g is not gevent.getcurrent():
+            g.kill(block=False)
+        return True
+
+    def result(self, task_id: str) -> Optional[TaskResult[Any]]:
         """The TaskResult with this id, or None if unknown or expired (asks the store too)."""
-        r = self._live.get(task_id) or self._elsewhere.get(task_id)
+        if not self.on_hub_thread():
+            found: Optional[TaskResult[Any]] = self.call(self.result, task_id)
+            return found
+        e = self._live.get(task_id)
+        if e is not None:
+            return e.handle
+        r = self._elsewhere.get(task_id) or self.kept.lookup(task_id)
         if r is not None:
             return r
-        found = self.store.lookup(task_id) if self.on_hub_thread() else self.call(self.store.lookup, task_id)
-        if isinstance(found, TaskRow):
-            if found.state in READY_STATES:
-                return TaskResult.restored(self, found)
-            return self.handle(found) if self.on_hub_thread() else self.call(self.handle, found)
-        return found
+        row = self.store.lookup(task_id)
+        return None if row is None else self.handle(row)
 
     # -- shutdown ---------------------------------------------------------------------------
 
     def drain(self, timeout: Optional[float] = None) -> DrainReport:
         """Wait up to ``timeout`` s for the tasks running or waiting now; report what is left."""
         if not self.on_hub_thread():
-            return self.call(self.drain, timeout)
+            report: DrainReport = self.call(self.drain, timeout)
+            return report
         t0 = _monotonic()
         for batcher in list(self._batchers.values()):
             batcher.flush()
-        waiting = list(self._running.values())
-        waiting.extend(r for r in self._pending if r._where == "pending")
-        waiting.extend(r for r in self._idle_q if r._where == "idle")
+        waiting = self.engine.running_entries() + self.engine.waiting_entries()
         deadline = None if timeout is None else t0 + timeout
-        for r in waiting:
+        for e in waiting:
             left = None if deadline is None else deadline - _monotonic()
             if left is not None and left <= 0:
                 break
-            r.wait(left)
+            e.handle.wait(left)
         running = pending = finished = 0
-        for r in waiting:
-            if r.state in READY_STATES:
+        for e in waiting:
+            state = e.handle.state
+            if state in READY_STATES:
                 finished += 1
-            elif r.state == STARTED:
+            elif state == STARTED:
                 running += 1
-            elif r._where == "scheduled":
+            elif e.where == DELAYED:
                 continue  # a retry with backoff: counted with the delayed tasks
             else:
                 pending += 1
-        report = DrainReport(finished, running, pending, self._scheduled_count, _monotonic() - t0)
+        report = DrainReport(finished, running, pending, self.engine.scheduled_count, _monotonic() - t0)
         log.info("task drain: %s", report)
         return report
 
@@ -525,18 +631,10 @@ class Runner(TaskEngine):
                     log.exception("stopping the task thread failed")
             return
         self._closed = True
-        for r in list(self._live.values()):
-            if r.state not in READY_STATES:
-                self.cancel(r)
-        greenlets = [g for g in (self._timer, self._idle_worker) if g is not None]
-        greenlets.extend(self._running)
-        self._timer = self._idle_worker = None
-        if greenlets:
-            gevent.killall(greenlets, block=True, timeout=timeout)
-        self._pending.clear()
-        self._idle_q.clear()
-        self._heap.clear()
-        self._pending_count = self._scheduled_count = 0
+        for e in list(self._live.values()):
+            if e.handle.state not in READY_STATES:
+                self.cancel(e.handle)
+        self.engine.stop(timeout)
         self._batchers.clear()
         self._taskhub.stop()  # our own task thread ends once this greenlet returns
 
@@ -564,6 +662,7 @@ def reset() -> None:
     if old is not None:
         old.kill()
         old.store.close()
+        old.kept.clear()
 
 
 def _after_fork_in_child() -> None:

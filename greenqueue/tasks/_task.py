@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, Param
 import gevent
 
 from ..errors import ConfigError
+from ..journal import new_row
 from ._options import TaskOptions, callable_name, check_number, new_id
 from ._result import FAILURE, READY_STATES, STARTED, SUCCESS, TaskResult
 from ._runner import Runner, get_runner
@@ -107,31 +108,20 @@ class Task(Generic[P, R]):
             raise ConfigError("%s.apply_async(args=...) takes a tuple or list of arguments, got %r"
                               % (self.name, args))
         options = {k: v for k, v in options.items() if v is not None}
-        if options:
-            runner = get_runner()
-            if not getattr(runner.store, "clustered", False):
-                raise ConfigError("%s.apply_async(%s=...) needs a store shared by several processes "
-                                  "(--journal postgresql://...), which this process does not use"
-                                  % (self.name, next(iter(options))))
-            if self.batch_size is not None:
-                raise ConfigError("%s is a batch task: apply_async options do not apply" % self.name)
+        if options and self.batch_size is not None:
+            raise ConfigError("%s is a batch task: apply_async options do not apply" % self.name)
         options.setdefault("queue", self.queue)
         return self._spawn(tuple(args), dict(kwargs or {}), delay=countdown, eta=eta, options=options)
 
     def map(self, iterable: Iterable[Any]) -> "list[TaskResult[R]]":
-        """Spawn ``self(item)`` for each item; with a shared store all rows commit at once."""
+        """Spawn ``self(item)`` for each item; a durable store commits all of them at once."""
         runner = get_runner()
         items = list(iterable)
-        store = runner.store
-        if self.batch_size is not None or not getattr(store, "clustered", False):
+        if self.batch_size is not None or not runner.store.durable:
             return [self._spawn((item,), {}) for item in items]
-        return runner.call(self._map_shared, runner, items)
-
-    def _map_shared(self, runner: Runner, items: list) -> "list[TaskResult[R]]":
-        handles: "list[TaskResult[R]]" = [TaskResult(runner, new_id(), self.name, None, (item,), {}, self.opts, None) for item in items]
-        rows = [runner.store.row_for(r, (item,), {}, self.serializer, self.queue, self.opts.retries + 1)
-                for r, item in zip(handles, items)]
-        return [runner.handle(row) for row in runner.store.spawned_many(rows)]
+        rows = [new_row(new_id(), self.name, (item,), {}, self.serializer, self.queue,
+                        max_attempts=self.opts.retries + 1) for item in items]
+        return runner.spawn_rows(rows, self)
 
     def _spawn(self, args: tuple, kwargs: dict, delay: Optional[float] = None,
                eta: Optional[datetime.datetime] = None, idle: bool = False,
@@ -169,9 +159,13 @@ def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1
 def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_delay: float = 0.0,
          retry_backoff: float = 1.0, retry_jitter: float = 0.0, timeout: Optional[float] = None,
          name: Optional[str] = None, batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
-         serializer: str = "json", queue: str = "default"
+         serializer: str = "json", queue: str = "default", **unknown: Any
          ) -> Union[Task[P, R], Callable[[Callable[P, R]], Task[P, R]]]:
     """Register a function as a task; works as ``@task`` and ``@task(retries=3, ...)``."""
+    if unknown:
+        raise _UsageError("@task(): unknown option(s) %s (known: %s)" % (", ".join(sorted(unknown)), ", ".join(
+            ("retries", "retry_delay", "retry_backoff", "retry_jitter", "timeout", "name", "batch_size",
+             "batch_interval", "serializer", "queue"))))
     if fn is not None and not callable(fn):
         raise ConfigError("@task decorates a function; task(%r) got a %s (did you mean "
                           "@task(retries=...)?)" % (fn, type(fn).__name__))
@@ -254,11 +248,12 @@ class _Batcher:
     def add(self, args: tuple, kwargs: dict, delay: Optional[float], eta: Optional[datetime.datetime],
             idle: bool) -> TaskResult[Any]:
         if kwargs or len(args) != 1:
-            raise TypeError("%s is a batch task: spawn it with exactly one item" % self.task.name)
+            raise _UsageError("%s is a batch task: spawn it with exactly one item" % self.task.name)
         if delay is not None or eta is not None or idle:
-            raise NotImplementedError("batch tasks are collected by size and interval only")
+            raise ConfigError("%s is a batch task: items are collected by size and interval only, so "
+                              "spawn_later, spawn_at and spawn_idle do not apply" % self.task.name)
         runner = self.runner
-        r: TaskResult[Any] = TaskResult(runner, new_id(), self.task.name, None, args, {}, self.task.opts, None)
+        r: TaskResult[Any] = TaskResult(runner, new_id(), self.task.name)
         runner.track(r)
         self.items.append((r, args[0]))
         size = self.task.batch_size  # never None: only batch tasks have a _Batcher
@@ -293,7 +288,7 @@ class _Batcher:
         value = self.task.fn(values)
         if isinstance(value, PerItem):
             if len(value.outcomes) != len(taken):
-                raise TypeError("%s returned PerItem with %d outcomes for a batch of %d items"
+                raise _UsageError("%s returned PerItem with %d outcomes for a batch of %d items"
                                 % (self.task.name, len(value.outcomes), len(taken)))
             return _Outcomes((r.id, outcome) for r, outcome in zip(taken, value.outcomes))
         return value
@@ -320,6 +315,10 @@ class _Batcher:
 
 
 _NOT_TAKEN = object()
+
+
+class _UsageError(ConfigError, TypeError):
+    """A task called the wrong way (a TypeError, as Python's own call errors are, and a greenqueue error)."""
 
 
 class _Outcomes(Dict[str, Any]):

@@ -1,0 +1,196 @@
+"""One attempt of a task: call the function, then succeed, retry or fail it, telling the store and the events.
+
+Concurrency model: ``run`` runs in the task's own greenlet on the task
+hub, started by the engine when a slot is free; ``finish`` runs in the
+greenlet that ends a task (its own, a cancel, a batch). The runner's state
+is touched through its methods only. A timeout kills only the task's
+greenlet (``gevent.Timeout`` raised into it); KeyboardInterrupt and
+SystemExit still reach the hub after the result is recorded.
+"""
+
+import logging
+import pickle
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Optional
+
+import gevent
+
+from .. import events
+from ..errors import TaskTimeout
+from ..journal import TaskRow, dumps
+from ._engine import Entry
+from ._result import CANCELLED, FAILURE, READY_STATES, RETRY, SUCCESS, mark_started, resolve
+
+if TYPE_CHECKING:
+    from ._runner import Runner
+
+# The runner's logger: attempts were the runner's until they got their own module, and
+# logging config written for the runner should keep seeing their lines by name.
+log = logging.getLogger("greenqueue.tasks._runner")
+
+__all__ = ["run", "finish", "run_eager", "final_row"]
+
+_monotonic = time.monotonic
+_time = time.time
+_subscribers = events.subscribers
+_THIS_FILE = __file__
+
+
+class _Expired(BaseException):
+    """Raised into a task greenlet by its own timeout (never escapes the runner)."""
+
+
+def _user_frames(exc: BaseException) -> BaseException:
+    """``exc`` with this module's frames cut from the front of its traceback: it starts at the user's code."""
+    tb: Optional[TracebackType] = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == _THIS_FILE:
+        tb = tb.tb_next
+    return exc.with_traceback(tb)
+
+
+def _call(e: Entry) -> Any:
+    fn = e.fn
+    if fn is None:
+        raise TypeError("task %s[%s] has nothing to run" % (e.handle.name, e.handle.id))
+    if e.app is not None:
+        with e.app.app_context():
+            return fn(*e.args, **e.kwargs)
+    return fn(*e.args, **e.kwargs)
+
+
+def run(runner: "Runner", e: Entry) -> None:
+    """Run one attempt of ``e`` in this (its task) greenlet and settle what came of it."""
+    r = e.handle
+    opts = e.opts
+    mark_started(r, _time())
+    if e.serializer is not None:
+        runner.store.started(r.id)
+    if _subscribers:
+        events.notify(events.TaskStarted(r))
+    exc: Optional[BaseException] = None
+    value = None
+    timer = None
+    expired = False
+    t0 = _monotonic()
+    try:
+        if opts.timeout is not None:
+            timer = gevent.Timeout.start_new(opts.timeout, _Expired())
+        value = _call(e)
+    except _Expired:
+        exc = None  # decided below from the timer, which also catches a swallowed expiry
+    except gevent.GreenletExit as ge:
+        if r.state == CANCELLED or e.abandoned:
+            return  # cancel() already finished the result, or the lease went to another node
+        exc = ge
+    except (KeyboardInterrupt, SystemExit) as stop:
+        finish(runner, e, FAILURE, exc=stop, duration=_monotonic() - t0)
+        raise  # the process is stopping; let the hub see it
+    except BaseException as failed:
+        # gevent.Timeout and other BaseExceptions become GreenqueueErrors in resolve().
+        exc = _user_frames(failed)
+    finally:
+        if timer is not None:
+            expired = not timer.pending
+            timer.close()
+    duration = _monotonic() - t0
+    if r.state == CANCELLED:
+        return
+    if timer is not None and expired:
+        exc = TaskTimeout("task %s[%s] timed out after %ss" % (r.name, r.id, opts.timeout))
+    if exc is None:
+        finish(runner, e, SUCCESS, value=value, duration=duration)
+    elif isinstance(exc, gevent.GreenletExit):
+        # Killed by someone other than cancel() (killall, shutdown): still a result.
+        finish(runner, e, CANCELLED, exc=exc, duration=duration)
+    elif r.retries < opts.retries:
+        _retry(runner, e, exc, duration)
+    else:
+        finish(runner, e, FAILURE, exc=exc, duration=duration)
+
+
+def _retry(runner: "Runner", e: Entry, exc: BaseException, duration: float) -> None:
+    r = e.handle
+    r.retries += 1
+    r.duration = duration
+    r.state = RETRY
+    delay = e.opts.delay_for(r.retries)
+    log.debug("task %s[%s] attempt %d failed, retrying in %.3fs", r.name, r.id, r.retries, delay)
+    handed_over = e.serializer is not None and runner.store.retrying(r.id, r.name, delay, exc)
+    if _subscribers:
+        events.notify(events.TaskRetrying(r, exception=exc, delay=delay))
+    if handed_over:
+        runner.follow_elsewhere(e)  # the store has it; any node claims it when due
+    elif delay > 0:
+        runner.engine.schedule(e, delay)
+    else:
+        # This greenlet still holds its slot; queue behind waiting tasks for fairness.
+        runner.engine.queue_behind(e)
+
+
+def final_row(e: Entry) -> TaskRow:
+    """The row a store records for ``e``'s final state (its result serialized, or its error)."""
+    r = e.handle
+    blob = None
+    if r.state == SUCCESS:
+        try:
+            blob = dumps(e.serializer or "json", r.result)
+        except (TypeError, ValueError, pickle.PicklingError):
+            blob = dumps("json", repr(r.result))
+    exc = r.exception
+    return TaskRow(id=r.id, name=r.name, state=r.state, result=blob, serializer=e.serializer or "json",
+                   error_type=None if exc is None else getattr(exc, "remote_type", None) or type(exc).__name__,
+                   error=None if exc is None else str(exc), traceback=r.traceback)
+
+
+def finish(runner: "Runner", e: Entry, state: str, value: Any = None, exc: Optional[BaseException] = None,
+           duration: Optional[float] = None, tb: Optional[str] = None) -> None:
+    """Make ``e``'s result final, drop what it held, and tell the store and the listeners."""
+    r = e.handle
+    if r.state in READY_STATES:
+        return
+    if duration is not None:
+        r.duration = duration
+    e.where = None
+    if not resolve(r, state, value, exc, tb):
+        return
+    # Drop the call's inputs so nothing pins big arguments after the end.
+    e.fn = e.app = None
+    e.args, e.kwargs = (), {}
+    e.greenlet = None
+    runner.settled(e)
+    if e.serializer is not None:
+        runner.store.finished(final_row(e))
+    if _subscribers:
+        if state == SUCCESS:
+            events.notify(events.TaskSucceeded(r, duration=r.duration or 0.0))
+        elif state == FAILURE:
+            events.notify(events.TaskFailed(r, exception=r.exception, duration=r.duration or 0.0))
+        else:
+            events.notify(events.TaskCancelled(r))
+
+
+def run_eager(runner: "Runner", e: Entry) -> None:
+    """Run inline in the caller (tests): no delay, no timeout, exceptions propagate."""
+    r = e.handle
+    if _subscribers:
+        events.notify(events.TaskSpawned(r))
+    while True:
+        mark_started(r, _time())
+        if _subscribers:
+            events.notify(events.TaskStarted(r))
+        t0 = _monotonic()
+        try:
+            value = _call(e)
+        except Exception as failed:
+            if r.retries < e.opts.retries:
+                r.retries += 1
+                r.state = RETRY
+                if _subscribers:
+                    events.notify(events.TaskRetrying(r, exception=failed, delay=0.0))
+                continue
+            finish(runner, e, FAILURE, exc=_user_frames(failed), duration=_monotonic() - t0)
+            raise
+        finish(runner, e, SUCCESS, value=value, duration=_monotonic() - t0)
+        return
+
