@@ -21,13 +21,20 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 
 from . import events
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import http.client
+
+    from gevent.queue import Queue
+    from kombu import Connection
+    from kombu.message import Message as _RawMessage
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +45,33 @@ SETTLE = ("ack", "reject", "requeue")
 _EOF = object()
 _BACKOFF_MAX = 10.0
 
+#: A handler takes the batch; what it returns is ignored.
+_Handler = TypeVar("_Handler", bound=Callable[[List["Message"]], object])
+
 
 class Message:
     """One message handed to a handler: ``body`` (decoded), ``id``, ``headers``, ``ack()``, ``reject(requeue)``."""
 
     __slots__ = ("body", "id", "event", "headers", "settled", "_raw")
 
-    def __init__(self, body, id=None, event=None, headers=None, raw=None):
+    def __init__(self, body: Any, id: Union[int, str, None] = None, event: Optional[str] = None,
+                 headers: Optional[Dict[str, Any]] = None, raw: Optional["_RawMessage"] = None) -> None:
         self.body = body
-        self.id = id
+        self.id = id  # RabbitMQ's delivery tag (an int), or an SSE event's id
         self.event = event
         self.headers = headers or {}
-        self.settled = None
+        self.settled: Optional[str] = None
         self._raw = raw
 
-    def ack(self):
+    def ack(self) -> None:
         """Confirm the message (RabbitMQ removes it from the queue)."""
         self._settle("ack")
 
-    def reject(self, requeue=True):
+    def reject(self, requeue: bool = True) -> None:
         """Refuse the message; with ``requeue`` it is delivered again."""
         self._settle("requeue" if requeue else "reject")
 
-    def _settle(self, how):
+    def _settle(self, how: str) -> None:
         if self.settled is not None:
             return
         self.settled = how
@@ -72,15 +83,16 @@ class Message:
         else:
             raw.reject(requeue=(how == "requeue"))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<Message %s %r>" % (self.id, self.body)
 
 
 class Consumer:
     """One ``@consume`` handler, its source and its batching."""
 
-    def __init__(self, fn, source, queues=None, batch_size=1, batch_interval=None, on_success="ack",
-                 on_error="requeue", prefetch=None, name=None):
+    def __init__(self, fn: Callable[[List[Message]], object], source: str, queues: Optional[Sequence[str]] = None,
+                 batch_size: int = 1, batch_interval: Optional[float] = None, on_success: str = "ack",
+                 on_error: str = "requeue", prefetch: Optional[int] = None, name: Optional[str] = None) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("batch_size must be an integer >= 1, got %r" % (batch_size,))
         if batch_interval is not None and batch_interval <= 0:
@@ -111,17 +123,17 @@ class Consumer:
         self.on_success = on_success
         self.on_error = on_error
         self.running = False
-        self.greenlet = None
+        self.greenlet: Optional["gevent.Greenlet[[], None]"] = None
         self.handled = self.failed = self.requeued = self.rejected = 0
 
-    def start(self):
+    def start(self) -> "Consumer":
         """Start reading in a greenlet."""
         if self.greenlet is None or self.greenlet.dead:
             self.running = True
             self.greenlet = gevent.spawn(self.reader.run)
         return self
 
-    def stop(self, timeout=10.0):
+    def stop(self, timeout: float = 10.0) -> None:
         """Stop reading, finish the batch in hand, close the connection."""
         self.running = False
         if self.greenlet is not None:
@@ -130,7 +142,7 @@ class Consumer:
                 log.warning("consumer %s did not stop within %.1fs; killing it", self.name, timeout)
                 self.greenlet.kill(block=True, timeout=2)
 
-    def due(self, batch, first_at):
+    def due(self, batch: Sequence[Message], first_at: float) -> bool:
         """True when ``batch`` should go to the handler now."""
         if not batch:
             return False
@@ -138,13 +150,13 @@ class Consumer:
             return True
         return self.batch_interval is not None and time.monotonic() - first_at >= self.batch_interval
 
-    def wait_time(self, batch, first_at):
+    def wait_time(self, batch: Sequence[Message], first_at: float) -> float:
         """How long the reader may block before the batch is due (None: until a message comes)."""
         if batch and self.batch_interval is not None:
             return max(0.0, self.batch_interval - (time.monotonic() - first_at))
         return 1.0  # wake now and then to notice stop()
 
-    def handle(self, batch):
+    def handle(self, batch: List[Message]) -> bool:
         """Call the handler with ``batch`` and settle what it left unsettled; True if it succeeded."""
         started = time.monotonic()
         try:
@@ -178,21 +190,21 @@ class Consumer:
         return True
 
 
-def _count(batch, how):
+def _count(batch: Iterable[Message], how: str) -> int:
     return sum(1 for m in batch if m.settled == how)
 
 
 class _AMQPReader:
     """RabbitMQ through kombu: QoS bounded by the batch, ack/requeue per message, reconnect with backoff."""
 
-    def __init__(self, consumer, url, queues, prefetch):
+    def __init__(self, consumer: Consumer, url: str, queues: List[str], prefetch: int) -> None:
         self.consumer = consumer
         self.url = url
         self.queues = queues
         self.prefetch = prefetch
         self.connected = False  # set once a session is consuming; a later failure restarts the backoff
 
-    def run(self):
+    def run(self) -> None:
         c = self.consumer
         attempt = 0
         while c.running:
@@ -209,7 +221,7 @@ class _AMQPReader:
                             c.name, _safe_url(self.url), type(exc).__name__, exc, attempt, delay)
                 _sleep_while(c, delay)
 
-    def _session(self):
+    def _session(self) -> None:
         from kombu import Connection, Queue
         from kombu import Consumer as KombuConsumer
 
@@ -217,13 +229,13 @@ class _AMQPReader:
         batch: List[Message] = []
         first_at = 0.0
 
-        def on_message(body, raw):
+        def on_message(body: Any, raw: "_RawMessage") -> None:
             nonlocal first_at
             if not batch:
                 first_at = time.monotonic()
             batch.append(Message(body, id=raw.delivery_tag, headers=raw.headers, raw=raw))
 
-        def on_undecodable(raw, exc):
+        def on_undecodable(raw: "_RawMessage", exc: Exception) -> None:
             # A body kombu cannot decode (unknown content type, bad JSON) reaches the
             # handler as bytes rather than failing the connection forever.
             log.warning("consumer %s: message %s not decoded (%s: %s); handing over its raw bytes",
@@ -263,13 +275,13 @@ class _AMQPReader:
 class _SSEReader:
     """A remote event stream: reconnects with Last-Event-ID; a failed batch is read again from its start."""
 
-    def __init__(self, consumer, url):
+    def __init__(self, consumer: Consumer, url: str) -> None:
         self.consumer = consumer
         parts = urlsplit(url)
         self.url = urlunsplit((parts.scheme.split("+", 1)[1],) + tuple(parts[1:]))
-        self.last_id = None  # the id of the last event of the last handled batch
+        self.last_id: Optional[str] = None  # the id of the last event of the last handled batch
 
-    def run(self):
+    def run(self) -> None:
         c = self.consumer
         attempt = 0
         while c.running:
@@ -285,7 +297,7 @@ class _SSEReader:
             if c.running:
                 _sleep_while(c, min(_BACKOFF_MAX, 0.2 * 2 ** max(0, attempt - 1)))
 
-    def _session(self):
+    def _session(self) -> bool:
         """Read one connection's worth of events; returns True if the stream ended normally."""
         import http.client
 
@@ -293,6 +305,9 @@ class _SSEReader:
 
         c = self.consumer
         parts = urlsplit(self.url)
+        if parts.hostname is None:
+            # Failing here takes the same path as any refused connection: logged, then retried.
+            raise ConnectionError("no host in %s" % self.url)
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         conn = cls(parts.hostname, parts.port, timeout=60)
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
@@ -343,12 +358,12 @@ class _SSEReader:
             return False
         ids = [m.id for m in batch if m.id is not None]  # "reject"/"ack" on error: move past the batch
         if ids:
-            self.last_id = ids[-1]
+            self.last_id = cast(str, ids[-1])  # parse_sse_line made these messages: their ids are str
         batch.clear()
         return True
 
 
-def _read_lines(resp, queue):
+def _read_lines(resp: "http.client.HTTPResponse", queue: "Queue[Any]") -> None:
     """Put each line of the HTTP body on ``queue`` (then _EOF, or the error)."""
     try:
         while True:
@@ -385,13 +400,13 @@ def parse_sse_line(line: str, event: Dict[str, Any]) -> Optional[Message]:
     return None
 
 
-def _sleep_while(consumer, seconds):
+def _sleep_while(consumer: Consumer, seconds: float) -> None:
     end = time.monotonic() + seconds
     while consumer.running and time.monotonic() < end:
         gevent.sleep(min(0.1, end - time.monotonic()))
 
 
-def _safe_url(url):
+def _safe_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
@@ -404,12 +419,13 @@ _consumers: List[Consumer] = []
 
 def consume(source: str, queues: Optional[List[str]] = None, batch_size: int = 1,
             batch_interval: Optional[float] = None, on_success: str = "ack", on_error: str = "requeue",
-            prefetch: Optional[int] = None, name: Optional[str] = None) -> Callable[[Callable], Callable]:
+            prefetch: Optional[int] = None, name: Optional[str] = None) -> Callable[[_Handler], _Handler]:
     """Register the decorated ``handler(messages)`` to consume ``source`` (amqp://... or sse+http://...)."""
-    def decorate(fn):
+    def decorate(fn: _Handler) -> _Handler:
         c = Consumer(fn, source, queues, batch_size, batch_interval, on_success, on_error, prefetch, name)
         _consumers.append(c)
-        fn.consumer = c
+        # The handler stays the user's own function; its type declares no ``consumer`` attribute.
+        setattr(fn, "consumer", c)
         return fn
     return decorate
 
@@ -457,10 +473,10 @@ def publish(url: str, queue: str, body: Any, headers: Optional[Dict[str, Any]] =
 
 
 # (pid, url) -> kombu Connection: the key of kombu's per-connection producer pool
-_connections: Dict[Tuple[int, str], Any] = {}
+_connections: Dict[Tuple[int, str], "Connection"] = {}
 
 
-def _connection(url):
+def _connection(url: str) -> "Connection":
     from kombu import Connection
 
     key = (os.getpid(), url)  # never reuse a parent's sockets after fork
@@ -470,7 +486,7 @@ def _connection(url):
     return conn
 
 
-def _close_publishers():
+def _close_publishers() -> None:
     if _connections:
         from kombu import pools
         pools.reset()  # closes every pooled connection and producer
