@@ -149,8 +149,6 @@ def store_kind_probes(sources):
     return _in_order(found)
 
 
-@pytest.mark.xfail(strict=False, reason="the runtime and the runner still ask which store they have; "
-                                        "the task-store seam refactor removes these")
 def test_no_caller_outside_the_journal_branches_on_the_kind_of_store():
     found = store_kind_probes(_package_sources())
     assert not found, "\n".join(found)
@@ -230,8 +228,6 @@ def any_typed_stores(sources):
     return _in_order(found)
 
 
-@pytest.mark.xfail(strict=False, reason="stores, engines and nodes are still typed Any in places; "
-                                        "the task-store seam refactor types them")
 def test_no_store_engine_or_node_is_annotated_any():
     found = any_typed_stores(_package_sources())
     assert not found, "\n".join(found)
@@ -310,8 +306,6 @@ def task_result_private_reads(sources, own=RESULT_MODULE):
     return _in_order(found)
 
 
-@pytest.mark.xfail(strict=False, reason="the runner and the task engine still share TaskResult's private "
-                                        "fields; the task-store seam refactor gives them their own records")
 def test_no_module_but_task_results_own_touches_its_private_fields():
     found = task_result_private_reads(_package_sources())
     assert not found, "%d touches:\n%s" % (len(found), "\n".join(found))
@@ -378,7 +372,6 @@ def test_at_least_98_percent_of_functions_are_annotated():
         done, total, 100.0 * done / total, "\n".join(missing))
 
 
-@pytest.mark.xfail(strict=False, reason="server.py and worker.py are not fully annotated yet")
 def test_every_function_of_the_server_and_the_worker_is_annotated():
     sources = {p: s for p, s in _package_sources().items() if p in FULLY_ANNOTATED}
     assert sorted(sources) == sorted(FULLY_ANNOTATED)

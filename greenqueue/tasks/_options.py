@@ -1,8 +1,9 @@
-"""Task options, ids and names: small pure helpers shared by the runner and ``@task``.
+"""Task options, ids, names and drain reports: small helpers and values shared by the runner and ``@task``.
 
 Concurrency model: immutable values and pure functions; safe from any thread.
 """
 
+import contextvars
 import os
 import random
 from time import time as _time
@@ -11,7 +12,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError
 
-__all__ = ["TaskOptions", "NO_OPTIONS", "new_id", "callable_name", "check_number"]
+__all__ = ["TaskOptions", "NO_OPTIONS", "new_id", "callable_name", "check_number", "DrainReport", "flask_app"]
 
 _rand = random.Random()
 # A forked child (--workers N, a gipc worker) would otherwise draw the parent's ids.
@@ -65,3 +66,46 @@ def check_number(name: str, value: Any, minimum: float, kind: type = int, allow_
             name, "an integer" if kind is int else "a number", ">" if strict else ">=", minimum,
             " or None" if allow_none else "", value))
     return kind(value)
+
+
+@dataclass
+class DrainReport:
+    """What :meth:`Runner.drain` saw: finished and unfinished tasks, delayed ones left."""
+
+    finished: int
+    running: int
+    pending: int
+    scheduled: int
+    elapsed: float
+
+    @property
+    def complete(self) -> bool:
+        """True when every task that was running or waiting has finished."""
+        return self.running == 0 and self.pending == 0
+
+    def __str__(self) -> str:
+        return ("%d task(s) finished, %d still running, %d still waiting, "
+                "%d delayed task(s) not due, in %.2fs"
+                % (self.finished, self.running, self.pending, self.scheduled, self.elapsed))
+
+
+_flask_var: Any = None  # Flask's app-context ContextVar, once seen
+
+
+def flask_app() -> Any:
+    """The Flask app whose context the caller is in, or None; never imports Flask."""
+    # Flask keeps the app context in a ContextVar named "flask.app_ctx". Finding it in
+    # the caller's context, rather than importing flask, keeps scripts that never
+    # use Flask from paying for its import.
+    global _flask_var
+    var = _flask_var
+    if var is None:
+        ctx = contextvars.copy_context()
+        if not len(ctx):
+            return None
+        var = next((v for v in ctx if v.name == "flask.app_ctx"), None)
+        if var is None:
+            return None
+        _flask_var = var
+    app_ctx = var.get(None)
+    return app_ctx.app if app_ctx is not None else None

@@ -20,12 +20,9 @@ about every transition through its methods; it never calls back. A forked
 child drops the parent's default runner (its task thread does not exist there).
 """
 
-import contextvars
 import datetime
 import logging
 import time
-import weakref
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import gevent
@@ -37,11 +34,12 @@ from ._attempt import finish as finish_attempt
 from ._attempt import run as run_attempt
 from ._attempt import run_eager
 from ._engine import DELAYED, Entry, TaskEngine
+from ._followed import Followed
 from ._hub import MODES, TaskHub, real_ident
 from ._kept import KeptResults
-from ._options import NO_OPTIONS, TaskOptions, callable_name, check_number, new_id
-from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, SUCCESS, TaskResult,
-                      follow_row, is_waited, mark_started, resolve)
+from ._options import NO_OPTIONS, DrainReport, TaskOptions, callable_name, check_number, flask_app, new_id
+from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, TaskResult,
+                      mark_started, resolve)
 
 log = logging.getLogger(__name__)
 
@@ -56,51 +54,8 @@ _subscribers = events.subscribers
 EXIT_DRAIN = 5.0
 
 
-@dataclass
-class DrainReport:
-    """What :meth:`Runner.drain` saw: finished and unfinished tasks, delayed ones left."""
-
-    finished: int
-    running: int
-    pending: int
-    scheduled: int
-    elapsed: float
-
-    @property
-    def complete(self) -> bool:
-        """True when every task that was running or waiting has finished."""
-        return self.running == 0 and self.pending == 0
-
-    def __str__(self) -> str:
-        return ("%d task(s) finished, %d still running, %d still waiting, "
-                "%d delayed task(s) not due, in %.2fs"
-                % (self.finished, self.running, self.pending, self.scheduled, self.elapsed))
-
-
 def _now() -> datetime.datetime:
     return datetime.datetime.now(_UTC)
-
-
-_flask_var: Any = None  # Flask's app-context ContextVar, once seen
-
-
-def _flask_app() -> Any:
-    """The Flask app whose context the caller is in, or None; never imports Flask."""
-    # Flask keeps the app context in a ContextVar named "flask.app_ctx". Finding it in
-    # the caller's context, rather than importing flask, keeps scripts that never
-    # use Flask from paying for its import.
-    global _flask_var
-    var = _flask_var
-    if var is None:
-        ctx = contextvars.copy_context()
-        if not len(ctx):
-            return None
-        var = next((v for v in ctx if v.name == "flask.app_ctx"), None)
-        if var is None:
-            return None
-        _flask_var = var
-    app_ctx = var.get(None)
-    return app_ctx.app if app_ctx is not None else None
 
 
 class Runner:
@@ -123,11 +78,8 @@ class Runner:
         self._batchers: Dict[Any, Any] = {}
         self._closed = False
         self._live: Dict[str, Entry] = {}           # id -> entry of an unfinished task held here
-        # Handles of tasks queued in (or running from) a shared store, not here; weak, so a
-        # handle nobody holds costs nothing once its caller drops it.
-        self._elsewhere: "weakref.WeakValueDictionary[str, TaskResult[Any]]" = weakref.WeakValueDictionary()
-        # Handles of ids no store knows yet (``AsyncResult(id)``), followed until their row appears.
-        self._unknown: "weakref.WeakValueDictionary[str, TaskResult[Any]]" = weakref.WeakValueDictionary()
+        #: Handles of tasks queued in (or running from) the store, not here.
+        self.followed = Followed(self)
         #: The app whose context tasks claimed from a shared store run in (the server's Flask app).
         self.app: Any = None
         self.configure(max_concurrency=max_concurrency, max_pending=max_pending,
@@ -296,7 +248,7 @@ class Runner:
             raise GreenqueueError("this task runner was reset; use greenqueue.tasks.get_runner()")
         r: TaskResult[Any] = TaskResult(self, task_id or new_id(), name or callable_name(fn))
         r.retries = retries
-        e = Entry(r, fn, args, kwargs or {}, opts or NO_OPTIONS, _flask_app(), idle)
+        e = Entry(r, fn, args, kwargs or {}, opts or NO_OPTIONS, flask_app(), idle)
         if on_done is not None:
             r.add_done_callback(on_done)
         if eta is not None:
@@ -384,7 +336,7 @@ class Runner:
         if stored.owner == store.node:
             return None
         r.state = stored.state if stored.state in (PENDING, SCHEDULED) else PENDING
-        self._elsewhere[r.id] = r
+        self.followed.add(r)
         if _subscribers:
             events.notify(events.TaskSpawned(r))
         return r
@@ -413,7 +365,7 @@ class Runner:
         if held is not None:
             return held.handle
         data = loads(row.serializer, row.payload)
-        r = self._elsewhere.pop(row.id, None)  # a handle this process made when it spawned the task
+        r = self.followed.pop(row.id)  # a handle this process made when it spawned the task
         if r is None or r.state in READY_STATES:
             r = TaskResult(self, row.id, t.name)
         r.retries = max(0, row.attempts - 1)
@@ -439,15 +391,7 @@ class Runner:
         if row.state in READY_STATES:
             return TaskResult.restored(self, row)
         held = self._live.get(row.id)
-        if held is not None:
-            return held.handle
-        r = self._elsewhere.get(row.id)
-        if r is None:
-            r = TaskResult(self, row.id, row.name,
-                           row.state if row.state in (PENDING, SCHEDULED, STARTED, RETRY) else PENDING)
-            r.retries = max(0, row.attempts - 1)
-            self._elsewhere[r.id] = r
-        return r
+        return held.handle if held is not None else self.followed.handle(row)
 
     def follow(self, task_id: str) -> TaskResult[Any]:
         """The TaskResult for ``task_id``; unknown yet, a PENDING one the store brings up to date if it appears."""
@@ -457,40 +401,22 @@ class Runner:
         if not self.on_hub_thread():
             followed: TaskResult[Any] = self.call(self.follow, task_id)
             return followed
-        r = self._unknown.get(task_id)
-        if r is None:
-            # Not in _elsewhere: result(id) must keep saying None for an id nobody spawned.
-            r = self._unknown[task_id] = TaskResult(self, task_id, "unknown")
-        return r
+        return self.followed.unknown(task_id)
 
     def elsewhere(self, waited_only: bool = False) -> List[TaskResult[Any]]:
         """Unfinished handles held in this process for tasks that wait or run elsewhere."""
-        handles = [r for r in list(self._elsewhere.values()) + list(self._unknown.values())
-                   if r.state not in READY_STATES]
-        if waited_only:
-            handles = [r for r in handles if is_waited(r)]
-        return handles
+        return self.followed.unfinished(waited_only)
 
     def settle(self, r: TaskResult[Any], row: TaskRow) -> None:
-        """Bring a handle whose task runs elsewhere up to date with its row; finish it when the row is final."""
-        if not follow_row(r, row):
-            return
-        self._elsewhere.pop(r.id, None)
-        self._unknown.pop(r.id, None)
-        self.kept.keep(r)
-        if _subscribers:
-            if r.state == SUCCESS:
-                events.notify(events.TaskSucceeded(r, duration=0.0))
-            elif r.state == FAILURE:
-                events.notify(events.TaskFailed(r, exception=r.exception, duration=0.0))
-            else:
-                events.notify(events.TaskCancelled(r))
+        """Bring a handle whose task runs elsewhere up to date with its row; keep it once final."""
+        if self.followed.settle(r, row):
+            self.kept.keep(r)
 
     def follow_elsewhere(self, e: Entry) -> None:
         """The store took ``e`` over (a retry any node claims): keep only its handle, to follow it."""
         e.where = None
         self._live.pop(e.handle.id, None)
-        self._elsewhere[e.handle.id] = e.handle
+        self.followed.add(e.handle)
 
     def free_slots(self) -> int:
         """Slots free for claimed work: nothing waits locally and fewer than max_concurrency run."""
@@ -564,7 +490,7 @@ class Runner:
         if e is None:
             before = self.store.cancel(r.id)
             if before in (PENDING, SCHEDULED, RETRY):
-                self._elsewhere.pop(r.id, None)
+                self.followed.pop(r.id)
                 finish_attempt(self, Entry(r, None, (), {}, NO_OPTIONS), CANCELLED, exc=cancelled)
                 return True
             return before == STARTED  # the node running it stops it at its next heartbeat
@@ -583,7 +509,7 @@ class Runner:
         e = self._live.get(task_id)
         if e is not None:
             return e.handle
-        r = self._elsewhere.get(task_id) or self.kept.lookup(task_id)
+        r = self.followed.get(task_id) or self.kept.lookup(task_id)
         if r is not None:
             return r
         row = self.store.lookup(task_id)
