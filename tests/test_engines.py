@@ -806,7 +806,7 @@ def test_processes_starting_together_on_a_new_file_all_open_it(tmp_path):
     outs = _together([_python(OPENER, path) for _ in range(6)], timeout=30)
     assert all("opened" in out for out in outs)
     with closing(sqlite3.connect(str(path))) as conn:
-        assert dict(conn.execute("SELECT key, value FROM greenqueue_meta"))["schema_version"] == "2"
+        assert dict(conn.execute("SELECT key, value FROM greenqueue_meta"))["schema_version"] == str(_schema_version("sqlite"))
 
 
 @pytest.mark.realproc
@@ -900,8 +900,9 @@ def test_a_single_process_journal_is_migrated_keeping_its_tasks(tmp_path):
         assert e.counts() == {"STARTED": 1, "SUCCESS": 1, "SCHEDULED": 1}
     finally:
         e.close()
-    assert dict(sqlite_raw(path, "SELECT key, value FROM greenqueue_meta"))["schema_version"] == "2"
-    assert sqlite_raw(path, "PRAGMA user_version") == [(2,)]
+    version = _schema_version("sqlite")
+    assert dict(sqlite_raw(path, "SELECT key, value FROM greenqueue_meta"))["schema_version"] == str(version)
+    assert sqlite_raw(path, "PRAGMA user_version") == [(version,)]
     assert {r[0] for r in sqlite_raw(path, "SELECT name FROM sqlite_master WHERE name LIKE '%v1%'")} == set()
 
 

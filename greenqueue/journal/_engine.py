@@ -15,6 +15,9 @@ Rules every engine keeps (``DESIGN.md``, "Storage and clusters"):
 
 * ``enqueue`` commits before it returns; rows passed with ``owner`` are
   claimed by that node in the same commit (the local fast path).
+* ``write`` is a node's group commit: its claimed and unclaimed spawns and
+  its final states in one transaction and one commit, with the same rules
+  as ``enqueue`` and ``finish_many`` (which do one part of it each).
 * ``claim`` takes due, unowned rows oldest first, at most ``limit`` (the
   node's free slots), skipping rows other nodes are claiming right now
   (``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
@@ -35,7 +38,7 @@ Rules every engine keeps (``DESIGN.md``, "Storage and clusters"):
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Optional, Protocol, Sequence
+from typing import Any, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 __all__ = ["TaskRow", "NodeInfo", "Heartbeat", "Engine", "UNFINISHED", "FINAL"]
 
@@ -104,6 +107,8 @@ class Engine(Protocol):
     display: str
     #: Seconds a lease lasts without a heartbeat (``--lease-timeout``).
     lease_timeout: float
+    #: The version of the schema this engine writes (the journal CLI shows it).
+    schema_version: int
 
     def open(self) -> None:
         """Connect, create or migrate the schema under a lock, check the version (JournalError)."""
@@ -135,6 +140,19 @@ class Engine(Protocol):
     def finish_many(self, items: Sequence[tuple]) -> List[bool]:
         """``finish(*item)`` for each item in one commit (a node's group commit); one answer per item."""
 
+    def write(self, node: str, claimed: Sequence[TaskRow], unclaimed: Sequence[TaskRow],
+              finishes: Sequence[tuple]) -> Tuple[List[TaskRow], List[TaskRow], List[bool]]:
+        """Spawns and final states in one transaction and one commit (a node's group commit).
+
+        ``claimed`` rows are inserted as ``enqueue(claimed, owner=node)`` does,
+        ``unclaimed`` ones as ``enqueue(unclaimed)`` does (an existing
+        idempotency key returns the existing row in its place), then each of
+        ``finishes`` (``finish()``'s arguments) is recorded, fenced as
+        ``finish_many`` does. Returns the stored claimed rows and unclaimed
+        rows, each in order, and one answer per finish. Any part may be
+        empty; when all are, nothing is written.
+        """
+
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
               error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
         """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off."""
@@ -150,6 +168,12 @@ class Engine(Protocol):
 
     def get(self, row_id: str) -> Optional[TaskRow]:
         """One row by id, or None."""
+
+    def get_many(self, ids: Sequence[str]) -> List[TaskRow]:
+        """The rows with these ids that exist, read in one query (any order; missing ids are left out)."""
+
+    def count_unfinished(self, name: str) -> int:
+        """How many rows of task ``name`` are unfinished (PENDING, SCHEDULED, STARTED, RETRY), uncapped."""
 
     def next_due(self, queues: Optional[Sequence[str]]) -> Optional[float]:
         """Seconds (database clock) until the earliest unowned row is due; 0 if one is due now."""

@@ -40,7 +40,7 @@ from ..errors import JournalError
 from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow
 from ._postgres_sql import (CHANNEL, CLAIM, CLAIMABLE, COLS, FINISH, FINISH_FIELDS, FINISH_MANY, HEARTBEAT,
                             INSERT, INSERT_FIELDS, LEAD, MIGRATION_LOCK, MIN_SERVER, NOW, REAP, RELEASE, RETRY,
-                            SCHEMA_VERSION, mask_dsn, migrate)
+                            SCHEMA_VERSION, UNFINISHED as UNFINISHED_SQL, mask_dsn, migrate)
 
 __all__ = ["PostgresEngine", "SCHEMA_VERSION", "mask_dsn"]
 
@@ -305,11 +305,30 @@ class PostgresEngine:
 
     def finish_many(self, items: Sequence[tuple]) -> List[bool]:
         """``finish(*args)`` for each item in one statement and one commit (a node's group commit of results)."""
+        items = self._checked_finishes(items)
+        done = [False] * len(items)
+        if not items:
+            return done
+        rounds = self._finish_rounds(items)
+        with self._conn("finish") as conn:
+            if len(rounds) == 1:
+                self._finish_round(conn, items, rounds[0], done, retry=True)
+            else:
+                with conn.transaction():
+                    for part in rounds:
+                        self._finish_round(conn, items, part, done, retry=False)
+        return done
+
+    def _checked_finishes(self, items: Sequence[tuple]) -> List[tuple]:
         items = list(items)
         for item in items:
             if item[3] not in FINAL:
                 raise JournalError("journal %s: finish() takes a final state (%s), not %r"
                                    % (self.display, ", ".join(FINAL), item[3]))
+        return items
+
+    @staticmethod
+    def _finish_rounds(items: List[tuple]) -> List[List[int]]:
         # A row finished twice in one batch must behave as two finish() calls in a row
         # (the first may win, the second is fenced off): repeats go into a later round.
         rounds: List[List[int]] = []
@@ -319,17 +338,7 @@ class PostgresEngine:
             if k == len(rounds):
                 rounds.append([])
             rounds[k].append(n)
-        done = [False] * len(items)
-        if not items:
-            return done
-        with self._conn("finish") as conn:
-            if len(rounds) == 1:
-                self._finish_round(conn, items, rounds[0], done, retry=True)
-            else:
-                with conn.transaction():
-                    for part in rounds:
-                        self._finish_round(conn, items, part, done, retry=False)
-        return done
+        return rounds
 
     def _finish_round(self, conn: Any, items: List[tuple], part: List[int], done: List[bool],
                       retry: bool) -> None:
@@ -347,6 +356,41 @@ class PostgresEngine:
                     raise
         for n in part:
             done[n] = items[n][0] in finished
+
+    def write(self, node: str, claimed: Sequence[TaskRow], unclaimed: Sequence[TaskRow],
+              finishes: Sequence[tuple]) -> Tuple[List[TaskRow], List[TaskRow], List[bool]]:
+        """Insert ``claimed`` (owned by ``node``) and ``unclaimed`` rows and record ``finishes``, in one commit."""
+        claimed, unclaimed = list(claimed), list(unclaimed)
+        items = self._checked_finishes(finishes)
+        # One part alone is one statement in autocommit: no BEGIN and COMMIT round trips.
+        if not (claimed or unclaimed):
+            return [], [], self.finish_many(items) if items else []
+        if not items and not (claimed and unclaimed):
+            return self.enqueue(claimed, owner=node), self.enqueue(unclaimed), []
+        rounds = self._finish_rounds(items)
+        tries = 3
+        with self._conn("write") as conn:
+            while True:
+                tries -= 1
+                try:
+                    return self._write_on(conn, node, claimed, unclaimed, items, rounds)
+                except _RETRYABLE:
+                    # Deadlocked with a heartbeat over the same rows: the whole transaction was
+                    # rolled back, nothing of it is written, so it runs again from the start.
+                    if tries == 0:
+                        raise
+
+    def _write_on(self, conn: Any, node: str, claimed: List[TaskRow], unclaimed: List[TaskRow],
+                  items: List[tuple], rounds: List[List[int]]) -> Tuple[List[TaskRow], List[TaskRow], List[bool]]:
+        done = [False] * len(items)
+        with conn.transaction():
+            mine = self._enqueue_on(conn, claimed, _rows_as_arrays(claimed, node, self.lease_timeout)) \
+                if claimed else []
+            others = self._enqueue_on(conn, unclaimed, _rows_as_arrays(unclaimed, None, self.lease_timeout)) \
+                if unclaimed else []
+            for part in rounds:
+                self._finish_round(conn, items, part, done, retry=False)
+        return mine, others, done
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
               error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
@@ -385,6 +429,19 @@ class PostgresEngine:
         """One row by id, or None."""
         found = self._one("get", "SELECT %s FROM greenqueue_tasks WHERE id = %%s" % COLS, (row_id,))
         return TaskRow(*found) if found else None
+
+    def get_many(self, ids: Sequence[str]) -> List[TaskRow]:
+        """The rows with these ids that exist, in one query (any order)."""
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return []
+        return [TaskRow(*r) for r in self._all("get_many", "SELECT %s FROM greenqueue_tasks WHERE id = ANY(%%s)"
+                                               % COLS, (ids,))]
+
+    def count_unfinished(self, name: str) -> int:
+        """How many rows of task ``name`` are PENDING, SCHEDULED, STARTED or RETRY."""
+        return int(self._value("count_unfinished", "SELECT count(*) FROM greenqueue_tasks WHERE name = %%s "
+                               "AND state IN %s" % UNFINISHED_SQL, (name,)))
 
     def next_due(self, queues: Optional[Sequence[str]]) -> Optional[float]:
         """Seconds (database clock) until the earliest unowned row is due; 0 if one is due now."""

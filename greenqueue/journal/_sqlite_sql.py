@@ -3,12 +3,16 @@
 Concurrency model: constants and pure functions; ``write`` runs on the
 connection its caller owns (the engine's thread). Nothing here holds state.
 
-Schema: version 2 of the file format the single-process journal started
+Schema: version 3 of the file format the single-process journal started
 (version 1, ``greenqueue_tasks`` and ``greenqueue_periodic``). One file holds
-one store, so ``open()`` migrates a version 1 file in place under the write
+one store, so ``open()`` migrates an older file in place under the write
 lock, keeping its unfinished tasks and periodic history, rather than keeping
 a second set of tables beside rows nobody would replay. An older greenqueue
-then refuses the file with its "newer greenqueue" error.
+then refuses the file with its "newer greenqueue" error. Version 3 spells the
+due index's states as ORs and adds the index that counts a task's unfinished
+runs (``FROM_V2``); a process of version 2 still running on the file when a
+newer one migrates it fails its claims until it restarts (its statements
+name the old index), so upgrade the processes of one host together.
 """
 
 import sqlite3
@@ -18,16 +22,21 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 
 from ._engine import TaskRow
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAGIC = "greenqueue-journal"
-CLAIMABLE = "('PENDING', 'SCHEDULED', 'RETRY')"
+# ORs, not IN: in a partial index's WHERE, SQLite builds an IN list's lookup table
+# again for every row a statement writes (about 1.7 us of each insert and finish).
+CLAIMABLE = "(state = 'PENDING' OR state = 'SCHEDULED' OR state = 'RETRY')"
+UNFINISHED_STATES = "(state = 'PENDING' OR state = 'SCHEDULED' OR state = 'STARTED' OR state = 'RETRY')"
 SYNCHRONOUS = ("NORMAL", "FULL")
 # Filesystems whose locking or shared memory cannot carry WAL between processes.
 NETWORK_FS = frozenset(("nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "ceph", "glusterfs",
                         "fuse.sshfs", "lustre", "gpfs"))
 # Without ANALYZE statistics the planner prefers the (state, created_at) index, which
 # reads every pending row and sorts them; these name the index each query is built for.
-UNOWNED = "greenqueue_tasks INDEXED BY greenqueue_tasks_due WHERE owner IS NULL AND state IN " + CLAIMABLE
+UNOWNED = "greenqueue_tasks INDEXED BY greenqueue_tasks_due WHERE owner IS NULL AND " + CLAIMABLE
+UNFINISHED_OF = ("greenqueue_tasks INDEXED BY greenqueue_tasks_unfinished WHERE name = ? AND "
+                 + UNFINISHED_STATES)
 RUNNING = "greenqueue_tasks INDEXED BY greenqueue_tasks_owner WHERE owner IS NOT NULL AND state = 'STARTED'"
 # Well under SQLite's 32766 host parameters per statement.
 CHUNK = 500
@@ -35,6 +44,13 @@ CHUNK = 500
 FIELDS = [f for f in TaskRow.__dataclass_fields__]
 COLS = ", ".join(FIELDS)
 CANCEL_AT = FIELDS.index("cancel_requested")
+
+# The due index, and the index under max_instances' count of a task's unfinished runs.
+DUE_INDEX = ("CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due, created_at) "
+             "WHERE owner IS NULL AND " + CLAIMABLE)
+# With the state in it, the count reads this index alone, never the rows.
+UNFINISHED_INDEX = ("CREATE INDEX greenqueue_tasks_unfinished ON greenqueue_tasks (name, state) WHERE "
+                    + UNFINISHED_STATES)
 
 TABLES = [
     """CREATE TABLE greenqueue_tasks (
@@ -63,9 +79,9 @@ TABLES = [
         error TEXT,
         traceback TEXT,
         note TEXT)""",
-    # A partial index serves only queries that repeat its WHERE terms verbatim (UNOWNED).
-    "CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due, created_at) "
-    "WHERE owner IS NULL AND state IN " + CLAIMABLE,
+    # A partial index serves only queries that repeat its WHERE terms verbatim (UNOWNED, UNFINISHED_OF).
+    DUE_INDEX,
+    UNFINISHED_INDEX,
     "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
     "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
     "WHERE idempotency_key IS NOT NULL",
@@ -109,6 +125,16 @@ FROM_V1 = [
     "DROP TABLE greenqueue_v1_tasks",
     "DROP TABLE greenqueue_v1_periodic",
 ]
+
+# Version 2 to 3: the same tables; the due index's WHERE changes spelling, one index is new.
+FROM_V2 = [
+    "DROP INDEX IF EXISTS greenqueue_tasks_due",
+    DUE_INDEX,
+    UNFINISHED_INDEX,
+]
+
+# Statements that bring a file of version N (the key) to SCHEMA_VERSION.
+UPGRADES = {0: TABLES, 1: FROM_V1, 2: FROM_V2}
 
 INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts, "
            "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at) "
