@@ -12,7 +12,6 @@ datetimes in UTC; each job computes its own due times in its own time zone.
 """
 
 import datetime
-import importlib
 import logging
 import random
 import sys
@@ -22,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from . import eventlog, events
-from .errors import ConfigError
+from .errors import ConfigError, StartupError
 from .journal import Store, new_row
 from .tasks import Runner, Task, TaskResult, get_runner, task
 from .tasks._options import new_id
@@ -499,19 +498,17 @@ def _takes_no_arguments(fn: Callable[..., Any]) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m greenqueue.scheduler MODULE``: list a module's jobs and their next 5 run times."""
     import argparse
-    import os
 
     parser = argparse.ArgumentParser(prog="python -m greenqueue.scheduler",
                                      description="List the periodic jobs a module declares and when they run next.")
     parser.add_argument("module", help="the module that declares @periodic jobs, e.g. myproject.jobs")
     parser.add_argument("-n", type=int, default=5, help="how many run times to show per job")
     args = parser.parse_args(argv)
-    sys.path.insert(0, os.getcwd())
+    from ._startup import import_spec  # the one way user code is loaded, with its messages
     try:
-        importlib.import_module(args.module.partition(":")[0])
-    except Exception as exc:
-        print("greenqueue.scheduler: error: cannot import %s: %s: %s" % (args.module, type(exc).__name__, exc),
-              file=sys.stderr)
+        import_spec(args.module.partition(":")[0], "module")
+    except StartupError as exc:
+        print("greenqueue.scheduler: error: %s" % exc, file=sys.stderr)
         return 2
     scheduler = get_scheduler()
     if not len(scheduler):
