@@ -26,13 +26,13 @@ import logging
 import os
 import time
 import weakref
-from typing import Any, Deque, Iterable, Iterator, List, Optional, Sequence, Type, Union, cast
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, Union, cast
 
 import gevent
 from gevent.event import AsyncResult
 
 from .. import events
-from ..errors import Overloaded, UnknownPool, WorkerError, WorkerTimeout, from_dict
+from ..errors import GreenqueueError, Overloaded, UnknownPool, WorkerError, WorkerTimeout, from_dict
 from ._app import STREAM_CREDIT, DirtyApp, _load_class, _spec_of
 from ._worker import BadReply as _BadReply
 from ._worker import Worker as _Worker
@@ -78,7 +78,7 @@ class ProcessPool:
         self._started = False
         self._watchdog: Optional[gevent.Greenlet] = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<ProcessPool %s workers=%d>" % (self.spec, self.size)
 
     def start(self) -> "ProcessPool":
@@ -104,7 +104,7 @@ class ProcessPool:
 
     # -- dispatch -----------------------------------------------------------------------
 
-    def _acquire(self):
+    def _acquire(self) -> _Worker:
         if self._stopping:
             raise WorkerError("the pool for %s is stopping" % self.spec)
         if self._idle:
@@ -119,14 +119,16 @@ class ProcessPool:
         waiter: "AsyncResult[_Worker]" = AsyncResult()
         self._waiters.append(waiter)
         timer = gevent.Timeout.start_new(self.timeout) if self.timeout else None
+        # The waiter only ever succeeds with a worker (_hand_over sets one, never None);
+        # gevent's stubs type get() and value as Optional for every AsyncResult.
         try:
-            return self._hold(waiter.get())
+            return self._hold(cast(_Worker, waiter.get()))
         except BaseException as exc:
             if waiter.successful():
                 if exc is timer:
-                    return self._hold(waiter.value)  # handed a worker in the same instant the wait ran out
+                    # handed a worker in the same instant the wait ran out
+                    return self._hold(cast(_Worker, waiter.value))
                 # Killed (or an outer timeout) just as a worker was handed over: pass it on, or it is lost.
-                # successful(): _hand_over set() it with a worker, never None.
                 w = cast(_Worker, waiter.value)
                 w.busy = False
                 self._hand_over(w)
@@ -141,7 +143,7 @@ class ProcessPool:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
-    def _arm(self, w):
+    def _arm(self, w: _Worker) -> None:
         """Start the timeout clock for ``w``'s current wait."""
         if self.timeout is None:
             return
@@ -149,7 +151,7 @@ class ProcessPool:
         if self._watchdog is None:
             self._watchdog = gevent.spawn(self._watch)
 
-    def _watch(self):
+    def _watch(self) -> None:
         # One greenlet per pool enforces timeouts: cheaper than a timer per call,
         # which cost a third of an empty call's round trip.
         try:
@@ -168,12 +170,12 @@ class ProcessPool:
         finally:
             self._watchdog = None
 
-    def _hold(self, w):
+    def _hold(self, w: _Worker) -> _Worker:
         w.busy = True
         w.unwatch()
         return w
 
-    def _release(self, w):
+    def _release(self, w: _Worker) -> None:
         w.busy = False
         w.deadline = None
         if w.dead:
@@ -186,7 +188,7 @@ class ProcessPool:
             return
         self._hand_over(w)
 
-    def _hand_over(self, w):
+    def _hand_over(self, w: _Worker) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.ready():
@@ -196,14 +198,14 @@ class ProcessPool:
         self._idle.append(w)
         w.watch()
 
-    def _recycle(self, w):
+    def _recycle(self, w: _Worker) -> None:
         w.send(("stop",))
         w.proc.join(timeout=10)
         if w.proc.is_alive():
             w.kill()
         w.on_exit()  # nobody reads this worker's pipe any more; account for it and replace it
 
-    def _worker_gone(self, w):
+    def _worker_gone(self, w: _Worker) -> None:
         if w in self._idle:
             self._idle.remove(w)
         if w in self._workers:
@@ -212,7 +214,7 @@ class ProcessPool:
             self._restarts += 1
             gevent.spawn(self._replace, w.index, w.reason)
 
-    def _replace(self, index, reason):
+    def _replace(self, index: int, reason: Optional[str]) -> None:
         while not self._stopping:
             # Back off on repeated failures so a broken init() cannot eat the CPU.
             delay = 0 if self._failures == 0 else min(30.0, 0.5 * 2 ** (self._failures - 1))
@@ -265,7 +267,7 @@ class ProcessPool:
             raise self._app_error(w, action, msg[2])
         return msg[2]
 
-    def _app_error(self, w, action, data):
+    def _app_error(self, w: _Worker, action: str, data: Dict[str, Any]) -> GreenqueueError:
         """Log an exception the app raised, with the worker's traceback, and return it to raise here."""
         # Logged once, here: the traceback exists only in the worker, and callers often turn
         # the error into a 500 or an SSE error event that shows just the message.
@@ -275,7 +277,7 @@ class ProcessPool:
         return from_dict(data)
 
     @staticmethod
-    def _drain_to_exit(w):
+    def _drain_to_exit(w: _Worker) -> None:
         """Read a killed worker's pipe up to its EOF, which accounts for it and starts a replacement."""
         while True:
             try:
@@ -285,7 +287,7 @@ class ProcessPool:
                 continue
 
     @staticmethod
-    def _reply(w, call_id):
+    def _reply(w: _Worker, call_id: int) -> Tuple[Any, ...]:
         """The next message for ``call_id`` (stale ones from an abandoned call are skipped)."""
         while True:
             msg = w.recv()
@@ -298,7 +300,8 @@ class ProcessPool:
         w = self._acquire()
         return self._stream(w, action, args, kwargs, started)
 
-    def _stream(self, w, action, args, kwargs, started):
+    def _stream(self, w: _Worker, action: str, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                started: float) -> Iterator[Any]:
         call_id = next(self._ids)
         w.send(("call", call_id, action, args, kwargs, True))
         finished = False
@@ -345,7 +348,7 @@ class ProcessPool:
                 w.send(("cancel", call_id))
                 gevent.spawn(self._await_cancel, w, call_id)
 
-    def _await_cancel(self, w, call_id):
+    def _await_cancel(self, w: _Worker, call_id: int) -> None:
         timer = gevent.Timeout.start_new(_RELEASE_WAIT)
         try:
             while True:
@@ -409,7 +412,7 @@ _subscribers = events.subscribers
 _polling: "weakref.WeakKeyDictionary[ProcessPool, int]" = weakref.WeakKeyDictionary()
 
 
-def _cores():
+def _cores() -> int:
     if CPU_CORES:
         return int(CPU_CORES)
     try:
@@ -418,7 +421,7 @@ def _cores():
         return os.cpu_count() or 1
 
 
-def _grant_idle_poll(pool):
+def _grant_idle_poll(pool: ProcessPool) -> float:
     if not pool._idle_poll_wanted or pool in _polling:
         return pool.idle_poll
     polling, cores = sum(_polling.values()), _cores()

@@ -11,19 +11,22 @@ import ctypes
 import os
 import signal
 import time
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 import gevent
 
 from ..errors import GreenqueueError
-from ._app import STREAM_CREDIT, _error_dict, _load_class
+from ._app import STREAM_CREDIT, DirtyApp, _error_dict, _load_class
 from ._wire import Channel
+
+if TYPE_CHECKING:
+    from gipc.gipc import _GIPCDuplexHandle
 
 
 _YIELD_EVERY = 0.001  # seconds a polling worker may go without letting other greenlets run
 
 
-def _die_with_parent(parent_pid):
+def _die_with_parent(parent_pid: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -33,7 +36,7 @@ def _die_with_parent(parent_pid):
         os._exit(0)  # the parent died before prctl took effect
 
 
-def _worker_main(handle, spec, parent_pid, idle_poll=0.0):
+def _worker_main(handle: "_GIPCDuplexHandle", spec: str, parent_pid: int, idle_poll: float = 0.0) -> None:
     """Entry point of a worker process."""
     _die_with_parent(parent_pid)
     conn = Channel(handle)
@@ -109,7 +112,8 @@ def _worker_main(handle, spec, parent_pid, idle_poll=0.0):
             return
 
 
-def _serve_call(conn, app, state, call_id, action, args, kwargs, streaming):
+def _serve_call(conn: Channel, app: DirtyApp, state: Dict[str, Any], call_id: int, action: str,
+                args: Tuple[Any, ...], kwargs: Dict[str, Any], streaming: bool) -> None:
     it = None
     cancelled = False
     try:

@@ -15,10 +15,14 @@ and a frame is never interleaved with another.
 import os
 import pickle
 import time
-from typing import Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import gevent
 from gevent.lock import Semaphore
+
+if TYPE_CHECKING:
+    from gevent._types import _IoWatcher
+    from gipc.gipc import _GIPCDuplexHandle
 
 _READ_SIZE = 65536   # the Linux pipe capacity: a bigger read() is no faster (gipc measured it slower)
 _DUMPS = pickle.dumps
@@ -30,21 +34,21 @@ _clock = time.perf_counter
 class Channel:
     """One end of a duplex gipc pipe, carrying Python objects."""
 
-    def __init__(self, handle):
+    def __init__(self, handle: "_GIPCDuplexHandle") -> None:
         self.handle = handle  # the gipc duplex handle: it owns the descriptors and closes them
-        self.rfd = handle._reader._fd
-        self.wfd = handle._writer._fd
+        self.rfd: int = handle._reader._fd
+        self.wfd: int = handle._writer._fd
         self._buf = bytearray()
-        self._rio = None
-        self._wio = None
+        self._rio: Optional["_IoWatcher"] = None
+        self._wio: Optional["_IoWatcher"] = None
         self._wlock = Semaphore()
         self.closed = False
 
-    def pending(self):
+    def pending(self) -> bool:
         """True if bytes already read wait in the buffer (the pipe itself may look empty)."""
         return bool(self._buf)
 
-    def get(self, spin=0.0):
+    def get(self, spin: float = 0.0) -> Any:
         """Next object from the pipe; wait cooperatively. EOFError once the other end is gone.
 
         ``spin``: seconds to keep polling the pipe before sleeping in the hub
@@ -71,8 +75,8 @@ class Channel:
             self._fill(want, spin)
             spin = 0.0
 
-    def _fill(self, want, spin=0.0):
-        deadline = None
+    def _fill(self, want: int, spin: float = 0.0) -> None:
+        deadline: Optional[float] = None
         while True:
             if self.closed:
                 raise EOFError("the channel is closed")
@@ -95,17 +99,17 @@ class Channel:
             self._buf += chunk
             return
 
-    def _wait_readable(self):
+    def _wait_readable(self) -> None:
         if self._rio is None:
             self._rio = gevent.get_hub().loop.io(self.rfd, 1)
         gevent.get_hub().wait(self._rio)
 
-    def _wait_writable(self):
+    def _wait_writable(self) -> None:
         if self._wio is None:
             self._wio = gevent.get_hub().loop.io(self.wfd, 2)
         gevent.get_hub().wait(self._wio)
 
-    def put(self, obj):
+    def put(self, obj: object) -> None:
         """Send ``obj``; wait cooperatively while the pipe is full. OSError if the reader is gone."""
         data = _DUMPS(obj, _PROTOCOL)
         frame: Union[bytes, memoryview] = len(data).to_bytes(4, "big") + data
@@ -124,7 +128,7 @@ class Channel:
                     return
                 frame = memoryview(frame)[n:]
 
-    def close(self):
+    def close(self) -> None:
         """Close both descriptors (idempotent); a greenlet waiting on the pipe gets EOFError."""
         if self.closed:
             return
@@ -136,7 +140,7 @@ class Channel:
         # so libev never watches a closed (or reused) descriptor.
         gevent.get_hub().cancel_waits_close_and_then(watchers, EOFError, self._close_handle)
 
-    def _close_handle(self):
+    def _close_handle(self) -> None:
         try:
             self.handle.close()
         except Exception:  # gipc raises GIPCClosed if both ends were closed already

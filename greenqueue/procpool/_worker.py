@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 import gevent
 import gipc
@@ -23,6 +23,9 @@ from ..errors import WorkerCrashed, WorkerError, WorkerTimeout, from_dict
 from ._child import _worker_main
 from ._wire import Channel
 
+if TYPE_CHECKING:
+    from . import ProcessPool
+
 # The pool's logger: these lines were the pool's before the worker got its own module,
 # and logging config written for "greenqueue.procpool" should keep seeing them by name.
 log = logging.getLogger("greenqueue.procpool")
@@ -31,7 +34,7 @@ log = logging.getLogger("greenqueue.procpool")
 class BadReply(Exception):
     """A message from a worker arrived but cannot be unpickled in the server."""
 
-    def __str__(self):
+    def __str__(self) -> str:
         exc = self.args[0]
         return "%s: %s" % (type(exc).__name__, exc)
 
@@ -44,25 +47,25 @@ class Worker:
     idle (so a crash, seen as EOF on the pipe, is noticed even then).
     """
 
-    def __init__(self, pool, index, on_gone):
+    def __init__(self, pool: "ProcessPool", index: int, on_gone: Callable[["Worker"], None]) -> None:
         self.pool = pool
         self.index = index
         self._on_gone = on_gone  # the pool's bookkeeping once this worker is dead
         # Any, not Optional: start() sets both before any other method runs.
         self.proc: Any = None
         self.conn: Any = None
-        self.pid = None
+        self.pid: Optional[int] = None
         self.calls = 0
         self.limit = 0
         self.busy = False
-        self.deadline = None     # monotonic time the current wait must end by (the pool's watchdog checks)
+        self.deadline: Optional[float] = None  # monotonic time the current wait must end by (the watchdog checks)
         self.dead = False
-        self.reason = None       # why we ended it: "timeout", "recycled", "stopped", "abandoned"
-        self.exit_error = None   # what a caller waiting on this worker gets once it is dead
+        self.reason: Optional[str] = None  # why we ended it: "timeout", "recycled", "stopped", "abandoned"
+        self.exit_error: Optional[WorkerError] = None  # what a caller waiting on this worker gets once it is dead
         # The idle watcher, made by start(); _readable runs only as its callback.
         self._io: Any = None
 
-    def start(self):
+    def start(self) -> "Worker":
         """Fork the child and wait for it to initialise; raise WorkerError if init fails."""
         parent_end, child_end = gipc.pipe(duplex=True)
         self.conn = Channel(parent_end)
@@ -90,7 +93,7 @@ class Worker:
 
     # -- idle watching ------------------------------------------------------------------
 
-    def watch(self):
+    def watch(self) -> None:
         """While idle, wake up if the pipe becomes readable (EOF after a crash, or the stop ack)."""
         if not self.dead and self._io is not None:
             if self.conn.pending():
@@ -98,16 +101,16 @@ class Worker:
             else:
                 self._io.start(self._readable)
 
-    def unwatch(self):
+    def unwatch(self) -> None:
         """Stop the idle watcher: the new holder reads the pipe itself."""
         if self._io is not None:
             self._io.stop()
 
-    def _readable(self):
+    def _readable(self) -> None:
         self._io.stop()
         gevent.spawn(self._drain_idle)  # runs in the hub: do the reading in a greenlet
 
-    def _drain_idle(self):
+    def _drain_idle(self) -> None:
         if self.busy or self.dead:
             return
         try:
@@ -121,7 +124,7 @@ class Worker:
 
     # -- talking to the child ------------------------------------------------------------
 
-    def recv(self):
+    def recv(self) -> Tuple[Any, ...]:
         """Next message from the child; ``("exc", None, error)`` once it is dead."""
         if self.dead:
             return ("exc", None, self.exit_error)
@@ -135,14 +138,14 @@ class Worker:
             # can import, say). It is consumed; the next recv() reads the next message.
             raise BadReply(exc) from exc
 
-    def send(self, msg):
+    def send(self, msg: Tuple[Any, ...]) -> None:
         """Send a message to the child (a dead child is noticed by whoever reads next)."""
         try:
             self.conn.put(msg)
         except (OSError, EOFError, gipc.GIPCClosed):
             pass
 
-    def on_exit(self):
+    def on_exit(self) -> None:
         """Mark the worker dead once: reap it, set the error a waiting caller gets, tell the pool."""
         if self.dead:
             return
@@ -167,7 +170,7 @@ class Worker:
                                           exitcode=exitcode, reason=reason))
         self._on_gone(self)
 
-    def _reap(self):
+    def _reap(self) -> None:
         try:
             self.conn.close()
         except Exception:
@@ -178,7 +181,7 @@ class Worker:
                 self.kill()
                 self.proc.join(timeout=2)
 
-    def kill(self, reason=None):
+    def kill(self, reason: Optional[str] = None) -> None:
         """SIGKILL the child; the next read sees EOF and finishes the bookkeeping."""
         if reason and not self.reason:
             self.reason = reason
