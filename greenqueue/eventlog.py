@@ -9,7 +9,7 @@ by the listener; they are set at import time (``@periodic``), not per event.
 """
 
 import logging
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from . import events
 
@@ -22,28 +22,33 @@ _unsubscribe: Optional[Callable[[], None]] = None
 # task name -> level of its routine lines (a 2-second periodic job would otherwise log twice a run)
 _task_levels: Dict[str, int] = {}
 
+_TaskEvent = Union[events.TaskSpawned, events.TaskStarted, events.TaskSucceeded, events.TaskFailed,
+                   events.TaskRetrying, events.TaskCancelled]
+_JobEvent = Union[events.JobFired, events.JobSkipped, events.JobMissed]
+_WorkerEvent = Union[events.WorkerStarted, events.WorkerExited]
 
-def _task(e):
+
+def _task(e: _TaskEvent) -> Tuple[str, str]:
     r = e.result
     return getattr(r, "name", "?"), getattr(r, "id", "?")
 
 
-def _error(exc):
+def _error(exc: Optional[BaseException]) -> str:
     return "%s: %s" % (type(exc).__name__, exc) if exc is not None else "unknown error"
 
 
-def _failure(e):
+def _failure(e: events.TaskFailed) -> str:
     # The traceback once, at the final failure; retries log one line each (TaskRetrying).
     tb = (getattr(e.result, "traceback", None) or "").rstrip()
     return "\n" + tb if tb else ""
 
 
-def _job(e):
+def _job(e: _JobEvent) -> str:
     job = e.job
     return getattr(job, "name", None) or repr(job)
 
 
-def _pool(e):
+def _pool(e: _WorkerEvent) -> str:
     pool = e.pool
     return getattr(pool, "name", None) or repr(pool)
 
