@@ -5,10 +5,20 @@ no-op ``@task`` calls at once (as concurrent requests would), so journal
 writes group-commit; each spawn still returns only after its row is
 committed. Then a real server answers wrk (50 connections) on a view that
 spawns a task, with and without ``--journal``: the p99 latency a request
-pays for a durable spawn. Targets: >= 10,000 journaled tasks/s and >= 0.3x
-in-memory.
+pays for a durable spawn.
+
+DESIGN's standing target is the pinned row: one process pinned to one core,
+``hub="current"``, 20,000 no-op tasks from 100 spawner greenlets, a local
+SQLite journal, best of three against the same without a journal:
+journaled spawn->complete >= 0.4x in-memory and >= 10,000/s. It runs in a
+child process so the pinning (``os.sched_setaffinity``) binds nothing else;
+pinned, the engine's SQLite thread and the hub share the core, so every
+microsecond either spends shows.
 """
 
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gevent  # noqa: E402
 
-from bench._common import PY, bench_main, free_port, row, server, wrk  # noqa: E402
+from bench._common import PY, ROOT, bench_main, free_port, row, server, wrk  # noqa: E402
 from greenqueue import runtime, tasks  # noqa: E402
 
 
@@ -48,6 +58,50 @@ def _throughput(n, spawners, path=None, sync="normal"):
     return n / elapsed
 
 
+TARGET_RATIO = 0.4
+TARGET_RATE = 10_000
+PINNED_TASKS = 20_000
+PINNED_SPAWNERS = 100
+_PINNED = ("import sys; sys.path.insert(0, %r); import bench.bench_journal as b; "
+           "b._pinned_child(%d, %d, %d)")
+
+
+def _pinned_child(n, repeats, core):
+    """In a child process: pin to ``core``, then print the best of ``repeats`` in-memory and journaled rates."""
+    os.sched_setaffinity(0, {core})
+    memory, journaled = [], []
+    with tempfile.TemporaryDirectory() as d:
+        for k in range(repeats):
+            # Alternate, so a slow spell of the machine costs both sides alike.
+            memory.append(_throughput(n, PINNED_SPAWNERS))
+            journaled.append(_throughput(n, PINNED_SPAWNERS, "%s/journal%d.db" % (d, k)))
+    print(json.dumps({"memory": memory, "journaled": journaled}))
+
+
+def _pinned(n, repeats):
+    """The standing target's row: best of ``repeats`` each, one process pinned to one core."""
+    if not hasattr(os, "sched_setaffinity"):
+        return row("journal", "journaled spawn->complete, pinned to one core", None, "tasks/s", "in-memory tasks",
+                   None, note="this OS cannot pin a process (no sched_setaffinity)")
+    core = max(os.sched_getaffinity(0))
+    proc = subprocess.run([PY, "-c", _PINNED % (str(ROOT), n, repeats, core)], capture_output=True, text=True,
+                          timeout=300, cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise RuntimeError("the pinned run failed: %s" % (proc.stderr.strip().splitlines() or ["no output"])[-1])
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    memory, journaled = max(got["memory"]), max(got["journaled"])
+    ratio = journaled / memory
+    met = ratio >= TARGET_RATIO and journaled >= TARGET_RATE
+    print("pinned to core %d, %d tasks from %d spawners, best of %d: journaled %.0f/s, in-memory %.0f/s, "
+          "%.2fx (targets >= %.1fx and >= %d/s: %s)" % (core, n, PINNED_SPAWNERS, repeats, journaled, memory,
+                                                        ratio, TARGET_RATIO, TARGET_RATE,
+                                                        "met" if met else "NOT met"), file=sys.stderr)
+    return row("journal", "journaled spawn->complete, pinned to one core (%d tasks, %d spawners, best of %d)"
+               % (n, PINNED_SPAWNERS, repeats), journaled, "tasks/s", "in-memory tasks", memory, True,
+               note="targets >= %.1fx and >= %s/s: %s" % (TARGET_RATIO, "{:,}".format(TARGET_RATE),
+                                                          "met" if met else "not met"))
+
+
 def _http(seconds, journal_path=None):
     """wrk against a view that spawns one task per request; the server journals if given a path."""
     port = free_port()
@@ -64,6 +118,7 @@ def run(quick: bool = False, smoke: bool = False) -> list:
     """Measure and return rows (ratio > 1: greenqueue better; here ours is the journaled rate)."""
     n = 2_000 if smoke else (20_000 if quick else 100_000)
     spawners = 100
+    pinned = _pinned(2_000 if smoke else PINNED_TASKS, 1 if smoke else 3)
     memory = _throughput(n, spawners)
     with tempfile.TemporaryDirectory() as d:
         journaled = _throughput(n, spawners, d + "/journal.db")
@@ -85,8 +140,9 @@ def run(quick: bool = False, smoke: bool = False) -> list:
     except FileNotFoundError as exc:  # no wrk
         rows = [row("journal", "view spawning a task", None, "", "-", None, note=str(exc))]
     return rows + [
-        row("journal", "journaled spawn->complete (%d concurrent spawners)" % spawners, journaled,
-            "tasks/s", "in-memory tasks", memory, True, note="target >= 10,000/s and >= 0.3x"),
+        pinned,
+        row("journal", "journaled spawn->complete (%d concurrent spawners, unpinned)" % spawners, journaled,
+            "tasks/s", "in-memory tasks", memory, True, note="the target's measure is the pinned row"),
         row("journal", "journaled spawn->complete (1 spawner, a commit per spawn)", sequential,
             "tasks/s", "in-memory tasks", memory, True),
         # What --journal-sync full (an fsync per commit) costs against the default, same run.
