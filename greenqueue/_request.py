@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, No
 import httptools
 
 from ._response import IncompleteBody
+from .errors import GreenqueueError
 
 if TYPE_CHECKING:
     from ._http import Connection
@@ -61,8 +62,11 @@ class HTTPSettings:
         }
 
 
-class RequestError(Exception):
+class RequestError(GreenqueueError):
     """A request we refuse; ``status`` is the 4xx/5xx to answer with."""
+
+    # A GreenqueueError because it reaches the app: a body that stops parsing (a malformed
+    # chunk) raises it from ``wsgi.input.read()``, inside the app's own code.
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
