@@ -18,6 +18,7 @@ Nothing here blocks the hub.
 import collections
 import heapq
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import gevent
@@ -49,31 +50,27 @@ class _TaskGreenlet(Greenlet):
     spawning_stack_limit = 0
 
 
+@dataclass(slots=True, eq=False)
 class Entry:
     """The runner's record of a task it holds: what to call, where it waits, whether it holds a slot."""
 
     # Slots keep a waiting task small: 100,000 scheduled tasks are a normal load.
-    __slots__ = ("handle", "fn", "args", "kwargs", "opts", "app", "idle", "where", "slot", "greenlet",
-                 "serializer", "queue", "abandoned")
-
-    def __init__(self, handle: TaskResult[Any], fn: Optional[Callable[..., Any]], args: tuple, kwargs: dict,
-                 opts: TaskOptions, app: Any = None, idle: bool = False) -> None:
-        self.handle = handle
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.opts = opts
-        #: The Flask app whose context the task runs in (None: none).
-        self.app = app
-        self.idle = idle
-        self.where: Optional[str] = None
-        self.slot = False
-        self.greenlet: Optional[Greenlet[..., Any]] = None
-        #: Set when the store records this task (a durable store, an ``@task``).
-        self.serializer: Optional[str] = None
-        self.queue = "default"
-        #: Set when the task's lease went to another node: its greenlet ends without a result.
-        self.abandoned = False
+    handle: TaskResult[Any]
+    fn: Optional[Callable[..., Any]]
+    args: tuple
+    kwargs: dict
+    opts: TaskOptions
+    #: The Flask app whose context the task runs in (None: none).
+    app: Any = None
+    idle: bool = False
+    where: Optional[str] = None
+    slot: bool = False
+    greenlet: "Optional[Greenlet[..., Any]]" = None
+    #: Set when the store records this task (a durable store, an ``@task``).
+    serializer: Optional[str] = None
+    queue: str = "default"
+    #: Set when the task's lease went to another node: its greenlet ends without a result.
+    abandoned: bool = False
 
     def __repr__(self) -> str:
         return "<Entry %s %s>" % (self.handle.id, self.where)

@@ -21,13 +21,17 @@ os.register_at_fork(after_in_child=_rand.seed)
 
 @dataclass(frozen=True)
 class TaskOptions:
-    """Retry and timeout policy of a task (shared by all its spawns)."""
+    """A task's policy, shared by all its spawns: retries, timeout, how it is stored and which queue it is on."""
 
     retries: int = 0
     retry_delay: float = 0.0
     retry_backoff: float = 1.0
     retry_jitter: float = 0.0
     timeout: Optional[float] = None
+    #: How a durable store keeps the task's arguments and result ("json" or "pickle").
+    serializer: str = "json"
+    #: The queue a node claims the task from (``--queues``).
+    queue: str = "default"
 
     def delay_for(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""

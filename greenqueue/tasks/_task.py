@@ -57,18 +57,23 @@ class Task(Generic[P, R]):
     """A function registered as a task: call it inline, or ``.spawn()`` it in a greenlet."""
 
     def __init__(self, fn: Callable[P, R], name: str, opts: TaskOptions,
-                 batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
-                 serializer: str = "json", queue: str = "default") -> None:
+                 batch_size: Optional[int] = None, batch_interval: Optional[float] = None) -> None:
+        functools.update_wrapper(self, fn)
         self.fn = fn
         self.name = name
         self.opts = opts
         self.batch_size = batch_size
         self.batch_interval = batch_interval
-        #: How a durable store keeps this task's arguments and result ("json" or "pickle").
-        self.serializer = serializer
-        #: The queue a node claims this task from (``--queues``).
-        self.queue = queue
-        functools.update_wrapper(self, fn)
+
+    @property
+    def serializer(self) -> str:
+        """How a durable store keeps this task's arguments and result ("json" or "pickle")."""
+        return self.opts.serializer
+
+    @property
+    def queue(self) -> str:
+        """The queue a node claims this task from (``--queues``)."""
+        return self.opts.queue
 
     def __repr__(self) -> str:
         return "<Task %s>" % self.name
@@ -185,15 +190,15 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
         raise ConfigError("name must be a non-empty string, got %r" % (name,))
     if not isinstance(queue, str) or not queue:
         raise ConfigError("queue must be a non-empty string, got %r" % (queue,))
-    opts = TaskOptions(int(retries), float(retry_delay), float(retry_backoff),
-                       float(retry_jitter), None if timeout is None else float(timeout))
+    opts = TaskOptions(int(retries), float(retry_delay), float(retry_backoff), float(retry_jitter),
+                       None if timeout is None else float(timeout), serializer, queue)
 
     def decorate(f: Callable[P, R]) -> Task[P, R]:
         if isinstance(f, Task):
             f = f.fn
         if not callable(f):
             raise ConfigError("@task decorates a function, got a %s: %r" % (type(f).__name__, f))
-        t = Task(f, name or callable_name(f), opts, batch_size, batch_interval, serializer, queue)
+        t = Task(f, name or callable_name(f), opts, batch_size, batch_interval)
         _register(t)
         return t
 
