@@ -4,14 +4,22 @@
 ``--dashboard-path`` are served; the server calls it when either is set.
 """
 
+from typing import TYPE_CHECKING, Optional, Sequence, Sized, Tuple
+
 from .metrics import Metrics
-from .web import Observability
+from .web import Observability, _Network
+
+if TYPE_CHECKING:
+    from wsgiref.types import WSGIApplication
+
+    from ..runtime import Runtime
 
 __all__ = ["Metrics", "Observability", "install"]
 
 
-def install(app, metrics_path=None, dashboard_path=None, allow_ips=None, token=None, connections=None,
-            runtime=None):
+def install(app: "WSGIApplication", metrics_path: Optional[str] = None, dashboard_path: Optional[str] = None,
+            allow_ips: Optional[Sequence[_Network]] = None, token: Optional[str] = None,
+            connections: Optional[Sized] = None, runtime: Optional["Runtime"] = None) -> Tuple[Observability, Metrics]:
     """Start collecting metrics and return ``(wrapped app, metrics)``."""
     metrics = Metrics(connections, runtime).install()
     return Observability(app, metrics, metrics_path, dashboard_path, allow_ips, token), metrics

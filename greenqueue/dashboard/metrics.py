@@ -11,13 +11,16 @@ import collections
 import os
 import time
 from bisect import bisect_left
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sized, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .. import events
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 __all__ = ["Metrics"]
 
@@ -29,15 +32,15 @@ class _Hist:
 
     __slots__ = ("counts", "sum")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.counts = [0] * (len(_FAST) + 1)
         self.sum = 0.0
 
-    def observe(self, value):
+    def observe(self, value: float) -> None:
         self.counts[bisect_left(_FAST, value)] += 1
         self.sum += value
 
-    def buckets(self):
+    def buckets(self) -> List[Tuple[str, int]]:
         out, total = [], 0
         for bound, n in zip(_FAST + (float("inf"),), self.counts):
             total += n
@@ -53,7 +56,7 @@ class Metrics:
     That keeps the cost per task to a few hundred nanoseconds.
     """
 
-    def __init__(self, connections=None, runtime=None):
+    def __init__(self, connections: Optional[Sized] = None, runtime: Optional["Runtime"] = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         # metric -> label tuple -> count; a hot task cell is a one-element list instead (_task).
         self.counters: Dict[str, Dict[Any, Any]] = {name: collections.Counter() for name, _, _ in _COUNTERS}
@@ -62,10 +65,10 @@ class Metrics:
         self.registry.register(_Exporter(self))
         self.registry.register(_StateCollector(connections, runtime))
         self.history = History()
-        self._listener = None
-        self._tasks = {}  # task name -> its label tuples and duration histogram, made once
+        self._listener: Optional[Callable[[], None]] = None
+        self._tasks: Dict[str, Dict[str, Any]] = {}  # task name -> its counter cells and histogram, made once
 
-    def _task(self, name):
+    def _task(self, name: str) -> Dict[str, Any]:
         # One-element lists as counter cells, made once per task name: bumping a cell
         # costs a fifth of building a label tuple and updating a Counter per event.
         # Keys: "spawned", "duration" (the histogram) and the final states; no state has those names.
@@ -76,18 +79,20 @@ class Metrics:
         self._tasks[name] = t
         return t
 
-    def install(self):
+    def install(self) -> "Metrics":
         """Start listening to task, job, worker, consumer, pool-call and HTTP events."""
         self._listener = events.subscribe(self._on_event, *_HANDLED)
         return self
 
-    def uninstall(self):
+    def uninstall(self) -> None:
         """Stop listening."""
         if self._listener is not None:
             self._listener()
         self._listener = None
 
-    def _on_event(self, e):
+    # ``e`` is one of _HANDLED; the branches dispatch on ``type(e)`` kept in a local (the hot
+    # path's fastest test), which mypy cannot narrow through, so ``e`` stays Any.
+    def _on_event(self, e: Any) -> None:
         kind = type(e)
         c = self.counters
         if kind is events.TaskSucceeded or kind is events.TaskFailed:
@@ -136,7 +141,7 @@ class Metrics:
             self.hists["greenqueue_consumer_batch_seconds"][(name,)].observe(e.seconds)
             self.hists["greenqueue_consumer_batch_size"][(name,)].observe(e.count)
 
-    def render(self):
+    def render(self) -> Tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -168,10 +173,10 @@ _HISTOGRAMS = [
 class _Exporter:
     """Turns the plain counters and histograms into Prometheus metric families at scrape time."""
 
-    def __init__(self, metrics):
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         for name, doc, labels in _COUNTERS:
             family = CounterMetricFamily(name, doc, labels=labels)
             for key, value in list(self.metrics.counters[name].items()):
@@ -191,12 +196,12 @@ class History:
 
     SPAN, BUCKETS = 10, 360
 
-    def __init__(self):
-        self.buckets: Dict[int, List[Any]] = {}
+    def __init__(self) -> None:
+        self.buckets: Dict[int, List[float]] = {}
         self._key = -1
         self._current: Any = None  # the bucket of self._key, set by the first _roll
 
-    def add(self, state, duration, when):
+    def add(self, state: str, duration: Optional[float], when: float) -> None:
         """Count one task finished at ``when`` (epoch seconds)."""
         key = int(when // self.SPAN)
         if key == self._key:
@@ -209,7 +214,7 @@ class History:
         if duration is not None:
             b[2] += duration
 
-    def _roll(self, key):
+    def _roll(self, key: int) -> List[float]:
         b = self.buckets.get(key)
         if b is None:
             b = self.buckets[key] = [0, 0, 0.0]
@@ -219,7 +224,7 @@ class History:
             self._key, self._current = key, b  # the bucket most events land in
         return b
 
-    def series(self):
+    def series(self) -> List[Tuple[int, float, float, Optional[float]]]:
         """[(bucket start, finished, failed, mean seconds)] for the last hour, oldest first."""
         now = int(time.time() // self.SPAN)
         out = []
@@ -229,7 +234,7 @@ class History:
         return out
 
 
-def _rss_bytes(pid):
+def _rss_bytes(pid: int) -> Optional[int]:
     try:
         with open("/proc/%d/status" % pid) as fh:
             for line in fh:
@@ -243,11 +248,11 @@ def _rss_bytes(pid):
 class _StateCollector:
     """Gauges read at scrape time: tasks waiting/running, worker processes, open connections."""
 
-    def __init__(self, connections, runtime=None):
+    def __init__(self, connections: Optional[Sized], runtime: Optional["Runtime"] = None) -> None:
         self.connections = connections
         self.runtime = runtime
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         runtime = self.runtime
         if runtime is None:
             from ..runtime import get_runtime
@@ -262,13 +267,13 @@ class _StateCollector:
         restarts = CounterMetricFamily("greenqueue_worker_restarts", "Workers replaced", labels=["pool"])
         rss = GaugeMetricFamily("greenqueue_worker_rss_bytes", "Resident memory of a pool's workers",
                                 labels=["pool"])
-        for stats in runtime.pools.stats():
-            ws = stats["workers"]
-            name = stats["name"]
+        for pool in runtime.pools.stats():
+            ws = pool["workers"]
+            name = pool["name"]
             workers.add_metric([name, "alive"], len(ws))
             workers.add_metric([name, "busy"], sum(1 for w in ws if w["busy"]))
             calls.add_metric([name], sum(w["calls"] for w in ws))
-            restarts.add_metric([name], stats["restarts"])
+            restarts.add_metric([name], pool["restarts"])
             rss.add_metric([name], sum(_rss_bytes(w["pid"]) or 0 for w in ws if w["pid"]))
         yield workers
         yield calls

@@ -7,17 +7,24 @@ so the view is consistent), then turned into JSON-ready dicts.
 
 import os
 import sysconfig
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+    from ..tasks import TaskResult
+    from .metrics import Metrics
 
 __all__ = ["snapshot"]
 
 LIMIT = 50
 
 
-def _iso(dt):
+def _iso(dt: Optional[datetime]) -> Optional[str]:
     return dt.isoformat() if dt is not None else None
 
 
-def _short_paths(text):
+def _short_paths(text: str) -> str:
     """Tracebacks with project paths relative and library paths shortened: easier to read on a phone."""
     for prefix, short in ((sysconfig.get_paths()["purelib"] + os.sep, "site-packages/"),
                           (os.getcwd() + os.sep, "")):
@@ -25,8 +32,8 @@ def _short_paths(text):
     return text
 
 
-def _task(r, full=False):
-    d = {"id": r.id, "name": r.name, "state": r.state, "retries": r.retries, "eta": _iso(r.eta),
+def _task(r: "TaskResult[Any]", full: bool = False) -> Dict[str, Any]:
+    d: Dict[str, Any] = {"id": r.id, "name": r.name, "state": r.state, "retries": r.retries, "eta": _iso(r.eta),
          "started_at": _iso(r.started_at), "finished_at": _iso(r.finished_at), "duration": r.duration,
          "progress": r.progress}
     if full and r.exception is not None:
@@ -35,14 +42,14 @@ def _task(r, full=False):
     return d
 
 
-def snapshot(metrics=None, runtime=None):
+def snapshot(metrics: Optional["Metrics"] = None, runtime: Optional["Runtime"] = None) -> Dict[str, Any]:
     """Tasks (running, waiting, scheduled, recent), jobs, pools and the last hour's history."""
     if runtime is None:
         from ..runtime import get_runtime
         runtime = get_runtime()
     snap = runtime.snapshot(LIMIT)
     tasks = snap["tasks"]
-    out = {"counts": snap["counts"], "journal": snap["durable"], "store": snap["store"], "history": [],
+    out: Dict[str, Any] = {"counts": snap["counts"], "journal": snap["durable"], "store": snap["store"], "history": [],
            "tasks": {"running": [_task(r) for r in tasks["running"]],
                      "pending": [_task(r) for r in tasks["pending"]],
                      "scheduled": [_task(r) for r in tasks["scheduled"]],

@@ -12,36 +12,47 @@ import json
 import os
 from http.cookies import SimpleCookie
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs
 
 from ..errors import GreenqueueError
 from .state import snapshot
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from .metrics import Metrics
 
 __all__ = ["Observability"]
 
 _PAGE = Path(__file__).with_name("dashboard.html")
 _COOKIE = "greenqueue_dashboard"
 
+#: An address or network allowed to see the dashboard and metrics.
+_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+_Headers = List[Tuple[str, str]]
+
 
 class Observability:
     """Serves metrics and the dashboard under their paths; everything else goes to the app."""
 
-    def __init__(self, app: Callable, metrics: Any, metrics_path: Optional[str] = None,
-                 dashboard_path: Optional[str] = None, allow_ips: Optional[Sequence[Any]] = None,
-                 token: Optional[str] = None, interval: float = 1.0):
+    def __init__(self, app: "WSGIApplication", metrics: "Metrics", metrics_path: Optional[str] = None,
+                 dashboard_path: Optional[str] = None, allow_ips: Optional[Sequence[_Network]] = None,
+                 token: Optional[str] = None, interval: float = 1.0) -> None:
         self.app = app
         self.metrics = metrics
         self.metrics_path = metrics_path
         self.dashboard_path = (dashboard_path or "").rstrip("/") or None
-        self.allow = allow_ips if allow_ips is not None else (ipaddress.ip_network("127.0.0.1/32"),
-                                                              ipaddress.ip_network("::1/128"))
+        self.allow: Optional[Sequence[_Network]] = (
+            allow_ips if allow_ips is not None else (ipaddress.ip_network("127.0.0.1/32"),
+                                                     ipaddress.ip_network("::1/128")))
         self.token = token
         self.interval = interval
         # A per-process secret: the CSRF token is only ever known to pages this process served.
         self.csrf = hmac.new(os.urandom(32), b"greenqueue-dashboard", "sha256").hexdigest()
 
-    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+    def __call__(self, environ: "WSGIEnvironment", start_response: "StartResponse") -> Iterable[bytes]:
         """Answer the metrics and dashboard paths; pass every other request to the app."""
         path = environ.get("PATH_INFO", "")
         if self.metrics_path and path == self.metrics_path:
@@ -53,7 +64,7 @@ class Observability:
 
     # -- access --------------------------------------------------------------------------
 
-    def _token_ok(self, environ):
+    def _token_ok(self, environ: "WSGIEnvironment") -> bool:
         if not self.token:
             return False
         auth = environ.get("HTTP_AUTHORIZATION", "")
@@ -66,7 +77,7 @@ class Observability:
             candidates.append(query[0])
         return any(hmac.compare_digest(c.encode(), self.token.encode()) for c in candidates)
 
-    def _ip_ok(self, environ):
+    def _ip_ok(self, environ: "WSGIEnvironment") -> bool:
         addr = environ.get("REMOTE_ADDR") or ""
         if not addr:
             return True  # a unix-socket client with no X-Forwarded-For: a local process
@@ -78,9 +89,10 @@ class Observability:
             return False
         return any(ip in net for net in self.allow)
 
-    def _guarded(self, environ, start_response, handler):
+    def _guarded(self, environ: "WSGIEnvironment", start_response: "StartResponse",
+                 handler: "WSGIApplication") -> Iterable[bytes]:
         if self._ip_ok(environ) or self._token_ok(environ):
-            extra = []
+            extra: _Headers = []
             if self.token and "token=" in environ.get("QUERY_STRING", "") and self._token_ok(environ):
                 # Remember a token given once in the URL, so the page's own requests carry it.
                 extra.append(("Set-Cookie", "%s=%s; HttpOnly; SameSite=Strict; Path=/" % (_COOKIE, self.token)))
@@ -93,13 +105,13 @@ class Observability:
 
     # -- handlers ----------------------------------------------------------------------------
 
-    def _metrics(self, environ, start_response):
+    def _metrics(self, environ: "WSGIEnvironment", start_response: "StartResponse") -> List[bytes]:
         body, ctype = self.metrics.render()
         start_response("200 OK", [("Content-Type", ctype), ("Content-Length", str(len(body))),
                                   ("Cache-Control", "no-store")])
         return [body]
 
-    def _dashboard(self, environ, start_response):
+    def _dashboard(self, environ: "WSGIEnvironment", start_response: "StartResponse") -> Iterable[bytes]:
         base = self.dashboard_path or ""  # only routed here when there is one
         sub = environ["PATH_INFO"][len(base):] or "/"
         method = environ["REQUEST_METHOD"]
@@ -125,7 +137,7 @@ class Observability:
             return self._action(start_response, parts[1], parts[2])
         return _json(start_response, "404 Not Found", {"error": "no such dashboard page"})
 
-    def _action(self, start_response, task_id, action):
+    def _action(self, start_response: "StartResponse", task_id: str, action: str) -> List[bytes]:
         from ..runtime import get_runtime
         runtime = get_runtime()
         if action == "cancel":
@@ -139,35 +151,35 @@ class Observability:
             return _json(start_response, "409 Conflict", {"error": str(exc)})
         return _json(start_response, "200 OK", {"retried": True, "state": r.state})
 
-    def _events(self, start_response):
+    def _events(self, start_response: "StartResponse") -> Iterator[bytes]:
         import gevent
         start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
                                   ("X-Accel-Buffering", "no")])
 
-        def stream():
+        def stream() -> Iterator[bytes]:
             while True:
                 yield ("data: %s\n\n" % json.dumps(snapshot(self.metrics), default=str)).encode()
                 gevent.sleep(self.interval)
         return stream()
 
 
-def _with_headers(start_response, extra):
+def _with_headers(start_response: "StartResponse", extra: _Headers) -> "StartResponse":
     if not extra:
         return start_response
 
-    def wrapped(status, headers, exc_info=None):
+    def wrapped(status: str, headers: _Headers, exc_info: "Optional[OptExcInfo]" = None) -> Callable[[bytes], object]:
         return start_response(status, list(headers) + extra, exc_info)
     return wrapped
 
 
-def _plain(start_response, status, text, headers=None):
+def _plain(start_response: "StartResponse", status: str, text: str, headers: Optional[_Headers] = None) -> List[bytes]:
     body = text.encode()
     start_response(status, (headers or [("Content-Type", "text/plain; charset=utf-8")]) +
                    [("Content-Length", str(len(body)))])
     return [body]
 
 
-def _json(start_response, status, data):
+def _json(start_response: "StartResponse", status: str, data: Mapping[str, object]) -> List[bytes]:
     body = json.dumps(data, default=str).encode()
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                             ("Cache-Control", "no-store")])
