@@ -105,6 +105,24 @@ def test_retry_button_action_reruns_a_failed_journaled_task(server_factory, tmp_
                          ["tasks"]["recent"] if t["id"] == task_id and t["state"] == "FAILURE") == 1, 10)
 
 
+def test_durable_delayed_tasks_show_count_and_cancel_like_the_rest(server_factory, tmp_path):
+    # With a journal a delayed @task is a row in the store, not in this process's heap:
+    # the dashboard and the metrics read it through the store all the same.
+    srv = server_factory(APP, "--dashboard-path", "/_greenqueue", "--metrics-path", "/metrics",
+                         "--journal", str(tmp_path / "j.db"))
+    task_id = requests.post(srv.url + "/later/600", timeout=5).json()["id"]
+    state = requests.get(srv.url + "/_greenqueue/state.json", timeout=5).json()
+    assert [t["id"] for t in state["tasks"]["scheduled"]] == [task_id]
+    assert state["counts"]["scheduled"] == 1
+    assert sample(srv, "greenqueue_tasks", state="scheduled") == 1
+    csrf = requests.get(srv.url + "/_greenqueue/", timeout=5).text.split('name="csrf-token" content="')[1].split('"')[0]
+    r = requests.post(srv.url + "/_greenqueue/tasks/%s/cancel" % task_id, headers={"X-CSRF-Token": csrf}, timeout=5)
+    assert r.status_code == 200 and r.json() == {"cancelled": True, "state": "CANCELLED"}
+    state = requests.get(srv.url + "/_greenqueue/state.json", timeout=5).json()
+    assert state["tasks"]["scheduled"] == [] and state["counts"]["scheduled"] == 0
+    assert [t["state"] for t in state["tasks"]["recent"] if t["id"] == task_id] == ["CANCELLED"]
+
+
 def test_startup_line_links_the_dashboard(srv):
     assert "dashboard: %s/_greenqueue/" % srv.url in srv.log()
     assert "metrics: %s/metrics" % srv.url in srv.log()

@@ -829,3 +829,15 @@ def test_batch_drain_flushes_and_cancelled_items_are_left_out():
     b.cancel()
     assert tasks.drain(WAIT).complete
     assert calls == [["a"]] and a.successful() and b.state == CANCELLED
+
+
+def test_a_failed_tasks_traceback_starts_at_the_tasks_own_code():
+    def parse_header(row):
+        raise ValueError("no header in %r" % (row,))
+
+    r = spawn(parse_header, "x,y")
+    with pytest.raises(ValueError):
+        r.get(WAIT)
+    frames = [line for line in r.traceback.splitlines() if line.startswith('  File "')]
+    assert "in parse_header" in frames[0], r.traceback
+    assert not any(f.split('"')[1].startswith(str(ROOT / "greenqueue")) for f in frames), r.traceback

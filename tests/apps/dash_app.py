@@ -41,3 +41,9 @@ def spawn(kind):
 def release():
     _release.set()
     return "ok"
+
+
+@app.post("/later/<int:seconds>")
+def later(seconds):
+    # A journaled @task delayed this long waits in the store, not in this process's heap.
+    return jsonify(id=broken_import.spawn_later(seconds).id)
