@@ -91,6 +91,7 @@ class Lifecycle:
         self.settings = settings
         self.log = log
         self.front = front if front is not None else Front()
+        # Imported here, not at the top: the commands import this module before main() monkey-patches.
         from gevent.event import Event
         self._stopping, self._aborting = Event(), Event()
         self.signals = StopSignals(self._stopping.set, self._aborting.set)

@@ -57,7 +57,7 @@ _select = monkey.get_original("select", "select")
 class _Child:
     """One server process and what the parent knows of it."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int) -> None:
         self.index = index
         self.pid = 0
         self.started = 0.0

@@ -27,27 +27,27 @@ from .errors import ConfigError
 __all__ = ["Setting", "SETTINGS", "Settings", "build_parser", "load", "parse_ips"]
 
 
-def _positive_int(text):
+def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError("must be 1 or more, got %r" % text)
     return value
 
 
-def _positive_float(text):
+def _positive_float(text: str) -> float:
     value = _non_negative_float(text)
     if value <= 0:
         raise ValueError("must be more than 0")
     return value
 
 
-def _queues(text):
+def _queues(text: Any) -> List[str]:
     if isinstance(text, (list, tuple)):
         return [str(q) for q in text]
     return [q.strip() for q in str(text).split(",") if q.strip()]
 
 
-def _non_negative_float(text):
+def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
         raise ValueError("must be 0 or more, got %r" % text)
@@ -57,7 +57,7 @@ def _non_negative_float(text):
 JOURNAL_SYNC = ("normal", "full")
 
 
-def _journal_sync(text):
+def _journal_sync(text: str) -> str:
     mode = str(text).lower()
     if mode not in JOURNAL_SYNC:
         raise ValueError("must be one of %s, got %r" % (", ".join(JOURNAL_SYNC), text))
@@ -67,7 +67,7 @@ def _journal_sync(text):
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def _log_level(text):
+def _log_level(text: str) -> str:
     level = str(text).lower()
     if level not in LOG_LEVELS:
         raise ValueError("must be one of %s, got %r" % (", ".join(LOG_LEVELS), text))
@@ -88,7 +88,7 @@ def parse_ips(text: Any) -> Optional[Tuple[Any, ...]]:
     return tuple(nets)
 
 
-def _ips(text):
+def _ips(text: str) -> str:
     parse_ips(text)  # validate now so a typo fails at start-up
     return text
 
@@ -276,7 +276,7 @@ def build_parser(prog: str = "greenqueue", worker: bool = False) -> argparse.Arg
     return parser
 
 
-def _coerce(setting, value, source):
+def _coerce(setting: Setting, value: Any, source: str) -> Any:
     try:
         if setting.multiple:
             values = value if isinstance(value, (list, tuple)) else [value]
@@ -288,7 +288,7 @@ def _coerce(setting, value, source):
         raise ConfigError("%s %s: %s" % (source, setting.option, exc)) from None
 
 
-def _from_env(environ):
+def _from_env(environ: Mapping[str, str]) -> Dict[str, Any]:
     values = {}
     for s in SETTINGS:
         raw = environ.get(s.env)
@@ -303,7 +303,7 @@ _ALIASES = {"dirty_app": "dirty_apps"}
 _NOT_SETTINGS = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
 
 
-def _from_file(path, warn):
+def _from_file(path: str, warn: Callable[[str], None]) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError("config file %s: no such file" % path)
     try:
