@@ -12,11 +12,11 @@ module never calls the runner.
 
 Group commit (``batch=True``, what the server uses: on SQLite and on
 PostgreSQL a commit costs more than the statement): spawns and final states
-queue up, and two writer greenlets, one for spawns and one for final states,
-each commit everything queued in one statement and one transaction per kind
-while the previous commit was on its way. A spawn still returns only after
-its batch committed; final states are written behind (a crash before their
-commit runs the task again: at-least-once). An engine that promises a
+queue up, and one writer greenlet commits everything queued, spawns and
+final states together, in one transaction (``Engine.write``) while the
+previous commit was on its way. A spawn still returns only after its batch
+committed; final states are written behind (a crash before their commit
+runs the task again: at-least-once). An engine that promises a
 bound on a failing spawn (``spawn_deadline``) gets it: a spawn queued behind
 a stuck batch gives up before it is sent, so it never waits for two
 timeouts in a row.
@@ -76,7 +76,7 @@ class ClusterStore:
     durable = True
 
     def __init__(self, engine: Engine, node: Optional[str] = None, queues: Optional[Sequence[str]] = None,
-                 result_ttl: float = 3600.0, max_lease_losses: int = 3, batch: bool = False):
+                 result_ttl: float = 3600.0, max_lease_losses: int = 3, batch: bool = False) -> None:
         self.engine = engine
         self.display = engine.display
         self.node = node or node_id()
@@ -90,10 +90,8 @@ class ClusterStore:
         self.batch = batch
         self._spawns: List[Any] = []          # (row, claim, waiter) not sent yet
         self._finishes: List[tuple] = []      # (task name, engine.finish arguments) not sent yet
-        self._wake: Any = None                # set when a spawn is queued
-        self._wake_finish: Any = None         # set when a final state is queued
+        self._wake: Any = None                # set when a spawn or a final state is queued
         self._writer: Any = None
-        self._finisher: Any = None
         self._stopping = False
         # Engines that promise a bound on a failing spawn say so; the SQLite engine's own timeout is the bound.
         deadline: Optional[float] = getattr(engine, "spawn_deadline", None)
@@ -115,9 +113,8 @@ class ClusterStore:
         if self.batch:
             import gevent
             from gevent.event import Event
-            self._wake, self._wake_finish = Event(), Event()
-            self._writer = gevent.spawn(self._write_loop, self._wake, self._flush_spawns)
-            self._finisher = gevent.spawn(self._write_loop, self._wake_finish, self._flush_finishes)
+            self._wake = Event()
+            self._writer = gevent.spawn(self._write_loop, self._wake)
         self.engine.register(NodeInfo(id=self.node, host=socket.gethostname(), pid=os.getpid(),
                                       queues=self.queues, started_at=time.time()))
         self._take_back_from_dead_local_nodes()
@@ -197,7 +194,7 @@ class ClusterStore:
                 row.traceback, self.result_ttl)
         if self._writer is not None:
             self._finishes.append((row.name, args))
-            self._wake_finish.set()
+            self._wake.set()
             return True
         ok = self.engine.finish(*args)
         if not ok:
@@ -226,71 +223,61 @@ class ClusterStore:
         stored = waiter.get()  # sent: the engine's own timeout ends the wait
         return stored
 
-    def _write_loop(self, wake: Any, flush: Any) -> None:
+    def _write_loop(self, wake: Any) -> None:
         while True:
             wake.wait()
             wake.clear()
-            flush()
+            self.flush()
             if self._stopping:
                 return
 
     def _stop_writers(self) -> None:
-        """Let the writers finish the batch on its way, then commit what is left in this greenlet."""
-        writers = [w for w in (self._writer, self._finisher) if w is not None]
-        if not writers:
+        """Let the writer finish the batch on its way, then commit what is left in this greenlet."""
+        writer = self._writer
+        if writer is None:
             return
         import gevent
         # From here on spawns and final states are written directly, by their own greenlets.
-        self._writer = self._finisher = None
+        self._writer = None
         self._stopping = True
         self._wake.set()
-        self._wake_finish.set()
-        # Killing a writer mid-commit would lose its batch of final states (they run again):
+        # Killing the writer mid-commit would lose its batch of final states (they run again):
         # it gets the engine's timeout to end its call first.
-        gevent.joinall(writers, timeout=getattr(self.engine, "timeout", 5.0) + 2.0)
-        for writer in writers:
-            writer.kill(block=True)
+        gevent.joinall([writer], timeout=getattr(self.engine, "timeout", 5.0) + 2.0)
+        writer.kill(block=True)
         self.flush()
 
     def flush(self) -> None:
-        """Commit what is queued now: spawns (their callers wait for this), then final states."""
-        self._flush_spawns()
-        self._flush_finishes()
-
-    def _flush_spawns(self) -> None:
+        """Commit what is queued now, spawns (their callers wait for this) and final states, in one transaction."""
         spawns, self._spawns = self._spawns, []
-        for claim in (True, False):
-            part = [(row, waiter) for row, c, waiter in spawns if c == claim]
-            if not part:
-                continue
-            try:
-                stored = self.engine.enqueue([row for row, _ in part], owner=self.node if claim else None)
-            except BaseException as exc:
-                # Every caller hears the outcome, even when the writer is killed mid-call (close()).
-                failed = exc if isinstance(exc, Exception) else JournalError(
-                    "journal %s: the store closed while the spawn was being written; it may or may not "
-                    "be stored" % self.display)
-                for _, waiter in part:
-                    waiter.set_exception(failed)
-                if failed is not exc:
-                    raise
-                continue
-            for (row, waiter), got in zip(part, stored):
-                if claim and got.id == row.id and got.owner == self.node:
-                    self._attempts[got.id] = got.attempts
-                waiter.set(got)
-
-    def _flush_finishes(self) -> None:
         finishes, self._finishes = self._finishes, []
-        if not finishes:
+        if not spawns and not finishes:
             return
+        claimed = [(row, waiter) for row, claim, waiter in spawns if claim]
+        unclaimed = [(row, waiter) for row, claim, waiter in spawns if not claim]
         try:
-            results = self.engine.finish_many([args for _, args in finishes])
-        except Exception as exc:
-            log.error("journal %s: %d final state(s) not written (%s); those tasks run again",
-                      self.display, len(finishes), exc)
+            stored_claimed, stored_unclaimed, finished = self.engine.write(
+                self.node, [row for row, _ in claimed], [row for row, _ in unclaimed], [args for _, args in finishes])
+        except BaseException as exc:
+            # Every caller hears the outcome, even when the writer is killed mid-call (close()).
+            failed = exc if isinstance(exc, Exception) else JournalError(
+                "journal %s: the store closed while the spawn was being written; it may or may not "
+                "be stored" % self.display)
+            for _, _, waiter in spawns:
+                waiter.set_exception(failed)
+            if finishes:
+                log.error("journal %s: %d final state(s) not written (%s); those tasks run again",
+                          self.display, len(finishes), exc)
+            if failed is not exc:
+                raise
             return
-        for (name, args), ok in zip(finishes, results):
+        for (row, waiter), got in zip(claimed, stored_claimed):
+            if got.id == row.id and got.owner == self.node:
+                self._attempts[got.id] = got.attempts
+            waiter.set(got)
+        for (row, waiter), got in zip(unclaimed, stored_unclaimed):
+            waiter.set(got)
+        for (name, args), ok in zip(finishes, finished):
             if not ok:
                 _discarded(name, args[0], args[2])
 

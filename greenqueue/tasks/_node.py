@@ -49,7 +49,7 @@ UNKNOWN_RETRY = 10.0  # seconds before a task no node here knows is offered agai
 class _Trouble:
     """One log line when a loop starts failing and one when it recovers; a growing pause between."""
 
-    def __init__(self, what: str, display: str):
+    def __init__(self, what: str, display: str) -> None:
         self.what = what
         self.display = display
         self.failing_since: Optional[float] = None
@@ -74,7 +74,7 @@ class Node:
     """The loops that make this process one node of the cluster its store is shared with."""
 
     def __init__(self, runner: Runner, store: Store, find_task: Callable[[str], Any], listen: bool = True,
-                 heartbeat: float = HEARTBEAT, poll: float = POLL):
+                 heartbeat: float = HEARTBEAT, poll: float = POLL) -> None:
         self.runner = runner
         self.store = store
         self.find_task = find_task

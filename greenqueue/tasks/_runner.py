@@ -63,7 +63,7 @@ class Runner:
 
     def __init__(self, max_concurrency: int = 100, max_pending: int = 10000, result_ttl: float = 3600,
                  max_results: int = 10000, eager: bool = False, store: Optional[Store] = None,
-                 mode: str = "auto"):
+                 mode: str = "auto") -> None:
         if mode not in MODES:
             raise ConfigError("mode must be one of %s, got %r" % (", ".join(MODES), mode))
         #: Slots, waiting lines and the delay heap: the part that decides when an attempt starts.
