@@ -108,10 +108,9 @@ class Server(Front):
         for flag, path in (("--metrics-path", s.metrics_path), ("--dashboard-path", s.dashboard_path)):
             if path and not path.startswith("/"):
                 raise StartupError("%s %r: must start with /" % (flag, path))
-        wrapped, _ = dashboard.install(app, s.metrics_path, s.dashboard_path, parse_ips(s.dashboard_allow_ips),
-                                       s.dashboard_token, self.connections, runtime=self.runtime)
-        wrapped_app: WSGIApp = wrapped
-        return wrapped_app
+        wrapped: WSGIApp = dashboard.install(app, s.metrics_path, s.dashboard_path, parse_ips(s.dashboard_allow_ips),
+                                             s.dashboard_token, self.connections, runtime=self.runtime)[0]
+        return wrapped
 
     def _stream_servers(self, app: WSGIApp, listeners: Iterable[Listener]) -> None:
         from gevent.server import StreamServer
