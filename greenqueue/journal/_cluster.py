@@ -28,7 +28,10 @@ import socket
 import os
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import gevent
+from gevent.event import Event
 
 from ..errors import JournalError
 from ._engine import Engine, Heartbeat, NodeInfo, TaskRow
@@ -70,6 +73,20 @@ def _error_type(exc: Optional[BaseException]) -> Optional[str]:
     return getattr(exc, "remote_type", None) or type(exc).__name__
 
 
+class _Batch:
+    """Spawns waiting for one commit: their rows, and what the commit answered (or its error)."""
+
+    __slots__ = ("rows", "claims", "done", "sent", "stored", "error")
+
+    def __init__(self) -> None:
+        self.rows: List[Optional[TaskRow]] = []   # None: withdrawn by a spawn that gave up before it was sent
+        self.claims: List[bool] = []
+        self.done = Event()
+        self.sent = False
+        self.stored: List[Optional[TaskRow]] = []
+        self.error: Optional[BaseException] = None
+
+
 class ClusterStore:
     """Store protocol over an Engine: rows shared by every node, attempts fenced, runs claimed."""
 
@@ -88,7 +105,7 @@ class ClusterStore:
         self._recording = True
         self.epoch: Optional[int] = None      # the scheduler leader's epoch while this node leads
         self.batch = batch
-        self._spawns: List[Any] = []          # (row, claim, waiter) not sent yet
+        self._batch: Optional[_Batch] = None  # spawns not sent yet
         self._finishes: List[tuple] = []      # (task name, engine.finish arguments) not sent yet
         self._wake: Any = None                # set when a spawn or a final state is queued
         self._writer: Any = None
@@ -111,8 +128,6 @@ class ClusterStore:
         """Open the engine, register this node and take back what dead processes on this host held."""
         self.engine.open()
         if self.batch:
-            import gevent
-            from gevent.event import Event
             self._wake = Event()
             self._writer = gevent.spawn(self._write_loop, self._wake)
         self.engine.register(NodeInfo(id=self.node, host=socket.gethostname(), pid=os.getpid(),
@@ -204,23 +219,24 @@ class ClusterStore:
     # -- group commit ------------------------------------------------------------------------
 
     def _queued_enqueue(self, row: TaskRow, claim: bool) -> TaskRow:
-        from gevent import Timeout
-        from gevent.event import AsyncResult
-        waiter: Any = AsyncResult()
-        entry = (row, claim, waiter)
-        self._spawns.append(entry)
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch()
+        index = len(batch.rows)
+        batch.rows.append(row)
+        batch.claims.append(claim)
         self._wake.set()
-        try:
-            stored: TaskRow = waiter.get(timeout=self._queue_wait)  # raises the batch's JournalError
-            return stored
-        except Timeout:
-            pass
-        if any(e is entry for e in self._spawns):
-            # Never sent, so never written: failing it now leaves nothing in doubt.
-            self._spawns.remove(entry)
-            raise JournalError("journal %s: spawn of %s not written within %.1f s: the journal is unreachable "
-                               "or too slow; try again" % (self.display, row.id, self._queue_wait or 0.0))
-        stored = waiter.get()  # sent: the engine's own timeout ends the wait
+        if not batch.done.wait(self._queue_wait):
+            if not batch.sent:
+                # Never sent, so never written: failing it now leaves nothing in doubt.
+                batch.rows[index] = None
+                raise JournalError("journal %s: spawn of %s not written within %.1f s: the journal is unreachable "
+                                   "or too slow; try again" % (self.display, row.id, self._queue_wait or 0.0))
+            batch.done.wait()  # sent: the engine's own timeout ends the wait
+        if batch.error is not None:
+            raise batch.error
+        stored = batch.stored[index]
+        assert stored is not None  # every row the writer sent has its answer
         return stored
 
     def _write_loop(self, wake: Any) -> None:
@@ -236,7 +252,6 @@ class ClusterStore:
         writer = self._writer
         if writer is None:
             return
-        import gevent
         # From here on spawns and final states are written directly, by their own greenlets.
         self._writer = None
         self._stopping = True
@@ -249,34 +264,44 @@ class ClusterStore:
 
     def flush(self) -> None:
         """Commit what is queued now, spawns (their callers wait for this) and final states, in one transaction."""
-        spawns, self._spawns = self._spawns, []
+        batch, self._batch = self._batch, None
         finishes, self._finishes = self._finishes, []
-        if not spawns and not finishes:
+        if batch is None and not finishes:
             return
-        claimed = [(row, waiter) for row, claim, waiter in spawns if claim]
-        unclaimed = [(row, waiter) for row, claim, waiter in spawns if not claim]
+        sent: List[Tuple[int, TaskRow, bool]] = []
+        if batch is not None:
+            batch.sent = True
+            sent = [(i, row, claim) for i, (row, claim) in enumerate(zip(batch.rows, batch.claims))
+                    if row is not None]
+        claimed = [(i, row) for i, row, claim in sent if claim]
+        unclaimed = [(i, row) for i, row, claim in sent if not claim]
         try:
             stored_claimed, stored_unclaimed, finished = self.engine.write(
-                self.node, [row for row, _ in claimed], [row for row, _ in unclaimed], [args for _, args in finishes])
+                self.node, [row for _, row in claimed], [row for _, row in unclaimed], [args for _, args in finishes])
         except BaseException as exc:
             # Every caller hears the outcome, even when the writer is killed mid-call (close()).
             failed = exc if isinstance(exc, Exception) else JournalError(
                 "journal %s: the store closed while the spawn was being written; it may or may not "
                 "be stored" % self.display)
-            for _, _, waiter in spawns:
-                waiter.set_exception(failed)
+            if batch is not None:
+                batch.error = failed
+                batch.done.set()
             if finishes:
                 log.error("journal %s: %d final state(s) not written (%s); those tasks run again",
                           self.display, len(finishes), exc)
             if failed is not exc:
                 raise
             return
-        for (row, waiter), got in zip(claimed, stored_claimed):
-            if got.id == row.id and got.owner == self.node:
-                self._attempts[got.id] = got.attempts
-            waiter.set(got)
-        for (row, waiter), got in zip(unclaimed, stored_unclaimed):
-            waiter.set(got)
+        if batch is not None:
+            answers: List[Optional[TaskRow]] = [None] * len(batch.rows)
+            for (i, row), got in zip(claimed, stored_claimed):
+                if got.id == row.id and got.owner == self.node:
+                    self._attempts[got.id] = got.attempts
+                answers[i] = got
+            for (i, _), got in zip(unclaimed, stored_unclaimed):
+                answers[i] = got
+            batch.stored = answers
+            batch.done.set()
         for (name, args), ok in zip(finishes, finished):
             if not ok:
                 _discarded(name, args[0], args[2])
