@@ -158,14 +158,7 @@ class Lifecycle:
         deadline = time.monotonic() + timeout
         left = self.front.stop_accepting(reason)
         self.log.info("%s: %s, graceful timeout %.0fs", reason, left, timeout)
-        # Stop claiming, firing and consuming before anything drains: batches in hand finish (and ack) first.
-        rt.stop_intake(deadline - time.monotonic())
-        self.front.drain(deadline)
-        rt.drain(deadline - time.monotonic())
-        if len(rt.pools):
-            rt.pools.stop(max(1.0, deadline - time.monotonic()))
-            self.log.info("worker pools stopped")
-        rt.close_store()
+        rt.stop(deadline - time.monotonic(), drain_front=self.front.drain)
         rt.hooks.run_shutdown()
         self.log.info("shutdown complete")
         self._stop_listening()

@@ -9,7 +9,9 @@ the default runtime, which resets it.
 
 import logging
 import types
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, List, TypeVar
+
+from ._default import Default
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +54,12 @@ class Hooks:
         self.shutdown.clear()
 
 
-_default: Optional[Hooks] = None
+_default: Default[Hooks] = Default(Hooks)
 
 
 def get_hooks() -> Hooks:
     """The default runtime's hooks (what the decorators register on)."""
-    global _default
-    if _default is None:
-        _default = Hooks()
-    return _default
+    return _default.get()
 
 
 def on_startup(fn: F) -> F:

@@ -22,7 +22,7 @@ runner's fork hook); pools and the store are never shared with a child.
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, TypeVar
 
 from gevent import monkey
 
@@ -31,6 +31,7 @@ from . import hooks as _hooks
 from . import procpool as _procpool
 from . import scheduler as _scheduler
 from . import tasks as _tasks
+from ._default import Default
 from .errors import ConfigError, GreenqueueError
 from .journal import MemoryStore, Store, mask_dsn, open_store
 from .tasks._node import Node
@@ -39,39 +40,35 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Runtime", "get_runtime", "reset", "start", "configure", "health"]
 
+T = TypeVar("T")
+
+
+class _Part(Generic[T]):
+    """A part of the runtime: the module default its decorators registered on, asked for at each use."""
+
+    def __init__(self, get: Callable[[], T], doc: str) -> None:
+        self._get = get
+        self.__doc__ = doc
+
+    def __get__(self, runtime: object, owner: Optional[type] = None) -> T:
+        return self._get()
+
 
 class Runtime:
     """Owns runner, scheduler, pools, store, consumers and hooks; the server drives it."""
+
+    # The parts are the module defaults the decorators (@task, @periodic, @consume, hooks)
+    # registered on, where they must be before any runtime exists; asking each time keeps
+    # a module-level reset of one part visible here.
+    runner = _Part(_tasks.get_runner, "The task runner (``@task`` spawns run here).")
+    scheduler = _Part(_scheduler.get_scheduler, "The periodic-job scheduler (``@periodic`` registers here).")
+    pools = _Part(_procpool.get_pools, "The process pools started from ``--dirty-app``.")
+    hooks = _Part(_hooks.get_hooks, "Start-up and shutdown hooks.")
 
     def __init__(self) -> None:
         self.started = False
         #: A node's loops (claims, heartbeat, reaper, following tasks elsewhere) while a journal is open.
         self.node: Optional[Node] = None
-
-    # -- the parts ----------------------------------------------------------------
-    # The parts are the module defaults the decorators (@task, @periodic, @consume, hooks)
-    # registered on, where they must be before any runtime exists; asking each time keeps
-    # a module-level reset of one part visible here.
-
-    @property
-    def runner(self) -> _tasks.Runner:
-        """The task runner (``@task`` spawns run here)."""
-        return _tasks.get_runner()
-
-    @property
-    def scheduler(self) -> _scheduler.Scheduler:
-        """The periodic-job scheduler (``@periodic`` registers here)."""
-        return _scheduler.get_scheduler()
-
-    @property
-    def pools(self) -> _procpool.Pools:
-        """The process pools started from ``--dirty-app``."""
-        return _procpool.get_pools()
-
-    @property
-    def hooks(self) -> _hooks.Hooks:
-        """Start-up and shutdown hooks."""
-        return _hooks.get_hooks()
 
     @property
     def store(self) -> Store:
@@ -179,10 +176,17 @@ class Runtime:
             runner.kill()
         return report
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop intake, drain tasks, stop pools and close the store, all within about ``timeout`` s."""
+    def stop(self, timeout: float = 10.0, drain_front: Optional[Callable[[float], None]] = None) -> None:
+        """Stop intake, drain tasks, stop pools and close the store, all within about ``timeout`` s.
+
+        ``drain_front(deadline)`` drains what feeds tasks from outside (the server's connections)
+        after intake stopped and before the tasks drain, on the same deadline.
+        """
         deadline = time.monotonic() + timeout
+        # Stop claiming, firing and consuming before anything drains: batches in hand finish (and ack) first.
         self.stop_intake(timeout)
+        if drain_front is not None:
+            drain_front(deadline)
         self.drain(deadline - time.monotonic())
         if len(self.pools):
             self.pools.stop(max(1.0, deadline - time.monotonic()))
@@ -288,15 +292,12 @@ class Runtime:
 #: The dashboard's lists of tasks that wait, and the store states that feed each.
 _WAITING = {"pending": ("PENDING",), "scheduled": ("SCHEDULED", "RETRY")}
 
-_default: Optional[Runtime] = None
+_default: Default[Runtime] = Default(Runtime)
 
 
 def get_runtime() -> Runtime:
     """The default runtime: what the module-level decorators registered on."""
-    global _default
-    if _default is None:
-        _default = Runtime()
-    return _default
+    return _default.get()
 
 
 def reset() -> None:

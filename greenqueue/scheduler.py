@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from . import eventlog, events
+from ._default import Default
 from .errors import ConfigError, StartupError
 from .journal import Store, new_row
 from .tasks import Runner, Task, TaskResult, get_runner, task
@@ -421,15 +422,12 @@ class Scheduler:
             wake.wait(timeout=wait)
 
 
-_default: Optional[Scheduler] = None
+_default: Default[Scheduler] = Default(Scheduler)
 
 
 def get_scheduler() -> Scheduler:
     """The default scheduler that ``@periodic`` registers on (the server starts it)."""
-    global _default
-    if _default is None:
-        _default = Scheduler()
-    return _default
+    return _default.get()
 
 
 def start() -> Scheduler:
@@ -439,14 +437,14 @@ def start() -> Scheduler:
 
 def stop() -> None:
     """Stop the default scheduler's loop."""
-    if _default is not None:
-        _default.stop()
+    scheduler = _default.peek()
+    if scheduler is not None:
+        scheduler.stop()
 
 
 def reset() -> None:
     """Stop the default scheduler and forget its jobs (tests)."""
-    global _default
-    old, _default = _default, None
+    old = _default.pop()
     if old is not None:
         old.stop()
 

@@ -11,6 +11,7 @@ import typing
 
 import pytest
 
+import greenqueue.runtime
 from greenqueue import _lifecycle, config
 from greenqueue._startup import import_spec, load_app
 from greenqueue.errors import EXIT_STARTUP, GreenqueueError, JournalError, StartupError
@@ -155,6 +156,9 @@ class _Runtime:
     def close_store(self):
         self.calls.append("close store")
 
+    # The real sequence, over the parts above: the lifecycle shuts down through it.
+    stop = greenqueue.runtime.Runtime.stop
+
 
 class _Front(_lifecycle.Front):
     def __init__(self, calls):
@@ -178,6 +182,7 @@ def test_shutdown_runs_each_step_once_in_order_and_logs_each_once(caplog):
     rt.hooks.shutdown.append(lambda: rt.calls.append("shutdown hooks"))
     life = _lifecycle.Lifecycle(rt, _settings("--graceful-timeout", "5"), logging.getLogger("gq.test"),
                                 front=_Front(rt.calls))
+    caplog.set_level(logging.INFO, logger="greenqueue.runtime")
     with caplog.at_level(logging.INFO, logger="gq.test"):
         assert life.shutdown("SIGTERM") == 0
     assert rt.calls == ["stop accepting (SIGTERM)", "stop intake", "drain connections", "drain tasks",

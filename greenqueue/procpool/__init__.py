@@ -32,6 +32,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from .. import events
+from .._default import Default
 from ..errors import GreenqueueError, Overloaded, UnknownPool, WorkerError, WorkerTimeout, from_dict
 from ._app import STREAM_CREDIT, DirtyApp, _load_class, _spec_of
 from ._worker import BadReply as _BadReply
@@ -484,15 +485,12 @@ class Pools:
         return [dict(p.stats(), name=p.name) for p in self._by_spec.values()]
 
 
-_default = None
+_default: Default[Pools] = Default(Pools)
 
 
 def get_pools() -> Pools:
     """The pools of the default runtime (``--dirty-app``)."""
-    global _default
-    if _default is None:
-        _default = Pools()
-    return _default
+    return _default.get()
 
 
 def start_pools(specs: Sequence[str], workers: Optional[int] = None,
@@ -508,8 +506,9 @@ def get(name_or_path: str) -> ProcessPool:
 
 def stop_all(timeout: float = 10.0) -> None:
     """Stop every pool of the default runtime."""
-    if _default is not None:
-        _default.stop(timeout)
+    pools = _default.peek()
+    if pools is not None:
+        pools.stop(timeout)
 
 
 def reset() -> None:

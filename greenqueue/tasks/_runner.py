@@ -29,6 +29,7 @@ import gevent
 
 from .. import events
 from ..errors import CancelledError, ConfigError, GreenqueueError, Overloaded
+from .._default import Default
 from ..journal import MemoryStore, Store, TaskRow, loads, new_row
 from ._attempt import finish as finish_attempt
 from ._attempt import run as run_attempt
@@ -570,21 +571,17 @@ class Runner:
         self._taskhub.forget()
 
 
-_default: Optional[Runner] = None
+_default: Default[Runner] = Default(Runner)
 
 
 def get_runner() -> Runner:
     """The default runner that @task and the module-level spawn functions use."""
-    global _default
-    if _default is None:
-        _default = Runner()
-    return _default
+    return _default.get()
 
 
 def reset() -> None:
     """Kill the default runner's tasks and start a fresh one (the task registry is reset by the caller)."""
-    global _default
-    old, _default = _default, None
+    old = _default.pop()
     if old is not None:
         old.kill()
         old.store.close()
@@ -594,8 +591,7 @@ def reset() -> None:
 def _after_fork_in_child() -> None:
     # A forked child (a gipc worker, a --workers process) must not share the parent's
     # runner: its task thread does not exist here and its results are the parent's.
-    global _default
-    old, _default = _default, None
+    old = _default.pop()
     if old is not None:
         old.forget_after_fork()
 
