@@ -40,7 +40,7 @@ Rules every engine keeps (``DESIGN.md``, "Storage and clusters"):
 from dataclasses import dataclass, field
 from typing import Any, Iterable, List, Optional, Protocol, Sequence, Tuple
 
-__all__ = ["TaskRow", "NodeInfo", "Heartbeat", "Engine", "UNFINISHED", "FINAL"]
+__all__ = ["TaskRow", "NodeInfo", "Heartbeat", "Engine", "UNFINISHED", "FINAL", "rows_query"]
 
 #: Row states that may still run.
 UNFINISHED = ("PENDING", "SCHEDULED", "STARTED", "RETRY")
@@ -75,6 +75,20 @@ class TaskRow:
     error: Optional[str] = None
     traceback: Optional[str] = None
     note: Optional[str] = None
+
+
+def rows_query(cols: str, mark: str, state: Optional[str], name: Optional[str], limit: int) -> Tuple[str, list]:
+    """The SELECT behind ``Engine.rows()`` and its parameters, in an engine's parameter style (``?``, ``%s``)."""
+    where, params = [], []
+    if state:
+        where.append("state = " + mark)
+        params.append(state.upper())
+    if name:
+        where.append("name = " + mark)
+        params.append(name)
+    sql = "SELECT %s FROM greenqueue_tasks %s ORDER BY created_at DESC, id DESC LIMIT %s" % (
+        cols, ("WHERE " + " AND ".join(where)) if where else "", mark)
+    return sql, params + [int(limit)]
 
 
 @dataclass

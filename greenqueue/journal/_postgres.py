@@ -37,7 +37,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import JournalError
-from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow
+from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow, rows_query
 from ._postgres_sql import (CHANNEL, CLAIM, CLAIMABLE, COLS, FINISH, FINISH_FIELDS, FINISH_MANY, HEARTBEAT,
                             INSERT, INSERT_FIELDS, LEAD, MIGRATION_LOCK, MIN_SERVER, NOW, REAP, RELEASE, RETRY,
                             SCHEMA_VERSION, UNFINISHED as UNFINISHED_SQL, mask_dsn, migrate)
@@ -555,16 +555,8 @@ class PostgresEngine:
     def rows(self, state: Optional[str] = None, limit: int = 50,
              name: Optional[str] = None) -> List[TaskRow]:
         """Rows, newest first, optionally of one state and task name."""
-        where, params = [], []
-        if state:
-            where.append("state = %s")
-            params.append(state.upper())
-        if name:
-            where.append("name = %s")
-            params.append(name)
-        sql = "SELECT %s FROM greenqueue_tasks %s ORDER BY created_at DESC, id DESC LIMIT %%s" % (
-            COLS, ("WHERE " + " AND ".join(where)) if where else "")
-        return [TaskRow(*r) for r in self._all("rows", sql, params + [int(limit)])]
+        sql, params = rows_query(COLS, "%s", state, name, limit)
+        return [TaskRow(*r) for r in self._all("rows", sql, params)]
 
     def requeue(self, row_id: Optional[str] = None) -> int:
         """FAILURE/CANCELLED rows (one, or all) back to PENDING with a fresh attempt budget."""

@@ -63,7 +63,7 @@ import gevent
 from gevent.monkey import get_original
 
 from ..errors import ConfigError, JournalError
-from ._engine import FINAL, UNFINISHED, TaskRow
+from ._engine import FINAL, UNFINISHED, TaskRow, rows_query
 from ._sqlite_nodes import NodeRows
 from ._sqlite_sql import (BACK, COLS, FINISH, INSERT, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION, SYNCHRONOUS,
                           UNFINISHED_OF, UNOWNED, UPGRADES, chunks, filesystem_of, marks, queue_filter, task_row)
@@ -560,16 +560,8 @@ class SQLiteEngine(NodeRows):
     def rows(self, state: Optional[str] = None, limit: int = 50,
              name: Optional[str] = None) -> List[TaskRow]:
         """Rows, newest first, optionally of one state and task name."""
-        where, params = [], []
-        if state:
-            where.append("state = ?")
-            params.append(state.upper())
-        if name:
-            where.append("name = ?")
-            params.append(name)
-        sql = "SELECT %s FROM greenqueue_tasks %s ORDER BY created_at DESC, id DESC LIMIT ?" % (
-            COLS, ("WHERE " + " AND ".join(where)) if where else "")
-        return [task_row(r) for r in self._call("rows", self._read, sql, params + [int(limit)])]
+        sql, params = rows_query(COLS, "?", state, name, limit)
+        return [task_row(r) for r in self._call("rows", self._read, sql, params)]
 
     def requeue(self, row_id: Optional[str] = None) -> int:
         """FAILURE/CANCELLED rows (one, or all) back to PENDING with a fresh attempt budget."""
