@@ -223,7 +223,7 @@ class Runtime:
         try:
             nodes = [vars(n) for n in store.nodes()]
             for key, states in _WAITING.items():
-                rows = [row for state in states for row in store.rows(state, limit) if row.owner is None]
+                rows = [row for state in states for row in store.waiting(state, limit)]
                 rows.sort(key=lambda row: row.eta or 0.0)
                 tasks[key] = (tasks[key] + [runner.handle(row) for row in rows])[:limit]
         except GreenqueueError as exc:  # the dashboard still shows this node when the store is away
@@ -241,7 +241,7 @@ class Runtime:
             return counted
         counts = runner.stats()
         try:
-            stored = runner.store.counts()
+            stored = runner.store.count_waiting()
         except GreenqueueError as exc:
             log.warning("store %s: cannot count its tasks: %s", runner.store.display, exc)
             return counts

@@ -46,10 +46,13 @@ def new_row(task_id: str, name: str, args: Sequence[object], kwargs: Dict[str, o
         raise SerializationError("task %s: arguments cannot be journaled as %s (%s); pass ids instead of "
                                  "objects, or use @task(serializer='pickle')"
                                  % (name, serializer.upper(), exc)) from None
-    ts = eta.timestamp() if eta is not None else None
-    return TaskRow(id=task_id, name=name, payload=payload, serializer=serializer, queue=queue,
-                   state="SCHEDULED" if ts is not None and ts > time.time() else "PENDING", eta=ts,
-                   attempts=attempts, max_attempts=max_attempts, idempotency_key=idempotency_key)
+    if eta is None:
+        # Positional: a spawn builds one of these every time, and keywords cost a third more.
+        return TaskRow(task_id, name, payload, serializer, queue, "PENDING", None, attempts, max_attempts, 0,
+                       idempotency_key)
+    ts = eta.timestamp()
+    return TaskRow(task_id, name, payload, serializer, queue, "SCHEDULED" if ts > time.time() else "PENDING", ts,
+                   attempts, max_attempts, 0, idempotency_key)
 
 
 class Store(Protocol):
@@ -112,11 +115,11 @@ class Store(Protocol):
     def get_many(self, task_ids: Sequence[str]) -> List[TaskRow]:
         """The rows with these ids that exist, in one read."""
 
-    def rows(self, state: str, limit: int) -> List[TaskRow]:
-        """Up to ``limit`` rows in ``state`` (the dashboard's waiting and delayed tasks)."""
+    def waiting(self, state: str, limit: int) -> List[TaskRow]:
+        """Up to ``limit`` rows waiting for any node in ``state`` (PENDING, SCHEDULED, RETRY), soonest first."""
 
-    def counts(self) -> Dict[str, int]:
-        """``{state: rows}`` over the store."""
+    def count_waiting(self) -> Dict[str, int]:
+        """``{state: rows}`` of the rows waiting for any node (the dashboard's and the metrics' counts)."""
 
     def count_unfinished(self, name: str) -> int:
         """Rows of task ``name`` not finished yet (``max_instances``), counted by the store."""
@@ -231,12 +234,12 @@ class MemoryStore:
         """No rows here."""
         return []
 
-    def rows(self, state: str, limit: int) -> List[TaskRow]:
+    def waiting(self, state: str, limit: int) -> List[TaskRow]:
         """No rows here: the runner lists what it holds."""
         return []
 
-    def counts(self) -> Dict[str, int]:
-        """No rows here."""
+    def count_waiting(self) -> Dict[str, int]:
+        """No rows here: the runner counts what it holds."""
         return {}
 
     def count_unfinished(self, name: str) -> int:

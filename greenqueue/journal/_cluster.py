@@ -31,7 +31,9 @@ import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gevent
+from gevent import Timeout, get_hub
 from gevent.event import Event
+from gevent.hub import Waiter
 
 from ..errors import JournalError
 from ._engine import Engine, Heartbeat, NodeInfo, TaskRow
@@ -74,17 +76,40 @@ def _error_type(exc: Optional[BaseException]) -> Optional[str]:
 
 
 class _Batch:
-    """Spawns waiting for one commit: their rows, and what the commit answered (or its error)."""
+    """Spawns waiting for one commit: their rows (claimed here or not), and what the commit answered."""
 
-    __slots__ = ("rows", "claims", "done", "sent", "stored", "error")
+    __slots__ = ("rows", "waiters", "sent", "stored", "error")
 
     def __init__(self) -> None:
-        self.rows: List[Optional[TaskRow]] = []   # None: withdrawn by a spawn that gave up before it was sent
-        self.claims: List[bool] = []
-        self.done = Event()
+        # [claimed rows, unclaimed rows]; None: withdrawn by a spawn that gave up before it was sent.
+        self.rows: Tuple[List[Optional[TaskRow]], List[Optional[TaskRow]]] = ([], [])
+        # One per spawn: gevent's bare Waiter, since an Event's wait() costs a Timeout context
+        # per call even without a timeout (a microsecond of every journaled spawn).
+        self.waiters: "List[Waiter[None]]" = []
         self.sent = False
-        self.stored: List[Optional[TaskRow]] = []
+        self.stored: Tuple[List[Optional[TaskRow]], List[Optional[TaskRow]]] = ([], [])
         self.error: Optional[BaseException] = None
+
+    def sendable(self, part: int) -> Tuple[List[TaskRow], List[int]]:
+        """The rows of ``part`` still to send, and where each one's answer goes."""
+        kept = [(i, row) for i, row in enumerate(self.rows[part]) if row is not None]
+        return [row for _, row in kept], [i for i, _ in kept]
+
+    def wake(self) -> None:
+        """Wake every spawn waiting for this batch (from the hub)."""
+        for waiter in self.waiters:
+            waiter.switch(None)
+
+    def done(self) -> None:
+        """The commit answered (or failed): wake the spawns from the hub's next turn."""
+        get_hub().loop.run_callback(self.wake)
+
+    def answer(self, part: int, places: List[int], stored: List[TaskRow]) -> None:
+        """Put the commit's answers where their spawns look for them (a withdrawn row's place stays empty)."""
+        out: List[Optional[TaskRow]] = [None] * len(self.rows[part])
+        for i, got in zip(places, stored):
+            out[i] = got
+        self.stored = (out, self.stored[1]) if part == 0 else (self.stored[0], out)
 
 
 class ClusterStore:
@@ -176,9 +201,8 @@ class ClusterStore:
         """Commit the row; with ``claim`` this node runs it (the local fast path). Returns the stored row."""
         owner = self.node if claim and connection is None else None
         if self._writer is not None and connection is None:
-            stored = self._queued_enqueue(row, owner is not None)
-        else:
-            stored = self.engine.enqueue([row], owner=owner, connection=connection)[0]
+            return self._queued_enqueue(row, owner is not None)  # the writer notes the attempt it claimed
+        stored = self.engine.enqueue([row], owner=owner, connection=connection)[0]
         if owner is not None and stored.id == row.id and stored.owner == self.node:
             self._attempts[stored.id] = stored.attempts
         return stored
@@ -222,20 +246,34 @@ class ClusterStore:
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch()
-        index = len(batch.rows)
-        batch.rows.append(row)
-        batch.claims.append(claim)
+        part = 0 if claim else 1
+        rows = batch.rows[part]
+        index = len(rows)
+        rows.append(row)
+        waiter: "Waiter[None]" = Waiter()
+        batch.waiters.append(waiter)
         self._wake.set()
-        if not batch.done.wait(self._queue_wait):
-            if not batch.sent:
-                # Never sent, so never written: failing it now leaves nothing in doubt.
-                batch.rows[index] = None
-                raise JournalError("journal %s: spawn of %s not written within %.1f s: the journal is unreachable "
-                                   "or too slow; try again" % (self.display, row.id, self._queue_wait or 0.0))
-            batch.done.wait()  # sent: the engine's own timeout ends the wait
+        if self._queue_wait is None:
+            waiter.get()
+        else:
+            timer = Timeout.start_new(self._queue_wait)
+            try:
+                waiter.get()
+            except Timeout as fired:
+                if fired is not timer:
+                    raise
+                if not batch.sent:
+                    # Never sent, so never written: failing it now leaves nothing in doubt.
+                    rows[index] = None
+                    raise JournalError("journal %s: spawn of %s not written within %.1f s: the journal is "
+                                       "unreachable or too slow; try again"
+                                       % (self.display, row.id, self._queue_wait)) from None
+                waiter.get()  # sent: the engine's own timeout ends the wait
+            finally:
+                timer.close()
         if batch.error is not None:
             raise batch.error
-        stored = batch.stored[index]
+        stored = batch.stored[part][index]
         assert stored is not None  # every row the writer sent has its answer
         return stored
 
@@ -268,16 +306,17 @@ class ClusterStore:
         finishes, self._finishes = self._finishes, []
         if batch is None and not finishes:
             return
-        sent: List[Tuple[int, TaskRow, bool]] = []
+        claimed: List[TaskRow] = []
+        unclaimed: List[TaskRow] = []
+        claimed_at: List[int] = []
+        unclaimed_at: List[int] = []
         if batch is not None:
             batch.sent = True
-            sent = [(i, row, claim) for i, (row, claim) in enumerate(zip(batch.rows, batch.claims))
-                    if row is not None]
-        claimed = [(i, row) for i, row, claim in sent if claim]
-        unclaimed = [(i, row) for i, row, claim in sent if not claim]
+            claimed, claimed_at = batch.sendable(0)
+            unclaimed, unclaimed_at = batch.sendable(1)
         try:
             stored_claimed, stored_unclaimed, finished = self.engine.write(
-                self.node, [row for _, row in claimed], [row for _, row in unclaimed], [args for _, args in finishes])
+                self.node, claimed, unclaimed, [args for _, args in finishes])
         except BaseException as exc:
             # Every caller hears the outcome, even when the writer is killed mid-call (close()).
             failed = exc if isinstance(exc, Exception) else JournalError(
@@ -285,7 +324,7 @@ class ClusterStore:
                 "be stored" % self.display)
             if batch is not None:
                 batch.error = failed
-                batch.done.set()
+                batch.done()
             if finishes:
                 log.error("journal %s: %d final state(s) not written (%s); those tasks run again",
                           self.display, len(finishes), exc)
@@ -293,15 +332,14 @@ class ClusterStore:
                 raise
             return
         if batch is not None:
-            answers: List[Optional[TaskRow]] = [None] * len(batch.rows)
-            for (i, row), got in zip(claimed, stored_claimed):
-                if got.id == row.id and got.owner == self.node:
-                    self._attempts[got.id] = got.attempts
-                answers[i] = got
-            for (i, _), got in zip(unclaimed, stored_unclaimed):
-                answers[i] = got
-            batch.stored = answers
-            batch.done.set()
+            attempts = self._attempts
+            node = self.node
+            for row, got in zip(claimed, stored_claimed):
+                if got.id == row.id and got.owner == node:
+                    attempts[got.id] = got.attempts
+            batch.answer(0, claimed_at, stored_claimed)
+            batch.answer(1, unclaimed_at, stored_unclaimed)
+            batch.done()
         for (name, args), ok in zip(finishes, finished):
             if not ok:
                 _discarded(name, args[0], args[2])
@@ -337,13 +375,13 @@ class ClusterStore:
         """The rows with these ids, in one read."""
         return self.engine.get_many(task_ids) if task_ids else []
 
-    def rows(self, state: str, limit: int) -> List[TaskRow]:
-        """Up to ``limit`` rows in ``state``, newest first."""
-        return self.engine.rows(state, limit)
+    def waiting(self, state: str, limit: int) -> List[TaskRow]:
+        """Up to ``limit`` rows waiting for any node in ``state``, soonest first."""
+        return self.engine.waiting(state, limit)
 
-    def counts(self) -> Dict[str, int]:
-        """``{state: rows}`` over the whole cluster."""
-        return self.engine.counts()
+    def count_waiting(self) -> Dict[str, int]:
+        """``{state: rows}`` of the rows waiting for any node, cluster-wide."""
+        return self.engine.count_waiting()
 
     def count_unfinished(self, name: str) -> int:
         """Runs of task ``name`` not finished yet, cluster-wide, counted by the database."""

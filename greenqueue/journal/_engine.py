@@ -38,7 +38,7 @@ Rules every engine keeps (``DESIGN.md``, "Storage and clusters"):
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 __all__ = ["TaskRow", "NodeInfo", "Heartbeat", "Engine", "UNFINISHED", "FINAL", "rows_query"]
 
@@ -188,6 +188,12 @@ class Engine(Protocol):
 
     def count_unfinished(self, name: str) -> int:
         """How many rows of task ``name`` are unfinished (PENDING, SCHEDULED, STARTED, RETRY), uncapped."""
+
+    def waiting(self, state: str, limit: int) -> List[TaskRow]:
+        """Up to ``limit`` unowned rows in a waiting ``state`` (PENDING, SCHEDULED, RETRY), soonest due first."""
+
+    def count_waiting(self) -> Dict[str, int]:
+        """``{state: rows}`` for the waiting states, read from an index (the dashboard asks every second)."""
 
     def next_due(self, queues: Optional[Sequence[str]]) -> Optional[float]:
         """Seconds (database clock) until the earliest unowned row is due; 0 if one is due now."""

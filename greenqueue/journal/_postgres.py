@@ -443,6 +443,17 @@ class PostgresEngine:
         return int(self._value("count_unfinished", "SELECT count(*) FROM greenqueue_tasks WHERE name = %%s "
                                "AND state IN %s" % UNFINISHED_SQL, (name,)))
 
+    def waiting(self, state: str, limit: int) -> List[TaskRow]:
+        """Up to ``limit`` unowned rows in a waiting ``state``, soonest due first (the dashboard's lists)."""
+        return [TaskRow(*r) for r in self._all(
+            "waiting", "SELECT %s FROM greenqueue_tasks WHERE owner IS NULL AND state IN %s AND state = %%s "
+            "ORDER BY due LIMIT %%s" % (COLS, CLAIMABLE), (state, int(limit)))]
+
+    def count_waiting(self) -> Dict[str, int]:
+        """``{state: rows}`` for the waiting states (PENDING, SCHEDULED, RETRY)."""
+        return dict(self._all("count_waiting", "SELECT state, count(*) FROM greenqueue_tasks WHERE state IN %s "
+                              "GROUP BY state" % CLAIMABLE))
+
     def next_due(self, queues: Optional[Sequence[str]]) -> Optional[float]:
         """Seconds (database clock) until the earliest unowned row is due; 0 if one is due now."""
         if queues is not None and not queues:

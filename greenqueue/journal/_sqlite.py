@@ -57,7 +57,7 @@ import logging
 import os
 import sqlite3
 import time
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import gevent
 from gevent.monkey import get_original
@@ -65,8 +65,9 @@ from gevent.monkey import get_original
 from ..errors import ConfigError, JournalError
 from ._engine import FINAL, UNFINISHED, TaskRow, rows_query
 from ._sqlite_nodes import NodeRows
-from ._sqlite_sql import (BACK, COLS, FINISH, INSERT, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION, SYNCHRONOUS,
-                          UNFINISHED_OF, UNOWNED, UPGRADES, chunks, filesystem_of, marks, queue_filter, task_row)
+from ._sqlite_sql import (BACK, COLS, FINISH, INSERT, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION,
+                          SYNCHRONOUS, UNOWNED, UPGRADES, WAITING, WAITING_OF, chunks, filesystem_of, marks,
+                          queue_filter, task_row)
 from ._sqlite_sql import write as transaction
 
 __all__ = ["SQLiteEngine", "SCHEMA_VERSION", "filesystem_of"]
@@ -476,8 +477,21 @@ class SQLiteEngine(NodeRows):
 
     def count_unfinished(self, name: str) -> int:
         """How many rows of task ``name`` are PENDING, SCHEDULED, STARTED or RETRY."""
-        return int(self._call("count_unfinished", self._read, "SELECT count(*) FROM %s" % UNFINISHED_OF,
-                              (name,))[0][0])
+        # Waiting rows from their index, running ones through the owner index (few at a time).
+        return int(self._call("count_unfinished", self._read,
+                              "SELECT (SELECT count(*) FROM %s) + (SELECT count(*) FROM %s AND name = ?)"
+                              % (WAITING_OF, RUNNING), (name, name))[0][0])
+
+    def waiting(self, state: str, limit: int) -> List[TaskRow]:
+        """Up to ``limit`` unowned rows in a waiting ``state``, soonest due first (the dashboard's lists)."""
+        return [task_row(r) for r in self._call("waiting", self._read,
+                                                "SELECT %s FROM %s AND state = ? ORDER BY due, created_at LIMIT ?"
+                                                % (COLS, UNOWNED), (state, int(limit)))]
+
+    def count_waiting(self) -> Dict[str, int]:
+        """``{state: rows}`` for the waiting states (PENDING, SCHEDULED, RETRY), from their index alone."""
+        return dict(self._call("count_waiting", self._read,
+                               "SELECT state, count(*) FROM %s GROUP BY state" % WAITING, ()))
 
     def _read(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> List[tuple]:
         return conn.execute(sql, params).fetchall()
@@ -561,6 +575,10 @@ class SQLiteEngine(NodeRows):
              name: Optional[str] = None) -> List[TaskRow]:
         """Rows, newest first, optionally of one state and task name."""
         sql, params = rows_query(COLS, "?", state, name, limit)
+        if state and state.upper() == "STARTED":
+            # Running rows are few and all in the owner index; other listings scan (the CLI's).
+            sql = sql.replace("FROM greenqueue_tasks WHERE", "FROM greenqueue_tasks INDEXED BY "
+                              "greenqueue_tasks_owner WHERE owner IS NOT NULL AND", 1)
         return [task_row(r) for r in self._call("rows", self._read, sql, params)]
 
     def requeue(self, row_id: Optional[str] = None) -> int:

@@ -22,21 +22,20 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 
 from ._engine import TaskRow
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAGIC = "greenqueue-journal"
 # ORs, not IN: in a partial index's WHERE, SQLite builds an IN list's lookup table
 # again for every row a statement writes (about 1.7 us of each insert and finish).
 CLAIMABLE = "(state = 'PENDING' OR state = 'SCHEDULED' OR state = 'RETRY')"
-UNFINISHED_STATES = "(state = 'PENDING' OR state = 'SCHEDULED' OR state = 'STARTED' OR state = 'RETRY')"
 SYNCHRONOUS = ("NORMAL", "FULL")
 # Filesystems whose locking or shared memory cannot carry WAL between processes.
 NETWORK_FS = frozenset(("nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "ceph", "glusterfs",
                         "fuse.sshfs", "lustre", "gpfs"))
-# Without ANALYZE statistics the planner prefers the (state, created_at) index, which
-# reads every pending row and sorts them; these name the index each query is built for.
+# Without ANALYZE statistics the planner may pick another index (and read every waiting
+# row to sort them); these name the index each query is built for.
 UNOWNED = "greenqueue_tasks INDEXED BY greenqueue_tasks_due WHERE owner IS NULL AND " + CLAIMABLE
-UNFINISHED_OF = ("greenqueue_tasks INDEXED BY greenqueue_tasks_unfinished WHERE name = ? AND "
-                 + UNFINISHED_STATES)
+WAITING_OF = "greenqueue_tasks INDEXED BY greenqueue_tasks_waiting WHERE name = ? AND " + CLAIMABLE
+WAITING = "greenqueue_tasks INDEXED BY greenqueue_tasks_waiting WHERE " + CLAIMABLE
 RUNNING = "greenqueue_tasks INDEXED BY greenqueue_tasks_owner WHERE owner IS NOT NULL AND state = 'STARTED'"
 # Well under SQLite's 32766 host parameters per statement.
 CHUNK = 500
@@ -45,12 +44,15 @@ FIELDS = [f for f in TaskRow.__dataclass_fields__]
 COLS = ", ".join(FIELDS)
 CANCEL_AT = FIELDS.index("cancel_requested")
 
-# The due index, and the index under max_instances' count of a task's unfinished runs.
+# The due index, and the index under max_instances' count of a task's waiting runs (its
+# running ones are counted through the owner index: a cluster runs few at a time).
 DUE_INDEX = ("CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due, created_at) "
              "WHERE owner IS NULL AND " + CLAIMABLE)
-# With the state in it, the count reads this index alone, never the rows.
-UNFINISHED_INDEX = ("CREATE INDEX greenqueue_tasks_unfinished ON greenqueue_tasks (name, state) WHERE "
-                    + UNFINISHED_STATES)
+# With the state in it, counts read this index alone, never the rows. Only waiting rows
+# are in it: a task a node claims as it spawns it never enters it, which spares each such
+# task an index entry to insert and delete (every index a row is in costs each spawn and finish).
+WAITING_INDEX = ("CREATE INDEX greenqueue_tasks_waiting ON greenqueue_tasks (name, state) WHERE "
+                 + CLAIMABLE)
 
 TABLES = [
     """CREATE TABLE greenqueue_tasks (
@@ -81,13 +83,13 @@ TABLES = [
         note TEXT)""",
     # A partial index serves only queries that repeat its WHERE terms verbatim (UNOWNED, UNFINISHED_OF).
     DUE_INDEX,
-    UNFINISHED_INDEX,
+    WAITING_INDEX,
     "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
     "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
     "WHERE idempotency_key IS NOT NULL",
     "CREATE INDEX greenqueue_tasks_expires ON greenqueue_tasks (expires_at) WHERE expires_at IS NOT NULL",
-    "CREATE INDEX greenqueue_tasks_created ON greenqueue_tasks (created_at)",
-    "CREATE INDEX greenqueue_tasks_state ON greenqueue_tasks (state, created_at)",
+    # No index of every row by state or creation time: each would cost every spawn and every
+    # finish, for listings only the journal CLI makes (a scan there is fine).
     # PostgreSQL's lost_by array: nodes whose lease on a row was taken back, until their
     # heartbeat hears of it. The cascade drops them with a pruned or purged row.
     """CREATE TABLE greenqueue_lost (
@@ -126,15 +128,23 @@ FROM_V1 = [
     "DROP TABLE greenqueue_v1_periodic",
 ]
 
-# Version 2 to 3: the same tables; the due index's WHERE changes spelling, one index is new.
+# Version 3 to 4: waiting rows get their own index; the indexes of every row by state and by
+# creation time go (they cost each spawn and finish more than the listings they served).
+FROM_V3 = [
+    "DROP INDEX IF EXISTS greenqueue_tasks_unfinished",
+    "DROP INDEX IF EXISTS greenqueue_tasks_created",
+    "DROP INDEX IF EXISTS greenqueue_tasks_state",
+    WAITING_INDEX,
+]
+
+# Version 2 to 3 (then 4): the same tables; the due index's WHERE changes spelling.
 FROM_V2 = [
     "DROP INDEX IF EXISTS greenqueue_tasks_due",
     DUE_INDEX,
-    UNFINISHED_INDEX,
-]
+] + FROM_V3
 
 # Statements that bring a file of version N (the key) to SCHEMA_VERSION.
-UPGRADES = {0: TABLES, 1: FROM_V1, 2: FROM_V2}
+UPGRADES = {0: TABLES, 1: FROM_V1, 2: FROM_V2, 3: FROM_V3}
 
 INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts, "
            "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at) "

@@ -138,9 +138,13 @@ def final_row(e: Entry) -> TaskRow:
         except (TypeError, ValueError, pickle.PicklingError):
             blob = dumps("json", repr(r.result))
     exc = r.exception
-    return TaskRow(id=r.id, name=r.name, state=r.state, result=blob, serializer=e.serializer or "json",
-                   error_type=None if exc is None else getattr(exc, "remote_type", None) or type(exc).__name__,
-                   error=None if exc is None else str(exc), traceback=r.traceback)
+    row = TaskRow(r.id, r.name, b"", e.serializer or "json", e.queue, r.state)
+    row.result = blob
+    if exc is not None:
+        row.error_type = getattr(exc, "remote_type", None) or type(exc).__name__
+        row.error = str(exc)
+        row.traceback = r.traceback
+    return row
 
 
 def finish(runner: "Runner", e: Entry, state: str, value: Any = None, exc: Optional[BaseException] = None,
