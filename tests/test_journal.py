@@ -187,8 +187,11 @@ def test_non_json_arguments_fail_at_spawn_with_advice():
     with tempfile.TemporaryDirectory() as d:
         greenqueue.configure(journal=d + "/j.db")
         try:
-            with pytest.raises(TypeError, match="serializer='pickle'"):
+            with pytest.raises(TypeError, match="serializer='pickle'") as info:
                 takes_object.spawn(object())
+            # A TypeError as before, and a greenqueue error that says what to do.
+            assert isinstance(info.value, greenqueue.SerializationError)
+            assert isinstance(info.value, greenqueue.ConfigError)
             assert takes_object.spawn([1, 2]).get(5) == [1, 2]
         finally:
             runtime.get_runtime().close_store()

@@ -841,3 +841,18 @@ def test_a_failed_tasks_traceback_starts_at_the_tasks_own_code():
     frames = [line for line in r.traceback.splitlines() if line.startswith('  File "')]
     assert "in parse_header" in frames[0], r.traceback
     assert not any(f.split('"')[1].startswith(str(ROOT / "greenqueue")) for f in frames), r.traceback
+
+
+def test_an_unknown_task_option_is_a_config_error_naming_it():
+    with pytest.raises(errors.ConfigError, match=r"unknown option\(s\) rate_limit .*known: retries") as info:
+        greenqueue.task(rate_limit="10/m")
+    assert isinstance(info.value, TypeError)  # what Python's own call errors are, as before
+
+
+def test_async_result_is_a_class_every_task_result_belongs_to():
+    r = spawn(lambda: 7)
+    assert isinstance(r, greenqueue.AsyncResult) and greenqueue.AsyncResult(r.id) is r
+    assert r.get(WAIT) == 7
+    unknown = greenqueue.AsyncResult("0" * 32)
+    assert isinstance(unknown, greenqueue.TaskResult) and unknown.state == PENDING and not unknown.ready()
+    assert greenqueue.result("0" * 32) is None  # still the way to ask whether such a task exists
