@@ -19,7 +19,7 @@ import gevent
 from .. import events
 from ..errors import TaskTimeout
 from ..journal import TaskRow, dumps
-from ._engine import Entry
+from ._engine import ABANDONED, Entry
 from ._result import CANCELLED, FAILURE, READY_STATES, RETRY, SUCCESS, mark_started, resolve
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def run(runner: "Runner", e: Entry) -> None:
     except _Expired:
         exc = None  # decided below from the timer, which also catches a swallowed expiry
     except gevent.GreenletExit as ge:
-        if r.state == CANCELLED or e.abandoned:
+        if r.state == CANCELLED or e.where == ABANDONED:
             return  # cancel() already finished the result, or the lease went to another node
         exc = ge
     except (KeyboardInterrupt, SystemExit) as stop:
@@ -138,7 +138,7 @@ def final_row(e: Entry) -> TaskRow:
         except (TypeError, ValueError, pickle.PicklingError):
             blob = dumps("json", repr(r.result))
     exc = r.exception
-    row = TaskRow(r.id, r.name, b"", e.serializer or "json", e.queue, r.state)
+    row = TaskRow(r.id, r.name, b"", e.serializer or "json", e.opts.queue, r.state)
     row.result = blob
     if exc is not None:
         row.error_type = getattr(exc, "remote_type", None) or type(exc).__name__
@@ -161,7 +161,6 @@ def finish(runner: "Runner", e: Entry, state: str, value: Any = None, exc: Optio
     # Drop the call's inputs so nothing pins big arguments after the end.
     e.fn = e.app = None
     e.args, e.kwargs = (), {}
-    e.greenlet = None
     runner.settled(e)
     if e.serializer is not None:
         runner.store.finished(final_row(e))

@@ -31,15 +31,17 @@ from ._result import PENDING, READY_STATES, SCHEDULED, TaskResult
 if TYPE_CHECKING:
     from gevent.event import Event as EventT
 
-__all__ = ["TaskEngine", "Entry", "PENDING_LINE", "IDLE_LINE", "DELAYED", "RUNNING"]
+__all__ = ["TaskEngine", "Entry", "PENDING_LINE", "IDLE_LINE", "DELAYED", "RUNNING", "ABANDONED"]
 
 _monotonic = time.monotonic
 
-#: Where an entry is: waiting for a slot, waiting for an idle hub, delayed, running (or None: nowhere yet/any more).
+#: Where an entry is: waiting for a slot, waiting for an idle hub, delayed, running, given up to another
+#: node whose lease it is now (its greenlet ends without a result), or None: nowhere yet/any more.
 PENDING_LINE = "pending"
 IDLE_LINE = "idle"
 DELAYED = "scheduled"
 RUNNING = "running"
+ABANDONED = "abandoned"
 
 
 class _TaskGreenlet(Greenlet):
@@ -65,12 +67,8 @@ class Entry:
     idle: bool = False
     where: Optional[str] = None
     slot: bool = False
-    greenlet: "Optional[Greenlet[..., Any]]" = None
     #: Set when the store records this task (a durable store, an ``@task``).
     serializer: Optional[str] = None
-    queue: str = "default"
-    #: Set when the task's lease went to another node: its greenlet ends without a result.
-    abandoned: bool = False
 
     def __repr__(self) -> str:
         return "<Entry %s %s>" % (self.handle.id, self.where)
@@ -175,7 +173,6 @@ class TaskEngine:
         e.slot = True
         e.where = RUNNING
         g = _TaskGreenlet(self._run, e)
-        e.greenlet = g
         self._running[g] = e
         g.start()
 
@@ -258,7 +255,7 @@ class TaskEngine:
     # -- running --------------------------------------------------------------------
 
     def _run(self, e: Entry) -> None:
-        g = e.greenlet
+        g = gevent.getcurrent()
         try:
             if e.handle.state not in READY_STATES:  # cancelled between start() and now
                 self._run_attempt(e)
@@ -268,6 +265,12 @@ class TaskEngine:
                 e.slot = False
                 self.active -= 1
             self.dispatch()
+
+    def greenlet_of(self, e: Entry) -> "Optional[Greenlet[..., Any]]":
+        """The greenlet ``e``'s attempt runs in, or None (found among the running: a slot per entry is dearer)."""
+        if e.where not in (RUNNING, ABANDONED):
+            return None
+        return next((g for g, running in self._running.items() if running is e), None)
 
     # -- listing and stopping ---------------------------------------------------------
 

@@ -64,7 +64,7 @@ class TaskResult(Generic[R]):
     # Slots keep a waiting task small: 100,000 scheduled tasks are a normal load.
     __slots__ = (
         "id", "name", "state", "result", "exception", "traceback", "retries", "progress",
-        "eta", "_started_ts", "_finished_ts", "duration", "_runner", "_done", "_callbacks", "_twaiters",
+        "eta", "_started_ts", "_finished_ts", "duration", "_runner", "_done", "_callbacks",
         "__weakref__",
     )
 
@@ -87,7 +87,6 @@ class TaskResult(Generic[R]):
         self._runner = runner
         self._done: Optional[Event] = None
         self._callbacks: Optional[List[Callable[..., Any]]] = None
-        self._twaiters: Optional[List[Any]] = None  # locks of waiters on other threads
 
     def __repr__(self) -> str:
         return "<TaskResult %s %s %s>" % (self.name, self.id, self.state)
@@ -148,10 +147,9 @@ class TaskResult(Generic[R]):
     def _wait_from_thread(self, timeout: Optional[float]) -> bool:
         lock = _allocate_lock()
         lock.acquire()
-        if self._twaiters is None:
-            self._twaiters = []
-        self._twaiters.append(lock)
-        # resolve() makes the state final before it reads _twaiters: if it ran in between, see it here.
+        # A done callback releases the lock (it runs on the task hub's thread, which never waits on it).
+        # resolve() makes the state final before it takes the callbacks: if it ran in between, see it here.
+        self.add_done_callback(lambda _: lock.release())
         if self.state not in READY_STATES:
             lock.acquire(True, -1 if timeout is None else max(0.0, timeout))
         return self.state in READY_STATES
@@ -251,10 +249,6 @@ def resolve(r: "TaskResult[Any]", state: str, value: Any = None, exc: Optional[B
             _traceback.format_exception(type(exc), exc, exc.__traceback__))
     if r._done is not None:
         r._done.set()
-    if r._twaiters is not None:
-        for lock in r._twaiters:
-            lock.release()
-        r._twaiters = None
     callbacks, r._callbacks = r._callbacks, None
     for fn in callbacks or ():
         try:
@@ -292,4 +286,4 @@ def on_done(r: "TaskResult[Any]", fn: Callable[["TaskResult[Any]"], Any]) -> Non
 
 def is_waited(r: "TaskResult[Any]") -> bool:
     """True when someone waits on ``r`` or has a callback on it (worth asking the store about often)."""
-    return r._done is not None or bool(r._twaiters) or bool(r._callbacks)
+    return r._done is not None or bool(r._callbacks)

@@ -23,6 +23,7 @@ child drops the parent's default runner (its task thread does not exist there).
 import datetime
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import gevent
@@ -34,7 +35,7 @@ from ..journal import MemoryStore, Store, TaskRow, loads, new_row
 from ._attempt import finish as finish_attempt
 from ._attempt import run as run_attempt
 from ._attempt import run_eager
-from ._engine import DELAYED, Entry, TaskEngine
+from ._engine import ABANDONED, DELAYED, Entry, TaskEngine
 from ._followed import Followed
 from ._hub import MODES, TaskHub, real_ident
 from ._kept import KeptResults
@@ -266,7 +267,9 @@ class Runner:
             r.state = SCHEDULED
         if options:
             self.store.check_options(r.name, options)
-            e.queue = options.get("queue") or "default"
+            queue = options.get("queue") or "default"
+            if queue != e.opts.queue:
+                e.opts = replace(e.opts, queue=queue)  # this spawn's own queue (apply_async)
         if serializer is not None and self.store.durable:
             e.serializer = serializer
         taskhub = self._taskhub
@@ -326,10 +329,10 @@ class Runner:
         r = e.handle
         store = self.store
         connection = options.get("connection")
-        row = new_row(r.id, r.name, e.args, e.kwargs, e.serializer or "json", e.queue, r.eta, r.retries,
+        row = new_row(r.id, r.name, e.args, e.kwargs, e.serializer or "json", e.opts.queue, r.eta, r.retries,
                       e.opts.retries + 1, options.get("idempotency_key"))
         claim = (r.state != SCHEDULED and not e.idle and connection is None and self.engine.has_free_slot()
-                 and store.serves(e.queue))
+                 and store.serves(e.opts.queue))
         stored = store.spawned(row, claim=claim, connection=connection)
         if stored.id != row.id:
             # The idempotency key was used before: hand back the first task's result.
@@ -372,7 +375,8 @@ class Runner:
         r.retries = max(0, row.attempts - 1)
         r.eta = None if row.eta is None else datetime.datetime.fromtimestamp(row.eta, _UTC)
         e = Entry(r, t.fn, tuple(data["args"]), data["kwargs"], t.opts, self.app)
-        e.queue = row.queue
+        if row.queue != e.opts.queue:
+            e.opts = replace(e.opts, queue=row.queue)
         if self.store.durable:
             e.serializer = row.serializer
         self._live[r.id] = e
@@ -428,11 +432,11 @@ class Runner:
         e = self._live.get(task_id)
         if e is None or e.handle.state in READY_STATES:
             return None
-        g = e.greenlet
-        e.abandoned = True
+        g = self.engine.greenlet_of(e)
         self.engine.remove(e)
         e.handle.state = PENDING
         self.follow_elsewhere(e)
+        e.where = ABANDONED
         if g is not None and not g.dead and g is not gevent.getcurrent():
             g.kill(block=False)
         return e.handle
@@ -495,8 +499,8 @@ class Runner:
                 finish_attempt(self, Entry(r, None, (), {}, NO_OPTIONS), CANCELLED, exc=cancelled)
                 return True
             return before == STARTED  # the node running it stops it at its next heartbeat
+        g = self.engine.greenlet_of(e)
         self.engine.remove(e)
-        g = e.greenlet
         finish_attempt(self, e, CANCELLED, exc=cancelled)
         if g is not None and not g.dead and g is not gevent.getcurrent():
             g.kill(block=False)
