@@ -197,3 +197,18 @@ def test_a_store_of_the_previous_version_is_migrated_keeping_its_rows(engines):
     assert e.count_unfinished("a") == 3
     assert [r.id for r in e.claim("B", None, 5)] == ["p1", "p2"]
     assert e.get("s1").owner == "A"
+
+
+def test_waiting_lists_unowned_rows_soonest_first_and_counts_them_by_state(engines):
+    # The dashboard's lists and counts: rows waiting for any node, never the running or finished ones.
+    e = engines()
+    now = db_now(e)
+    later, sooner = row("a", eta=now + 60, state="SCHEDULED"), row("a", eta=now + 30, state="SCHEDULED")
+    e.write("A", [row("a", id="running")], [later, sooner, row("b", id="due")], [])
+    assert [r.id for r in e.waiting("SCHEDULED", 10)] == [sooner.id, later.id]
+    assert [r.id for r in e.waiting("SCHEDULED", 1)] == [sooner.id]
+    assert [r.id for r in e.waiting("PENDING", 10)] == ["due"]
+    assert e.waiting("RETRY", 10) == []
+    assert e.count_waiting() == {"SCHEDULED": 2, "PENDING": 1}
+    e.finish("running", "A", 1, "SUCCESS", b"1")
+    assert e.count_waiting() == {"SCHEDULED": 2, "PENDING": 1}
