@@ -15,6 +15,7 @@ _EXPORTS = {
     # tasks
     "task": "tasks", "spawn": "tasks", "spawn_later": "tasks", "spawn_at": "tasks",
     "spawn_idle": "tasks", "TaskResult": "tasks", "result": "tasks", "AsyncResult": "tasks",
+    "shared_task": "tasks",
     "cooperate": "tasks", "run_in_thread": "tasks", "progress": "tasks",
     # the runtime: limits, the journal, starting outside the server
     "configure": "runtime", "start": "runtime", "health": "runtime",
@@ -31,7 +32,8 @@ _EXPORTS = {
     "TaskTimeout": "errors", "WaitTimeout": "errors", "CancelledError": "errors", "WorkerError": "errors",
     "RemoteError": "errors", "WorkerCrashed": "errors", "WorkerTimeout": "errors",
     "JournalError": "errors", "StartupError": "errors", "UnknownPool": "errors",
-    "SerializationError": "errors",
+    "SerializationError": "errors", "Retry": "errors", "MaxRetriesExceeded": "errors",
+    "SoftTimeLimitExceeded": "errors",
 }
 # Other projects' names for the same things.
 _ALIASES: dict = {}
@@ -49,7 +51,10 @@ if TYPE_CHECKING:
     from .errors import JournalError as JournalError
     from .errors import Overloaded as Overloaded
     from .errors import RemoteError as RemoteError
+    from .errors import MaxRetriesExceeded as MaxRetriesExceeded
+    from .errors import Retry as Retry
     from .errors import SerializationError as SerializationError
+    from .errors import SoftTimeLimitExceeded as SoftTimeLimitExceeded
     from .errors import StartupError as StartupError
     from .errors import TaskTimeout as TaskTimeout
     from .errors import UnknownPool as UnknownPool
@@ -74,6 +79,7 @@ if TYPE_CHECKING:
     from .tasks import AsyncResult as AsyncResult
     from .tasks import result as result
     from .tasks import run_in_thread as run_in_thread
+    from .tasks import shared_task as shared_task
     from .tasks import spawn as spawn
     from .tasks import spawn_at as spawn_at
     from .tasks import spawn_idle as spawn_idle

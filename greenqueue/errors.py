@@ -5,7 +5,7 @@ turned into dicts by :func:`to_dict` and back by :func:`from_dict`, so one
 table decides what a parent process can rebuild.
 """
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 __all__ = [
     "GreenqueueError", "ConfigError", "Overloaded", "TaskTimeout", "WaitTimeout",
@@ -39,6 +39,29 @@ class WaitTimeout(TaskTimeout):
 
     It derives from TaskTimeout so code written when both were one error still catches it.
     """
+
+
+class SoftTimeLimitExceeded(GreenqueueError):
+    """Raised inside a task when its ``soft_timeout`` passes: clean up now, the hard ``timeout`` follows."""
+
+
+class Retry(GreenqueueError):
+    """Raise from inside a task to run it again later: an attempt like any other, never logged as a failure.
+
+    ``countdown`` seconds (default: the task's retry delay), ``exc`` the error to fail with when no
+    attempt is left (default ``MaxRetriesExceeded``), ``max_retries`` this task's retries for the decision.
+    """
+
+    def __init__(self, message: str = "", countdown: Optional[float] = None, exc: Optional[BaseException] = None,
+                 max_retries: Optional[int] = None) -> None:
+        super().__init__(message or "retry requested")
+        self.countdown = countdown
+        self.exc = exc
+        self.max_retries = max_retries
+
+
+class MaxRetriesExceeded(GreenqueueError):
+    """A task asked to retry (``raise Retry``) with no attempt left, and gave no error of its own."""
 
 
 class CancelledError(GreenqueueError):

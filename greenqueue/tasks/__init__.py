@@ -26,13 +26,13 @@ from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULE
                       SUCCESS, TaskResult)
 from ._runner import DrainReport, Runner, get_runner
 from ._runner import reset as _reset_runner
-from ._task import (APPLY_OPTIONS, PerItem, Task, clear_registry, find_task, get_task, registered,
-                    task)
+from ._task import (APPLY_OPTIONS, PerItem, Request, Task, clear_registry, find_task, get_task, registered,
+                    shared_task, task)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "task", "Task", "TaskResult", "spawn", "spawn_later", "spawn_at", "spawn_idle",
+    "task", "shared_task", "Task", "Request", "TaskResult", "spawn", "spawn_later", "spawn_at", "spawn_idle",
     "result", "configure", "drain", "cooperate", "run_in_thread", "get_runner", "reset", "progress",
     "current", "Runner", "DrainReport", "AsyncResult", "TaskOptions", "get_task", "find_task", "registered",
     "clear_registry", "PerItem", "APPLY_OPTIONS",

@@ -12,12 +12,12 @@ import logging
 import pickle
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import gevent
 
 from .. import events
-from ..errors import TaskTimeout
+from ..errors import MaxRetriesExceeded, Retry, SoftTimeLimitExceeded, TaskTimeout
 from ..journal import TaskRow, dumps
 from ._engine import ABANDONED, Entry
 from ._result import CANCELLED, FAILURE, READY_STATES, RETRY, SUCCESS, mark_started, resolve
@@ -70,12 +70,16 @@ def run(runner: "Runner", e: Entry) -> None:
         events.notify(events.TaskStarted(r))
     exc: Optional[BaseException] = None
     value = None
-    timer = None
+    timer = soft = None
     expired = False
     t0 = _monotonic()
     try:
         if opts.timeout is not None:
             timer = gevent.Timeout.start_new(opts.timeout, _Expired())
+        if opts.soft_timeout is not None:
+            # Raised inside the task, where its own code may catch it and clean up.
+            soft = gevent.Timeout.start_new(opts.soft_timeout, SoftTimeLimitExceeded(
+                "task %s[%s] passed its soft time limit of %ss" % (r.name, r.id, opts.soft_timeout)))
         value = _call(e)
     except _Expired:
         exc = None  # decided below from the timer, which also catches a swallowed expiry
@@ -90,6 +94,8 @@ def run(runner: "Runner", e: Entry) -> None:
         # gevent.Timeout and other BaseExceptions become GreenqueueErrors in resolve().
         exc = _user_frames(failed)
     finally:
+        if soft is not None:
+            soft.close()
         if timer is not None:
             expired = not timer.pending
             timer.close()
@@ -103,18 +109,35 @@ def run(runner: "Runner", e: Entry) -> None:
     elif isinstance(exc, gevent.GreenletExit):
         # Killed by someone other than cancel() (killall, shutdown): still a result.
         finish(runner, e, CANCELLED, exc=exc, duration=duration)
-    elif r.retries < opts.retries:
-        _retry(runner, e, exc, duration)
     else:
-        finish(runner, e, FAILURE, exc=exc, duration=duration)
+        retry, failure = decide(e, exc)
+        if retry:
+            _retry(runner, e, exc, duration, exc.countdown if isinstance(exc, Retry) else None)
+        else:
+            finish(runner, e, FAILURE, exc=failure, duration=duration)
 
 
-def _retry(runner: "Runner", e: Entry, exc: BaseException, duration: float) -> None:
+def decide(e: Entry, exc: BaseException) -> Tuple[bool, BaseException]:
+    """Whether a failed attempt of ``e`` runs again, and the error it fails with if not."""
+    r = e.handle
+    opts = e.opts
+    if isinstance(exc, Retry):
+        # The task asked for it: an attempt like any other, with its own budget if it gave one.
+        limit = opts.retries if exc.max_retries is None else exc.max_retries
+        if r.retries < limit:
+            return True, exc
+        return False, exc.exc if exc.exc is not None else MaxRetriesExceeded(
+            "task %s[%s] asked to retry after %d attempt(s); no retry is left (retries=%d)"
+            % (r.name, r.id, r.retries + 1, limit))
+    return r.retries < opts.retries and opts.retries_on(exc), exc
+
+
+def _retry(runner: "Runner", e: Entry, exc: BaseException, duration: float, countdown: Optional[float]) -> None:
     r = e.handle
     r.retries += 1
     r.duration = duration
     r.state = RETRY
-    delay = e.opts.delay_for(r.retries)
+    delay = e.opts.delay_for(r.retries) if countdown is None else max(0.0, float(countdown))
     log.debug("task %s[%s] attempt %d failed, retrying in %.3fs", r.name, r.id, r.retries, delay)
     handed_over = e.serializer is not None and runner.store.retrying(r.id, r.name, delay, exc)
     if _subscribers:
@@ -183,17 +206,23 @@ def run_eager(runner: "Runner", e: Entry) -> None:
         if _subscribers:
             events.notify(events.TaskStarted(r))
         t0 = _monotonic()
+        runner.eager_running.append(r)
         try:
             value = _call(e)
         except Exception as failed:
-            if r.retries < e.opts.retries:
+            retry, failure = decide(e, failed)
+            if retry:
                 r.retries += 1
                 r.state = RETRY
                 if _subscribers:
                     events.notify(events.TaskRetrying(r, exception=failed, delay=0.0))
                 continue
-            finish(runner, e, FAILURE, exc=_user_frames(failed), duration=_monotonic() - t0)
-            raise
+            finish(runner, e, FAILURE, exc=_user_frames(failure), duration=_monotonic() - t0)
+            if failure is failed:
+                raise
+            raise failure from failed
+        finally:
+            runner.eager_running.pop()
         finish(runner, e, SUCCESS, value=value, duration=_monotonic() - t0)
         return
 

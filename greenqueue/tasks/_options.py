@@ -8,7 +8,7 @@ import os
 import random
 from time import time as _time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from ..errors import ConfigError
 
@@ -32,13 +32,29 @@ class TaskOptions:
     serializer: str = "json"
     #: The queue a node claims the task from (``--queues``).
     queue: str = "default"
+    #: The longest wait between attempts, however far the backoff grew (None: no cap).
+    retry_backoff_max: Optional[float] = None
+    #: Errors that are retried (None: every one, as before these options existed).
+    autoretry_for: Optional[Tuple[type, ...]] = None
+    #: Errors never retried, even when ``autoretry_for`` matches them too.
+    dont_autoretry_for: Tuple[type, ...] = ()
+    #: Seconds after which SoftTimeLimitExceeded is raised inside the task (the hard ``timeout`` follows).
+    soft_timeout: Optional[float] = None
 
     def delay_for(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""
         delay = self.retry_delay * (self.retry_backoff ** (retry - 1))
         if self.retry_jitter:
             delay += _rand.uniform(0, self.retry_jitter)
+        if self.retry_backoff_max is not None:
+            delay = min(delay, self.retry_backoff_max)
         return delay
+
+    def retries_on(self, exc: BaseException) -> bool:
+        """True when a failure with ``exc`` is retried (attempts left aside)."""
+        if self.dont_autoretry_for and isinstance(exc, self.dont_autoretry_for):
+            return False
+        return self.autoretry_for is None or isinstance(exc, self.autoretry_for)
 
 
 NO_OPTIONS = TaskOptions()

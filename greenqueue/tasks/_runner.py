@@ -84,6 +84,8 @@ class Runner:
         self.followed = Followed(self)
         #: The app whose context tasks claimed from a shared store run in (the server's Flask app).
         self.app: Any = None
+        #: Results of tasks running inline now (eager mode), innermost last: what ``current()`` answers there.
+        self.eager_running: List[TaskResult[Any]] = []
         self.configure(max_concurrency=max_concurrency, max_pending=max_pending,
                        result_ttl=result_ttl, max_results=max_results, eager=eager)
 
@@ -219,7 +221,9 @@ class Runner:
     def current(self) -> Optional[TaskResult[Any]]:
         """The TaskResult running in the calling greenlet (None outside a task)."""
         e = self.engine.current()
-        return None if e is None else e.handle
+        if e is not None:
+            return e.handle
+        return self.eager_running[-1] if self.eager_running else None
 
     def lend_slot(self, waiting_on: TaskResult[Any]) -> Optional[Entry]:
         """Free the calling task's slot while it waits on ``waiting_on`` (None: not a task holding one)."""
@@ -374,7 +378,7 @@ class Runner:
             r = TaskResult(self, row.id, t.name)
         r.retries = max(0, row.attempts - 1)
         r.eta = None if row.eta is None else datetime.datetime.fromtimestamp(row.eta, _UTC)
-        e = Entry(r, t.fn, tuple(data["args"]), data["kwargs"], t.opts, self.app)
+        e = Entry(r, t.target, tuple(data["args"]), data["kwargs"], t.opts, self.app)
         if row.queue != e.opts.queue:
             e.opts = replace(e.opts, queue=row.queue)
         if self.store.durable:

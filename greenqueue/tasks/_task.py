@@ -13,11 +13,12 @@ import datetime
 import functools
 import logging
 import time
-from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, ParamSpec, Tuple, TypeVar, Union, overload
+from typing import (Any, Callable, Dict, Generic, Iterable, List, Literal, NoReturn, Optional, ParamSpec, Tuple, Type,
+                    TypeVar, Union, cast, overload)
 
 import gevent
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Retry
 from ..journal import new_row
 from ._options import TaskOptions, callable_name, check_number, new_id
 from ._result import FAILURE, READY_STATES, STARTED, SUCCESS, TaskResult
@@ -25,7 +26,7 @@ from ._runner import Runner, get_runner
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Task", "task", "get_task", "registered", "clear_registry", "PerItem", "APPLY_OPTIONS"]
+__all__ = ["Task", "task", "shared_task", "Request", "get_task", "registered", "clear_registry", "PerItem", "APPLY_OPTIONS"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -53,17 +54,49 @@ class PerItem:
         return "PerItem(%r)" % (self.outcomes,)
 
 
+class Request:
+    """What a running task knows of its own run (Celery's ``task.request``)."""
+
+    __slots__ = ("id", "retries", "eta", "name", "called_directly")
+
+    def __init__(self, r: Optional[TaskResult[Any]]) -> None:
+        #: The run's task id (None outside a run: the task was called directly).
+        self.id = None if r is None else r.id
+        #: Attempts before this one.
+        self.retries = 0 if r is None else r.retries
+        self.eta = None if r is None else r.eta
+        self.name = None if r is None else r.name
+        #: True when the function was called inline, not run as a task.
+        self.called_directly = r is None
+
+    def __repr__(self) -> str:
+        return "<Request %s retries=%d>" % (self.id, self.retries)
+
+
 class Task(Generic[P, R]):
     """A function registered as a task: call it inline, or ``.spawn()`` it in a greenlet."""
 
     def __init__(self, fn: Callable[P, R], name: str, opts: TaskOptions,
-                 batch_size: Optional[int] = None, batch_interval: Optional[float] = None) -> None:
+                 batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
+                 bind: bool = False) -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.name = name
         self.opts = opts
         self.batch_size = batch_size
         self.batch_interval = batch_interval
+        #: What a run calls: the function, or with ``bind=True`` the function with this task first (Celery's).
+        self.target: Callable[..., Any] = functools.partial(cast(Callable[..., Any], fn), self) if bind else fn
+
+    @property
+    def request(self) -> "Request":
+        """The run this code is part of (Celery's ``self.request``): id, retries, eta; empty outside a run."""
+        return Request(get_runner().current())
+
+    def retry(self, exc: Optional[BaseException] = None, countdown: Optional[float] = None,
+              max_retries: Optional[int] = None) -> NoReturn:
+        """Celery's ``self.retry()``: raise Retry, so this run ends and another follows (``raise self.retry(...)`` works too)."""
+        raise Retry(countdown=countdown, exc=exc, max_retries=max_retries)
 
     @property
     def serializer(self) -> str:
@@ -80,7 +113,8 @@ class Task(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run inline in the calling greenlet and return the value (no retries, no timeout)."""
-        return self.fn(*args, **kwargs)
+        value: R = self.target(*args, **kwargs)  # a bound task's partial loses R; the value is the function's
+        return value
 
     def spawn(self, *args: P.args, **kwargs: P.kwargs) -> TaskResult[R]:
         """Run soon in its own greenlet; returns a TaskResult at once."""
@@ -137,8 +171,12 @@ class Task(Generic[P, R]):
             return batcher.add(args, kwargs, delay, eta, idle)
         if options is None and self.queue != "default":
             options = {"queue": self.queue}
-        return runner.spawn(self.fn, args, kwargs, name=self.name, opts=self.opts, delay=delay, eta=eta,
+        return runner.spawn(self.target, args, kwargs, name=self.name, opts=self.opts, delay=delay, eta=eta,
                             idle=idle, serializer=self.serializer, options=options)
+
+
+#: Exception classes, as ``autoretry_for`` and ``dont_autoretry_for`` take them.
+Errors = Union[Type[BaseException], Tuple[Type[BaseException], ...]]
 
 
 @overload
@@ -149,28 +187,49 @@ def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1.0,
          retry_jitter: float = 0.0, timeout: Optional[float] = None, name: Optional[str] = None,
          batch_size: None = None, batch_interval: None = None,
-         serializer: str = "json", queue: str = "default") -> Callable[[Callable[P, R]], Task[P, R]]: ...
+         serializer: str = "json", queue: str = "default", retry_backoff_max: Optional[float] = None,
+         autoretry_for: Optional[Errors] = None, dont_autoretry_for: Errors = (),
+         soft_timeout: Optional[float] = None, bind: Literal[False] = False, max_retries: Optional[int] = None,
+         default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
+         soft_time_limit: Optional[float] = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
-# A batch task's function takes the list of items while its spawns take one item
-# each, so its Task cannot keep the function's signature.
+# A batch task's function takes the list of items while its spawns take one item each, and a
+# bound task's takes the task first: neither Task can keep the function's signature.
 @overload
 def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1.0,
          retry_jitter: float = 0.0, timeout: Optional[float] = None, name: Optional[str] = None,
          batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
-         serializer: str = "json", queue: str = "default") -> Callable[[Callable[..., Any]], "Task[..., Any]"]: ...
+         serializer: str = "json", queue: str = "default", retry_backoff_max: Optional[float] = None,
+         autoretry_for: Optional[Errors] = None, dont_autoretry_for: Errors = (),
+         soft_timeout: Optional[float] = None, bind: bool = False, max_retries: Optional[int] = None,
+         default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
+         soft_time_limit: Optional[float] = None) -> Callable[[Callable[..., Any]], "Task[..., Any]"]: ...
 
 
 def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_delay: float = 0.0,
          retry_backoff: float = 1.0, retry_jitter: float = 0.0, timeout: Optional[float] = None,
          name: Optional[str] = None, batch_size: Optional[int] = None, batch_interval: Optional[float] = None,
-         serializer: str = "json", queue: str = "default", **unknown: Any
+         serializer: str = "json", queue: str = "default", retry_backoff_max: Optional[float] = None,
+         autoretry_for: Optional[Errors] = None, dont_autoretry_for: Errors = (),
+         soft_timeout: Optional[float] = None, bind: bool = False, max_retries: Optional[int] = None,
+         default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
+         soft_time_limit: Optional[float] = None, **unknown: Any
          ) -> Union[Task[P, R], Callable[[Callable[P, R]], Task[P, R]]]:
-    """Register a function as a task; works as ``@task`` and ``@task(retries=3, ...)``."""
+    """Register a function as a task; works as ``@task`` and ``@task(retries=3, ...)``.
+
+    Celery's names are accepted for the same settings: ``max_retries`` (retries),
+    ``default_retry_delay`` (retry_delay), ``time_limit`` (timeout), ``soft_time_limit`` (soft_timeout).
+    """
     if unknown:
         raise _UsageError("@task(): unknown option(s) %s (known: %s)" % (", ".join(sorted(unknown)), ", ".join(
-            ("retries", "retry_delay", "retry_backoff", "retry_jitter", "timeout", "name", "batch_size",
-             "batch_interval", "serializer", "queue"))))
+            ("retries", "retry_delay", "retry_backoff", "retry_backoff_max", "retry_jitter", "autoretry_for",
+             "dont_autoretry_for", "timeout", "soft_timeout", "bind", "name", "batch_size", "batch_interval",
+             "serializer", "queue", "max_retries", "default_retry_delay", "time_limit", "soft_time_limit"))))
+    retries = _either("retries", retries, 0, "max_retries", max_retries)
+    retry_delay = _either("retry_delay", retry_delay, 0.0, "default_retry_delay", default_retry_delay)
+    timeout = _either("timeout", timeout, None, "time_limit", time_limit)
+    soft_timeout = _either("soft_timeout", soft_timeout, None, "soft_time_limit", soft_time_limit)
     if fn is not None and not callable(fn):
         raise ConfigError("@task decorates a function; task(%r) got a %s (did you mean "
                           "@task(retries=...)?)" % (fn, type(fn).__name__))
@@ -181,28 +240,60 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
     check_number("batch_interval", batch_interval, 0, float, allow_none=True, strict=True)
     if batch_interval is not None and batch_size is None:
         batch_size = 2 ** 31  # only the interval flushes
+    if bind and batch_size is not None:
+        raise ConfigError("bind=True does not apply to batch tasks (their function takes the list of items)")
     check_number("retries", retries, 0)
     for label, value in (("retry_delay", retry_delay), ("retry_backoff", retry_backoff),
                          ("retry_jitter", retry_jitter)):
         check_number(label, value, 0, float)
+    check_number("retry_backoff_max", retry_backoff_max, 0, float, allow_none=True)
     check_number("timeout", timeout, 0, float, allow_none=True, strict=True)
+    check_number("soft_timeout", soft_timeout, 0, float, allow_none=True, strict=True)
+    if soft_timeout is not None and timeout is not None and soft_timeout >= timeout:
+        raise ConfigError("soft_timeout (%s) must be shorter than timeout (%s): the soft limit warns the task "
+                          "before the hard one kills it" % (soft_timeout, timeout))
+    retry_on = None if autoretry_for is None else _errors("autoretry_for", autoretry_for)
+    never_retry = _errors("dont_autoretry_for", dont_autoretry_for)
     if name is not None and (not isinstance(name, str) or not name):
         raise ConfigError("name must be a non-empty string, got %r" % (name,))
     if not isinstance(queue, str) or not queue:
         raise ConfigError("queue must be a non-empty string, got %r" % (queue,))
     opts = TaskOptions(int(retries), float(retry_delay), float(retry_backoff), float(retry_jitter),
-                       None if timeout is None else float(timeout), serializer, queue)
+                       None if timeout is None else float(timeout), serializer, queue,
+                       None if retry_backoff_max is None else float(retry_backoff_max), retry_on, never_retry,
+                       None if soft_timeout is None else float(soft_timeout))
 
     def decorate(f: Callable[P, R]) -> Task[P, R]:
         if isinstance(f, Task):
             f = f.fn
         if not callable(f):
             raise ConfigError("@task decorates a function, got a %s: %r" % (type(f).__name__, f))
-        t = Task(f, name or callable_name(f), opts, batch_size, batch_interval)
+        t = Task(f, name or callable_name(f), opts, batch_size, batch_interval, bool(bind))
         _register(t)
         return t
 
     return decorate(fn) if fn is not None else decorate
+
+
+def _either(ours: str, value: Any, default: Any, theirs: str, celery_value: Any) -> Any:
+    """Our setting or Celery's name for it (ConfigError when both are given)."""
+    if celery_value is None:
+        return value
+    if value != default:
+        raise ConfigError("@task(): give %s or Celery's %s, not both" % (ours, theirs))
+    return celery_value
+
+
+def _errors(label: str, value: Any) -> Tuple[type, ...]:
+    """``value`` as a tuple of exception classes; ConfigError naming ``label`` otherwise."""
+    found = value if isinstance(value, tuple) else (value,)
+    if not all(isinstance(c, type) and issubclass(c, BaseException) for c in found):
+        raise ConfigError("%s takes an exception class or a tuple of them, got %r" % (label, value))
+    return found
+
+
+#: Celery's name for ``task``: a port's ``@shared_task`` keeps working.
+shared_task = task
 
 
 def _identity(fn: Callable[..., Any]) -> Tuple[Optional[str], Optional[str], Optional[str]]:
