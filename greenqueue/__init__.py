@@ -33,7 +33,7 @@ _EXPORTS = {
     "RemoteError": "errors", "WorkerCrashed": "errors", "WorkerTimeout": "errors",
     "JournalError": "errors", "StartupError": "errors", "UnknownPool": "errors",
     "SerializationError": "errors", "Retry": "errors", "MaxRetriesExceeded": "errors",
-    "SoftTimeLimitExceeded": "errors",
+    "SoftTimeLimitExceeded": "errors", "TaskExpired": "errors",
 }
 # Other projects' names for the same things.
 _ALIASES: dict = {}
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from .errors import SerializationError as SerializationError
     from .errors import SoftTimeLimitExceeded as SoftTimeLimitExceeded
     from .errors import StartupError as StartupError
+    from .errors import TaskExpired as TaskExpired
     from .errors import TaskTimeout as TaskTimeout
     from .errors import UnknownPool as UnknownPool
     from .errors import WaitTimeout as WaitTimeout

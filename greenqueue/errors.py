@@ -45,6 +45,10 @@ class SoftTimeLimitExceeded(GreenqueueError):
     """Raised inside a task when its ``soft_timeout`` passes: clean up now, the hard ``timeout`` follows."""
 
 
+class TaskExpired(GreenqueueError):
+    """The task was not started before its ``expires`` time, so it never ran (state EXPIRED)."""
+
+
 class Retry(GreenqueueError):
     """Raise from inside a task to run it again later: an attempt like any other, never logged as a failure.
 

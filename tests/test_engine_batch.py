@@ -170,19 +170,33 @@ def test_a_task_claimed_as_it_is_spawned_enters_no_index_of_waiting_rows(sqlite_
 
 
 def _downgrade(engines):
-    """Make this test's store look as the previous version left it."""
+    """Make this test's store look as the previous version left it (no start-by column)."""
     previous = _schema_version(engines.kind) - 1
+    engines.raw("ALTER TABLE greenqueue_tasks DROP COLUMN start_by")
     if engines.kind == "sqlite":
-        # Version 3: an index of every unfinished row, and of every row by state and by creation time.
-        engines.raw("DROP INDEX greenqueue_tasks_waiting")
-        engines.raw("CREATE INDEX greenqueue_tasks_unfinished ON greenqueue_tasks (name, state) WHERE "
-                    "(state = 'PENDING' OR state = 'SCHEDULED' OR state = 'STARTED' OR state = 'RETRY')")
-        engines.raw("CREATE INDEX greenqueue_tasks_created ON greenqueue_tasks (created_at)")
-        engines.raw("CREATE INDEX greenqueue_tasks_state ON greenqueue_tasks (state, created_at)")
         engines.raw("PRAGMA user_version=%d" % previous)
-    else:
-        engines.raw("DROP INDEX greenqueue_tasks_unfinished")  # version 1 had no index of unfinished rows
     engines.raw("UPDATE greenqueue_meta SET value = '%d' WHERE key = 'schema_version'" % previous)
+
+
+def test_schema_3_sqlite_files_lose_the_indexes_of_every_row_and_keep_their_rows(sqlite_engines):
+    e = sqlite_engines()
+    e.enqueue([row("a", id="p1")])
+    e.enqueue([row("a", id="s1")], owner="A")
+    e.close()
+    # Version 3: an index of every unfinished row, and of every row by state and by creation time.
+    sqlite_engines.raw("DROP INDEX greenqueue_tasks_waiting")
+    sqlite_engines.raw("ALTER TABLE greenqueue_tasks DROP COLUMN start_by")
+    sqlite_engines.raw("CREATE INDEX greenqueue_tasks_unfinished ON greenqueue_tasks (name, state) WHERE "
+                       "(state = 'PENDING' OR state = 'SCHEDULED' OR state = 'STARTED' OR state = 'RETRY')")
+    sqlite_engines.raw("CREATE INDEX greenqueue_tasks_created ON greenqueue_tasks (created_at)")
+    sqlite_engines.raw("CREATE INDEX greenqueue_tasks_state ON greenqueue_tasks (state, created_at)")
+    sqlite_engines.raw("PRAGMA user_version=3")
+    sqlite_engines.raw("UPDATE greenqueue_meta SET value = '3' WHERE key = 'schema_version'")
+    e = sqlite_engines()
+    names = {r[0] for r in sqlite_engines.raw("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "greenqueue_tasks_waiting" in names and not names & {
+        "greenqueue_tasks_unfinished", "greenqueue_tasks_created", "greenqueue_tasks_state"}
+    assert e.count_unfinished("a") == 2 and [r.id for r in e.claim("B", None, 5)] == ["p1"]
 
 
 def test_a_store_of_the_previous_version_is_migrated_keeping_its_rows(engines):

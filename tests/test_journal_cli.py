@@ -110,7 +110,7 @@ def test_purge_help_shows_the_default_and_the_allowed_states(capsys):
         main(["journal.db", "purge", "--help"])
     assert info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "one of SUCCESS, FAILURE, CANCELLED (default: FAILURE)" in out
+    assert "one of SUCCESS, FAILURE, CANCELLED, EXPIRED (default: FAILURE)" in out
 
 
 def test_purge_refuses_an_unfinished_state_and_accepts_lower_case(tmp_path, capsys, always_fails):

@@ -150,3 +150,66 @@ def test_raise_retry_with_a_journal_hands_the_row_to_the_store_with_its_countdow
         assert r.get(WAIT) == "second" and r.retries == 1
     finally:
         runtime.get_runtime().close_store()
+
+
+# -- expiry --------------------------------------------------------------------------------
+
+
+def test_a_task_not_started_by_its_expiry_never_runs_and_ends_expired():
+    ran = []
+    gate = gevent.event.Event()
+
+    @task(expires=0.05)
+    def stale(n):
+        ran.append(n)
+
+    greenqueue.configure(max_concurrency=1)
+    blocker = greenqueue.spawn(gate.wait)
+    late = stale.spawn(1)                          # waits behind the blocker past its expiry
+    fresh = stale.apply_async((2,), expires=60)    # per call: this one has a minute
+    gevent.sleep(0.1)
+    gate.set()
+    with pytest.raises(greenqueue.TaskExpired, match="never ran"):
+        late.get(WAIT)
+    assert late.state == "EXPIRED" and late.ready() and late.failed() and not late.successful()
+    assert fresh.get(WAIT) is None and ran == [2]
+    blocker.get(WAIT)
+
+
+def test_expires_takes_a_datetime_per_call_and_eager_mode_honours_it():
+    import datetime
+
+    @task
+    def noted():
+        return "ran"
+
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+    with pytest.raises(greenqueue.TaskExpired):
+        noted.apply_async(expires=past).get(WAIT)
+    with testing.eager():
+        assert noted.apply_async(expires=60).get(WAIT) == "ran"
+        assert noted.apply_async(expires=past).state == "EXPIRED"
+    with pytest.raises(errors.ConfigError, match="expires"):
+        task(expires=-1)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_an_expired_row_of_a_journal_never_runs_on_whichever_node_claims_it(store, tmp_path, request):
+    ran = []
+
+    @task(name="retry_control.expiring")
+    def expiring(n):
+        ran.append(n)
+
+    journal = str(tmp_path / "j.db") if store == "sqlite" else request.getfixturevalue("pg_dsn")
+    greenqueue.configure(journal=journal)
+    try:
+        # Delayed past its expiry: the row waits in the store, the node claims it when due, and ends it.
+        r = expiring.apply_async((1,), countdown=0.3, expires=0.1)
+        with pytest.raises(greenqueue.TaskExpired):
+            r.get(WAIT)
+        again = greenqueue.result(r.id)
+        assert ran == [] and again.state == "EXPIRED"
+        assert expiring.apply_async((2,), expires=60).get(WAIT) is None and ran == [2]
+    finally:
+        runtime.get_runtime().close_store()

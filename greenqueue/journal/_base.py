@@ -38,7 +38,7 @@ _UTC = datetime.timezone.utc
 
 def new_row(task_id: str, name: str, args: Sequence[object], kwargs: Dict[str, object], serializer: str,
             queue: str = "default", eta: Optional[datetime.datetime] = None, attempts: int = 0,
-            max_attempts: int = 1, idempotency_key: Optional[str] = None) -> TaskRow:
+            max_attempts: int = 1, idempotency_key: Optional[str] = None, start_by: Optional[float] = None) -> TaskRow:
     """The row a spawn becomes; SerializationError when ``serializer`` cannot carry the arguments."""
     try:
         payload = dumps(serializer, {"args": list(args), "kwargs": kwargs})
@@ -48,11 +48,15 @@ def new_row(task_id: str, name: str, args: Sequence[object], kwargs: Dict[str, o
                                  % (name, serializer.upper(), exc)) from None
     if eta is None:
         # Positional: a spawn builds one of these every time, and keywords cost a third more.
-        return TaskRow(task_id, name, payload, serializer, queue, "PENDING", None, attempts, max_attempts, 0,
-                       idempotency_key)
-    ts = eta.timestamp()
-    return TaskRow(task_id, name, payload, serializer, queue, "SCHEDULED" if ts > time.time() else "PENDING", ts,
-                   attempts, max_attempts, 0, idempotency_key)
+        row = TaskRow(task_id, name, payload, serializer, queue, "PENDING", None, attempts, max_attempts, 0,
+                      idempotency_key)
+    else:
+        ts = eta.timestamp()
+        row = TaskRow(task_id, name, payload, serializer, queue, "SCHEDULED" if ts > time.time() else "PENDING",
+                      ts, attempts, max_attempts, 0, idempotency_key)
+    if start_by is not None:
+        row.start_by = start_by
+    return row
 
 
 class Store(Protocol):

@@ -45,7 +45,7 @@ __all__ = ["TaskRow", "NodeInfo", "Heartbeat", "Engine", "UNFINISHED", "FINAL", 
 #: Row states that may still run.
 UNFINISHED = ("PENDING", "SCHEDULED", "STARTED", "RETRY")
 #: Row states after which nothing changes.
-FINAL = ("SUCCESS", "FAILURE", "CANCELLED")
+FINAL = ("SUCCESS", "FAILURE", "CANCELLED", "EXPIRED")
 
 
 @dataclass
@@ -75,6 +75,7 @@ class TaskRow:
     error: Optional[str] = None
     traceback: Optional[str] = None
     note: Optional[str] = None
+    start_by: Optional[float] = None      # a run not started by then ends EXPIRED without running
 
 
 def rows_query(cols: str, mark: str, state: Optional[str], name: Optional[str], limit: int) -> Tuple[str, list]:

@@ -19,7 +19,7 @@ __all__ = ["SCHEMA_VERSION", "mask_dsn", "migrate"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAGIC = "greenqueue-journal"
 CHANNEL = "greenqueue"
 # Any constant works as long as every greenqueue version uses the same one:
@@ -94,6 +94,9 @@ MIGRATIONS: Dict[int, List[str]] = {1: [
     # max_instances counts a task's unfinished runs on every fire: an index of those rows
     # alone keeps the count as cheap with a million finished rows as with none.
     "CREATE INDEX greenqueue_tasks_unfinished ON greenqueue_tasks (name, state) WHERE state IN " + UNFINISHED,
+], 3: [
+    # A run's start-by time (expires=): a node that claims it later ends it EXPIRED unrun.
+    "ALTER TABLE greenqueue_tasks ADD COLUMN start_by float8",
 ]}
 
 
@@ -159,19 +162,20 @@ INSERT = """
         SELECT * FROM unnest(%(id)s::text[], %(name)s::text[], %(payload)s::bytea[],
                              %(serializer)s::text[], %(queue)s::text[], %(state)s::text[],
                              %(eta)s::float8[], %(attempts)s::int[], %(max_attempts)s::int[],
-                             %(idempotency_key)s::text[], %(note)s::text[])
+                             %(idempotency_key)s::text[], %(note)s::text[], %(start_by)s::float8[])
             AS s(id, name, payload, serializer, queue, state, eta, attempts, max_attempts,
-                 idempotency_key, note)),
+                 idempotency_key, note, start_by)),
     ins AS (
         INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts,
-            max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at)
+            max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at,
+            start_by)
         SELECT id, name, payload, serializer, queue,
                CASE WHEN %(owner)s::text IS NULL THEN state ELSE 'STARTED' END,
                eta, coalesce(eta, {now}),
                attempts + CASE WHEN %(owner)s::text IS NULL THEN 0 ELSE 1 END, max_attempts,
                idempotency_key, note, %(owner)s::text,
                CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} + %(lease)s END,
-               CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} END, {now}, {now}
+               CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} END, {now}, {now}, start_by
         FROM src
         ON CONFLICT DO NOTHING
         RETURNING {cols}, due),
@@ -183,7 +187,7 @@ INSERT = """
 
 # Columns enqueue() passes as arrays, besides the payload.
 INSERT_FIELDS = ("id", "name", "serializer", "queue", "state", "eta", "attempts", "max_attempts",
-                 "idempotency_key", "note")
+                 "idempotency_key", "note", "start_by")
 
 # {queue_filter} is empty or a condition on %(queues)s.
 CLAIM = """

@@ -327,12 +327,13 @@ class SQLiteEngine(NodeRows):
         started = now if mine else None
         values = [(r.id, r.name, r.payload or b"", r.serializer, r.queue, "STARTED" if mine else r.state,
                    None if r.eta is None else float(r.eta), now if r.eta is None else r.eta, r.attempts + mine,
-                   r.max_attempts, r.idempotency_key, r.note, owner, lease, started, now, now) for r in rows]
+                   r.max_attempts, r.idempotency_key, r.note, owner, lease, started, now, now, r.start_by)
+                  for r in rows]
         self._changes += 1
         if conn.executemany(INSERT, values).rowcount == len(rows):
             # Nothing conflicted, so each stored row is what was just written: no read back.
             return [TaskRow(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[8], v[9], 0, v[10], owner, lease, False,
-                            now, started, None, None, None, None, None, None, v[11]) for v in values]
+                            now, started, None, None, None, None, None, None, v[11], v[17]) for v in values]
         # Read back in the same transaction: rows that were already there answer for the new ones.
         ids = [r.id for r in rows]
         keys = [r.idempotency_key for r in rows if r.idempotency_key]

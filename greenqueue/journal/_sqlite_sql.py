@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 
 from ._engine import TaskRow
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MAGIC = "greenqueue-journal"
 # ORs, not IN: in a partial index's WHERE, SQLite builds an IN list's lookup table
 # again for every row a statement writes (about 1.7 us of each insert and finish).
@@ -80,7 +80,8 @@ TABLES = [
         error_type TEXT,
         error TEXT,
         traceback TEXT,
-        note TEXT)""",
+        note TEXT,
+        start_by REAL)""",
     # A partial index serves only queries that repeat its WHERE terms verbatim (UNOWNED, UNFINISHED_OF).
     DUE_INDEX,
     WAITING_INDEX,
@@ -128,6 +129,9 @@ FROM_V1 = [
     "DROP TABLE greenqueue_v1_periodic",
 ]
 
+# Version 4 to 5: a run's start-by time (expires=).
+FROM_V4 = ["ALTER TABLE greenqueue_tasks ADD COLUMN start_by REAL"]
+
 # Version 3 to 4: waiting rows get their own index; the indexes of every row by state and by
 # creation time go (they cost each spawn and finish more than the listings they served).
 FROM_V3 = [
@@ -135,7 +139,7 @@ FROM_V3 = [
     "DROP INDEX IF EXISTS greenqueue_tasks_created",
     "DROP INDEX IF EXISTS greenqueue_tasks_state",
     WAITING_INDEX,
-]
+] + FROM_V4
 
 # Version 2 to 3 (then 4): the same tables; the due index's WHERE changes spelling.
 FROM_V2 = [
@@ -144,11 +148,11 @@ FROM_V2 = [
 ] + FROM_V3
 
 # Statements that bring a file of version N (the key) to SCHEMA_VERSION.
-UPGRADES = {0: TABLES, 1: FROM_V1, 2: FROM_V2, 3: FROM_V3}
+UPGRADES = {0: TABLES, 1: FROM_V1, 2: FROM_V2, 3: FROM_V3, 4: FROM_V4}
 
 INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts, "
-           "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+           "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at, start_by) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
 
 # A row whose cancel was requested while it ran ends CANCELLED when it comes back
 # unowned (retry, release), instead of running again.

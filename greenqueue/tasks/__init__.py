@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, ParamSpec, TypeVar
 import gevent
 
 from ._options import TaskOptions
-from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED,
+from ._result import (CANCELLED, EXPIRED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED,
                       SUCCESS, TaskResult)
 from ._runner import DrainReport, Runner, get_runner
 from ._runner import reset as _reset_runner
@@ -36,7 +36,7 @@ __all__ = [
     "result", "configure", "drain", "cooperate", "run_in_thread", "get_runner", "reset", "progress",
     "current", "Runner", "DrainReport", "AsyncResult", "TaskOptions", "get_task", "find_task", "registered",
     "clear_registry", "PerItem", "APPLY_OPTIONS",
-    "PENDING", "SCHEDULED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED",
+    "PENDING", "SCHEDULED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELLED", "EXPIRED",
     "READY_STATES",
 ]
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 import gevent
 
 from .. import events
-from ..errors import MaxRetriesExceeded, Retry, SoftTimeLimitExceeded, TaskTimeout
+from ..errors import MaxRetriesExceeded, Retry, SoftTimeLimitExceeded, TaskExpired, TaskTimeout
 from ..journal import TaskRow, dumps
 from ._engine import ABANDONED, Entry
-from ._result import CANCELLED, FAILURE, READY_STATES, RETRY, SUCCESS, mark_started, resolve
+from ._result import CANCELLED, EXPIRED, FAILURE, READY_STATES, RETRY, SUCCESS, mark_started, resolve
 
 if TYPE_CHECKING:
     from ._runner import Runner
@@ -63,6 +63,9 @@ def run(runner: "Runner", e: Entry) -> None:
     """Run one attempt of ``e`` in this (its task) greenlet and settle what came of it."""
     r = e.handle
     opts = e.opts
+    if opts.start_by is not None and _time() > opts.start_by:
+        finish(runner, e, EXPIRED, exc=_expired(r, opts.start_by))
+        return
     mark_started(r, _time())
     if e.serializer is not None:
         runner.store.started(r.id)
@@ -115,6 +118,11 @@ def run(runner: "Runner", e: Entry) -> None:
             _retry(runner, e, exc, duration, exc.countdown if isinstance(exc, Retry) else None)
         else:
             finish(runner, e, FAILURE, exc=failure, duration=duration)
+
+
+def _expired(r: Any, start_by: float) -> TaskExpired:
+    return TaskExpired("task %s[%s] was not started by its expiry (%.3f s ago); it never ran"
+                       % (r.name, r.id, _time() - start_by))
 
 
 def decide(e: Entry, exc: BaseException) -> Tuple[bool, BaseException]:
@@ -202,6 +210,9 @@ def run_eager(runner: "Runner", e: Entry) -> None:
     if _subscribers:
         events.notify(events.TaskSpawned(r))
     while True:
+        if e.opts.start_by is not None and _time() > e.opts.start_by:
+            finish(runner, e, EXPIRED, exc=_expired(r, e.opts.start_by))
+            return
         mark_started(r, _time())
         if _subscribers:
             events.notify(events.TaskStarted(r))

@@ -40,6 +40,10 @@ class TaskOptions:
     dont_autoretry_for: Tuple[type, ...] = ()
     #: Seconds after which SoftTimeLimitExceeded is raised inside the task (the hard ``timeout`` follows).
     soft_timeout: Optional[float] = None
+    #: Seconds after its spawn by which a run must start, else it ends EXPIRED without running.
+    expires: Optional[float] = None
+    #: The wall-clock time (epoch seconds) one spawn must start by: set per spawn from ``expires``.
+    start_by: Optional[float] = None
 
     def delay_for(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""

@@ -42,12 +42,13 @@ RETRY = "RETRY"
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 CANCELLED = "CANCELLED"
+EXPIRED = "EXPIRED"
 
 #: States after which nothing changes any more.
-READY_STATES = frozenset((SUCCESS, FAILURE, CANCELLED))
+READY_STATES = frozenset((SUCCESS, FAILURE, CANCELLED, EXPIRED))
 
 __all__ = ["TaskResult", "PENDING", "SCHEDULED", "STARTED", "RETRY", "SUCCESS",
-           "FAILURE", "CANCELLED", "READY_STATES"]
+           "FAILURE", "CANCELLED", "EXPIRED", "READY_STATES"]
 
 
 class TaskResult(Generic[R]):
@@ -60,6 +61,7 @@ class TaskResult(Generic[R]):
     SUCCESS = SUCCESS
     FAILURE = FAILURE
     CANCELLED = CANCELLED
+    EXPIRED = EXPIRED
 
     # Slots keep a waiting task small: 100,000 scheduled tasks are a normal load.
     __slots__ = (
@@ -113,7 +115,7 @@ class TaskResult(Generic[R]):
 
     def failed(self) -> bool:
         """True if the task ended in FAILURE or was cancelled."""
-        return self.state == FAILURE or self.state == CANCELLED
+        return self.state == FAILURE or self.state == CANCELLED or self.state == EXPIRED
 
     @property
     def status(self) -> str:

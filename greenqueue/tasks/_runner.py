@@ -56,6 +56,15 @@ _subscribers = events.subscribers
 EXIT_DRAIN = 5.0
 
 
+def _start_by(name: str, expires: Any) -> float:
+    """The wall-clock time a spawn must start by: ``expires`` seconds from now, or an (aware) datetime."""
+    if isinstance(expires, datetime.datetime):
+        return (expires if expires.tzinfo is not None else expires.replace(tzinfo=_UTC)).timestamp()
+    if isinstance(expires, datetime.timedelta):
+        expires = expires.total_seconds()
+    return _time() + check_number("%s: expires" % name, expires, 0, float)
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(_UTC)
 
@@ -264,6 +273,12 @@ class Runner:
             r.eta = eta
         elif delay is not None:
             r.eta = _now() + datetime.timedelta(seconds=delay)
+        expires = e.opts.expires
+        if options and "expires" in options:
+            options = dict(options)
+            expires = options.pop("expires")
+        if expires is not None:
+            e.opts = replace(e.opts, start_by=_start_by(r.name, expires))
         if self.eager:
             run_eager(self, e)
             return r
@@ -334,7 +349,7 @@ class Runner:
         store = self.store
         connection = options.get("connection")
         row = new_row(r.id, r.name, e.args, e.kwargs, e.serializer or "json", e.opts.queue, r.eta, r.retries,
-                      e.opts.retries + 1, options.get("idempotency_key"))
+                      e.opts.retries + 1, options.get("idempotency_key"), e.opts.start_by)
         claim = (r.state != SCHEDULED and not e.idle and connection is None and self.engine.has_free_slot()
                  and store.serves(e.opts.queue))
         stored = store.spawned(row, claim=claim, connection=connection)
@@ -379,8 +394,8 @@ class Runner:
         r.retries = max(0, row.attempts - 1)
         r.eta = None if row.eta is None else datetime.datetime.fromtimestamp(row.eta, _UTC)
         e = Entry(r, t.target, tuple(data["args"]), data["kwargs"], t.opts, self.app)
-        if row.queue != e.opts.queue:
-            e.opts = replace(e.opts, queue=row.queue)
+        if row.queue != e.opts.queue or row.start_by != e.opts.start_by:
+            e.opts = replace(e.opts, queue=row.queue, start_by=row.start_by)
         if self.store.durable:
             e.serializer = row.serializer
         self._live[r.id] = e

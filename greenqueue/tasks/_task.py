@@ -34,7 +34,7 @@ R = TypeVar("R")
 _registry: Dict[str, "Task[..., Any]"] = {}
 
 #: Options ``apply_async`` takes besides args/kwargs/countdown/eta; those of a shared store come with it.
-APPLY_OPTIONS = ("idempotency_key", "connection", "queue")
+APPLY_OPTIONS = ("idempotency_key", "connection", "queue", "expires")
 
 
 class PerItem:
@@ -191,7 +191,7 @@ def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1
          autoretry_for: Optional[Errors] = None, dont_autoretry_for: Errors = (),
          soft_timeout: Optional[float] = None, bind: Literal[False] = False, max_retries: Optional[int] = None,
          default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
-         soft_time_limit: Optional[float] = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+         soft_time_limit: Optional[float] = None, expires: Optional[float] = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 # A batch task's function takes the list of items while its spawns take one item each, and a
@@ -204,7 +204,7 @@ def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1
          autoretry_for: Optional[Errors] = None, dont_autoretry_for: Errors = (),
          soft_timeout: Optional[float] = None, bind: bool = False, max_retries: Optional[int] = None,
          default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
-         soft_time_limit: Optional[float] = None) -> Callable[[Callable[..., Any]], "Task[..., Any]"]: ...
+         soft_time_limit: Optional[float] = None, expires: Optional[float] = None) -> Callable[[Callable[..., Any]], "Task[..., Any]"]: ...
 
 
 def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_delay: float = 0.0,
@@ -214,7 +214,7 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
          autoretry_for: Optional[Errors] = None, dont_autoretry_for: Errors = (),
          soft_timeout: Optional[float] = None, bind: bool = False, max_retries: Optional[int] = None,
          default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
-         soft_time_limit: Optional[float] = None, **unknown: Any
+         soft_time_limit: Optional[float] = None, expires: Optional[float] = None, **unknown: Any
          ) -> Union[Task[P, R], Callable[[Callable[P, R]], Task[P, R]]]:
     """Register a function as a task; works as ``@task`` and ``@task(retries=3, ...)``.
 
@@ -225,7 +225,8 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
         raise _UsageError("@task(): unknown option(s) %s (known: %s)" % (", ".join(sorted(unknown)), ", ".join(
             ("retries", "retry_delay", "retry_backoff", "retry_backoff_max", "retry_jitter", "autoretry_for",
              "dont_autoretry_for", "timeout", "soft_timeout", "bind", "name", "batch_size", "batch_interval",
-             "serializer", "queue", "max_retries", "default_retry_delay", "time_limit", "soft_time_limit"))))
+             "serializer", "queue", "expires", "max_retries", "default_retry_delay", "time_limit",
+             "soft_time_limit"))))
     retries = _either("retries", retries, 0, "max_retries", max_retries)
     retry_delay = _either("retry_delay", retry_delay, 0.0, "default_retry_delay", default_retry_delay)
     timeout = _either("timeout", timeout, None, "time_limit", time_limit)
@@ -249,6 +250,7 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
     check_number("retry_backoff_max", retry_backoff_max, 0, float, allow_none=True)
     check_number("timeout", timeout, 0, float, allow_none=True, strict=True)
     check_number("soft_timeout", soft_timeout, 0, float, allow_none=True, strict=True)
+    check_number("expires", expires, 0, float, allow_none=True)
     if soft_timeout is not None and timeout is not None and soft_timeout >= timeout:
         raise ConfigError("soft_timeout (%s) must be shorter than timeout (%s): the soft limit warns the task "
                           "before the hard one kills it" % (soft_timeout, timeout))
@@ -261,7 +263,8 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
     opts = TaskOptions(int(retries), float(retry_delay), float(retry_backoff), float(retry_jitter),
                        None if timeout is None else float(timeout), serializer, queue,
                        None if retry_backoff_max is None else float(retry_backoff_max), retry_on, never_retry,
-                       None if soft_timeout is None else float(soft_timeout))
+                       None if soft_timeout is None else float(soft_timeout),
+                       None if expires is None else float(expires))
 
     def decorate(f: Callable[P, R]) -> Task[P, R]:
         if isinstance(f, Task):
