@@ -12,6 +12,7 @@ import logging
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from . import events
+from .errors import Retry
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,9 @@ _FORMATS = {
     events.TaskRetrying: (logging.WARNING, lambda e: (
         "task %s[%s] retry %d in %.3fs after %s",
         _task(e) + (getattr(e.result, "retries", 0), e.delay, _error(e.exception)))),
-    events.TaskCancelled: (logging.INFO, lambda e: ("task %s[%s] cancelled", _task(e))),
+    events.TaskCancelled: (logging.INFO, lambda e: (
+        "task %s[%s] %s", _task(e) + ("expired unrun" if getattr(e.result, "state", None) == "EXPIRED"
+                                      else "cancelled",))),
     events.JobFired: (logging.INFO, lambda e: (
         "job %s fired (scheduled for %s) as task %s",
         (_job(e), e.scheduled_for, getattr(e.result, "id", None)))),
@@ -136,6 +139,8 @@ def describe(event: Any) -> Tuple[int, str, tuple]:
             fmt, args = build(event)
             if cls is events.WorkerExited and event.reason in _LOUD_EXITS:
                 level = logging.WARNING
+            elif cls is events.TaskRetrying and isinstance(event.exception, Retry):
+                level = logging.INFO  # the task asked for it: control flow, not a failure
             elif _task_levels and cls in _OUTCOME + _PROGRESS:
                 level = _task_level(event, cls, level)
             return level, fmt, args

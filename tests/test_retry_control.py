@@ -213,3 +213,25 @@ def test_an_expired_row_of_a_journal_never_runs_on_whichever_node_claims_it(stor
         assert expiring.apply_async((2,), expires=60).get(WAIT) is None and ran == [2]
     finally:
         runtime.get_runtime().close_store()
+
+
+def test_a_requested_retry_is_logged_as_information_and_an_expiry_says_so():
+    from greenqueue import eventlog
+
+    retry = events.TaskRetrying(greenqueue.AsyncResult("0" * 32), exception=greenqueue.Retry(countdown=5), delay=5.0)
+    level, fmt, args = eventlog.describe(retry)
+    assert level == eventlog.logging.INFO
+    failed_once = events.TaskRetrying(greenqueue.AsyncResult("1" * 32), exception=ValueError("x"), delay=1.0)
+    assert eventlog.describe(failed_once)[0] == eventlog.logging.WARNING
+
+    import datetime
+
+    @task
+    def never():
+        return None
+
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+    with testing.eager():
+        r = never.apply_async(expires=past)
+    level, fmt, args = eventlog.describe(events.TaskCancelled(r))
+    assert (fmt % args).endswith("expired unrun")
