@@ -159,3 +159,16 @@ def test_dashboard_shows_tasks_live_in_a_real_browser(srv):
             browser.close()
     shutil.copy(ARTIFACTS / "dashboard.png", ARTIFACTS / "dashboard-latest.png")
     assert (ROOT / "docs" / "dashboard.png").exists(), "the README's screenshot is missing"
+
+
+def test_allow_ips_star_admits_every_address_and_the_default_only_this_host():
+    from greenqueue.config import parse_ips
+    from greenqueue.dashboard.web import Observability
+
+    def admitted(*allow_ips):
+        obs = Observability(lambda environ, start_response: [], None, "/metrics", None, *allow_ips)
+        return [obs._ip_ok({"REMOTE_ADDR": addr}) for addr in ("10.1.2.3", "127.0.0.1")]
+
+    assert admitted(parse_ips("*")) == [True, True]  # '*' parses to None: every address
+    assert admitted() == [False, True]               # nothing said: this host only
+    assert admitted(parse_ips("10.0.0.0/8")) == [True, False]

@@ -7,7 +7,7 @@
 from typing import TYPE_CHECKING, Optional, Sequence, Sized, Tuple
 
 from .metrics import Metrics
-from .web import Observability, _Network
+from .web import LOOPBACK, Observability, _Network
 
 if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication
@@ -18,7 +18,7 @@ __all__ = ["Metrics", "Observability", "install"]
 
 
 def install(app: "WSGIApplication", metrics_path: Optional[str] = None, dashboard_path: Optional[str] = None,
-            allow_ips: Optional[Sequence[_Network]] = None, token: Optional[str] = None,
+            allow_ips: Optional[Sequence[_Network]] = LOOPBACK, token: Optional[str] = None,
             connections: Optional[Sized] = None, runtime: Optional["Runtime"] = None) -> Tuple[Observability, Metrics]:
     """Start collecting metrics and return ``(wrapped app, metrics)``."""
     metrics = Metrics(connections, runtime).install()

@@ -34,19 +34,22 @@ _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 _Headers = List[Tuple[str, str]]
 
 
+#: Who may see the metrics and the dashboard when nothing else is said: this host.
+LOOPBACK: Tuple[_Network, ...] = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+
+
 class Observability:
     """Serves metrics and the dashboard under their paths; everything else goes to the app."""
 
     def __init__(self, app: "WSGIApplication", metrics: "Metrics", metrics_path: Optional[str] = None,
-                 dashboard_path: Optional[str] = None, allow_ips: Optional[Sequence[_Network]] = None,
+                 dashboard_path: Optional[str] = None, allow_ips: Optional[Sequence[_Network]] = LOOPBACK,
                  token: Optional[str] = None, interval: float = 1.0) -> None:
         self.app = app
         self.metrics = metrics
         self.metrics_path = metrics_path
         self.dashboard_path = (dashboard_path or "").rstrip("/") or None
-        self.allow: Optional[Sequence[_Network]] = (
-            allow_ips if allow_ips is not None else (ipaddress.ip_network("127.0.0.1/32"),
-                                                     ipaddress.ip_network("::1/128")))
+        #: The networks allowed in without the token; None: every address (``--dashboard-allow-ips '*'``).
+        self.allow: Optional[Sequence[_Network]] = allow_ips
         self.token = token
         self.interval = interval
         # A per-process secret: the CSRF token is only ever known to pages this process served.
