@@ -344,10 +344,6 @@ class ClusterStore:
             if not ok:
                 _discarded(name, args[0], args[2])
 
-    def forget(self, task_id: str) -> None:
-        """Stop holding ``task_id`` without writing (its lease was lost)."""
-        self._attempts.pop(task_id, None)
-
     def cancel(self, task_id: str) -> Optional[str]:
         """Cancel a row wherever it is; returns its state before (None: no such row)."""
         return self.engine.cancel(task_id)

@@ -20,7 +20,7 @@ from .. import events
 from ..errors import MaxRetriesExceeded, Retry, SoftTimeLimitExceeded, TaskExpired, TaskTimeout
 from ..journal import TaskRow, dumps
 from ._engine import ABANDONED, Entry
-from ._result import CANCELLED, EXPIRED, FAILURE, READY_STATES, RETRY, SUCCESS, mark_started, resolve
+from ._result import CANCELLED, EXPIRED, FAILURE, READY_STATES, RETRY, SUCCESS, TaskResult, mark_started, resolve
 
 if TYPE_CHECKING:
     from ._runner import Runner
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # logging config written for the runner should keep seeing their lines by name.
 log = logging.getLogger("greenqueue.tasks._runner")
 
-__all__ = ["run", "finish", "run_eager", "final_row"]
+__all__ = ["run", "finish", "run_eager", "final_row", "announce_final"]
 
 _monotonic = time.monotonic
 _time = time.time
@@ -196,12 +196,17 @@ def finish(runner: "Runner", e: Entry, state: str, value: Any = None, exc: Optio
     if e.serializer is not None:
         runner.store.finished(final_row(e))
     if _subscribers:
-        if state == SUCCESS:
-            events.notify(events.TaskSucceeded(r, duration=r.duration or 0.0))
-        elif state == FAILURE:
-            events.notify(events.TaskFailed(r, exception=r.exception, duration=r.duration or 0.0))
-        else:
-            events.notify(events.TaskCancelled(r))
+        announce_final(r, r.duration or 0.0)
+
+
+def announce_final(r: TaskResult[Any], duration: float) -> None:
+    """Publish the event of ``r``'s final state: succeeded, failed, or cancelled (expiry included)."""
+    if r.state == SUCCESS:
+        events.notify(events.TaskSucceeded(r, duration=duration))
+    elif r.state == FAILURE:
+        events.notify(events.TaskFailed(r, exception=r.exception, duration=duration))
+    else:
+        events.notify(events.TaskCancelled(r))
 
 
 def run_eager(runner: "Runner", e: Entry) -> None:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 from .. import events
 from ..journal import TaskRow
-from ._result import (FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, SUCCESS, TaskResult, follow_row,
-                      is_waited)
+from ._attempt import announce_final
+from ._result import PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, TaskResult, follow_row, is_waited
 
 if TYPE_CHECKING:
     from ._runner import Runner
@@ -76,10 +76,5 @@ class Followed:
             return False
         self.pop(r.id)
         if _subscribers:
-            if r.state == SUCCESS:
-                events.notify(events.TaskSucceeded(r, duration=0.0))
-            elif r.state == FAILURE:
-                events.notify(events.TaskFailed(r, exception=r.exception, duration=0.0))
-            else:
-                events.notify(events.TaskCancelled(r))
+            announce_final(r, 0.0)  # it ran elsewhere: this process never timed it
         return True

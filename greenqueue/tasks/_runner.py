@@ -279,13 +279,15 @@ class Runner:
             expires = options.pop("expires")
         if expires is not None:
             e.opts = replace(e.opts, start_by=_start_by(r.name, expires))
+        if options:
+            # Before eager mode too: a test must fail on an option the store would refuse.
+            self.store.check_options(r.name, options)
         if self.eager:
             run_eager(self, e)
             return r
         if delay is not None and delay > 0:
             r.state = SCHEDULED
         if options:
-            self.store.check_options(r.name, options)
             queue = options.get("queue") or "default"
             if queue != e.opts.queue:
                 e.opts = replace(e.opts, queue=queue)  # this spawn's own queue (apply_async)
@@ -419,13 +421,11 @@ class Runner:
 
     def follow(self, task_id: str) -> TaskResult[Any]:
         """The TaskResult for ``task_id``; unknown yet, a PENDING one the store brings up to date if it appears."""
-        found = self.result(task_id)
-        if found is not None:
-            return found
         if not self.on_hub_thread():
             followed: TaskResult[Any] = self.call(self.follow, task_id)
             return followed
-        return self.followed.unknown(task_id)
+        found = self.result(task_id)
+        return found if found is not None else self.followed.unknown(task_id)
 
     def elsewhere(self, waited_only: bool = False) -> List[TaskResult[Any]]:
         """Unfinished handles held in this process for tasks that wait or run elsewhere."""
