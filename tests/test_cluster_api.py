@@ -210,8 +210,8 @@ def test_apply_async_rejects_an_unknown_option():
     def add(a, b):
         return a + b
 
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) priority .*known: .*idempotency_key"):
-        add.apply_async((1, 2), priority=5)
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) routing_key .*known: .*idempotency_key"):
+        add.apply_async((1, 2), routing_key="x")
     with pytest.raises(ConfigError, match="routing_key"):
         add.apply_async((1, 2), queue="default", routing_key="x")
 

@@ -169,10 +169,20 @@ def test_a_task_claimed_as_it_is_spawned_enters_no_index_of_waiting_rows(sqlite_
     assert [r.state for r in e.waiting("PENDING", 10)] == ["PENDING"]
 
 
+def _without_priorities(engines):
+    """Take away the priority and hold columns and their indexes, and put the due index back."""
+    for index in ("greenqueue_tasks_ready", "greenqueue_tasks_held"):
+        engines.raw("DROP INDEX %s" % index)
+    for column in ("priority", "hold"):
+        engines.raw("ALTER TABLE greenqueue_tasks DROP COLUMN %s" % column)
+    engines.raw("CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due) WHERE owner IS NULL AND "
+                "(state = 'PENDING' OR state = 'SCHEDULED' OR state = 'RETRY')")
+
+
 def _downgrade(engines):
-    """Make this test's store look as the previous version left it (no start-by column)."""
+    """Make this test's store look as the previous version left it (no priorities, no held rows)."""
     previous = _schema_version(engines.kind) - 1
-    engines.raw("ALTER TABLE greenqueue_tasks DROP COLUMN start_by")
+    _without_priorities(engines)
     if engines.kind == "sqlite":
         engines.raw("PRAGMA user_version=%d" % previous)
     engines.raw("UPDATE greenqueue_meta SET value = '%d' WHERE key = 'schema_version'" % previous)
@@ -184,6 +194,7 @@ def test_schema_3_sqlite_files_lose_the_indexes_of_every_row_and_keep_their_rows
     e.enqueue([row("a", id="s1")], owner="A")
     e.close()
     # Version 3: an index of every unfinished row, and of every row by state and by creation time.
+    _without_priorities(sqlite_engines)
     sqlite_engines.raw("DROP INDEX greenqueue_tasks_waiting")
     sqlite_engines.raw("ALTER TABLE greenqueue_tasks DROP COLUMN start_by")
     sqlite_engines.raw("CREATE INDEX greenqueue_tasks_unfinished ON greenqueue_tasks (name, state) WHERE "
@@ -203,13 +214,15 @@ def test_a_store_of_the_previous_version_is_migrated_keeping_its_rows(engines):
     e = engines()
     e.enqueue([row("a", id="p1"), row("a", id="p2")])
     e.enqueue([row("a", id="s1")], owner="A")
+    e.enqueue([row("a", id="later", state="SCHEDULED", eta=db_now(e) + 3600)])
     e.close()
     _downgrade(engines)
     e = engines()
     meta = dict(engines.raw("SELECT key, value FROM greenqueue_meta"))
     assert meta["schema_version"] == str(_schema_version(engines.kind))
-    assert e.count_unfinished("a") == 3
-    assert [r.id for r in e.claim("B", None, 5)] == ["p1", "p2"]
+    assert e.count_unfinished("a") == 4
+    assert [r.id for r in e.claim("B", None, 5)] == ["p1", "p2"], "a row due later stays held after the upgrade"
+    assert e.get("later").hold == "eta"
     assert e.get("s1").owner == "A"
 
 

@@ -38,7 +38,8 @@ _UTC = datetime.timezone.utc
 
 def new_row(task_id: str, name: str, args: Sequence[object], kwargs: Dict[str, object], serializer: str,
             queue: str = "default", eta: Optional[datetime.datetime] = None, attempts: int = 0,
-            max_attempts: int = 1, idempotency_key: Optional[str] = None, start_by: Optional[float] = None) -> TaskRow:
+            max_attempts: int = 1, idempotency_key: Optional[str] = None, start_by: Optional[float] = None,
+            priority: int = 0) -> TaskRow:
     """The row a spawn becomes; SerializationError when ``serializer`` cannot carry the arguments."""
     try:
         payload = dumps(serializer, {"args": list(args), "kwargs": kwargs})
@@ -56,6 +57,8 @@ def new_row(task_id: str, name: str, args: Sequence[object], kwargs: Dict[str, o
                       ts, attempts, max_attempts, 0, idempotency_key)
     if start_by is not None:
         row.start_by = start_by
+    if priority:
+        row.priority = priority
     return row
 
 

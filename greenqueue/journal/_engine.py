@@ -18,9 +18,14 @@ Rules every engine keeps (``DESIGN.md``, "Storage and clusters"):
 * ``write`` is a node's group commit: its claimed and unclaimed spawns and
   its final states in one transaction and one commit, with the same rules
   as ``enqueue`` and ``finish_many`` (which do one part of it each).
-* ``claim`` takes due, unowned rows oldest first, at most ``limit`` (the
-  node's free slots), skipping rows other nodes are claiming right now
-  (``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
+* An unowned waiting row is either ready (``hold`` NULL) or held until its
+  due time (``hold = 'eta'``). ``claim`` first makes held rows whose time
+  came ready, then takes ready rows of the node's queues by priority, due
+  time and spawn order, at most ``limit`` (the node's free slots), skipping
+  rows other nodes are claiming right now (``FOR UPDATE SKIP LOCKED`` on
+  PostgreSQL). Both are one index range whatever the backlog holds: the
+  ready index leads with the queue and holds no future rows, so no clock
+  comparison has to bound it, and the held index is ordered by due time.
 * A claim starts an attempt: ``attempts`` grows by one and the row's lease
   runs until the database's ``now() + lease``. ``heartbeat`` renews every
   lease the node holds in one statement.
@@ -76,6 +81,8 @@ class TaskRow:
     traceback: Optional[str] = None
     note: Optional[str] = None
     start_by: Optional[float] = None      # a run not started by then ends EXPIRED without running
+    priority: int = 0                     # -100..100; waiting rows start larger first
+    hold: Optional[str] = None            # why an unowned row is not claimable yet: "eta" (due later); None: ready
 
 
 def rows_query(cols: str, mark: str, state: Optional[str], name: Optional[str], limit: int) -> Tuple[str, list]:

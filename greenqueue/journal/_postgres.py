@@ -38,13 +38,16 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import JournalError
 from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow, rows_query
-from ._postgres_sql import (CHANNEL, CLAIM, CLAIMABLE, COLS, FINISH, FINISH_FIELDS, FINISH_MANY, HEARTBEAT,
-                            INSERT, INSERT_FIELDS, LEAD, MIGRATION_LOCK, MIN_SERVER, NOW, REAP, RELEASE, RETRY,
-                            SCHEMA_VERSION, UNFINISHED as UNFINISHED_SQL, mask_dsn, migrate)
+from ._postgres_sql import (ANY_READY, CHANNEL, CLAIM, CLAIM_EVERY, CLAIM_QUEUES, CLAIMABLE, COLS, FIELDS, FINISH,
+                            FINISH_FIELDS, FINISH_MANY, HEARTBEAT, HELD, INSERT, INSERT_FIELDS, LEAD, MIGRATION_LOCK,
+                            MIN_SERVER, NEXT_DUE, NOW, READY, REAP, RELEASE, RETRY, SCHEMA_VERSION,
+                            UNFINISHED as UNFINISHED_SQL, mask_dsn, migrate)
 
 __all__ = ["PostgresEngine", "SCHEMA_VERSION", "mask_dsn"]
 
 log = logging.getLogger(__name__)
+
+_PRIORITY = FIELDS.index("priority")
 
 # A connection that worked this recently is lent without a ping (see the docstring).
 _TRUST_FOR = 1.0
@@ -285,13 +288,16 @@ class PostgresEngine:
         """Claim up to ``limit`` due, unowned rows (oldest due first) for ``node``."""
         if limit <= 0 or (queues is not None and not queues):
             return []
-        sql = CLAIM.format(queue_filter="AND queue = ANY(%(queues)s)" if queues is not None else "")
+        sql = CLAIM.format(queues=CLAIM_QUEUES if queues is not None else CLAIM_EVERY)
         params = {"node": node, "limit": int(limit), "lease": self.lease_timeout,
                   "queues": list(queues) if queues is not None else None}
         got = self._all("claim", sql, params)
+        if got and got[0][-1]:
+            got = self._all("claim", sql, params)  # rows became ready: claim among them too
+        got = [r for r in got if r[0] is not None]
         # UPDATE ... RETURNING does not keep the subquery's order.
-        got.sort(key=lambda r: r[-1])
-        return [TaskRow(*r[:-1]) for r in got]
+        got.sort(key=lambda r: (-r[_PRIORITY], r[-2]))
+        return [TaskRow(*r[:-2]) for r in got]
 
     def finish(self, row_id: str, node: str, attempt: int, state: str, result: Optional[bytes] = None,
                error_type: Optional[str] = None, error: Optional[str] = None,
@@ -444,10 +450,12 @@ class PostgresEngine:
                                "AND state IN %s" % UNFINISHED_SQL, (name,)))
 
     def waiting(self, state: str, limit: int) -> List[TaskRow]:
-        """Up to ``limit`` unowned rows in a waiting ``state``, soonest due first (the dashboard's lists)."""
-        return [TaskRow(*r) for r in self._all(
-            "waiting", "SELECT %s FROM greenqueue_tasks WHERE owner IS NULL AND state IN %s AND state = %%s "
-            "ORDER BY due LIMIT %%s" % (COLS, CLAIMABLE), (state, int(limit)))]
+        """Up to ``limit`` unowned rows in a waiting ``state``: ready ones in start order, then held ones by due time."""
+        ready = self._all("waiting", "SELECT %s FROM greenqueue_tasks WHERE %s AND state = %%s "
+                          "ORDER BY priority DESC, due, created_at LIMIT %%s" % (COLS, READY), (state, int(limit)))
+        held = self._all("waiting", "SELECT %s FROM greenqueue_tasks WHERE %s AND state = %%s ORDER BY due "
+                         "LIMIT %%s" % (COLS, HELD), (state, int(limit) - len(ready))) if len(ready) < limit else []
+        return [TaskRow(*r) for r in ready + held]
 
     def count_waiting(self) -> Dict[str, int]:
         """``{state: rows}`` for the waiting states (PENDING, SCHEDULED, RETRY)."""
@@ -458,10 +466,8 @@ class PostgresEngine:
         """Seconds (database clock) until the earliest unowned row is due; 0 if one is due now."""
         if queues is not None and not queues:
             return None
-        sql = ("SELECT min(due) - {now} FROM greenqueue_tasks WHERE owner IS NULL "
-               "AND state IN {claimable} {queue_filter}").format(
-            now=NOW, claimable=CLAIMABLE, queue_filter="AND queue = ANY(%s)" if queues is not None else "")
-        wait = self._value("next_due", sql, (list(queues),) if queues is not None else None)
+        sql = NEXT_DUE.format(queues=CLAIM_QUEUES if queues is not None else ANY_READY)
+        wait = self._value("next_due", sql, {"queues": list(queues) if queues is not None else None})
         return None if wait is None else max(0.0, wait)
 
     def reap(self, max_lease_losses: int) -> List[TaskRow]:
@@ -572,7 +578,7 @@ class PostgresEngine:
     def requeue(self, row_id: Optional[str] = None) -> int:
         """FAILURE/CANCELLED rows (one, or all) back to PENDING with a fresh attempt budget."""
         sql = """WITH back AS (
-                     UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = {now}, attempts = 0,
+                     UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = {now}, hold = NULL, attempts = 0,
                          lease_losses = 0, cancel_requested = false, lost_by = NULL, finished_at = NULL,
                          expires_at = NULL, result = NULL, error_type = NULL, error = NULL, traceback = NULL,
                          updated_at = {now}

@@ -19,7 +19,7 @@ __all__ = ["SCHEMA_VERSION", "mask_dsn", "migrate"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAGIC = "greenqueue-journal"
 CHANNEL = "greenqueue"
 # Any constant works as long as every greenqueue version uses the same one:
@@ -33,6 +33,11 @@ TABLES = ("greenqueue_meta", "greenqueue_tasks", "greenqueue_nodes", "greenqueue
 # (enqueue(connection=)) still gets a fresh lease and due time.
 NOW = "extract(epoch from statement_timestamp())::float8"
 CLAIMABLE = "('PENDING', 'SCHEDULED', 'RETRY')"
+# Unowned waiting rows split in two: ready ones (the claim's index), and ones held until a time.
+READY = "owner IS NULL AND hold IS NULL AND state IN " + CLAIMABLE
+HELD = "owner IS NULL AND hold IN ('eta', 'rate') AND state IN " + CLAIMABLE
+# Held rows made ready per claim at most: a burst of due rows is taken in steps, never in one long lock.
+PROMOTE_BATCH = 1000
 UNFINISHED = "('PENDING', 'SCHEDULED', 'STARTED', 'RETRY')"
 
 FIELDS = [f.name for f in dataclasses.fields(TaskRow)]
@@ -97,6 +102,19 @@ MIGRATIONS: Dict[int, List[str]] = {1: [
 ], 3: [
     # A run's start-by time (expires=): a node that claims it later ends it EXPIRED unrun.
     "ALTER TABLE greenqueue_tasks ADD COLUMN start_by float8",
+], 4: [
+    # Priorities, and the claim's index holds only ready rows, queue first and in start order:
+    # the claim reads the first rows of one range per queue however many rows wait for a later
+    # time or on queues nobody here serves, whatever the statistics or a generic plan say (no
+    # clock comparison bounds it). Rows held until a time have their own index, by that time.
+    "ALTER TABLE greenqueue_tasks ADD COLUMN priority integer NOT NULL DEFAULT 0",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN hold text",
+    "UPDATE greenqueue_tasks SET hold = 'eta' WHERE owner IS NULL AND state IN %s "
+    "AND due > extract(epoch from statement_timestamp())::float8" % CLAIMABLE,
+    "DROP INDEX IF EXISTS greenqueue_tasks_due",
+    "CREATE INDEX greenqueue_tasks_ready ON greenqueue_tasks (queue, priority DESC, due, created_at) WHERE "
+    + READY,
+    "CREATE INDEX greenqueue_tasks_held ON greenqueue_tasks (due) WHERE " + HELD,
 ]}
 
 
@@ -162,48 +180,85 @@ INSERT = """
         SELECT * FROM unnest(%(id)s::text[], %(name)s::text[], %(payload)s::bytea[],
                              %(serializer)s::text[], %(queue)s::text[], %(state)s::text[],
                              %(eta)s::float8[], %(attempts)s::int[], %(max_attempts)s::int[],
-                             %(idempotency_key)s::text[], %(note)s::text[], %(start_by)s::float8[])
+                             %(idempotency_key)s::text[], %(note)s::text[], %(start_by)s::float8[],
+                             %(priority)s::int[])
             AS s(id, name, payload, serializer, queue, state, eta, attempts, max_attempts,
-                 idempotency_key, note, start_by)),
+                 idempotency_key, note, start_by, priority)),
     ins AS (
         INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts,
             max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at,
-            start_by)
+            start_by, priority, hold)
         SELECT id, name, payload, serializer, queue,
                CASE WHEN %(owner)s::text IS NULL THEN state ELSE 'STARTED' END,
                eta, coalesce(eta, {now}),
                attempts + CASE WHEN %(owner)s::text IS NULL THEN 0 ELSE 1 END, max_attempts,
                idempotency_key, note, %(owner)s::text,
                CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} + %(lease)s END,
-               CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} END, {now}, {now}, start_by
+               CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} END, {now}, {now}, start_by, priority,
+               CASE WHEN %(owner)s::text IS NULL AND eta > {now} THEN 'eta' END
         FROM src
         ON CONFLICT DO NOTHING
         RETURNING {cols}, due),
     hint AS (
         SELECT pg_notify('{channel}', q) FROM (
-            SELECT DISTINCT queue AS q FROM ins WHERE owner IS NULL AND due <= {now}) d)
+            SELECT DISTINCT queue AS q FROM ins WHERE owner IS NULL AND hold IS NULL) d)
     SELECT {cols}, (SELECT count(*) FROM hint) FROM ins
     """.format(now=NOW, cols=COLS, channel=CHANNEL)
 
 # Columns enqueue() passes as arrays, besides the payload.
 INSERT_FIELDS = ("id", "name", "serializer", "queue", "state", "eta", "attempts", "max_attempts",
-                 "idempotency_key", "note", "start_by")
+                 "idempotency_key", "note", "start_by", "priority")
 
-# {queue_filter} is empty or a condition on %(queues)s.
+# The claim, in one statement: held rows whose time came become ready (at most a batch), or
+# else the first ready rows of each served queue ({queues} names them: an array, or every
+# queue that has a ready row, found by a loose index scan) are merged in start order and
+# claimed. Not both: this statement's snapshot predates the rows it makes ready, so a claim
+# beside them could pass over a higher priority; the caller claims again at once instead.
 CLAIM = """
-    WITH picked AS (
-        SELECT id FROM greenqueue_tasks
-        WHERE owner IS NULL AND state IN {claimable} AND due <= {now} {{queue_filter}}
-        ORDER BY due, created_at
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED)
-    UPDATE greenqueue_tasks t
-    SET state = 'STARTED', owner = %(node)s, attempts = t.attempts + 1,
-        lease_expires = {now} + %(lease)s, started_at = {now}, updated_at = {now},
-        lost_by = NULLIF(array_remove(t.lost_by, %(node)s), '{{{{}}}}')
-    FROM picked WHERE t.id = picked.id
-    RETURNING {tcols}, t.due
-    """.format(claimable=CLAIMABLE, now=NOW, tcols=TCOLS)
+    WITH RECURSIVE every(name) AS (
+        (SELECT queue FROM greenqueue_tasks WHERE {ready} ORDER BY queue LIMIT 1)
+        UNION ALL
+        SELECT (SELECT queue FROM greenqueue_tasks WHERE {ready} AND queue > every.name ORDER BY queue LIMIT 1)
+        FROM every WHERE every.name IS NOT NULL),
+    promoted AS (
+        UPDATE greenqueue_tasks SET hold = NULL
+        WHERE id IN (SELECT id FROM greenqueue_tasks WHERE {held} AND due <= {now}
+                     ORDER BY due LIMIT {batch} FOR UPDATE SKIP LOCKED)
+        RETURNING queue),
+    hint AS (SELECT pg_notify('{channel}', q) FROM (SELECT DISTINCT queue AS q FROM promoted) d),
+    picked AS (
+        SELECT c.id FROM {{queues}} AS q(name) CROSS JOIN LATERAL (
+            SELECT id, priority, due, created_at FROM greenqueue_tasks
+            WHERE {ready} AND queue = q.name
+            ORDER BY priority DESC, due, created_at
+            LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
+        WHERE NOT EXISTS (SELECT 1 FROM promoted)
+        ORDER BY c.priority DESC, c.due, c.created_at
+        LIMIT %(limit)s),
+    claimed AS (
+        UPDATE greenqueue_tasks t
+        SET state = 'STARTED', owner = %(node)s, attempts = t.attempts + 1,
+            lease_expires = {now} + %(lease)s, started_at = {now}, updated_at = {now},
+            lost_by = NULLIF(array_remove(t.lost_by, %(node)s), '{{{{}}}}')
+        FROM picked WHERE t.id = picked.id
+        RETURNING {tcols}, t.due)
+    SELECT c.*, p.n FROM (SELECT count(*) AS n FROM hint) h CROSS JOIN (SELECT count(*) AS n FROM promoted) p
+        LEFT JOIN claimed c ON true
+    """.format(ready=READY, held=HELD, now=NOW, batch=PROMOTE_BATCH, channel=CHANNEL, tcols=TCOLS)
+CLAIM_QUEUES = "unnest(%(queues)s::text[])"
+CLAIM_EVERY = "(SELECT name FROM every WHERE name IS NOT NULL)"
+
+# Seconds until this node may claim: 0 with a ready row on its queues (or a held row already
+# due: the claim makes it ready), else until the first held row's time; NULL when none waits.
+# Ordered as the ready index is, the look stays one index probe whatever the statistics say (a
+# bare EXISTS lets the planner pick a scan that passes every row of the queues not asked for).
+NEXT_DUE = """SELECT CASE WHEN EXISTS (SELECT 1 FROM {{queues}} AS q(name) CROSS JOIN LATERAL (
+        SELECT 1 FROM greenqueue_tasks WHERE {ready} AND queue = q.name
+        ORDER BY priority DESC, due, created_at LIMIT 1) c)
+    THEN 0 ELSE (SELECT min(due) FROM greenqueue_tasks WHERE {held}) - {now} END""".format(
+    ready=READY, held=HELD, now=NOW)
+# NEXT_DUE's {queues} for every queue: the first ready row of any.
+ANY_READY = "(SELECT queue FROM greenqueue_tasks WHERE %s ORDER BY queue LIMIT 1)" % READY
 
 # Fenced: only the owner's current attempt may write the final state.
 FINISH = """UPDATE greenqueue_tasks
@@ -236,10 +291,10 @@ BACK = """state = CASE WHEN t.cancel_requested THEN 'CANCELLED' ELSE {state} END
 
 RETRY = """WITH back AS (
         UPDATE greenqueue_tasks t SET {back}, eta = {now} + %(delay)s, due = {now} + %(delay)s,
-            error_type = %(error_type)s, error = %(error)s
+            hold = CASE WHEN %(delay)s > 0 THEN 'eta' END, error_type = %(error_type)s, error = %(error)s
         WHERE id = %(id)s AND owner = %(node)s AND attempts = %(attempt)s
         RETURNING t.queue, t.state, t.due),
-    hint AS (SELECT pg_notify('{channel}', queue) FROM back WHERE state = 'RETRY' AND due <= {now})
+    hint AS (SELECT pg_notify('{channel}', queue) FROM back WHERE state = 'RETRY' AND %(delay)s <= 0)
     SELECT count(*), (SELECT count(*) FROM hint) FROM back""".format(
     back=BACK.format(state="'RETRY'", now=NOW), now=NOW, channel=CHANNEL)
 

@@ -66,11 +66,13 @@ from ..errors import ConfigError, JournalError
 from ._engine import FINAL, UNFINISHED, TaskRow, rows_query
 from ._sqlite_nodes import NodeRows
 from ._sqlite_sql import (BACK, COLS, FINISH, INSERT, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION,
-                          SYNCHRONOUS, UNOWNED, UPGRADES, WAITING, WAITING_OF, chunks, filesystem_of, marks,
-                          queue_filter, task_row)
+                          FIELDS, HELD, READY, SYNCHRONOUS, UPGRADES, WAITING, WAITING_OF, chunks, filesystem_of,
+                          marks, queue_filter, task_row)
 from ._sqlite_sql import write as transaction
 
 __all__ = ["SQLiteEngine", "SCHEMA_VERSION", "filesystem_of"]
+
+_PRIORITY, _CREATED = FIELDS.index("priority"), FIELDS.index("created_at")
 
 log = logging.getLogger(__name__)
 
@@ -327,13 +329,15 @@ class SQLiteEngine(NodeRows):
         started = now if mine else None
         values = [(r.id, r.name, r.payload or b"", r.serializer, r.queue, "STARTED" if mine else r.state,
                    None if r.eta is None else float(r.eta), now if r.eta is None else r.eta, r.attempts + mine,
-                   r.max_attempts, r.idempotency_key, r.note, owner, lease, started, now, now, r.start_by)
+                   r.max_attempts, r.idempotency_key, r.note, owner, lease, started, now, now, r.start_by,
+                   r.priority, None if mine or r.eta is None or r.eta <= now else "eta")
                   for r in rows]
         self._changes += 1
         if conn.executemany(INSERT, values).rowcount == len(rows):
             # Nothing conflicted, so each stored row is what was just written: no read back.
             return [TaskRow(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[8], v[9], 0, v[10], owner, lease, False,
-                            now, started, None, None, None, None, None, None, v[11], v[17]) for v in values]
+                            now, started, None, None, None, None, None, None, v[11], v[17], v[18], v[19])
+                    for v in values]
         # Read back in the same transaction: rows that were already there answer for the new ones.
         ids = [r.id for r in rows]
         keys = [r.idempotency_key for r in rows if r.idempotency_key]
@@ -360,13 +364,21 @@ class SQLiteEngine(NodeRows):
 
     def _claim(self, conn: sqlite3.Connection, node: str, queues: Optional[Sequence[str]],
                limit: int) -> List[TaskRow]:
-        where, params = queue_filter(queues)
-        pick = "SELECT id FROM %s AND due <= ? %s ORDER BY due, created_at LIMIT ?" % (UNOWNED, where)
         # An idle claimer should not take the write lock every poll that other processes need.
-        if not conn.execute(pick, [time.time()] + params + [1]).fetchone():
+        if not self._claimable(conn, queues, time.time()):
             return []
         with transaction(conn) as now:
-            ids = [r[0] for r in conn.execute(pick, [now] + params + [limit])]
+            self._promote(conn, now)
+            picked: List[tuple] = []
+            names = list(queues) if queues is not None else self._ready_queues(conn)
+            for name in names:
+                # One range of the ready index per queue, already in start order.
+                picked += conn.execute("SELECT id, priority, due, created_at FROM %s AND queue = ? "
+                                       "ORDER BY priority DESC, due, created_at LIMIT ?" % READY, (name, limit))
+            if len(names) > 1:
+                picked.sort(key=lambda r: (-r[1], r[2], r[3]))
+                del picked[limit:]
+            ids = [r[0] for r in picked]
             if not ids:
                 return []
             got = conn.execute(
@@ -378,6 +390,32 @@ class SQLiteEngine(NodeRows):
             self._changes += 1
         order = {row_id: i for i, row_id in enumerate(ids)}
         return sorted(map(task_row, got), key=lambda r: order[r.id])
+
+    @staticmethod
+    def _claimable(conn: sqlite3.Connection, queues: Optional[Sequence[str]], now: float) -> bool:
+        """True when a ready row of ``queues`` waits, or a held row's time came (a look without the lock)."""
+        where, params = queue_filter(queues)
+        return (conn.execute("SELECT 1 FROM %s %s LIMIT 1" % (READY, where), params).fetchone() is not None
+                or conn.execute("SELECT 1 FROM %s AND due <= ? LIMIT 1" % HELD, (now,)).fetchone() is not None)
+
+    def _promote(self, conn: sqlite3.Connection, now: float) -> int:
+        """Make the held rows whose time came ready (any queue's: whoever serves it claims them)."""
+        promoted = conn.execute("UPDATE greenqueue_tasks SET hold = NULL WHERE id IN (SELECT id FROM %s AND due <= ?)"
+                                % HELD, (now,)).rowcount
+        if promoted:
+            self._changes += 1
+        return promoted
+
+    @staticmethod
+    def _ready_queues(conn: sqlite3.Connection) -> List[str]:
+        """The queues ready rows wait on: one index probe per queue (a loose scan), not one per row."""
+        names: List[str] = []
+        while True:
+            found = conn.execute("SELECT queue FROM %s %s ORDER BY queue LIMIT 1"
+                                 % (READY, "AND queue > ?" if names else ""), names[-1:]).fetchone()
+            if found is None:
+                return names
+            names.append(found[0])
 
     def finish(self, row_id: str, node: str, attempt: int, state: str, result: Optional[bytes] = None,
                error_type: Optional[str] = None, error: Optional[str] = None,
@@ -416,6 +454,7 @@ class SQLiteEngine(NodeRows):
         params = {"id": row_id, "node": node, "attempt": attempt, "delay": max(0.0, float(delay)),
                   "error_type": error_type, "error": error, "state": "RETRY"}
         return self._call("retry", self._back, "eta = :now + :delay, due = :now + :delay, "
+                          "hold = CASE WHEN :delay > 0 THEN 'eta' END, "
                           "error_type = :error_type, error = :error", "id = :id AND attempts = :attempt",
                           params) == 1
 
@@ -484,10 +523,15 @@ class SQLiteEngine(NodeRows):
                               % (WAITING_OF, RUNNING), (name, name))[0][0])
 
     def waiting(self, state: str, limit: int) -> List[TaskRow]:
-        """Up to ``limit`` unowned rows in a waiting ``state``, soonest due first (the dashboard's lists)."""
-        return [task_row(r) for r in self._call("waiting", self._read,
-                                                "SELECT %s FROM %s AND state = ? ORDER BY due, created_at LIMIT ?"
-                                                % (COLS, UNOWNED), (state, int(limit)))]
+        """Up to ``limit`` unowned rows in a waiting ``state``: ready ones in start order, then held ones by due time."""
+        return [task_row(r) for r in self._call("waiting", self._waiting, state, int(limit))]
+
+    def _waiting(self, conn: sqlite3.Connection, state: str, limit: int) -> List[tuple]:
+        ready = conn.execute("SELECT %s FROM %s AND state = ? ORDER BY queue, priority DESC, due, created_at "
+                             "LIMIT ?" % (COLS, READY), (state, limit)).fetchall()
+        ready.sort(key=lambda r: (-r[_PRIORITY], r[_CREATED]))  # the queues' lines merged
+        return ready + conn.execute("SELECT %s FROM %s AND state = ? ORDER BY due LIMIT ?" % (COLS, HELD),
+                                    (state, limit - len(ready))).fetchall()
 
     def count_waiting(self) -> Dict[str, int]:
         """``{state: rows}`` for the waiting states (PENDING, SCHEDULED, RETRY), from their index alone."""
@@ -509,8 +553,9 @@ class SQLiteEngine(NodeRows):
         if queues is not None and not queues:
             return None
         where, params = queue_filter(queues)
-        due = self._call("next_due", self._read, "SELECT min(due) FROM %s %s" % (UNOWNED, where),
-                         params)[0][0]
+        due = self._call("next_due", self._read,
+                         "SELECT CASE WHEN EXISTS (SELECT 1 FROM %s %s) THEN 0 ELSE (SELECT min(due) FROM %s) END"
+                         % (READY, where, HELD), params)[0][0]
         return None if due is None else max(0.0, due - time.time())
 
     def reap(self, max_lease_losses: int) -> List[TaskRow]:
@@ -589,7 +634,7 @@ class SQLiteEngine(NodeRows):
     def _requeue(self, conn: sqlite3.Connection, row_id: Optional[str]) -> int:
         with transaction(conn) as now:
             back = conn.execute(
-                "UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = ?1, attempts = 0, "
+                "UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = ?1, hold = NULL, attempts = 0, "
                 "lease_losses = 0, cancel_requested = 0, finished_at = NULL, expires_at = NULL, result = NULL, "
                 "error_type = NULL, error = NULL, traceback = NULL, updated_at = ?1 "
                 "WHERE state IN ('FAILURE', 'CANCELLED') %s RETURNING id" % ("AND id = ?2" if row_id else ""),
@@ -637,5 +682,4 @@ class SQLiteEngine(NodeRows):
         if first:
             # This engine has seen nothing yet: whatever is due, the caller should look.
             return True
-        return conn.execute("SELECT 1 FROM %s AND due <= ? LIMIT 1" % UNOWNED,
-                            (time.time(),)).fetchone() is not None
+        return self._claimable(conn, None, time.time())

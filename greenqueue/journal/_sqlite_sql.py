@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 
 from ._engine import TaskRow
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MAGIC = "greenqueue-journal"
 # ORs, not IN: in a partial index's WHERE, SQLite builds an IN list's lookup table
 # again for every row a statement writes (about 1.7 us of each insert and finish).
@@ -33,7 +33,10 @@ NETWORK_FS = frozenset(("nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "ceph", "
                         "fuse.sshfs", "lustre", "gpfs"))
 # Without ANALYZE statistics the planner may pick another index (and read every waiting
 # row to sort them); these name the index each query is built for.
-UNOWNED = "greenqueue_tasks INDEXED BY greenqueue_tasks_due WHERE owner IS NULL AND " + CLAIMABLE
+READY = "greenqueue_tasks INDEXED BY greenqueue_tasks_ready WHERE owner IS NULL AND hold IS NULL AND " + CLAIMABLE
+# Held until a time: due later (eta). ORs for the reason above.
+TIMED = "(hold = 'eta' OR hold = 'rate')"
+HELD = "greenqueue_tasks INDEXED BY greenqueue_tasks_held WHERE owner IS NULL AND %s AND %s" % (TIMED, CLAIMABLE)
 WAITING_OF = "greenqueue_tasks INDEXED BY greenqueue_tasks_waiting WHERE name = ? AND " + CLAIMABLE
 WAITING = "greenqueue_tasks INDEXED BY greenqueue_tasks_waiting WHERE " + CLAIMABLE
 RUNNING = "greenqueue_tasks INDEXED BY greenqueue_tasks_owner WHERE owner IS NOT NULL AND state = 'STARTED'"
@@ -44,10 +47,19 @@ FIELDS = [f for f in TaskRow.__dataclass_fields__]
 COLS = ", ".join(FIELDS)
 CANCEL_AT = FIELDS.index("cancel_requested")
 
-# The due index, and the index under max_instances' count of a task's waiting runs (its
-# running ones are counted through the owner index: a cluster runs few at a time).
+# The due index of versions 2 to 5 (the migrations rebuild it before version 6 drops it).
 DUE_INDEX = ("CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due, created_at) "
              "WHERE owner IS NULL AND " + CLAIMABLE)
+# The claim's index: ready rows only, queue first, in the order they start. No row in it
+# waits for a time, so the claim reads the first rows of one range per queue, however many
+# rows wait for a later time or on queues this node does not serve.
+READY_INDEX = ("CREATE INDEX greenqueue_tasks_ready ON greenqueue_tasks (queue, priority DESC, due, created_at) "
+               "WHERE owner IS NULL AND hold IS NULL AND " + CLAIMABLE)
+# Rows held until a time, by that time: making the due ones ready reads one range from the start.
+HELD_INDEX = ("CREATE INDEX greenqueue_tasks_held ON greenqueue_tasks (due) WHERE owner IS NULL AND %s AND %s"
+              % (TIMED, CLAIMABLE))
+# The index under max_instances' count of a task's waiting runs (its running ones are
+# counted through the owner index: a cluster runs few at a time).
 # With the state in it, counts read this index alone, never the rows. Only waiting rows
 # are in it: a task a node claims as it spawns it never enters it, which spares each such
 # task an index entry to insert and delete (every index a row is in costs each spawn and finish).
@@ -81,9 +93,12 @@ TABLES = [
         error TEXT,
         traceback TEXT,
         note TEXT,
-        start_by REAL)""",
-    # A partial index serves only queries that repeat its WHERE terms verbatim (UNOWNED, UNFINISHED_OF).
-    DUE_INDEX,
+        start_by REAL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        hold TEXT)""",
+    # A partial index serves only queries that repeat its WHERE terms verbatim (READY, HELD, WAITING_OF).
+    READY_INDEX,
+    HELD_INDEX,
     WAITING_INDEX,
     "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
     "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
@@ -110,6 +125,10 @@ TABLES = [
     "CREATE TABLE greenqueue_anchors (job TEXT PRIMARY KEY, phase REAL NOT NULL, created_at REAL NOT NULL)",
 ]
 
+# Rows an older schema kept waiting for a later time, held until then (version 6's split).
+HOLD_LATER = ("UPDATE greenqueue_tasks SET hold = 'eta' WHERE owner IS NULL AND %s AND due > "
+              "(julianday('now') - 2440587.5) * 86400.0" % CLAIMABLE)
+
 # Version 1 (the single-process journal) to 2: rebuild its two tables, keeping their rows.
 # A version 1 row left STARTED belonged to a process that is gone: it becomes claimable.
 FROM_V1 = [
@@ -127,10 +146,21 @@ FROM_V1 = [
     "FROM greenqueue_v1_periodic",
     "DROP TABLE greenqueue_v1_tasks",
     "DROP TABLE greenqueue_v1_periodic",
+    HOLD_LATER,
 ]
 
-# Version 4 to 5: a run's start-by time (expires=).
-FROM_V4 = ["ALTER TABLE greenqueue_tasks ADD COLUMN start_by REAL"]
+# Version 5 to 6: priorities, and rows held until their time leave the claim's index.
+FROM_V5 = [
+    "ALTER TABLE greenqueue_tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN hold TEXT",
+    "DROP INDEX IF EXISTS greenqueue_tasks_due",
+    HOLD_LATER,
+    READY_INDEX,
+    HELD_INDEX,
+]
+
+# Version 4 to 5 (then 6): a run's start-by time (expires=).
+FROM_V4 = ["ALTER TABLE greenqueue_tasks ADD COLUMN start_by REAL"] + FROM_V5
 
 # Version 3 to 4: waiting rows get their own index; the indexes of every row by state and by
 # creation time go (they cost each spawn and finish more than the listings they served).
@@ -148,11 +178,11 @@ FROM_V2 = [
 ] + FROM_V3
 
 # Statements that bring a file of version N (the key) to SCHEMA_VERSION.
-UPGRADES = {0: TABLES, 1: FROM_V1, 2: FROM_V2, 3: FROM_V3, 4: FROM_V4}
+UPGRADES = {0: TABLES, 1: FROM_V1, 2: FROM_V2, 3: FROM_V3, 4: FROM_V4, 5: FROM_V5}
 
 INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts, "
-           "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at, start_by) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+           "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at, start_by, "
+           "priority, hold) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
 
 # A row whose cancel was requested while it ran ends CANCELLED when it comes back
 # unowned (retry, release), instead of running again.

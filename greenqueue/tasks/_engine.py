@@ -6,8 +6,9 @@ code), so the state needs no lock. The engine knows nothing of stores,
 events or results: the runner gives it an :class:`Entry` per task it
 holds and a function that runs one attempt of an entry; the engine decides
 when. Every started attempt gets its own greenlet; at most
-``max_concurrency`` of them hold a slot. Waiting entries sit in a deque
-(idle ones in a second deque served only from ``gevent.idle()`` by one
+``max_concurrency`` of them hold a slot. Waiting entries sit in a deque per
+priority (the default priority's is the only one most processes ever use;
+idle ones in a deque of their own served only from ``gevent.idle()`` by one
 idle-worker greenlet); delayed entries sit in one heap keyed by
 ``time.monotonic()`` and are released by one timer greenlet. A task
 blocked on another lends its slot out (``lend_slot``) and takes it back
@@ -81,7 +82,8 @@ class TaskEngine:
         self.max_concurrency = 100
         self._run_attempt = run_attempt
         self.active = 0                       # slots in use
-        self._pending: Deque[Entry] = collections.deque()  # waiting normal entries (may hold removed ones)
+        self._pending: Deque[Entry] = collections.deque()  # waiting entries of priority 0 (may hold removed ones)
+        self._ranked: Dict[int, Deque[Entry]] = {}         # waiting entries of other priorities, by priority
         self._idle_q: Deque[Entry] = collections.deque()   # waiting idle entries (may hold removed ones)
         self.pending_count = 0                # live entries of both deques
         self._heap: List[Tuple[float, int, Entry]] = []    # (due monotonic, seq, entry)
@@ -108,11 +110,11 @@ class TaskEngine:
 
     def has_free_slot(self) -> bool:
         """True when a task due now would start at once (a slot is free and nothing waits)."""
-        return self.active < self.max_concurrency and not self._pending
+        return self.active < self.max_concurrency and not self._pending and not self._ranked
 
     def busy(self) -> bool:
         """True when a new waiting task would have to wait behind others."""
-        return bool(self._pending) or self.active >= self.max_concurrency
+        return bool(self._pending) or bool(self._ranked) or self.active >= self.max_concurrency
 
     # -- slots ------------------------------------------------------------------------
 
@@ -146,18 +148,37 @@ class TaskEngine:
             self._idle_q.append(e)
             self.pending_count += 1
             self._kick_idle()
-        elif self.active < self.max_concurrency and not self._pending:
+        elif self.active < self.max_concurrency and not self._pending and not self._ranked:
             self.start(e)
         else:
-            e.where = PENDING_LINE
-            self._pending.append(e)
-            self.pending_count += 1
+            self.queue_behind(e)
 
     def queue_behind(self, e: Entry) -> None:
-        """Put ``e`` at the end of the waiting line even when a slot is free (a retry, for fairness)."""
+        """Put ``e`` at the end of its priority's waiting line even when a slot is free (a retry, for fairness)."""
         e.where = PENDING_LINE
-        self._pending.append(e)
+        priority = e.opts.priority
+        if priority:
+            line = self._ranked.get(priority)
+            if line is None:
+                line = self._ranked[priority] = collections.deque()
+            line.append(e)
+        else:
+            self._pending.append(e)
         self.pending_count += 1
+
+    def _next_line(self) -> Optional[Deque[Entry]]:
+        """The waiting line to start from: the highest priority's (None: nothing waits)."""
+        ranked = self._ranked
+        while ranked:
+            top = max(ranked)
+            line = ranked[top]
+            if not line:
+                del ranked[top]
+            elif top > 0 or not self._pending:
+                return line
+            else:
+                break
+        return self._pending or None
 
     def remove(self, e: Entry) -> None:
         """Take ``e`` out of whatever line or heap it waits in (cancel)."""
@@ -179,15 +200,21 @@ class TaskEngine:
     def dispatch(self) -> None:
         """Start waiting entries while slots are free; wake the idle worker when only idle ones wait."""
         pending = self._pending
-        while pending and self.active < self.max_concurrency:
-            e = pending.popleft()
+        while self.active < self.max_concurrency:
+            line = self._next_line() if self._ranked else (pending or None)
+            if line is None:
+                break
+            e = line.popleft()
+            if not line and line is not pending:
+                del self._ranked[e.opts.priority]
             if e.where != PENDING_LINE:
                 continue  # removed while waiting
             self.pending_count -= 1
             self.start(e)
-        if self._idle_q and not pending and self.active < self.max_concurrency and self._idle_wake is not None:
+        waiting = bool(pending) or bool(self._ranked)
+        if self._idle_q and not waiting and self.active < self.max_concurrency and self._idle_wake is not None:
             self._idle_wake.set()
-        if self.on_free_slot is not None and not pending and self.active < self.max_concurrency:
+        if self.on_free_slot is not None and not waiting and self.active < self.max_concurrency:
             self.on_free_slot()
 
     # -- delayed entries ----------------------------------------------------------
@@ -240,7 +267,7 @@ class TaskEngine:
         try:
             while idle_q:
                 gevent.idle()
-                if self._pending or self.active >= self.max_concurrency:
+                if self._pending or self._ranked or self.active >= self.max_concurrency:
                     wake.clear()
                     wake.wait()
                     continue
@@ -280,8 +307,9 @@ class TaskEngine:
 
     def waiting_entries(self) -> List[Entry]:
         """Entries waiting for a slot, normal ones first, in the order they will start."""
-        return ([e for e in self._pending if e.where == PENDING_LINE]
-                + [e for e in self._idle_q if e.where == IDLE_LINE])
+        lines = [line for _, line in sorted(self._ranked.items(), reverse=True) if _ > 0] + [self._pending] \
+            + [line for _, line in sorted(self._ranked.items(), reverse=True) if _ < 0] + [self._idle_q]
+        return [e for line in lines for e in line if e.where in (PENDING_LINE, IDLE_LINE)]
 
     def delayed_entries(self, limit: int) -> List[Entry]:
         """Up to ``limit`` delayed entries, soonest first."""
@@ -295,6 +323,7 @@ class TaskEngine:
         if greenlets:
             gevent.killall(greenlets, block=True, timeout=timeout)
         self._pending.clear()
+        self._ranked.clear()
         self._idle_q.clear()
         self._heap.clear()
         self.pending_count = self.scheduled_count = 0

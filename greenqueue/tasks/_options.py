@@ -12,7 +12,11 @@ from typing import Any, Optional, Tuple
 
 from ..errors import ConfigError
 
-__all__ = ["TaskOptions", "NO_OPTIONS", "new_id", "callable_name", "check_number", "DrainReport", "flask_app"]
+__all__ = ["TaskOptions", "NO_OPTIONS", "new_id", "callable_name", "check_number", "check_priority", "DrainReport",
+           "flask_app"]
+
+#: The range of ``priority`` (Django's: -100..100, larger first).
+PRIORITY_RANGE = (-100, 100)
 
 _rand = random.Random()
 # A forked child (--workers N, a gipc worker) would otherwise draw the parent's ids.
@@ -44,6 +48,8 @@ class TaskOptions:
     expires: Optional[float] = None
     #: The wall-clock time (epoch seconds) one spawn must start by: set per spawn from ``expires``.
     start_by: Optional[float] = None
+    #: -100..100: waiting tasks start larger first, then by due time, then in spawn order.
+    priority: int = 0
 
     def delay_for(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""
@@ -90,6 +96,15 @@ def check_number(name: str, value: Any, minimum: float, kind: type = int, allow_
             name, "an integer" if kind is int else "a number", ">" if strict else ">=", minimum,
             " or None" if allow_none else "", value))
     return kind(value)
+
+
+def check_priority(name: str, value: Any) -> int:
+    """``value`` as a priority (an integer in -100..100); else ConfigError naming ``name``."""
+    low, high = PRIORITY_RANGE
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError("%s must be an integer from %d to %d (larger starts first; default 0), got %r"
+                          % (name, low, high, value))
+    return value
 
 
 @dataclass

@@ -39,7 +39,8 @@ from ._engine import ABANDONED, DELAYED, Entry, TaskEngine
 from ._followed import Followed
 from ._hub import MODES, TaskHub, real_ident
 from ._kept import KeptResults
-from ._options import NO_OPTIONS, DrainReport, TaskOptions, callable_name, check_number, flask_app, new_id
+from ._options import (NO_OPTIONS, DrainReport, TaskOptions, callable_name, check_number, check_priority, flask_app,
+                       new_id)
 from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, TaskResult,
                       mark_started, resolve)
 
@@ -274,9 +275,13 @@ class Runner:
         elif delay is not None:
             r.eta = _now() + datetime.timedelta(seconds=delay)
         expires = e.opts.expires
-        if options and "expires" in options:
+        if options and ("expires" in options or "priority" in options):
             options = dict(options)
-            expires = options.pop("expires")
+            expires = options.pop("expires", expires)
+            if "priority" in options:
+                priority = check_priority("%s: priority" % r.name, options.pop("priority"))
+                if priority != e.opts.priority:
+                    e.opts = replace(e.opts, priority=priority)
         if expires is not None:
             e.opts = replace(e.opts, start_by=_start_by(r.name, expires))
         if options:
@@ -351,7 +356,7 @@ class Runner:
         store = self.store
         connection = options.get("connection")
         row = new_row(r.id, r.name, e.args, e.kwargs, e.serializer or "json", e.opts.queue, r.eta, r.retries,
-                      e.opts.retries + 1, options.get("idempotency_key"), e.opts.start_by)
+                      e.opts.retries + 1, options.get("idempotency_key"), e.opts.start_by, e.opts.priority)
         claim = (r.state != SCHEDULED and not e.idle and connection is None and self.engine.has_free_slot()
                  and store.serves(e.opts.queue))
         stored = store.spawned(row, claim=claim, connection=connection)
@@ -396,8 +401,8 @@ class Runner:
         r.retries = max(0, row.attempts - 1)
         r.eta = None if row.eta is None else datetime.datetime.fromtimestamp(row.eta, _UTC)
         e = Entry(r, t.target, tuple(data["args"]), data["kwargs"], t.opts, self.app)
-        if row.queue != e.opts.queue or row.start_by != e.opts.start_by:
-            e.opts = replace(e.opts, queue=row.queue, start_by=row.start_by)
+        if row.queue != e.opts.queue or row.start_by != e.opts.start_by or row.priority != e.opts.priority:
+            e.opts = replace(e.opts, queue=row.queue, start_by=row.start_by, priority=row.priority)
         if self.store.durable:
             e.serializer = row.serializer
         self._live[r.id] = e

@@ -20,7 +20,7 @@ import gevent
 
 from ..errors import ConfigError, Retry
 from ..journal import new_row
-from ._options import TaskOptions, callable_name, check_number, new_id
+from ._options import TaskOptions, callable_name, check_number, check_priority, new_id
 from ._result import FAILURE, READY_STATES, STARTED, SUCCESS, TaskResult
 from ._runner import Runner, get_runner
 
@@ -34,7 +34,7 @@ R = TypeVar("R")
 _registry: Dict[str, "Task[..., Any]"] = {}
 
 #: Options ``apply_async`` takes besides args/kwargs/countdown/eta; those of a shared store come with it.
-APPLY_OPTIONS = ("idempotency_key", "connection", "queue", "expires")
+APPLY_OPTIONS = ("idempotency_key", "connection", "queue", "expires", "priority")
 
 
 class PerItem:
@@ -159,7 +159,7 @@ class Task(Generic[P, R]):
         if self.batch_size is not None or not runner.store.durable:
             return [self._spawn((item,), {}) for item in items]
         rows = [new_row(new_id(), self.name, (item,), {}, self.serializer, self.queue,
-                        max_attempts=self.opts.retries + 1) for item in items]
+                        max_attempts=self.opts.retries + 1, priority=self.opts.priority) for item in items]
         return runner.spawn_rows(rows, self)
 
     def _spawn(self, args: tuple, kwargs: dict, delay: Optional[float] = None,
@@ -191,7 +191,8 @@ def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1
          autoretry_for: Optional[Errors] = None, dont_autoretry_for: Errors = (),
          soft_timeout: Optional[float] = None, bind: Literal[False] = False, max_retries: Optional[int] = None,
          default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
-         soft_time_limit: Optional[float] = None, expires: Optional[float] = None) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+         soft_time_limit: Optional[float] = None, expires: Optional[float] = None,
+         priority: int = 0) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 # A batch task's function takes the list of items while its spawns take one item each, and a
@@ -204,7 +205,8 @@ def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1
          autoretry_for: Optional[Errors] = None, dont_autoretry_for: Errors = (),
          soft_timeout: Optional[float] = None, bind: bool = False, max_retries: Optional[int] = None,
          default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
-         soft_time_limit: Optional[float] = None, expires: Optional[float] = None) -> Callable[[Callable[..., Any]], "Task[..., Any]"]: ...
+         soft_time_limit: Optional[float] = None, expires: Optional[float] = None,
+         priority: int = 0) -> Callable[[Callable[..., Any]], "Task[..., Any]"]: ...
 
 
 def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_delay: float = 0.0,
@@ -214,7 +216,8 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
          autoretry_for: Optional[Errors] = None, dont_autoretry_for: Errors = (),
          soft_timeout: Optional[float] = None, bind: bool = False, max_retries: Optional[int] = None,
          default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
-         soft_time_limit: Optional[float] = None, expires: Optional[float] = None, **unknown: Any
+         soft_time_limit: Optional[float] = None, expires: Optional[float] = None, priority: int = 0,
+         **unknown: Any
          ) -> Union[Task[P, R], Callable[[Callable[P, R]], Task[P, R]]]:
     """Register a function as a task; works as ``@task`` and ``@task(retries=3, ...)``.
 
@@ -226,7 +229,7 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
             ("retries", "retry_delay", "retry_backoff", "retry_backoff_max", "retry_jitter", "autoretry_for",
              "dont_autoretry_for", "timeout", "soft_timeout", "bind", "name", "batch_size", "batch_interval",
              "serializer", "queue", "expires", "max_retries", "default_retry_delay", "time_limit",
-             "soft_time_limit"))))
+             "soft_time_limit", "priority"))))
     retries = _either("retries", retries, 0, "max_retries", max_retries)
     retry_delay = _either("retry_delay", retry_delay, 0.0, "default_retry_delay", default_retry_delay)
     timeout = _either("timeout", timeout, None, "time_limit", time_limit)
@@ -264,7 +267,7 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
                        None if timeout is None else float(timeout), serializer, queue,
                        None if retry_backoff_max is None else float(retry_backoff_max), retry_on, never_retry,
                        None if soft_timeout is None else float(soft_timeout),
-                       None if expires is None else float(expires))
+                       None if expires is None else float(expires), None, check_priority("priority", priority))
 
     def decorate(f: Callable[P, R]) -> Task[P, R]:
         if isinstance(f, Task):
