@@ -170,11 +170,13 @@ def test_a_task_claimed_as_it_is_spawned_enters_no_index_of_waiting_rows(sqlite_
 
 
 def _without_priorities(engines):
-    """Take away the priority and hold columns and their indexes, and put the due index back."""
-    for index in ("greenqueue_tasks_ready", "greenqueue_tasks_held"):
+    """Take away priorities, holds and limits with their indexes and table, and put the due index back."""
+    for index in ("greenqueue_tasks_ready", "greenqueue_tasks_held", "greenqueue_tasks_gated",
+                  "greenqueue_tasks_parked", "greenqueue_tasks_limited"):
         engines.raw("DROP INDEX %s" % index)
-    for column in ("priority", "hold"):
+    for column in ("priority", "hold", "rate_bucket", "rate_n", "rate_per", "limit_bucket", "limit_n"):
         engines.raw("ALTER TABLE greenqueue_tasks DROP COLUMN %s" % column)
+    engines.raw("DROP TABLE greenqueue_starts")
     engines.raw("CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due) WHERE owner IS NULL AND "
                 "(state = 'PENDING' OR state = 'SCHEDULED' OR state = 'RETRY')")
 

@@ -6,6 +6,7 @@ from contextlib import closing
 
 import gevent
 import gevent.event
+import gevent.lock
 import pytest
 
 import greenqueue
@@ -195,3 +196,163 @@ def test_a_journaled_higher_priority_starts_before_a_lower_one_that_waited(store
         assert order == ["high", "plain", "low"]
     finally:
         runtime.get_runtime().close_store()
+
+
+# -- rate and concurrency limits in the stores' claim ---------------------------------------
+
+def _limited(id, limit=None, rate=None, **kw):
+    """A row with a concurrency limit ``(bucket, n)`` and/or a rate limit ``(bucket, n, per)``."""
+    r = row(id=id, **kw)
+    if limit is not None:
+        r.limit_bucket, r.limit_n = limit
+    if rate is not None:
+        r.rate_bucket, r.rate_n, r.rate_per = rate
+    return r
+
+
+def _finish(e, r, node="A"):
+    """finish() of ``r`` as ``node`` holds it, saying which concurrency key the run held."""
+    return e.finish_many([(r.id, node, r.attempts, "SUCCESS", b"1", None, None, None, 60, r.limit_bucket)])
+
+
+def test_a_concurrency_limit_parks_what_is_over_it_and_each_end_gives_the_next_its_turn(engines):
+    e = engines()
+    e.enqueue([_limited("k%d" % i, limit=("t|k", 2)) for i in range(5)] + [row(id="free")])
+    first = e.claim("A", None, 10)
+    assert sorted(r.id for r in first) == ["free", "k0", "k1"]
+    assert [e.get("k%d" % i).hold for i in (2, 3, 4)] == ["limit"] * 3, "parked, out of every claim's way"
+    assert e.claim("B", None, 10) == [] and e.next_due(None) is None
+    assert _finish(e, next(r for r in first if r.id == "k0")) == [True]
+    assert e.get("k2").hold == "gate" and e.next_due(None) == 0
+    assert [r.id for r in e.claim("B", None, 10)] == ["k2"]
+    assert e.claim("B", None, 10) == []
+
+
+def test_keys_are_counted_apart(engines):
+    e = engines()
+    e.enqueue([_limited("%s%d" % (key, i), limit=("t|%s" % key, 1)) for key in "ab" for i in range(3)])
+    assert sorted(r.id for r in e.claim("A", None, 10)) == ["a0", "b0"]
+
+
+def test_a_rate_limit_holds_what_is_over_it_until_the_window_has_room(engines):
+    e = engines()
+    e.enqueue([_limited("r%d" % i, rate=("t", 2, 1.0)) for i in range(5)])
+    t0 = db_now(e)
+    assert sorted(r.id for r in e.claim("A", None, 10)) == ["r0", "r1"]
+    held = [e.get("r%d" % i) for i in (2, 3, 4)]
+    assert all(r.hold == "rate" for r in held)
+    assert 0.5 < e.next_due(None) <= 1.1, "the node knows when the window opens: no polling"
+    starts = {}
+    deadline = time.monotonic() + 10
+    while len(starts) < 3 and time.monotonic() < deadline:
+        for r in e.claim("A", None, 10):
+            starts[r.id] = r.started_at
+        gevent.sleep(min(0.05, e.next_due(None) or 0.05))
+    assert len(starts) == 3
+    times = sorted(starts.values())
+    # Windows are kept a tenth longer (the lag from a claim to the task's first line).
+    assert times[0] >= t0 + 1.0 and times[1] < t0 + 1.6, "the next two start when the window opens"
+    assert times[2] >= t0 + 2.0, "never more than 2 starts in any 1 s window"
+
+
+def test_the_gate_keeps_the_start_order_across_limited_and_plain_rows(engines):
+    e = engines()
+    e.enqueue([row(id="plain"), _limited("urgent", limit=("u", 5), priority=9)])
+    assert [r.id for r in e.claim("A", None, 1)] == ["urgent"]
+    assert [r.id for r in e.claim("A", None, 1)] == ["plain"]
+
+
+def test_a_dead_nodes_share_of_a_concurrency_limit_ends_with_its_lease(engines):
+    a = engines(lease_timeout=1)
+    a.enqueue([_limited("k%d" % i, limit=("t|k", 1)) for i in range(3)])
+    assert [r.id for r in a.claim("A", None, 5)] == ["k0"]
+    # Node A dies: no heartbeat, no finish. Its lease ends, the reaper gives its run back and
+    # the next parked run (in start order) its turn.
+    reaped = wait_for(lambda: a.reap(5) or None, 10, interval=0.1, message="the dead node's run")
+    assert [r.id for r in reaped] == ["k0"]
+    assert [r.id for r in a.claim("B", None, 5)] == ["k0"]
+    assert a.claim("B", None, 5) == []
+
+
+# -- limits as a task declares them, on every store -----------------------------------------
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.realproc])])
+def store(request, tmp_path):
+    """The store a test's tasks run on: none (memory), an SQLite journal, or PostgreSQL."""
+    if request.param == "sqlite":
+        greenqueue.configure(journal=str(tmp_path / "j.db"))
+    elif request.param == "postgres":
+        greenqueue.configure(journal=request.getfixturevalue("pg_dsn"))
+    yield request.param
+    if request.param != "memory":
+        runtime.get_runtime().close_store()
+
+
+def test_a_concurrency_limit_is_never_exceeded_and_is_reached(store):
+    running, peak, lock = set(), [], gevent.lock.Semaphore()
+
+    @task(name="flow.limited_%s" % store, concurrency_limit=2)
+    def limited(n):
+        with lock:
+            running.add(n)
+            peak.append(len(running))
+        gevent.sleep(0.05)
+        running.discard(n)
+
+    for r in [limited.spawn(i) for i in range(8)]:
+        r.get(WAIT)
+    assert max(peak) == 2, peak
+
+
+def test_a_per_key_concurrency_limit_is_a_lock_per_key(store):
+    active, overlaps = {}, []
+
+    @task(name="flow.per_key_%s" % store, concurrency_limit=1, concurrency_key=lambda user, n: user)
+    def per_user(user, n):
+        if active.get(user):
+            overlaps.append(user)
+        active[user] = True
+        gevent.sleep(0.03)
+        active[user] = False
+        return user
+
+    results = [per_user.spawn(user, n) for n in range(4) for user in ("ann", "bob")]
+    assert sorted(r.get(WAIT) for r in results) == ["ann"] * 4 + ["bob"] * 4
+    assert overlaps == []
+
+
+def test_a_rate_limit_spaces_the_starts(store):
+    starts = []
+
+    @task(name="flow.rated_%s" % store, rate_limit="4/s")
+    def rated(n):
+        starts.append(time.monotonic())
+
+    t0 = time.monotonic()
+    for r in [rated.spawn(i) for i in range(9)]:
+        r.get(WAIT)
+    starts.sort()
+    assert all(b - a >= 1.0 - 0.06 for a, b in zip(starts, starts[4:])), "at most 4 starts in any 1 s window"
+    assert starts[-1] - t0 < 3.5, "and starts as soon as the window allows"
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"rate_limit": "ten a minute"}, "rate_limit"), ({"rate_limit": "0/s"}, "rate_limit"),
+    ({"concurrency_limit": 0}, "concurrency_limit"), ({"concurrency_limit": 1.5}, "concurrency_limit"),
+    ({"rate_key": lambda: 1}, "rate_key needs rate_limit"), ({"concurrency_limit": 1, "concurrency_key": "user"},
+                                                              "concurrency_key")])
+def test_bad_limits_fail_at_declaration_naming_the_argument(kwargs, named):
+    with pytest.raises(errors.ConfigError, match=named):
+        task(**kwargs)
+
+
+def test_a_key_function_that_raises_fails_the_spawn_naming_it():
+    def customer_of(order):
+        return order["customer"]
+
+    @task(rate_limit="5/m", rate_key=customer_of)
+    def ship(order):
+        return order
+
+    with pytest.raises(errors.ConfigError, match="rate_key.*customer_of.*KeyError"):
+        ship.spawn({})

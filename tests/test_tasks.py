@@ -844,8 +844,8 @@ def test_a_failed_tasks_traceback_starts_at_the_tasks_own_code():
 
 
 def test_an_unknown_task_option_is_a_config_error_naming_it():
-    with pytest.raises(errors.ConfigError, match=r"unknown option\(s\) rate_limit .*known: retries") as info:
-        greenqueue.task(rate_limit="10/m")
+    with pytest.raises(errors.ConfigError, match=r"unknown option\(s\) acks_late .*known: retries") as info:
+        greenqueue.task(acks_late=True)
     assert isinstance(info.value, TypeError)  # what Python's own call errors are, as before
 
 

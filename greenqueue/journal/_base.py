@@ -25,7 +25,7 @@ its behaviour:
 
 import datetime
 import time
-from typing import Dict, List, Optional, Protocol, Sequence
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 from ..errors import ConfigError, GreenqueueError, SerializationError
 from ._codec import dumps
@@ -39,7 +39,8 @@ _UTC = datetime.timezone.utc
 def new_row(task_id: str, name: str, args: Sequence[object], kwargs: Dict[str, object], serializer: str,
             queue: str = "default", eta: Optional[datetime.datetime] = None, attempts: int = 0,
             max_attempts: int = 1, idempotency_key: Optional[str] = None, start_by: Optional[float] = None,
-            priority: int = 0) -> TaskRow:
+            priority: int = 0, rate: Optional[Tuple[str, int, float]] = None,
+            limit: Optional[Tuple[str, int]] = None) -> TaskRow:
     """The row a spawn becomes; SerializationError when ``serializer`` cannot carry the arguments."""
     try:
         payload = dumps(serializer, {"args": list(args), "kwargs": kwargs})
@@ -59,6 +60,10 @@ def new_row(task_id: str, name: str, args: Sequence[object], kwargs: Dict[str, o
         row.start_by = start_by
     if priority:
         row.priority = priority
+    if rate is not None:
+        row.rate_bucket, row.rate_n, row.rate_per = rate
+    if limit is not None:
+        row.limit_bucket, row.limit_n = limit
     return row
 
 

@@ -127,6 +127,7 @@ class ClusterStore:
         self.result_ttl = result_ttl
         self.max_lease_losses = max_lease_losses
         self._attempts: Dict[str, int] = {}   # task id -> the attempt this node holds
+        self._keys: Dict[str, str] = {}       # task id -> the concurrency key its run holds (limited runs only)
         self._recording = True
         self.epoch: Optional[int] = None      # the scheduler leader's epoch while this node leads
         self.batch = batch
@@ -229,8 +230,11 @@ class ClusterStore:
         attempt = self._attempts.pop(row.id, None)
         if attempt is None or not self._recording:
             return True
-        args = (row.id, self.node, attempt, row.state, row.result, row.error_type, row.error,
-                row.traceback, self.result_ttl)
+        args: tuple = (row.id, self.node, attempt, row.state, row.result, row.error_type, row.error,
+                       row.traceback, self.result_ttl)
+        key = self._keys.pop(row.id, None) if self._keys else None
+        if key is not None:
+            args += (key,)  # its end unparks the next run of that key, in the same commit
         if self._writer is not None:
             self._finishes.append((row.name, args))
             self._wake.set()
@@ -390,6 +394,8 @@ class ClusterStore:
         rows = self.engine.claim(self.node, self.queues, limit)
         for row in rows:
             self._attempts[row.id] = row.attempts
+            if row.limit_bucket is not None:
+                self._keys[row.id] = row.limit_bucket
         return rows
 
     def next_due(self) -> Optional[float]:

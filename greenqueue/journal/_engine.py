@@ -82,7 +82,15 @@ class TaskRow:
     note: Optional[str] = None
     start_by: Optional[float] = None      # a run not started by then ends EXPIRED without running
     priority: int = 0                     # -100..100; waiting rows start larger first
-    hold: Optional[str] = None            # why an unowned row is not claimable yet: "eta" (due later); None: ready
+    # Why an unowned waiting row does not simply start: "eta" (due later), "gate" (due, limited: the
+    # claim checks its limits), "rate" (its rate window is full until due), "limit" (its concurrency
+    # key is full until a run of it ends). None: ready.
+    hold: Optional[str] = None
+    rate_bucket: Optional[str] = None     # the rate window this run counts in (task, or task|key)
+    rate_n: Optional[int] = None          # at most rate_n starts in any rate_per seconds
+    rate_per: Optional[float] = None
+    limit_bucket: Optional[str] = None    # the concurrency count this run counts in
+    limit_n: Optional[int] = None         # at most limit_n running at once
 
 
 def rows_query(cols: str, mark: str, state: Optional[str], name: Optional[str], limit: int) -> Tuple[str, list]:

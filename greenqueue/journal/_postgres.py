@@ -38,9 +38,12 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import JournalError
 from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow, rows_query
-from ._postgres_sql import (ANY_READY, CHANNEL, CLAIM, CLAIM_EVERY, CLAIM_QUEUES, CLAIMABLE, COLS, FIELDS, FINISH,
-                            FINISH_FIELDS, FINISH_MANY, HEARTBEAT, HELD, INSERT, INSERT_FIELDS, LEAD, MIGRATION_LOCK,
-                            MIN_SERVER, NEXT_DUE, NOW, READY, REAP, RELEASE, RETRY, SCHEMA_VERSION,
+from ._gate import Candidate, decide
+from ._postgres_sql import (ANY_READY, CHANNEL, CLAIM, CLAIM_EVERY, CLAIM_IDS, CLAIM_QUEUES, CLAIMABLE, COLS, FIELDS,
+                            FINISH, FINISH_FIELDS, FINISH_MANY, GATE_CANDIDATES, GATE_EVERY, GATE_EVERY_PREFIX, GATED,
+                            GATED_ANYWHERE, GATED_FLAG, GATED_ON_QUEUES, HEARTBEAT, HELD, INSERT, INSERT_FIELDS, LEAD,
+                            LOCK_BUCKETS, MIGRATION_LOCK, MIN_SERVER, NEXT_DUE, NOW, PARKED, READY, READY_OR_GATED,
+                            REAP, RELEASE, RETRY, RUNNING_IN, SCHEMA_VERSION, SWEEP,
                             UNFINISHED as UNFINISHED_SQL, mask_dsn, migrate)
 
 __all__ = ["PostgresEngine", "SCHEMA_VERSION", "mask_dsn"]
@@ -70,6 +73,12 @@ def _secrets(dsn: str) -> List[str]:
         if raw:
             found.update((raw, unquote(raw)))
     return sorted(found, key=len, reverse=True)
+
+
+def _first(row: Optional[tuple]) -> Any:
+    """The first column of a row a statement always returns."""
+    assert row is not None
+    return row[0]
 
 
 def _rows_as_arrays(rows: Sequence[TaskRow], owner: Optional[str], lease: float) -> Dict[str, Any]:
@@ -288,16 +297,54 @@ class PostgresEngine:
         """Claim up to ``limit`` due, unowned rows (oldest due first) for ``node``."""
         if limit <= 0 or (queues is not None and not queues):
             return []
-        sql = CLAIM.format(queues=CLAIM_QUEUES if queues is not None else CLAIM_EVERY)
+        sql = CLAIM.format(queues=CLAIM_QUEUES if queues is not None else CLAIM_EVERY,
+                           gated=GATED_ON_QUEUES if queues is not None else GATED_ANYWHERE)
         params = {"node": node, "limit": int(limit), "lease": self.lease_timeout,
                   "queues": list(queues) if queues is not None else None}
         got = self._all("claim", sql, params)
-        if got and got[0][-1]:
+        if got and got[0][-1] and got[0][-1] < GATED_FLAG:
             got = self._all("claim", sql, params)  # rows became ready: claim among them too
+        if got and got[0][-1] >= GATED_FLAG:
+            return self._gate_claim(node, queues, params)
         got = [r for r in got if r[0] is not None]
         # UPDATE ... RETURNING does not keep the subquery's order.
         got.sort(key=lambda r: (-r[_PRIORITY], r[-2]))
         return [TaskRow(*r[:-2]) for r in got]
+
+    def _gate_claim(self, node: str, queues: Optional[Sequence[str]], params: Dict[str, Any]) -> List[TaskRow]:
+        """The claim when limited rows wait: the gate decides in one transaction, the buckets locked."""
+        sql = GATE_CANDIDATES.format(prefix=GATE_EVERY_PREFIX if queues is None else "",
+                                     queues=GATE_EVERY if queues is None else CLAIM_QUEUES)
+        with self._conn("claim") as conn, conn.transaction():
+            candidates = [Candidate(*r) for r in conn.execute(sql, params).fetchall()]
+            buckets = sorted({b for c in candidates if c.gated for b in (c.rate_bucket, c.limit_bucket) if b})
+            if buckets:
+                conn.execute(LOCK_BUCKETS, (buckets,))
+            now = _first(conn.execute("SELECT " + NOW).fetchone())
+            verdict = decide(candidates, params["limit"], now,
+                             lambda bucket: int(_first(conn.execute(RUNNING_IN, (bucket,)).fetchone())),
+                             lambda bucket, since: self._starts_in(conn, bucket, since))
+            if verdict.park:
+                conn.execute("UPDATE greenqueue_tasks SET hold = 'limit' WHERE id = ANY(%s)", (verdict.park,))
+            if verdict.hold:
+                conn.execute("UPDATE greenqueue_tasks t SET hold = 'rate', due = h.due FROM unnest(%s::text[], "
+                             "%s::float8[]) AS h(id, due) WHERE t.id = h.id",
+                             ([i for i, _ in verdict.hold], [d for _, d in verdict.hold]))
+            if verdict.starts:
+                conn.execute("INSERT INTO greenqueue_starts (bucket, at) SELECT * FROM unnest(%s::text[], "
+                             "%s::float8[])", ([b for b, _ in verdict.starts], [a for _, a in verdict.starts]))
+            if not verdict.take:
+                return []
+            got = conn.execute(CLAIM_IDS, dict(params, ids=verdict.take)).fetchall()
+        order = {row_id: n for n, row_id in enumerate(verdict.take)}
+        return sorted((TaskRow(*r) for r in got), key=lambda r: order[r.id])
+
+    @staticmethod
+    def _starts_in(conn: Any, bucket: str, since: float) -> List[float]:
+        """``bucket``'s recorded starts after ``since``, oldest first (older ones are dropped here)."""
+        conn.execute("DELETE FROM greenqueue_starts WHERE bucket = %s AND at <= %s", (bucket, since))
+        return [r[0] for r in conn.execute("SELECT at FROM greenqueue_starts WHERE bucket = %s ORDER BY at",
+                                           (bucket,)).fetchall()]
 
     def finish(self, row_id: str, node: str, attempt: int, state: str, result: Optional[bytes] = None,
                error_type: Optional[str] = None, error: Optional[str] = None,
@@ -306,7 +353,7 @@ class PostgresEngine:
         if state not in FINAL:
             raise JournalError("journal %s: finish() takes a final state (%s), not %r"
                                % (self.display, ", ".join(FINAL), state))
-        return self._count("finish", FINISH, (state, result, error_type, error, traceback, float(ttl),
+        return self._value("finish", FINISH, (state, result, error_type, error, traceback, float(ttl),
                                               row_id, node, attempt)) == 1
 
     def finish_many(self, items: Sequence[tuple]) -> List[bool]:
@@ -451,8 +498,9 @@ class PostgresEngine:
 
     def waiting(self, state: str, limit: int) -> List[TaskRow]:
         """Up to ``limit`` unowned rows in a waiting ``state``: ready ones in start order, then held ones by due time."""
-        ready = self._all("waiting", "SELECT %s FROM greenqueue_tasks WHERE %s AND state = %%s "
-                          "ORDER BY priority DESC, due, created_at LIMIT %%s" % (COLS, READY), (state, int(limit)))
+        ready = self._all("waiting", "SELECT %s FROM greenqueue_tasks WHERE (%s OR %s OR %s) AND state = %%s "
+                          "ORDER BY priority DESC, due, created_at LIMIT %%s" % (COLS, READY, GATED, PARKED),
+                          (state, int(limit)))
         held = self._all("waiting", "SELECT %s FROM greenqueue_tasks WHERE %s AND state = %%s ORDER BY due "
                          "LIMIT %%s" % (COLS, HELD), (state, int(limit) - len(ready))) if len(ready) < limit else []
         return [TaskRow(*r) for r in ready + held]
@@ -473,6 +521,7 @@ class PostgresEngine:
     def reap(self, max_lease_losses: int) -> List[TaskRow]:
         """Take back rows whose lease expired; returns them after the change."""
         got = self._all("reap", REAP, {"max": int(max_lease_losses or 0), "ttl": self.result_ttl})
+        self._value("reap", SWEEP)
         return [TaskRow(*r[:-1]) for r in got]
 
     def prune(self, periodic_ttl: float) -> int:
@@ -578,14 +627,14 @@ class PostgresEngine:
     def requeue(self, row_id: Optional[str] = None) -> int:
         """FAILURE/CANCELLED rows (one, or all) back to PENDING with a fresh attempt budget."""
         sql = """WITH back AS (
-                     UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = {now}, hold = NULL, attempts = 0,
+                     UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = {now}, hold = {ready_or_gated}, attempts = 0,
                          lease_losses = 0, cancel_requested = false, lost_by = NULL, finished_at = NULL,
                          expires_at = NULL, result = NULL, error_type = NULL, error = NULL, traceback = NULL,
                          updated_at = {now}
                      WHERE state IN ('FAILURE', 'CANCELLED') {one} RETURNING queue),
                  hint AS (SELECT pg_notify('{channel}', q) FROM (SELECT DISTINCT queue AS q FROM back) d)
                  SELECT count(*), (SELECT count(*) FROM hint) FROM back""".format(
-            now=NOW, channel=CHANNEL, one="AND id = %s" if row_id else "")
+            now=NOW, channel=CHANNEL, one="AND id = %s" if row_id else "", ready_or_gated=READY_OR_GATED)
         return int(self._value("requeue", sql, (row_id,) if row_id else None))
 
     def purge(self, state: str) -> int:

@@ -36,6 +36,12 @@ CLAIMABLE = "('PENDING', 'SCHEDULED', 'RETRY')"
 # Unowned waiting rows split in two: ready ones (the claim's index), and ones held until a time.
 READY = "owner IS NULL AND hold IS NULL AND state IN " + CLAIMABLE
 HELD = "owner IS NULL AND hold IN ('eta', 'rate') AND state IN " + CLAIMABLE
+# Due rows with a rate or concurrency limit (the claim's gate decides), and rows parked until a
+# run of their concurrency key ends.
+GATED = "owner IS NULL AND hold = 'gate' AND state IN " + CLAIMABLE
+PARKED = "owner IS NULL AND hold = 'limit' AND state IN " + CLAIMABLE
+# A row coming back to wait (release, reap, retry, requeue, its time came): the gate's if limited.
+READY_OR_GATED = "CASE WHEN rate_bucket IS NULL AND limit_bucket IS NULL THEN NULL ELSE 'gate' END"
 # Held rows made ready per claim at most: a burst of due rows is taken in steps, never in one long lock.
 PROMOTE_BATCH = 1000
 UNFINISHED = "('PENDING', 'SCHEDULED', 'STARTED', 'RETRY')"
@@ -115,6 +121,18 @@ MIGRATIONS: Dict[int, List[str]] = {1: [
     "CREATE INDEX greenqueue_tasks_ready ON greenqueue_tasks (queue, priority DESC, due, created_at) WHERE "
     + READY,
     "CREATE INDEX greenqueue_tasks_held ON greenqueue_tasks (due) WHERE " + HELD,
+    # Rate and concurrency limits: a rate window's starts per bucket, the limits a row carries,
+    # its due rows for the gate per queue, its parked rows per key, its running rows per key.
+    "ALTER TABLE greenqueue_tasks ADD COLUMN rate_bucket text, ADD COLUMN rate_n integer, "
+    "ADD COLUMN rate_per float8, ADD COLUMN limit_bucket text, ADD COLUMN limit_n integer",
+    "CREATE INDEX greenqueue_tasks_gated ON greenqueue_tasks (queue, priority DESC, due, created_at) WHERE "
+    + GATED,
+    "CREATE INDEX greenqueue_tasks_parked ON greenqueue_tasks (limit_bucket, priority DESC, due, created_at) "
+    "WHERE " + PARKED,
+    "CREATE INDEX greenqueue_tasks_limited ON greenqueue_tasks (limit_bucket) "
+    "WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL",
+    "CREATE TABLE greenqueue_starts (bucket text NOT NULL, at float8 NOT NULL)",
+    "CREATE INDEX greenqueue_starts_bucket ON greenqueue_starts (bucket, at)",
 ]}
 
 
@@ -181,13 +199,14 @@ INSERT = """
                              %(serializer)s::text[], %(queue)s::text[], %(state)s::text[],
                              %(eta)s::float8[], %(attempts)s::int[], %(max_attempts)s::int[],
                              %(idempotency_key)s::text[], %(note)s::text[], %(start_by)s::float8[],
-                             %(priority)s::int[])
+                             %(priority)s::int[], %(rate_bucket)s::text[], %(rate_n)s::int[],
+                             %(rate_per)s::float8[], %(limit_bucket)s::text[], %(limit_n)s::int[])
             AS s(id, name, payload, serializer, queue, state, eta, attempts, max_attempts,
-                 idempotency_key, note, start_by, priority)),
+                 idempotency_key, note, start_by, priority, rate_bucket, rate_n, rate_per, limit_bucket, limit_n)),
     ins AS (
         INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts,
             max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at,
-            start_by, priority, hold)
+            start_by, priority, hold, rate_bucket, rate_n, rate_per, limit_bucket, limit_n)
         SELECT id, name, payload, serializer, queue,
                CASE WHEN %(owner)s::text IS NULL THEN state ELSE 'STARTED' END,
                eta, coalesce(eta, {now}),
@@ -195,19 +214,22 @@ INSERT = """
                idempotency_key, note, %(owner)s::text,
                CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} + %(lease)s END,
                CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} END, {now}, {now}, start_by, priority,
-               CASE WHEN %(owner)s::text IS NULL AND eta > {now} THEN 'eta' END
+               CASE WHEN %(owner)s::text IS NOT NULL THEN NULL WHEN eta > {now} THEN 'eta'
+                    WHEN rate_bucket IS NOT NULL OR limit_bucket IS NOT NULL THEN 'gate' END,
+               rate_bucket, rate_n, rate_per, limit_bucket, limit_n
         FROM src
         ON CONFLICT DO NOTHING
         RETURNING {cols}, due),
     hint AS (
         SELECT pg_notify('{channel}', q) FROM (
-            SELECT DISTINCT queue AS q FROM ins WHERE owner IS NULL AND hold IS NULL) d)
+            SELECT DISTINCT queue AS q FROM ins WHERE owner IS NULL AND (hold IS NULL OR hold = 'gate')) d)
     SELECT {cols}, (SELECT count(*) FROM hint) FROM ins
     """.format(now=NOW, cols=COLS, channel=CHANNEL)
 
 # Columns enqueue() passes as arrays, besides the payload.
 INSERT_FIELDS = ("id", "name", "serializer", "queue", "state", "eta", "attempts", "max_attempts",
-                 "idempotency_key", "note", "start_by", "priority")
+                 "idempotency_key", "note", "start_by", "priority", "rate_bucket", "rate_n", "rate_per",
+                 "limit_bucket", "limit_n")
 
 # The claim, in one statement: held rows whose time came become ready (at most a batch), or
 # else the first ready rows of each served queue ({queues} names them: an array, or every
@@ -221,7 +243,7 @@ CLAIM = """
         SELECT (SELECT queue FROM greenqueue_tasks WHERE {ready} AND queue > every.name ORDER BY queue LIMIT 1)
         FROM every WHERE every.name IS NOT NULL),
     promoted AS (
-        UPDATE greenqueue_tasks SET hold = NULL
+        UPDATE greenqueue_tasks SET hold = {ready_or_gated}
         WHERE id IN (SELECT id FROM greenqueue_tasks WHERE {held} AND due <= {now}
                      ORDER BY due LIMIT {batch} FOR UPDATE SKIP LOCKED)
         RETURNING queue),
@@ -232,9 +254,10 @@ CLAIM = """
             WHERE {ready} AND queue = q.name
             ORDER BY priority DESC, due, created_at
             LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
-        WHERE NOT EXISTS (SELECT 1 FROM promoted)
+        WHERE NOT EXISTS (SELECT 1 FROM promoted) AND NOT EXISTS (SELECT 1 FROM gated)
         ORDER BY c.priority DESC, c.due, c.created_at
         LIMIT %(limit)s),
+    gated AS ({{gated}}),
     claimed AS (
         UPDATE greenqueue_tasks t
         SET state = 'STARTED', owner = %(node)s, attempts = t.attempts + 1,
@@ -242,11 +265,72 @@ CLAIM = """
             lost_by = NULLIF(array_remove(t.lost_by, %(node)s), '{{{{}}}}')
         FROM picked WHERE t.id = picked.id
         RETURNING {tcols}, t.due)
-    SELECT c.*, p.n FROM (SELECT count(*) AS n FROM hint) h CROSS JOIN (SELECT count(*) AS n FROM promoted) p
-        LEFT JOIN claimed c ON true
-    """.format(ready=READY, held=HELD, now=NOW, batch=PROMOTE_BATCH, channel=CHANNEL, tcols=TCOLS)
+    SELECT c.*, p.n + (SELECT count(*) FROM gated) * 1000000 FROM (SELECT count(*) AS n FROM hint) h
+        CROSS JOIN (SELECT count(*) AS n FROM promoted) p LEFT JOIN claimed c ON true
+    """.format(ready=READY, held=HELD, now=NOW, batch=PROMOTE_BATCH, channel=CHANNEL, tcols=TCOLS,
+               ready_or_gated=READY_OR_GATED)
+# CLAIM's last column: rows made ready, plus this when gated rows wait (the gate's claim runs then).
+GATED_FLAG = 1000000
 CLAIM_QUEUES = "unnest(%(queues)s::text[])"
 CLAIM_EVERY = "(SELECT name FROM every WHERE name IS NOT NULL)"
+# CLAIM's {gated}: whether a gated row waits on the served queues (then the gate's claim runs).
+GATED_ON_QUEUES = """SELECT 1 FROM unnest(%(queues)s::text[]) AS g(name) CROSS JOIN LATERAL (
+            SELECT 1 FROM greenqueue_tasks WHERE {gated} AND queue = g.name
+            ORDER BY priority DESC, due, created_at LIMIT 1) x LIMIT 1""".format(gated=GATED)
+GATED_ANYWHERE = "SELECT 1 FROM greenqueue_tasks WHERE %s ORDER BY queue LIMIT 1" % GATED
+
+
+def loose_scan(cte: str, where: str) -> str:
+    """A recursive CTE ``cte(name)`` of the queues rows matching ``where`` wait on: one index probe per queue."""
+    return """{cte}(name) AS (
+        (SELECT queue FROM greenqueue_tasks WHERE {where} ORDER BY queue LIMIT 1)
+        UNION ALL
+        SELECT (SELECT queue FROM greenqueue_tasks WHERE {where} AND queue > {cte}.name ORDER BY queue LIMIT 1)
+        FROM {cte} WHERE {cte}.name IS NOT NULL)""".format(cte=cte, where=where)
+
+
+# The gate's claim (a transaction, when gated rows wait): the first ready and gated rows of each
+# served queue, locked; {queues} as in CLAIM ({prefix} defines the loose scans it uses).
+GATE_CANDIDATES = """{{prefix}}
+    SELECT c.* FROM {{queues}} AS q(name) CROSS JOIN LATERAL (
+        SELECT id, priority, due, created_at, false, NULL::text, NULL::int, NULL::float8, NULL::text, NULL::int
+        FROM greenqueue_tasks WHERE {ready} AND queue = q.name
+        ORDER BY priority DESC, due, created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
+    UNION ALL
+    SELECT c.* FROM {{queues}} AS q(name) CROSS JOIN LATERAL (
+        SELECT id, priority, due, created_at, true, rate_bucket, rate_n, rate_per, limit_bucket, limit_n
+        FROM greenqueue_tasks WHERE {gated} AND queue = q.name
+        ORDER BY priority DESC, due, created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c""".format(
+    ready=READY, gated=GATED)
+GATE_EVERY_PREFIX = "WITH RECURSIVE %s, %s" % (loose_scan("r", READY), loose_scan("g", GATED))
+GATE_EVERY = "(SELECT name FROM r WHERE name IS NOT NULL UNION SELECT name FROM g WHERE name IS NOT NULL)"
+# Other nodes' gates wait for these (in one order: no deadlock) until this transaction ends.
+LOCK_BUCKETS = ("SELECT count(pg_advisory_xact_lock(hashtextextended(b, 0))) FROM "
+                "(SELECT DISTINCT b FROM unnest(%s::text[]) AS u(b) ORDER BY b) s")
+RUNNING_IN = ("SELECT count(*) FROM greenqueue_tasks WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL "
+              "AND limit_bucket = %s AND state = 'STARTED' AND lease_expires >= {now}".format(now=NOW))
+CLAIM_IDS = """UPDATE greenqueue_tasks t
+    SET state = 'STARTED', owner = %(node)s, attempts = t.attempts + 1, hold = NULL,
+        lease_expires = {now} + %(lease)s, started_at = {now}, updated_at = {now},
+        lost_by = NULLIF(array_remove(t.lost_by, %(node)s), '{{}}')
+    WHERE t.id = ANY(%(ids)s) RETURNING {tcols}""".format(now=NOW, tcols=TCOLS)
+
+
+def unparking(source: str) -> str:
+    """CTEs that give each run of ``source`` (rows with ``limit_bucket``) that ended the next parked row of its key.
+
+    The statement must read ``unhint`` for the notifications to go out.
+    """
+    return """freed AS (SELECT limit_bucket AS b, count(*) AS n FROM {source} WHERE limit_bucket IS NOT NULL
+                       GROUP BY limit_bucket),
+    unparked AS (
+        UPDATE greenqueue_tasks t SET hold = 'gate' FROM (
+            SELECT p.id FROM freed f CROSS JOIN LATERAL (
+                SELECT id FROM greenqueue_tasks WHERE {parked} AND limit_bucket = f.b
+                ORDER BY priority DESC, due, created_at LIMIT f.n FOR UPDATE SKIP LOCKED) p) u
+        WHERE t.id = u.id RETURNING t.queue),
+    unhint AS (SELECT pg_notify('{channel}', q) FROM (SELECT DISTINCT queue AS q FROM unparked) d)""".format(
+        source=source, parked=PARKED, channel=CHANNEL)
 
 # Seconds until this node may claim: 0 with a ready row on its queues (or a held row already
 # due: the claim makes it ready), else until the first held row's time; NULL when none waits.
@@ -255,21 +339,28 @@ CLAIM_EVERY = "(SELECT name FROM every WHERE name IS NOT NULL)"
 NEXT_DUE = """SELECT CASE WHEN EXISTS (SELECT 1 FROM {{queues}} AS q(name) CROSS JOIN LATERAL (
         SELECT 1 FROM greenqueue_tasks WHERE {ready} AND queue = q.name
         ORDER BY priority DESC, due, created_at LIMIT 1) c)
+    OR EXISTS (SELECT 1 FROM {{queues}} AS q(name) CROSS JOIN LATERAL (
+        SELECT 1 FROM greenqueue_tasks WHERE {gated} AND queue = q.name
+        ORDER BY priority DESC, due, created_at LIMIT 1) c)
     THEN 0 ELSE (SELECT min(due) FROM greenqueue_tasks WHERE {held}) - {now} END""".format(
-    ready=READY, held=HELD, now=NOW)
-# NEXT_DUE's {queues} for every queue: the first ready row of any.
-ANY_READY = "(SELECT queue FROM greenqueue_tasks WHERE %s ORDER BY queue LIMIT 1)" % READY
+    ready=READY, gated=GATED, held=HELD, now=NOW)
+# NEXT_DUE's {queues} for every queue: the first ready or gated row of any.
+ANY_READY = ("((SELECT queue FROM greenqueue_tasks WHERE %s ORDER BY queue LIMIT 1) UNION ALL "
+             "(SELECT queue FROM greenqueue_tasks WHERE %s ORDER BY queue LIMIT 1))" % (READY, GATED))
 
-# Fenced: only the owner's current attempt may write the final state.
-FINISH = """UPDATE greenqueue_tasks
+# Fenced: only the owner's current attempt may write the final state. A run that ends gives
+# the next parked run of its concurrency key to the gate, in the same statement.
+FINISH = """WITH done AS (UPDATE greenqueue_tasks
     SET state = %s, result = %s, error_type = %s, error = %s, traceback = %s,
         owner = NULL, lease_expires = NULL, finished_at = {now}, updated_at = {now},
         expires_at = {now} + %s
-    WHERE id = %s AND owner = %s AND attempts = %s""".format(now=NOW)
+    WHERE id = %s AND owner = %s AND attempts = %s RETURNING limit_bucket),
+    {unparking}
+    SELECT count(*), (SELECT count(*) FROM unhint) FROM done""".format(now=NOW, unparking=unparking("done"))
 
 # FINISH for many rows in one statement, each fenced by its own owner and attempt;
 # returns the ids it finished (a row id appears at most once per statement).
-FINISH_MANY = """UPDATE greenqueue_tasks t
+FINISH_MANY = """WITH done AS (UPDATE greenqueue_tasks t
     SET state = s.state, result = s.result, error_type = s.error_type, error = s.error,
         traceback = s.traceback, owner = NULL, lease_expires = NULL, finished_at = {now},
         updated_at = {now}, expires_at = {now} + s.ttl
@@ -277,7 +368,9 @@ FINISH_MANY = """UPDATE greenqueue_tasks t
                 %(error_type)s::text[], %(error)s::text[], %(traceback)s::text[], %(ttl)s::float8[])
         AS s(id, node, attempt, state, result, error_type, error, traceback, ttl)
     WHERE t.id = s.id AND t.owner = s.node AND t.attempts = s.attempt
-    RETURNING t.id""".format(now=NOW)
+    RETURNING t.id, t.limit_bucket),
+    {unparking}
+    SELECT id, (SELECT count(*) FROM unhint) FROM done""".format(now=NOW, unparking=unparking("done"))
 
 # Columns of FINISH_MANY's arrays, in finish()'s argument order.
 FINISH_FIELDS = ("id", "node", "attempt", "state", "result", "error_type", "error", "traceback", "ttl")
@@ -291,20 +384,25 @@ BACK = """state = CASE WHEN t.cancel_requested THEN 'CANCELLED' ELSE {state} END
 
 RETRY = """WITH back AS (
         UPDATE greenqueue_tasks t SET {back}, eta = {now} + %(delay)s, due = {now} + %(delay)s,
-            hold = CASE WHEN %(delay)s > 0 THEN 'eta' END, error_type = %(error_type)s, error = %(error)s
+            hold = CASE WHEN %(delay)s > 0 THEN 'eta' ELSE {ready_or_gated} END,
+            error_type = %(error_type)s, error = %(error)s
         WHERE id = %(id)s AND owner = %(node)s AND attempts = %(attempt)s
-        RETURNING t.queue, t.state, t.due),
-    hint AS (SELECT pg_notify('{channel}', queue) FROM back WHERE state = 'RETRY' AND %(delay)s <= 0)
-    SELECT count(*), (SELECT count(*) FROM hint) FROM back""".format(
-    back=BACK.format(state="'RETRY'", now=NOW), now=NOW, channel=CHANNEL)
+        RETURNING t.queue, t.state, t.due, t.limit_bucket),
+    hint AS (SELECT pg_notify('{channel}', queue) FROM back WHERE state = 'RETRY' AND %(delay)s <= 0),
+    {unparking}
+    SELECT count(*), (SELECT count(*) FROM hint), (SELECT count(*) FROM unhint) FROM back""".format(
+    back=BACK.format(state="'RETRY'", now=NOW), now=NOW, channel=CHANNEL, ready_or_gated=READY_OR_GATED,
+    unparking=unparking("back"))
 
 RELEASE = """WITH back AS (
-        UPDATE greenqueue_tasks t SET {back}
-        WHERE id = ANY(%(ids)s) AND owner = %(node)s RETURNING t.queue, t.state),
+        UPDATE greenqueue_tasks t SET {back}, hold = {ready_or_gated}
+        WHERE id = ANY(%(ids)s) AND owner = %(node)s RETURNING t.queue, t.state, t.limit_bucket),
     hint AS (SELECT pg_notify('{channel}', q) FROM (
-        SELECT DISTINCT queue AS q FROM back WHERE state = 'PENDING') d)
-    SELECT count(*), (SELECT count(*) FROM hint) FROM back""".format(
-    back=BACK.format(state="'PENDING'", now=NOW), channel=CHANNEL)
+        SELECT DISTINCT queue AS q FROM back WHERE state = 'PENDING') d),
+    {unparking}
+    SELECT count(*), (SELECT count(*) FROM hint), (SELECT count(*) FROM unhint) FROM back""".format(
+    back=BACK.format(state="'PENDING'", now=NOW), channel=CHANNEL, ready_or_gated=READY_OR_GATED,
+    unparking=unparking("back"))
 
 # Expired leases come back PENDING, or end CANCELLED (cancel requested) or FAILURE (poison pill).
 REAP = """
@@ -318,7 +416,7 @@ REAP = """
         UPDATE greenqueue_tasks t SET
             lease_losses = t.lease_losses + 1,
             lost_by = array_append(coalesce(t.lost_by, '{{}}'), t.owner),
-            owner = NULL, lease_expires = NULL, updated_at = {now},
+            owner = NULL, lease_expires = NULL, updated_at = {now}, hold = {ready_or_gated},
             state = CASE WHEN x.cancelled THEN 'CANCELLED' WHEN x.poisoned THEN 'FAILURE'
                          ELSE 'PENDING' END,
             finished_at = CASE WHEN x.cancelled OR x.poisoned THEN {now} END,
@@ -332,9 +430,33 @@ REAP = """
         FROM expired x WHERE t.id = x.id
         RETURNING {tcols}),
     hint AS (SELECT pg_notify('{channel}', q) FROM (
-        SELECT DISTINCT queue AS q FROM reaped WHERE state = 'PENDING') d)
-    SELECT {cols}, (SELECT count(*) FROM hint) FROM reaped
-    """.format(now=NOW, tcols=TCOLS, cols=COLS, channel=CHANNEL)
+        SELECT DISTINCT queue AS q FROM reaped WHERE state = 'PENDING') d),
+    {unparking}
+    SELECT {cols}, (SELECT count(*) FROM hint) + (SELECT count(*) FROM unhint) FROM reaped
+    """.format(now=NOW, tcols=TCOLS, cols=COLS, channel=CHANNEL, ready_or_gated=READY_OR_GATED,
+               unparking=unparking("reaped"))
+
+# Parked runs of keys with room again (a node died between a run's end and the unpark, or its
+# lease ran out): the reaper gives them to the gate.
+SWEEP = """WITH RECURSIVE keys(b) AS (
+        (SELECT limit_bucket FROM greenqueue_tasks WHERE {parked} ORDER BY limit_bucket LIMIT 1)
+        UNION ALL
+        SELECT (SELECT limit_bucket FROM greenqueue_tasks WHERE {parked} AND limit_bucket > keys.b
+                ORDER BY limit_bucket LIMIT 1) FROM keys WHERE keys.b IS NOT NULL),
+    room AS (
+        SELECT k.b, (SELECT max(limit_n) FROM (SELECT limit_n FROM greenqueue_tasks WHERE {parked}
+                                               AND limit_bucket = k.b LIMIT 1) x)
+                    - (SELECT count(*) FROM greenqueue_tasks WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL
+                       AND limit_bucket = k.b AND state = 'STARTED' AND lease_expires >= {now}) AS n
+        FROM keys k WHERE k.b IS NOT NULL),
+    swept AS (
+        UPDATE greenqueue_tasks t SET hold = 'gate' FROM (
+            SELECT p.id FROM room r CROSS JOIN LATERAL (
+                SELECT id FROM greenqueue_tasks WHERE {parked} AND limit_bucket = r.b
+                ORDER BY priority DESC, due, created_at LIMIT greatest(r.n, 0) FOR UPDATE SKIP LOCKED) p) u
+        WHERE t.id = u.id RETURNING t.queue),
+    hint AS (SELECT pg_notify('{channel}', q) FROM (SELECT DISTINCT queue AS q FROM swept) d)
+    SELECT count(*), (SELECT count(*) FROM hint) FROM swept""".format(parked=PARKED, now=NOW, channel=CHANNEL)
 
 # One statement renews every lease of a node, reports cancels and lost rows, and its own row.
 HEARTBEAT = """

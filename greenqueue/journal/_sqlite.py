@@ -57,6 +57,7 @@ import logging
 import os
 import sqlite3
 import time
+from functools import partial
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import gevent
@@ -64,9 +65,10 @@ from gevent.monkey import get_original
 
 from ..errors import ConfigError, JournalError
 from ._engine import FINAL, UNFINISHED, TaskRow, rows_query
+from ._gate import START_ORDER, Candidate, Verdict, decide, hold_of
 from ._sqlite_nodes import NodeRows
 from ._sqlite_sql import (BACK, COLS, FINISH, INSERT, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION,
-                          FIELDS, HELD, READY, SYNCHRONOUS, UPGRADES, WAITING, WAITING_OF, chunks, filesystem_of,
+                          FIELDS, GATED, HELD, PARKED, READY, READY_OR_GATED, SYNCHRONOUS, UPGRADES, WAITING, WAITING_OF, chunks, filesystem_of,
                           marks, queue_filter, task_row)
 from ._sqlite_sql import write as transaction
 
@@ -330,13 +332,14 @@ class SQLiteEngine(NodeRows):
         values = [(r.id, r.name, r.payload or b"", r.serializer, r.queue, "STARTED" if mine else r.state,
                    None if r.eta is None else float(r.eta), now if r.eta is None else r.eta, r.attempts + mine,
                    r.max_attempts, r.idempotency_key, r.note, owner, lease, started, now, now, r.start_by,
-                   r.priority, None if mine or r.eta is None or r.eta <= now else "eta")
+                   r.priority, None if mine else hold_of(r, now), r.rate_bucket, r.rate_n, r.rate_per,
+                   r.limit_bucket, r.limit_n)
                   for r in rows]
         self._changes += 1
         if conn.executemany(INSERT, values).rowcount == len(rows):
             # Nothing conflicted, so each stored row is what was just written: no read back.
             return [TaskRow(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[8], v[9], 0, v[10], owner, lease, False,
-                            now, started, None, None, None, None, None, None, v[11], v[17], v[18], v[19])
+                            now, started, None, None, None, None, None, None, v[11], *v[17:])
                     for v in values]
         # Read back in the same transaction: rows that were already there answer for the new ones.
         ids = [r.id for r in rows]
@@ -369,20 +372,24 @@ class SQLiteEngine(NodeRows):
             return []
         with transaction(conn) as now:
             self._promote(conn, now)
-            picked: List[tuple] = []
-            names = list(queues) if queues is not None else self._ready_queues(conn)
+            names = list(queues) if queues is not None else self._waiting_queues(conn)
+            candidates: List[Candidate] = []
             for name in names:
-                # One range of the ready index per queue, already in start order.
-                picked += conn.execute("SELECT id, priority, due, created_at FROM %s AND queue = ? "
-                                       "ORDER BY priority DESC, due, created_at LIMIT ?" % READY, (name, limit))
-            if len(names) > 1:
-                picked.sort(key=lambda r: (-r[1], r[2], r[3]))
-                del picked[limit:]
-            ids = [r[0] for r in picked]
+                # One range of the ready index, and of the gated one, per queue, already in start order.
+                candidates += [Candidate(*r) for r in conn.execute(
+                    "SELECT id, priority, due, created_at FROM %s AND queue = ? ORDER BY %s LIMIT ?"
+                    % (READY, START_ORDER), (name, limit))]
+                candidates += [Candidate(r[0], r[1], r[2], r[3], True, r[4], r[5], r[6], r[7], r[8]) for r in conn.execute(
+                    "SELECT id, priority, due, created_at, rate_bucket, rate_n, rate_per, limit_bucket, limit_n "
+                    "FROM %s AND queue = ? ORDER BY %s LIMIT ?" % (GATED, START_ORDER), (name, limit))]
+            verdict = decide(candidates, limit, now, partial(self._running_in, conn, now),
+                             partial(self._starts_in, conn))
+            self._gate(conn, verdict)
+            ids = verdict.take
             if not ids:
                 return []
             got = conn.execute(
-                "UPDATE greenqueue_tasks SET state = 'STARTED', owner = ?, attempts = attempts + 1, "
+                "UPDATE greenqueue_tasks SET state = 'STARTED', owner = ?, attempts = attempts + 1, hold = NULL, "
                 "lease_expires = ?, started_at = ?, updated_at = ? WHERE id IN (%s) RETURNING %s"
                 % (marks(ids), COLS), [node, now + self.lease_timeout, now, now] + ids).fetchall()
             conn.execute("DELETE FROM greenqueue_lost WHERE node = ? AND task_id IN (%s)" % marks(ids),
@@ -392,27 +399,65 @@ class SQLiteEngine(NodeRows):
         return sorted(map(task_row, got), key=lambda r: order[r.id])
 
     @staticmethod
+    def _running_in(conn: sqlite3.Connection, now: float, bucket: str) -> int:
+        """Runs of ``bucket`` whose lease is alive (a dead node's share ends with its lease)."""
+        return conn.execute("SELECT count(*) FROM greenqueue_tasks INDEXED BY greenqueue_tasks_limited "
+                            "WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL AND limit_bucket = ? "
+                            "AND state = 'STARTED' AND lease_expires >= ?", (bucket, now)).fetchone()[0]
+
+    @staticmethod
+    def _starts_in(conn: sqlite3.Connection, bucket: str, since: float) -> List[float]:
+        """``bucket``'s recorded starts after ``since``, oldest first (older ones are dropped here)."""
+        conn.execute("DELETE FROM greenqueue_starts WHERE bucket = ? AND at <= ?", (bucket, since))
+        return [r[0] for r in conn.execute("SELECT at FROM greenqueue_starts WHERE bucket = ? ORDER BY at",
+                                           (bucket,))]
+
+    def _gate(self, conn: sqlite3.Connection, verdict: Verdict) -> None:
+        """Write what the gate decided besides the claim: parked rows, rows held for their window, starts."""
+        if verdict.park:
+            conn.execute("UPDATE greenqueue_tasks SET hold = 'limit' WHERE id IN (%s)" % marks(verdict.park),
+                         verdict.park)
+        if verdict.hold:
+            conn.executemany("UPDATE greenqueue_tasks SET hold = 'rate', due = ? WHERE id = ?",
+                             [(due, row_id) for row_id, due in verdict.hold])
+        if verdict.starts:
+            conn.executemany("INSERT INTO greenqueue_starts (bucket, at) VALUES (?, ?)", verdict.starts)
+
+    @staticmethod
+    def _unpark(conn: sqlite3.Connection, buckets: Sequence[Optional[str]]) -> None:
+        """A run of each of ``buckets`` ended: the next parked row of each goes back to the gate."""
+        for bucket in buckets:
+            if bucket is not None:
+                conn.execute("UPDATE greenqueue_tasks SET hold = 'gate' WHERE id = (SELECT id FROM %s "
+                             "AND limit_bucket = ? ORDER BY %s LIMIT 1)" % (PARKED, START_ORDER), (bucket,))
+
+    @staticmethod
     def _claimable(conn: sqlite3.Connection, queues: Optional[Sequence[str]], now: float) -> bool:
-        """True when a ready row of ``queues`` waits, or a held row's time came (a look without the lock)."""
+        """True when a ready or gated row of ``queues`` waits, or a held row's time came (a look without the lock)."""
         where, params = queue_filter(queues)
         return (conn.execute("SELECT 1 FROM %s %s LIMIT 1" % (READY, where), params).fetchone() is not None
+                or conn.execute("SELECT 1 FROM %s %s LIMIT 1" % (GATED, where), params).fetchone() is not None
                 or conn.execute("SELECT 1 FROM %s AND due <= ? LIMIT 1" % HELD, (now,)).fetchone() is not None)
 
     def _promote(self, conn: sqlite3.Connection, now: float) -> int:
-        """Make the held rows whose time came ready (any queue's: whoever serves it claims them)."""
-        promoted = conn.execute("UPDATE greenqueue_tasks SET hold = NULL WHERE id IN (SELECT id FROM %s AND due <= ?)"
-                                % HELD, (now,)).rowcount
+        """Make the held rows whose time came ready, or the gate's (any queue's: whoever serves it claims them)."""
+        promoted = conn.execute("UPDATE greenqueue_tasks SET hold = %s WHERE id IN (SELECT id FROM %s AND due <= ?)"
+                                % (READY_OR_GATED, HELD), (now,)).rowcount
         if promoted:
             self._changes += 1
         return promoted
 
+    def _waiting_queues(self, conn: sqlite3.Connection) -> List[str]:
+        """The queues ready or gated rows wait on."""
+        return sorted(set(self._ready_queues(conn, READY)) | set(self._ready_queues(conn, GATED)))
+
     @staticmethod
-    def _ready_queues(conn: sqlite3.Connection) -> List[str]:
-        """The queues ready rows wait on: one index probe per queue (a loose scan), not one per row."""
+    def _ready_queues(conn: sqlite3.Connection, source: str) -> List[str]:
+        """The queues rows of ``source`` (READY, GATED) wait on: one index probe per queue (a loose scan)."""
         names: List[str] = []
         while True:
             found = conn.execute("SELECT queue FROM %s %s ORDER BY queue LIMIT 1"
-                                 % (READY, "AND queue > ?" if names else ""), names[-1:]).fetchone()
+                                 % (source, "AND queue > ?" if names else ""), names[-1:]).fetchone()
             if found is None:
                 return names
             names.append(found[0])
@@ -431,22 +476,33 @@ class SQLiteEngine(NodeRows):
     def _finish_params(self, items: Sequence[tuple]) -> List[tuple]:
         """FINISH's parameters for ``finish()`` argument tuples (JournalError for a state that is not final)."""
         params = []
-        for row_id, node, attempt, state, result, error_type, error, traceback, ttl in items:
+        for item in items:
+            # A tenth item names the concurrency key a run held (its end unparks the next of that key).
+            row_id, node, attempt, state, result, error_type, error, traceback, ttl = item[:9]
             if state not in FINAL:
                 raise self._fail("finish() takes a final state (%s), not %r" % (", ".join(FINAL), state))
-            params.append((state, result, error_type, error, traceback, float(ttl), row_id, node, attempt))
+            params.append((state, result, error_type, error, traceback, float(ttl), row_id, node, attempt,
+                           item[9] if len(item) > 9 else None))
         return params
 
     def _finish_rows(self, conn: sqlite3.Connection, now: float, params: List[tuple]) -> List[bool]:
+        done = self._finish_each(conn, now, params)
+        freed = [p[-1] for p, ok in zip(params, done) if ok and p[-1] is not None]
+        if freed:
+            self._unpark(conn, freed)
+        return done
+
+    @staticmethod
+    def _finish_each(conn: sqlite3.Connection, now: float, params: List[tuple]) -> List[bool]:
         if len(params) > 1:
             conn.execute("SAVEPOINT finish")
-            if conn.executemany(FINISH, [(now,) + p for p in params]).rowcount == len(params):
+            if conn.executemany(FINISH, [(now,) + p[:-1] for p in params]).rowcount == len(params):
                 conn.execute("RELEASE finish")
                 return [True] * len(params)
             # One was fenced off, or a row comes twice: undo, and learn which one by one.
             conn.execute("ROLLBACK TO finish")
             conn.execute("RELEASE finish")
-        return [conn.execute(FINISH, (now,) + p).rowcount == 1 for p in params]
+        return [conn.execute(FINISH, (now,) + p[:-1]).rowcount == 1 for p in params]
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
               error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
@@ -454,7 +510,7 @@ class SQLiteEngine(NodeRows):
         params = {"id": row_id, "node": node, "attempt": attempt, "delay": max(0.0, float(delay)),
                   "error_type": error_type, "error": error, "state": "RETRY"}
         return self._call("retry", self._back, "eta = :now + :delay, due = :now + :delay, "
-                          "hold = CASE WHEN :delay > 0 THEN 'eta' END, "
+                          "hold = CASE WHEN :delay > 0 THEN 'eta' ELSE %s END, " % READY_OR_GATED +
                           "error_type = :error_type, error = :error", "id = :id AND attempts = :attempt",
                           params) == 1
 
@@ -466,15 +522,17 @@ class SQLiteEngine(NodeRows):
             params = {"node": node, "state": "PENDING"}
             params.update(("i%d" % n, row_id) for n, row_id in enumerate(part))
             where = "id IN (%s)" % ", ".join(":i%d" % n for n in range(len(part)))
-            total += self._call("release", self._back, "", where, params)
+            total += self._call("release", self._back, "hold = " + READY_OR_GATED, where, params)
         return total
 
     def _back(self, conn: sqlite3.Connection, extra: str, where: str, params: dict) -> int:
         with transaction(conn) as now:
             self._changes += 1
             params = dict(params, now=now, ttl=self.result_ttl)
-            return conn.execute("UPDATE greenqueue_tasks SET %s WHERE %s AND owner = :node"
-                                % (", ".join(filter(None, (BACK, extra))), where), params).rowcount
+            back = conn.execute("UPDATE greenqueue_tasks SET %s WHERE %s AND owner = :node RETURNING limit_bucket"
+                                % (", ".join(filter(None, (BACK, extra))), where), params).fetchall()
+            self._unpark(conn, [r[0] for r in back])
+            return len(back)
 
     def cancel(self, row_id: str) -> Optional[str]:
         """Cancel a row: unowned rows end CANCELLED now, running ones get ``cancel_requested``."""
@@ -527,11 +585,13 @@ class SQLiteEngine(NodeRows):
         return [task_row(r) for r in self._call("waiting", self._waiting, state, int(limit))]
 
     def _waiting(self, conn: sqlite3.Connection, state: str, limit: int) -> List[tuple]:
-        ready = conn.execute("SELECT %s FROM %s AND state = ? ORDER BY queue, priority DESC, due, created_at "
-                             "LIMIT ?" % (COLS, READY), (state, limit)).fetchall()
-        ready.sort(key=lambda r: (-r[_PRIORITY], r[_CREATED]))  # the queues' lines merged
-        return ready + conn.execute("SELECT %s FROM %s AND state = ? ORDER BY due LIMIT ?" % (COLS, HELD),
-                                    (state, limit - len(ready))).fetchall()
+        found: List[tuple] = []
+        for source in (READY, GATED, PARKED):
+            found += conn.execute("SELECT %s FROM %s AND state = ? LIMIT ?" % (COLS, source), (state, limit))
+        found.sort(key=lambda r: (-r[_PRIORITY], r[_CREATED]))  # the lines merged, in start order
+        del found[limit:]
+        return found + conn.execute("SELECT %s FROM %s AND state = ? ORDER BY due LIMIT ?" % (COLS, HELD),
+                                    (state, limit - len(found))).fetchall()
 
     def count_waiting(self) -> Dict[str, int]:
         """``{state: rows}`` for the waiting states (PENDING, SCHEDULED, RETRY), from their index alone."""
@@ -554,8 +614,8 @@ class SQLiteEngine(NodeRows):
             return None
         where, params = queue_filter(queues)
         due = self._call("next_due", self._read,
-                         "SELECT CASE WHEN EXISTS (SELECT 1 FROM %s %s) THEN 0 ELSE (SELECT min(due) FROM %s) END"
-                         % (READY, where, HELD), params)[0][0]
+                         "SELECT CASE WHEN EXISTS (SELECT 1 FROM %s %s) OR EXISTS (SELECT 1 FROM %s %s) THEN 0 "
+                         "ELSE (SELECT min(due) FROM %s) END" % (READY, where, GATED, where, HELD), params * 2)[0][0]
         return None if due is None else max(0.0, due - time.time())
 
     def reap(self, max_lease_losses: int) -> List[TaskRow]:
@@ -565,6 +625,9 @@ class SQLiteEngine(NodeRows):
     def _reap(self, conn: sqlite3.Connection, most: int) -> List[TaskRow]:
         # A look without the write lock first: most reaps find nothing, and the running rows
         # (bounded by the nodes' slots) are all the owner index holds.
+        if conn.execute("SELECT 1 FROM %s LIMIT 1" % PARKED).fetchone():
+            with transaction(conn) as now:
+                self._sweep(conn, now)
         if not conn.execute("SELECT 1 FROM %s AND lease_expires < ? LIMIT 1" % RUNNING,
                             (time.time(),)).fetchone():
             return []
@@ -575,11 +638,11 @@ class SQLiteEngine(NodeRows):
                 poisoned = not cancelled and most > 0 and losses + 1 >= most
                 final = cancelled or poisoned
                 conn.execute(
-                    "UPDATE greenqueue_tasks SET lease_losses = lease_losses + 1, owner = NULL, "
+                    "UPDATE greenqueue_tasks SET lease_losses = lease_losses + 1, owner = NULL, hold = %s, "
                     "lease_expires = NULL, updated_at = :now, state = :state, finished_at = :finished, "
                     "expires_at = :expires, "
                     "error_type = CASE WHEN :poisoned THEN 'LeaseLost' ELSE error_type END, "
-                    "error = CASE WHEN :poisoned THEN :error ELSE error END WHERE id = :id",
+                    "error = CASE WHEN :poisoned THEN :error ELSE error END WHERE id = :id" % READY_OR_GATED,
                     {"now": now, "id": row_id, "poisoned": poisoned,
                      "state": "CANCELLED" if cancelled else "FAILURE" if poisoned else "PENDING",
                      "finished": now if final else None, "expires": now + self.result_ttl if final else None,
@@ -589,8 +652,25 @@ class SQLiteEngine(NodeRows):
                              (row_id, owner))
             self._changes += 1
             ids = [r[0] for r in expired]
-            return [task_row(r) for part in chunks(ids) for r in conn.execute(
+            back = [task_row(r) for part in chunks(ids) for r in conn.execute(
                 "SELECT %s FROM greenqueue_tasks WHERE id IN (%s)" % (COLS, marks(part)), part)]
+            self._unpark(conn, [r.limit_bucket for r in back])
+            return back
+
+    def _sweep(self, conn: sqlite3.Connection, now: float) -> None:
+        """Unpark rows of keys with room (a node died between a run's end and its unpark, or its lease ran out)."""
+        bucket: Optional[str] = None
+        while True:
+            found = conn.execute("SELECT limit_bucket, limit_n FROM %s %s ORDER BY limit_bucket LIMIT 1"
+                                 % (PARKED, "AND limit_bucket > ?" if bucket is not None else ""),
+                                 () if bucket is None else (bucket,)).fetchone()
+            if found is None:
+                return
+            bucket, most = found
+            room = (most or 1) - self._running_in(conn, now, bucket)
+            if room > 0:
+                self._unpark(conn, [bucket] * room)
+                self._changes += 1
 
     def prune(self, periodic_ttl: float) -> int:
         """Delete finished rows past ``expires_at`` and periodic keys older than ``periodic_ttl``."""
@@ -634,10 +714,10 @@ class SQLiteEngine(NodeRows):
     def _requeue(self, conn: sqlite3.Connection, row_id: Optional[str]) -> int:
         with transaction(conn) as now:
             back = conn.execute(
-                "UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = ?1, hold = NULL, attempts = 0, "
+                "UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = ?1, hold = %s, attempts = 0, "
                 "lease_losses = 0, cancel_requested = 0, finished_at = NULL, expires_at = NULL, result = NULL, "
                 "error_type = NULL, error = NULL, traceback = NULL, updated_at = ?1 "
-                "WHERE state IN ('FAILURE', 'CANCELLED') %s RETURNING id" % ("AND id = ?2" if row_id else ""),
+                "WHERE state IN ('FAILURE', 'CANCELLED') %s RETURNING id" % (READY_OR_GATED, "AND id = ?2" if row_id else ""),
                 (now, row_id) if row_id else (now,)).fetchall()
             ids = [r[0] for r in back]
             for part in chunks(ids):

@@ -34,9 +34,16 @@ NETWORK_FS = frozenset(("nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "ceph", "
 # Without ANALYZE statistics the planner may pick another index (and read every waiting
 # row to sort them); these name the index each query is built for.
 READY = "greenqueue_tasks INDEXED BY greenqueue_tasks_ready WHERE owner IS NULL AND hold IS NULL AND " + CLAIMABLE
-# Held until a time: due later (eta). ORs for the reason above.
+# Held until a time: due later (eta), or its rate window full until then. ORs for the reason above.
 TIMED = "(hold = 'eta' OR hold = 'rate')"
 HELD = "greenqueue_tasks INDEXED BY greenqueue_tasks_held WHERE owner IS NULL AND %s AND %s" % (TIMED, CLAIMABLE)
+# Due rows with a rate or concurrency limit: the claim's gate decides whether each starts.
+GATED = "greenqueue_tasks INDEXED BY greenqueue_tasks_gated WHERE owner IS NULL AND hold = 'gate' AND " + CLAIMABLE
+# Rows parked until a run of their concurrency key ends.
+PARKED = ("greenqueue_tasks INDEXED BY greenqueue_tasks_parked WHERE owner IS NULL AND hold = 'limit' AND "
+          + CLAIMABLE)
+# A row coming back to wait (release, reap, retry, requeue, its time came): the gate's if limited.
+READY_OR_GATED = "CASE WHEN rate_bucket IS NULL AND limit_bucket IS NULL THEN NULL ELSE 'gate' END"
 WAITING_OF = "greenqueue_tasks INDEXED BY greenqueue_tasks_waiting WHERE name = ? AND " + CLAIMABLE
 WAITING = "greenqueue_tasks INDEXED BY greenqueue_tasks_waiting WHERE " + CLAIMABLE
 RUNNING = "greenqueue_tasks INDEXED BY greenqueue_tasks_owner WHERE owner IS NOT NULL AND state = 'STARTED'"
@@ -58,6 +65,18 @@ READY_INDEX = ("CREATE INDEX greenqueue_tasks_ready ON greenqueue_tasks (queue, 
 # Rows held until a time, by that time: making the due ones ready reads one range from the start.
 HELD_INDEX = ("CREATE INDEX greenqueue_tasks_held ON greenqueue_tasks (due) WHERE owner IS NULL AND %s AND %s"
               % (TIMED, CLAIMABLE))
+# Limited rows: due ones for the gate (in start order per queue), parked ones per key (in the
+# order they start when released), and running ones per key (what a concurrency limit counts).
+GATED_INDEX = ("CREATE INDEX greenqueue_tasks_gated ON greenqueue_tasks (queue, priority DESC, due, created_at) "
+               "WHERE owner IS NULL AND hold = 'gate' AND " + CLAIMABLE)
+PARKED_INDEX = ("CREATE INDEX greenqueue_tasks_parked ON greenqueue_tasks (limit_bucket, priority DESC, due, "
+                "created_at) WHERE owner IS NULL AND hold = 'limit' AND " + CLAIMABLE)
+LIMITED_INDEX = ("CREATE INDEX greenqueue_tasks_limited ON greenqueue_tasks (limit_bucket) "
+                 "WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL")
+# The starts a rate limit counts, per bucket; older than the longest period they are pruned.
+STARTS_TABLE = """CREATE TABLE greenqueue_starts (
+        bucket TEXT NOT NULL, at REAL NOT NULL)"""
+STARTS_INDEX = "CREATE INDEX greenqueue_starts_bucket ON greenqueue_starts (bucket, at)"
 # The index under max_instances' count of a task's waiting runs (its running ones are
 # counted through the owner index: a cluster runs few at a time).
 # With the state in it, counts read this index alone, never the rows. Only waiting rows
@@ -95,10 +114,20 @@ TABLES = [
         note TEXT,
         start_by REAL,
         priority INTEGER NOT NULL DEFAULT 0,
-        hold TEXT)""",
+        hold TEXT,
+        rate_bucket TEXT,
+        rate_n INTEGER,
+        rate_per REAL,
+        limit_bucket TEXT,
+        limit_n INTEGER)""",
     # A partial index serves only queries that repeat its WHERE terms verbatim (READY, HELD, WAITING_OF).
     READY_INDEX,
     HELD_INDEX,
+    GATED_INDEX,
+    PARKED_INDEX,
+    LIMITED_INDEX,
+    STARTS_TABLE,
+    STARTS_INDEX,
     WAITING_INDEX,
     "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
     "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
@@ -153,10 +182,20 @@ FROM_V1 = [
 FROM_V5 = [
     "ALTER TABLE greenqueue_tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE greenqueue_tasks ADD COLUMN hold TEXT",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN rate_bucket TEXT",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN rate_n INTEGER",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN rate_per REAL",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN limit_bucket TEXT",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN limit_n INTEGER",
     "DROP INDEX IF EXISTS greenqueue_tasks_due",
     HOLD_LATER,
     READY_INDEX,
     HELD_INDEX,
+    GATED_INDEX,
+    PARKED_INDEX,
+    LIMITED_INDEX,
+    STARTS_TABLE,
+    STARTS_INDEX,
 ]
 
 # Version 4 to 5 (then 6): a run's start-by time (expires=).
@@ -182,7 +221,8 @@ UPGRADES = {0: TABLES, 1: FROM_V1, 2: FROM_V2, 3: FROM_V3, 4: FROM_V4, 5: FROM_V
 
 INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts, "
            "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at, start_by, "
-           "priority, hold) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+           "priority, hold, rate_bucket, rate_n, rate_per, limit_bucket, limit_n) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
 
 # A row whose cancel was requested while it ran ends CANCELLED when it comes back
 # unowned (retry, release), instead of running again.

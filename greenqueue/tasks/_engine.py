@@ -26,6 +26,7 @@ import gevent
 from gevent import Greenlet
 from gevent.event import Event
 
+from ._limits import PARKED, Gate
 from ._options import TaskOptions
 from ._result import PENDING, READY_STATES, SCHEDULED, TaskResult
 
@@ -36,9 +37,11 @@ __all__ = ["TaskEngine", "Entry", "PENDING_LINE", "IDLE_LINE", "DELAYED", "RUNNI
 
 _monotonic = time.monotonic
 
-#: Where an entry is: waiting for a slot, waiting for an idle hub, delayed, running, given up to another
-#: node whose lease it is now (its greenlet ends without a result), or None: nowhere yet/any more.
+#: Where an entry is: waiting for a slot, waiting for an idle hub, delayed, waiting for a run of its
+#: concurrency key to end, running, given up to another node whose lease it is now (its greenlet ends
+#: without a result), or None: nowhere yet/any more.
 PENDING_LINE = "pending"
+LIMITED = "limited"
 IDLE_LINE = "idle"
 DELAYED = "scheduled"
 RUNNING = "running"
@@ -70,6 +73,8 @@ class Entry:
     slot: bool = False
     #: Set when the store records this task (a durable store, an ``@task``).
     serializer: Optional[str] = None
+    #: True while this process's gate counts the attempt against its concurrency key.
+    gated: bool = False
 
     def __repr__(self) -> str:
         return "<Entry %s %s>" % (self.handle.id, self.where)
@@ -96,6 +101,9 @@ class TaskEngine:
         self._idle_wake: Optional["EventT"] = None
         #: Called when a slot frees and nothing waits here (a node's claimer listens).
         self.on_free_slot: Optional[Callable[[], None]] = None
+        #: Limits of entries no store judges (without a journal).
+        self.gate = Gate()
+        self.limited_count = 0                # entries waiting for a run of their concurrency key to end
 
     # -- counts -----------------------------------------------------------------------
 
@@ -186,10 +194,22 @@ class TaskEngine:
             self.pending_count -= 1
         elif e.where == DELAYED:
             self.scheduled_count -= 1
+        elif e.where == LIMITED:
+            self.limited_count -= 1
         e.where = None  # the deques and the heap skip it when they reach it
 
     def start(self, e: Entry) -> None:
-        """Start ``e``'s attempt in a new task greenlet, in a slot."""
+        """Start ``e``'s attempt in a new task greenlet, in a slot (or hold it back while a limit says so)."""
+        if e.opts.limited and e.serializer is None:
+            wait = self.gate.admit(e)
+            if wait is not None:
+                if wait == PARKED:
+                    e.where = LIMITED
+                    self.limited_count += 1
+                else:
+                    self.schedule(e, wait)
+                return
+            e.gated = e.opts.limit_bucket is not None
         self.active += 1
         e.slot = True
         e.where = RUNNING
@@ -291,7 +311,22 @@ class TaskEngine:
             if e.slot:
                 e.slot = False
                 self.active -= 1
+            if e.gated:
+                e.gated = False
+                self.gate.ended(e)
+                self._unpark(e.opts.limit_bucket or "")
             self.dispatch()
+
+    def _unpark(self, bucket: str) -> None:
+        """Put the next live entry parked on ``bucket`` back in line."""
+        while True:
+            e = self.gate.unpark(bucket)
+            if e is None:
+                return
+            if e.where == LIMITED:
+                self.limited_count -= 1
+                self.queue_behind(e)
+                return
 
     def greenlet_of(self, e: Entry) -> "Optional[Greenlet[..., Any]]":
         """The greenlet ``e``'s attempt runs in, or None (found among the running: a slot per entry is dearer)."""
@@ -326,4 +361,6 @@ class TaskEngine:
         self._ranked.clear()
         self._idle_q.clear()
         self._heap.clear()
+        self.gate.clear()
+        self.limited_count = 0
         self.pending_count = self.scheduled_count = 0

@@ -8,7 +8,7 @@ import os
 import random
 from time import time as _time
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from ..errors import ConfigError
 
@@ -50,6 +50,19 @@ class TaskOptions:
     start_by: Optional[float] = None
     #: -100..100: waiting tasks start larger first, then by due time, then in spawn order.
     priority: int = 0
+    #: At most (starts, per seconds) in any window of that length, per bucket, the whole cluster together.
+    rate_limit: Optional[Tuple[int, float]] = None
+    #: ``key(*args, **kwargs)``: one rate window per key (None: one for the task).
+    rate_key: Optional[Callable[..., Any]] = None
+    #: At most this many running at once per bucket, the whole cluster together.
+    concurrency_limit: Optional[int] = None
+    #: ``key(*args, **kwargs)``: one concurrency count per key (None: one for the task).
+    concurrency_key: Optional[Callable[..., Any]] = None
+    #: True when either limit is set (checked on every start: a field, not a property).
+    limited: bool = False
+    #: The buckets one spawn counts in, set per spawn from the keys.
+    rate_bucket: Optional[str] = None
+    limit_bucket: Optional[str] = None
 
     def delay_for(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""

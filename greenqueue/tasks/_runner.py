@@ -39,6 +39,7 @@ from ._engine import ABANDONED, DELAYED, Entry, TaskEngine
 from ._followed import Followed
 from ._hub import MODES, TaskHub, real_ident
 from ._kept import KeptResults
+from ._limits import limits_of, with_buckets
 from ._options import (NO_OPTIONS, DrainReport, TaskOptions, callable_name, check_number, check_priority, flask_app,
                        new_id)
 from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, TaskResult,
@@ -284,6 +285,8 @@ class Runner:
                     e.opts = replace(e.opts, priority=priority)
         if expires is not None:
             e.opts = replace(e.opts, start_by=_start_by(r.name, expires))
+        if e.opts.limited:
+            e.opts = with_buckets(r.name, e.opts, args, e.kwargs)
         if options:
             # Before eager mode too: a test must fail on an option the store would refuse.
             self.store.check_options(r.name, options)
@@ -356,9 +359,11 @@ class Runner:
         store = self.store
         connection = options.get("connection")
         row = new_row(r.id, r.name, e.args, e.kwargs, e.serializer or "json", e.opts.queue, r.eta, r.retries,
-                      e.opts.retries + 1, options.get("idempotency_key"), e.opts.start_by, e.opts.priority)
+                      e.opts.retries + 1, options.get("idempotency_key"), e.opts.start_by, e.opts.priority,
+                      *limits_of(e.opts))
+        # A limited task is never claimed as it is spawned: the store's gate judges its limits.
         claim = (r.state != SCHEDULED and not e.idle and connection is None and self.engine.has_free_slot()
-                 and store.serves(e.opts.queue))
+                 and store.serves(e.opts.queue) and not e.opts.limited)
         stored = store.spawned(row, claim=claim, connection=connection)
         if stored.id != row.id:
             # The idempotency key was used before: hand back the first task's result.

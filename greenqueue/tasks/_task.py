@@ -20,6 +20,7 @@ import gevent
 
 from ..errors import ConfigError, Retry
 from ..journal import new_row
+from ._limits import limits_of, parse_rate, with_buckets
 from ._options import TaskOptions, callable_name, check_number, check_priority, new_id
 from ._result import FAILURE, READY_STATES, STARTED, SUCCESS, TaskResult
 from ._runner import Runner, get_runner
@@ -158,8 +159,12 @@ class Task(Generic[P, R]):
         items = list(iterable)
         if self.batch_size is not None or not runner.store.durable:
             return [self._spawn((item,), {}) for item in items]
-        rows = [new_row(new_id(), self.name, (item,), {}, self.serializer, self.queue,
-                        max_attempts=self.opts.retries + 1, priority=self.opts.priority) for item in items]
+        opts = self.opts
+        rows = []
+        for item in items:
+            rate, limit = limits_of(with_buckets(self.name, opts, (item,), {}) if opts.limited else opts)
+            rows.append(new_row(new_id(), self.name, (item,), {}, self.serializer, self.queue,
+                                max_attempts=opts.retries + 1, priority=opts.priority, rate=rate, limit=limit))
         return runner.spawn_rows(rows, self)
 
     def _spawn(self, args: tuple, kwargs: dict, delay: Optional[float] = None,
@@ -192,7 +197,9 @@ def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1
          soft_timeout: Optional[float] = None, bind: Literal[False] = False, max_retries: Optional[int] = None,
          default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
          soft_time_limit: Optional[float] = None, expires: Optional[float] = None,
-         priority: int = 0) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+         priority: int = 0, rate_limit: Union[str, int, None] = None, rate_key: Optional[Callable[..., Any]] = None,
+         concurrency_limit: Optional[int] = None, concurrency_key: Optional[Callable[..., Any]] = None
+         ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
 # A batch task's function takes the list of items while its spawns take one item each, and a
@@ -206,7 +213,9 @@ def task(*, retries: int = 0, retry_delay: float = 0.0, retry_backoff: float = 1
          soft_timeout: Optional[float] = None, bind: bool = False, max_retries: Optional[int] = None,
          default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
          soft_time_limit: Optional[float] = None, expires: Optional[float] = None,
-         priority: int = 0) -> Callable[[Callable[..., Any]], "Task[..., Any]"]: ...
+         priority: int = 0, rate_limit: Union[str, int, None] = None, rate_key: Optional[Callable[..., Any]] = None,
+         concurrency_limit: Optional[int] = None, concurrency_key: Optional[Callable[..., Any]] = None
+         ) -> Callable[[Callable[..., Any]], "Task[..., Any]"]: ...
 
 
 def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_delay: float = 0.0,
@@ -217,6 +226,8 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
          soft_timeout: Optional[float] = None, bind: bool = False, max_retries: Optional[int] = None,
          default_retry_delay: Optional[float] = None, time_limit: Optional[float] = None,
          soft_time_limit: Optional[float] = None, expires: Optional[float] = None, priority: int = 0,
+         rate_limit: Union[str, int, None] = None, rate_key: Optional[Callable[..., Any]] = None,
+         concurrency_limit: Optional[int] = None, concurrency_key: Optional[Callable[..., Any]] = None,
          **unknown: Any
          ) -> Union[Task[P, R], Callable[[Callable[P, R]], Task[P, R]]]:
     """Register a function as a task; works as ``@task`` and ``@task(retries=3, ...)``.
@@ -229,7 +240,7 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
             ("retries", "retry_delay", "retry_backoff", "retry_backoff_max", "retry_jitter", "autoretry_for",
              "dont_autoretry_for", "timeout", "soft_timeout", "bind", "name", "batch_size", "batch_interval",
              "serializer", "queue", "expires", "max_retries", "default_retry_delay", "time_limit",
-             "soft_time_limit", "priority"))))
+             "soft_time_limit", "priority", "rate_limit", "rate_key", "concurrency_limit", "concurrency_key"))))
     retries = _either("retries", retries, 0, "max_retries", max_retries)
     retry_delay = _either("retry_delay", retry_delay, 0.0, "default_retry_delay", default_retry_delay)
     timeout = _either("timeout", timeout, None, "time_limit", time_limit)
@@ -267,7 +278,10 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
                        None if timeout is None else float(timeout), serializer, queue,
                        None if retry_backoff_max is None else float(retry_backoff_max), retry_on, never_retry,
                        None if soft_timeout is None else float(soft_timeout),
-                       None if expires is None else float(expires), None, check_priority("priority", priority))
+                       None if expires is None else float(expires), None, check_priority("priority", priority),
+                       *_limits(rate_limit, rate_key, concurrency_limit, concurrency_key))
+    if opts.limited and batch_size is not None:
+        raise ConfigError("rate_limit and concurrency_limit do not apply to batch tasks (one run takes many items)")
 
     def decorate(f: Callable[P, R]) -> Task[P, R]:
         if isinstance(f, Task):
@@ -279,6 +293,20 @@ def task(fn: Optional[Callable[P, R]] = None, /, *, retries: int = 0, retry_dela
         return t
 
     return decorate(fn) if fn is not None else decorate
+
+
+def _limits(rate_limit: Any, rate_key: Any, concurrency_limit: Any, concurrency_key: Any) -> tuple:
+    """TaskOptions' limit fields from ``@task``'s arguments; ConfigError naming the bad one."""
+    rate = parse_rate(rate_limit)
+    check_number("concurrency_limit", concurrency_limit, 1, allow_none=True)
+    for label, key, limit in (("rate_key", rate_key, rate), ("concurrency_key", concurrency_key, concurrency_limit)):
+        if key is not None and not callable(key):
+            raise ConfigError("%s takes a function of the task's arguments that returns the key, got %r"
+                              % (label, key))
+        if key is not None and limit is None:
+            raise ConfigError("%s needs %s" % (label, label.replace("_key", "_limit")))
+    return (rate, rate_key, None if concurrency_limit is None else int(concurrency_limit), concurrency_key,
+            rate is not None or concurrency_limit is not None)
 
 
 def _either(ours: str, value: Any, default: Any, theirs: str, celery_value: Any) -> Any:
