@@ -22,7 +22,7 @@ runner's fork hook); pools and the store are never shared with a child.
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar
 
 from gevent import monkey
 
@@ -219,16 +219,23 @@ class Runtime:
             return snap
         store = runner.store
         tasks = runner.snapshot(limit)
+        waits = runner.waits(limit)
         nodes: List[Dict[str, Any]] = []
+        limits: List[Tuple[str, str, Optional[int], int, int]] = []
         try:
             nodes = [vars(n) for n in store.nodes()]
             for key, states in _WAITING.items():
                 rows = [row for state in states for row in store.waiting(state, limit)]
-                rows.sort(key=lambda row: row.eta or 0.0)
+                if key == "scheduled":
+                    rows.sort(key=lambda row: row.eta or 0.0)
+                top = max((row.priority for row in rows if row.hold is None), default=0)
+                for row in rows:
+                    waits[row.id] = _HOLDS.get(row.hold or "", "priority" if row.priority < top else "slot")
                 tasks[key] = (tasks[key] + [runner.handle(row) for row in rows])[:limit]
+            limits = self.limits()
         except GreenqueueError as exc:  # the dashboard still shows this node when the store is away
             log.warning("store %s: cannot list its tasks: %s", store.display, exc)
-        return {"tasks": tasks, "counts": self.counts(), "jobs": self.scheduler.jobs(),
+        return {"tasks": tasks, "waits": waits, "limits": limits, "counts": self.counts(), "jobs": self.scheduler.jobs(),
                 "pools": self.pools.stats(), "store": store.display, "durable": store.durable,
                 "nodes": nodes, "node": store.node if nodes else None,
                 "leader": self.scheduler.leading if nodes else None}
@@ -250,6 +257,14 @@ class Runtime:
         for key, states in _WAITING.items():
             counts[key] += sum(stored.get(state, 0) for state in states)
         return counts
+
+    def limits(self) -> List[Tuple[str, str, Optional[int], int, int]]:
+        """(kind, bucket, limit, in use, waiting) per bucket of a rate or concurrency limit: the store's and this process's."""
+        runner = self.runner
+        if not runner.on_hub_thread():
+            found: List[Tuple[str, str, Optional[int], int, int]] = runner.call(self.limits)
+            return found
+        return runner.store.limits() + runner.limits()
 
     def health(self) -> Dict[str, Any]:
         """What the store is doing: ``{"status": "ok" | "degraded", "store": ..., ...}`` (no password)."""
@@ -291,6 +306,9 @@ class Runtime:
 
 #: The dashboard's lists of tasks that wait, and the store states that feed each.
 _WAITING = {"pending": ("PENDING",), "scheduled": ("SCHEDULED", "RETRY")}
+# Why a store's waiting row waits, by its hold (a ready row waits for a slot, or behind a higher priority).
+_HOLDS = {"eta": "eta", "gate": "limits (checked at the next claim)", "rate": "rate limit",
+          "limit": "concurrency limit"}
 
 _default: Default[Runtime] = Default(Runtime)
 

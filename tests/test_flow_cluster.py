@@ -129,3 +129,34 @@ def test_a_higher_priority_starts_first_on_whichever_node_frees_a_slot(nodes):
     assert after[0][0] == "high-0", [r[0] for r in got]
     first_free = min(r[2] for r in blockers)
     assert after[0][1] - first_free < 0.2, "the freed slot's node claimed at once (%.3fs)" % (after[0][1] - first_free)
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["memory", "sqlite"])
+def test_the_dashboard_says_why_each_task_waits_and_the_metrics_gauge_each_limit(server_factory, tmp_path, journal):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    flags = ["--dashboard-path", "/_gq", "--metrics-path", "/metrics"]
+    if journal:
+        flags += ["--journal", str(tmp_path / "j.db")]
+    srv = server_factory(APP, *flags, env={"FLOW_LEDGER": str(tmp_path / "ledger.txt")})
+    _spawn(srv, "locked", n=3, key="k", seconds=3, label="k")
+    _spawn(srv, "hourly", n=6, label="h")
+
+    def waits():
+        state = requests.get(srv.url + "/_gq/state.json", timeout=5).json()
+        return sorted(t["waits"] for t in state["tasks"]["pending"] + state["tasks"]["scheduled"])
+    found = wait_for(lambda: waits() if waits() == ["concurrency limit"] * 2 + ["rate limit"] * 4 else None, 10,
+                     interval=0.1, message="two parked and four rate-held tasks")
+    assert found
+    text = requests.get(srv.url + "/metrics", timeout=5).text
+    gauges = {(s.name, s.labels.get("task"), s.labels.get("kind")): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples
+              if s.name.startswith("greenqueue_limit_")}
+    locked, rated = "tests.apps.flow_app.locked", "tests.apps.flow_app.hourly"
+    assert gauges[("greenqueue_limit_in_use", locked, "concurrency")] == 1
+    assert gauges[("greenqueue_limit_waiting", locked, "concurrency")] == 2
+    assert gauges[("greenqueue_limit_in_use", rated, "rate")] == 2
+    assert gauges[("greenqueue_limit_waiting", rated, "rate")] == 4
+    limits = requests.get(srv.url + "/_gq/state.json", timeout=5).json()["limits"]
+    assert {(l["kind"], l["bucket"], l["used"], l["waiting"]) for l in limits} >= {
+        ("concurrency", locked + "|k", 1, 2)}

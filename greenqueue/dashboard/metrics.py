@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .. import events
+from ..errors import GreenqueueError
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -245,6 +246,28 @@ def _rss_bytes(pid: int) -> Optional[int]:
     return None
 
 
+def _limit_gauges(runtime: "Runtime") -> Iterator[Metric]:
+    """A gauge per limit, per task (its keys summed: a per-key limit may have thousands of keys)."""
+    used = GaugeMetricFamily("greenqueue_limit_in_use", "Runs now (concurrency) or starts in the window (rate)",
+                             labels=["task", "kind"])
+    waiting = GaugeMetricFamily("greenqueue_limit_waiting", "Tasks waiting for a limit to allow them",
+                                labels=["task", "kind"])
+    sums: Dict[Tuple[str, str], List[int]] = {}
+    try:
+        found = runtime.limits()
+    except GreenqueueError:
+        found = []  # the store is away: the other gauges still come
+    for kind, bucket, _, in_use, held in found:
+        got = sums.setdefault((bucket.split("|", 1)[0], kind), [0, 0])
+        got[0] += in_use
+        got[1] += held
+    for (task, kind), (in_use, held) in sorted(sums.items()):
+        used.add_metric([task, kind], in_use)
+        waiting.add_metric([task, kind], held)
+    yield used
+    yield waiting
+
+
 class _StateCollector:
     """Gauges read at scrape time: tasks waiting/running, worker processes, open connections."""
 
@@ -279,6 +302,7 @@ class _StateCollector:
         yield calls
         yield restarts
         yield rss
+        yield from _limit_gauges(runtime)
         conns = GaugeMetricFamily("greenqueue_http_connections", "Open client connections")
         conns.add_metric([], len(self.connections) if self.connections is not None else 0)
         yield conns

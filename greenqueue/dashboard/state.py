@@ -49,14 +49,18 @@ def snapshot(metrics: Optional["Metrics"] = None, runtime: Optional["Runtime"] =
         runtime = get_runtime()
     snap = runtime.snapshot(LIMIT)
     tasks = snap["tasks"]
+    waits = snap.get("waits", {})
     out: Dict[str, Any] = {"counts": snap["counts"], "journal": snap["durable"], "store": snap["store"], "history": [],
            "tasks": {"running": [_task(r) for r in tasks["running"]],
-                     "pending": [_task(r) for r in tasks["pending"]],
-                     "scheduled": [_task(r) for r in tasks["scheduled"]],
+                     "pending": [dict(_task(r), waits=waits.get(r.id, "slot")) for r in tasks["pending"]],
+                     "scheduled": [dict(_task(r), waits=waits.get(r.id, "eta")) for r in tasks["scheduled"]],
                      "recent": [_task(r, full=True) for r in tasks["recent"]]},
            "jobs": [dict(j, next_run=_iso(j["next_run"]), last_run=_iso(j["last_run"])) for j in snap["jobs"]],
            "pools": snap["pools"], "nodes": snap.get("nodes", []), "node": snap.get("node"),
-           "leader": snap.get("leader")}
+           "leader": snap.get("leader"),
+           # The busiest buckets first: a per-key limit may have thousands of keys.
+           "limits": [{"kind": k, "bucket": b, "limit": m, "used": u, "waiting": w}
+                      for k, b, m, u, w in sorted(snap.get("limits", []), key=lambda x: (-x[4], -x[3]))[:LIMIT]]}
     if metrics is not None:
         out["history"] = metrics.history.series()
     return out

@@ -133,6 +133,9 @@ class Store(Protocol):
     def count_waiting(self) -> Dict[str, int]:
         """``{state: rows}`` of the rows waiting for any node (the dashboard's and the metrics' counts)."""
 
+    def limits(self) -> List[Tuple[str, str, Optional[int], int, int]]:
+        """(kind, bucket, limit, in use, waiting) per bucket of a rate or concurrency limit, cluster-wide."""
+
     def count_unfinished(self, name: str) -> int:
         """Rows of task ``name`` not finished yet (``max_instances``), counted by the store."""
 
@@ -253,6 +256,10 @@ class MemoryStore:
     def count_waiting(self) -> Dict[str, int]:
         """No rows here: the runner counts what it holds."""
         return {}
+
+    def limits(self) -> List[Tuple[str, str, Optional[int], int, int]]:
+        """No rows here: the runner's own gate holds the limits."""
+        return []
 
     def count_unfinished(self, name: str) -> int:
         """No rows here: the runner counts what it holds."""

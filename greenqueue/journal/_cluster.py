@@ -383,6 +383,10 @@ class ClusterStore:
         """``{state: rows}`` of the rows waiting for any node, cluster-wide."""
         return self.engine.count_waiting()
 
+    def limits(self) -> List[Tuple[str, str, Optional[int], int, int]]:
+        """(kind, bucket, limit, in use, waiting) per bucket of a rate or concurrency limit, cluster-wide."""
+        return self.engine.limits()
+
     def count_unfinished(self, name: str) -> int:
         """Runs of task ``name`` not finished yet, cluster-wide, counted by the database."""
         return self.engine.count_unfinished(name)

@@ -211,6 +211,9 @@ class Engine(Protocol):
     def count_waiting(self) -> Dict[str, int]:
         """``{state: rows}`` for the waiting states, read from an index (the dashboard asks every second)."""
 
+    def limits(self) -> List[Tuple[str, str, Optional[int], int, int]]:
+        """(kind, bucket, limit, in use, waiting) for each bucket of a rate or concurrency limit in use."""
+
     def next_due(self, queues: Optional[Sequence[str]]) -> Optional[float]:
         """Seconds (database clock) until the earliest unowned row is due; 0 if one is due now."""
 

@@ -66,7 +66,7 @@ class Verdict:
     take: List[str] = field(default_factory=list)
     park: List[str] = field(default_factory=list)
     hold: List[Tuple[str, float]] = field(default_factory=list)
-    starts: List[Tuple[str, float]] = field(default_factory=list)
+    starts: List[Tuple[str, float, float]] = field(default_factory=list)  # (bucket, at, until it leaves the window)
 
 
 def decide(candidates: Sequence[Candidate], limit: int, now: float,
@@ -102,7 +102,7 @@ def decide(candidates: Sequence[Candidate], limit: int, now: float,
                 verdict.hold.append((c.id, window[len(window) - c.rate_n] + per))
                 continue
             window.append(now)
-            verdict.starts.append((c.rate_bucket, now))
+            verdict.starts.append((c.rate_bucket, now, now + per))
         if c.limit_bucket is not None:
             running[c.limit_bucket] = running.get(c.limit_bucket, 0) + 1
         verdict.take.append(c.id)

@@ -43,7 +43,7 @@ from ._postgres_sql import (ANY_READY, CHANNEL, CLAIM, CLAIM_EVERY, CLAIM_IDS, C
                             FINISH, FINISH_FIELDS, FINISH_MANY, GATE_CANDIDATES, GATE_EVERY, GATE_EVERY_PREFIX, GATED,
                             GATED_ANYWHERE, GATED_FLAG, GATED_ON_QUEUES, HEARTBEAT, HELD, INSERT, INSERT_FIELDS, LEAD,
                             LOCK_BUCKETS, MIGRATION_LOCK, MIN_SERVER, NEXT_DUE, NOW, PARKED, READY, READY_OR_GATED,
-                            REAP, RELEASE, RETRY, RUNNING_IN, SCHEMA_VERSION, SWEEP,
+                            LIMITS, REAP, RELEASE, RETRY, RUNNING_IN, SCHEMA_VERSION, SWEEP,
                             UNFINISHED as UNFINISHED_SQL, mask_dsn, migrate)
 
 __all__ = ["PostgresEngine", "SCHEMA_VERSION", "mask_dsn"]
@@ -331,8 +331,8 @@ class PostgresEngine:
                              "%s::float8[]) AS h(id, due) WHERE t.id = h.id",
                              ([i for i, _ in verdict.hold], [d for _, d in verdict.hold]))
             if verdict.starts:
-                conn.execute("INSERT INTO greenqueue_starts (bucket, at) SELECT * FROM unnest(%s::text[], "
-                             "%s::float8[])", ([b for b, _ in verdict.starts], [a for _, a in verdict.starts]))
+                conn.execute("INSERT INTO greenqueue_starts (bucket, at, until) SELECT * FROM unnest(%s::text[], "
+                             "%s::float8[], %s::float8[])", tuple(map(list, zip(*verdict.starts))))
             if not verdict.take:
                 return []
             got = conn.execute(CLAIM_IDS, dict(params, ids=verdict.take)).fetchall()
@@ -537,7 +537,13 @@ class PostgresEngine:
             # Nodes that died without unregistering would otherwise be listed forever.
             conn.execute("DELETE FROM greenqueue_nodes WHERE heartbeat_at < {now} - %s".format(now=NOW),
                          (max(float(periodic_ttl), 10 * self.lease_timeout),))
+            # Starts out of every window (a bucket's own gate drops its old ones as it goes).
+            conn.execute("DELETE FROM greenqueue_starts WHERE until <= {now}".format(now=NOW))
         return tasks + keys
+
+    def limits(self) -> List[Tuple[str, str, Optional[int], int, int]]:
+        """(kind, bucket, limit, in use, waiting) for each bucket of a rate or concurrency limit in use."""
+        return [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in self._all("limits", LIMITS)]
 
     # -- nodes -----------------------------------------------------------------------------
 

@@ -131,7 +131,8 @@ MIGRATIONS: Dict[int, List[str]] = {1: [
     "WHERE " + PARKED,
     "CREATE INDEX greenqueue_tasks_limited ON greenqueue_tasks (limit_bucket) "
     "WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL",
-    "CREATE TABLE greenqueue_starts (bucket text NOT NULL, at float8 NOT NULL)",
+    "CREATE INDEX greenqueue_tasks_rated ON greenqueue_tasks (rate_bucket) WHERE owner IS NULL AND hold = 'rate'",
+    "CREATE TABLE greenqueue_starts (bucket text NOT NULL, at float8 NOT NULL, until float8 NOT NULL)",
     "CREATE INDEX greenqueue_starts_bucket ON greenqueue_starts (bucket, at)",
 ]}
 
@@ -435,6 +436,19 @@ REAP = """
     SELECT {cols}, (SELECT count(*) FROM hint) + (SELECT count(*) FROM unhint) FROM reaped
     """.format(now=NOW, tcols=TCOLS, cols=COLS, channel=CHANNEL, ready_or_gated=READY_OR_GATED,
                unparking=unparking("reaped"))
+
+# The limits' gauges, per bucket: (kind, bucket, limit, in use, waiting). In use: running runs,
+# or starts in the last period (with the gate's margin); waiting: parked, or held for the window.
+LIMITS = """
+    SELECT 'concurrency', limit_bucket, max(limit_n), count(*) FILTER (WHERE owner IS NOT NULL),
+           count(*) FILTER (WHERE owner IS NULL)
+    FROM greenqueue_tasks WHERE (owner IS NOT NULL AND limit_bucket IS NOT NULL AND state = 'STARTED')
+                             OR ({parked}) GROUP BY limit_bucket
+    UNION ALL
+    SELECT 'rate', b.bucket, max(r.rate_n), max(b.used), count(r.id)
+    FROM (SELECT bucket, count(*) AS used FROM greenqueue_starts WHERE until > {now} GROUP BY bucket) b
+    LEFT JOIN greenqueue_tasks r ON r.rate_bucket = b.bucket AND r.owner IS NULL AND r.hold = 'rate'
+    GROUP BY b.bucket""".format(parked=PARKED, now=NOW)
 
 # Parked runs of keys with room again (a node died between a run's end and the unpark, or its
 # lease ran out): the reaper gives them to the gate.

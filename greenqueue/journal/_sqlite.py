@@ -421,7 +421,7 @@ class SQLiteEngine(NodeRows):
             conn.executemany("UPDATE greenqueue_tasks SET hold = 'rate', due = ? WHERE id = ?",
                              [(due, row_id) for row_id, due in verdict.hold])
         if verdict.starts:
-            conn.executemany("INSERT INTO greenqueue_starts (bucket, at) VALUES (?, ?)", verdict.starts)
+            conn.executemany("INSERT INTO greenqueue_starts (bucket, at, until) VALUES (?, ?, ?)", verdict.starts)
 
     @staticmethod
     def _unpark(conn: sqlite3.Connection, buckets: Sequence[Optional[str]]) -> None:
@@ -687,8 +687,34 @@ class SQLiteEngine(NodeRows):
             # Nodes that died without unregistering would otherwise be listed forever.
             conn.execute("DELETE FROM greenqueue_nodes WHERE heartbeat_at < ?",
                          (now - max(periodic_ttl, 10 * self.lease_timeout),))
+            # Starts out of every window (a bucket's own gate drops its old ones as it goes).
+            conn.execute("DELETE FROM greenqueue_starts WHERE until <= ?", (now,))
             self._changes += 1
         return tasks + keys
+
+    def limits(self) -> List[Tuple[str, str, Optional[int], int, int]]:
+        """(kind, bucket, limit, in use, waiting) for each bucket of a rate or concurrency limit in use."""
+        return self._call("limits", self._limits)
+
+    @staticmethod
+    def _limits(conn: sqlite3.Connection) -> List[Tuple[str, str, Optional[int], int, int]]:
+        out: Dict[Tuple[str, str], List[Any]] = {}
+        for kind, sql, params in (
+                ("concurrency", "SELECT limit_bucket, max(limit_n), count(*), 0 FROM greenqueue_tasks INDEXED BY "
+                 "greenqueue_tasks_limited WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL AND state = 'STARTED' "
+                 "GROUP BY limit_bucket", ()),
+                ("concurrency", "SELECT limit_bucket, max(limit_n), 0, count(*) FROM %s GROUP BY limit_bucket"
+                 % PARKED, ()),
+                ("rate", "SELECT bucket, NULL, count(*), 0 FROM greenqueue_starts WHERE until > ? GROUP BY bucket",
+                 (time.time(),)),
+                ("rate", "SELECT rate_bucket, max(rate_n), 0, count(*) FROM greenqueue_tasks INDEXED BY "
+                 "greenqueue_tasks_rated WHERE owner IS NULL AND hold = 'rate' GROUP BY rate_bucket", ())):
+            for bucket, most, used, waiting in conn.execute(sql, params):
+                got = out.setdefault((kind, bucket), [kind, bucket, None, 0, 0])
+                got[2] = most if most is not None else got[2]
+                got[3] += used
+                got[4] += waiting
+        return [(k, b, m, u, w) for k, b, m, u, w in out.values()]
 
     # -- reading (CLI, dashboard) ---------------------------------------------------------
 

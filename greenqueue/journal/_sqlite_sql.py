@@ -73,9 +73,12 @@ PARKED_INDEX = ("CREATE INDEX greenqueue_tasks_parked ON greenqueue_tasks (limit
                 "created_at) WHERE owner IS NULL AND hold = 'limit' AND " + CLAIMABLE)
 LIMITED_INDEX = ("CREATE INDEX greenqueue_tasks_limited ON greenqueue_tasks (limit_bucket) "
                  "WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL")
+# Rows waiting for their rate window, per bucket (the limits' gauges count them).
+RATED_INDEX = ("CREATE INDEX greenqueue_tasks_rated ON greenqueue_tasks (rate_bucket) "
+               "WHERE owner IS NULL AND hold = 'rate'")
 # The starts a rate limit counts, per bucket; older than the longest period they are pruned.
 STARTS_TABLE = """CREATE TABLE greenqueue_starts (
-        bucket TEXT NOT NULL, at REAL NOT NULL)"""
+        bucket TEXT NOT NULL, at REAL NOT NULL, until REAL NOT NULL)"""
 STARTS_INDEX = "CREATE INDEX greenqueue_starts_bucket ON greenqueue_starts (bucket, at)"
 # The index under max_instances' count of a task's waiting runs (its running ones are
 # counted through the owner index: a cluster runs few at a time).
@@ -126,6 +129,7 @@ TABLES = [
     GATED_INDEX,
     PARKED_INDEX,
     LIMITED_INDEX,
+    RATED_INDEX,
     STARTS_TABLE,
     STARTS_INDEX,
     WAITING_INDEX,
@@ -194,6 +198,7 @@ FROM_V5 = [
     GATED_INDEX,
     PARKED_INDEX,
     LIMITED_INDEX,
+    RATED_INDEX,
     STARTS_TABLE,
     STARTS_INDEX,
 ]

@@ -75,6 +75,8 @@ class Entry:
     serializer: Optional[str] = None
     #: True while this process's gate counts the attempt against its concurrency key.
     gated: bool = False
+    #: Why a delayed entry waits when it is not its eta: "rate limit" (this process's gate).
+    waits: Optional[str] = None
 
     def __repr__(self) -> str:
         return "<Entry %s %s>" % (self.handle.id, self.where)
@@ -196,6 +198,8 @@ class TaskEngine:
             self.scheduled_count -= 1
         elif e.where == LIMITED:
             self.limited_count -= 1
+        if e.waits is not None:
+            self.gate.unhold(e)
         e.where = None  # the deques and the heap skip it when they reach it
 
     def start(self, e: Entry) -> None:
@@ -341,10 +345,23 @@ class TaskEngine:
         return list(self._running.values())
 
     def waiting_entries(self) -> List[Entry]:
-        """Entries waiting for a slot, normal ones first, in the order they will start."""
+        """Entries waiting for a slot, normal ones first, in the order they will start; then parked ones."""
         lines = [line for _, line in sorted(self._ranked.items(), reverse=True) if _ > 0] + [self._pending] \
             + [line for _, line in sorted(self._ranked.items(), reverse=True) if _ < 0] + [self._idle_q]
-        return [e for line in lines for e in line if e.where in (PENDING_LINE, IDLE_LINE)]
+        return [e for line in lines for e in line if e.where in (PENDING_LINE, IDLE_LINE)] \
+            + [e for e in self.gate.parked_entries() if e.where == LIMITED]
+
+    def waiting_reasons(self, limit: int) -> List[Tuple[Entry, str]]:
+        """Up to ``limit`` waiting and delayed entries each, with why each waits."""
+        top = max((p for p, line in self._ranked.items() if line), default=0)
+        if self._pending:
+            top = max(top, 0)
+        out: List[Tuple[Entry, str]] = []
+        for e in self.waiting_entries()[:limit]:
+            out.append((e, "concurrency limit" if e.where == LIMITED else "idle hub" if e.where == IDLE_LINE
+                        else "priority" if e.opts.priority < top else "slot"))
+        out.extend((e, e.waits or "eta") for e in self.delayed_entries(limit))
+        return out
 
     def delayed_entries(self, limit: int) -> List[Entry]:
         """Up to ``limit`` delayed entries, soonest first."""

@@ -9,7 +9,7 @@ import collections
 import dataclasses
 import re
 import time
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError
 
@@ -20,6 +20,8 @@ _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([smh])\s*$")
 
 #: What ``Gate.admit`` answers for an entry that waits for a running one of its key to end.
 PARKED = -1.0
+#: ``Entry.waits`` of an entry delayed until its rate window has room.
+RATE = "rate limit"
 
 
 def parse_rate(value: Any) -> Optional[Tuple[int, float]]:
@@ -72,22 +74,32 @@ class Gate:
         self._starts: Dict[str, Deque[float]] = {}
         self._running: Dict[str, int] = collections.Counter()
         self._parked: Dict[str, Deque[Any]] = {}
+        self._most: Dict[Tuple[str, str], int] = {}      # (kind, bucket) -> its limit, for the gauges
+        self._held: Dict[str, int] = collections.Counter()  # rate bucket -> entries waiting for its window
+        self._period: Dict[str, float] = {}                 # rate bucket -> its window's length
 
     def admit(self, e: Any) -> Optional[float]:
         """None: start ``e`` now (counted); PARKED: wait for a run of its key to end; else seconds to wait."""
         opts = e.opts
-        if opts.limit_bucket is not None and opts.concurrency_limit is not None \
-                and self._running[opts.limit_bucket] >= opts.concurrency_limit:
-            self._parked.setdefault(opts.limit_bucket, collections.deque()).append(e)
-            return PARKED
+        if e.waits is not None:
+            self.unhold(e)
+        if opts.limit_bucket is not None and opts.concurrency_limit is not None:
+            self._most["concurrency", opts.limit_bucket] = opts.concurrency_limit
+            if self._running[opts.limit_bucket] >= opts.concurrency_limit:
+                self._parked.setdefault(opts.limit_bucket, collections.deque()).append(e)
+                return PARKED
         if opts.rate_bucket is not None and opts.rate_limit is not None:
             n, per = opts.rate_limit
+            self._most["rate", opts.rate_bucket] = n
+            self._period[opts.rate_bucket] = per
             now = time.monotonic()
             starts = self._starts.setdefault(opts.rate_bucket, collections.deque())
             while starts and starts[0] <= now - per:
                 starts.popleft()
             if len(starts) >= n:
                 # Sliding: the window allows one more when the n-th latest start leaves it.
+                e.waits = RATE
+                self._held[opts.rate_bucket] += 1
                 return max(0.0, starts[len(starts) - n] + per - now)
             starts.append(now)
         if opts.limit_bucket is not None:
@@ -112,8 +124,38 @@ class Gate:
             del self._parked[bucket]
         return waiting
 
+    def parked_entries(self) -> List[Any]:
+        """Every parked entry (the caller skips ones cancelled meanwhile)."""
+        return [e for line in self._parked.values() for e in line]
+
+    def unhold(self, e: Any) -> None:
+        """``e`` no longer waits for its rate window (it is looked at again, or was cancelled)."""
+        e.waits = None
+        bucket = e.opts.rate_bucket
+        self._held[bucket] -= 1
+        if self._held[bucket] <= 0:
+            del self._held[bucket]
+
+    def stats(self) -> List[Tuple[str, str, Optional[int], int, int]]:
+        """(kind, bucket, limit, in use, waiting) per bucket, as a store's ``limits()`` says them."""
+        now = time.monotonic()
+        out: List[Tuple[str, str, Optional[int], int, int]] = []
+        for (kind, bucket), most in self._most.items():
+            if kind == "concurrency":
+                used, waiting = self._running.get(bucket, 0), len(self._parked.get(bucket, ()))
+            else:
+                per = self._period.get(bucket, 0.0)
+                used = sum(1 for t in self._starts.get(bucket, ()) if t > now - per)
+                waiting = self._held.get(bucket, 0)
+            if used or waiting:
+                out.append((kind, bucket, most, used, waiting))
+        return out
+
     def clear(self) -> None:
         """Forget every window, count and parked entry."""
         self._starts.clear()
         self._running.clear()
         self._parked.clear()
+        self._most.clear()
+        self._held.clear()
+        self._period.clear()

@@ -24,7 +24,7 @@ import datetime
 import logging
 import time
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 
@@ -173,8 +173,8 @@ class Runner:
 
     @property
     def pending(self) -> int:
-        """Number of tasks waiting for a slot (idle tasks included)."""
-        return self.engine.pending_count
+        """Number of tasks waiting for a slot (idle tasks included) or for a run of their concurrency key to end."""
+        return self.engine.pending_count + self.engine.limited_count
 
     @property
     def scheduled(self) -> int:
@@ -199,6 +199,14 @@ class Runner:
                 "pending": [e.handle for e in engine.waiting_entries()[:limit]],
                 "scheduled": [e.handle for e in engine.delayed_entries(limit)],
                 "recent": self.kept.recent(limit)}
+
+    def limits(self) -> List[Tuple[str, str, Optional[int], int, int]]:
+        """(kind, bucket, limit, in use, waiting) per bucket of the limits this process judges (no journal)."""
+        return self.engine.gate.stats()
+
+    def waits(self, limit: int = 50) -> Dict[str, str]:
+        """Why each waiting or delayed task held here waits: slot, priority, eta, rate limit, concurrency limit."""
+        return {e.handle.id: reason for e, reason in self.engine.waiting_reasons(limit)}
 
     # -- the task hub -----------------------------------------------------------
 

@@ -39,6 +39,12 @@ def rated(label):
     _run("rated", label, 0)
 
 
+@task(rate_limit="2/h")
+def hourly(label):
+    """At most 2 starts an hour: what is over it waits the whole test."""
+    _run("hourly", label, 0)
+
+
 @task(rate_limit="5/s", rate_key=lambda key, label: key)
 def rated_per_key(key, label):
     """At most 5 starts a second per key."""
@@ -75,6 +81,8 @@ def spawn(name):
         tag = "%s-%d" % (label, i)
         if name == "rated":
             r = rated.apply_async((tag,), priority=priority)
+        elif name == "hourly":
+            r = hourly.apply_async((tag,))
         elif name == "rated_per_key":
             r = rated_per_key.apply_async((key, tag))
         elif name == "limited":
