@@ -232,6 +232,8 @@ INSERT_FIELDS = ("id", "name", "serializer", "queue", "state", "eta", "attempts"
                  "idempotency_key", "note", "start_by", "priority", "rate_bucket", "rate_n", "rate_per",
                  "limit_bucket", "limit_n")
 
+# Rows to change are named as an array of ids (``id = ANY(ARRAY(...))``), never joined: a
+# generic plan cannot know how few there are and would hash-join the whole table.
 # The claim, in one statement: held rows whose time came become ready (at most a batch), or
 # else the first ready rows of each served queue ({queues} names them: an array, or every
 # queue that has a ready row, found by a loose index scan) are merged in start order and
@@ -245,8 +247,8 @@ CLAIM = """
         FROM every WHERE every.name IS NOT NULL),
     promoted AS (
         UPDATE greenqueue_tasks SET hold = {ready_or_gated}
-        WHERE id IN (SELECT id FROM greenqueue_tasks WHERE {held} AND due <= {now}
-                     ORDER BY due LIMIT {batch} FOR UPDATE SKIP LOCKED)
+        WHERE id = ANY(ARRAY(SELECT id FROM greenqueue_tasks WHERE {held} AND due <= {now}
+                             ORDER BY due LIMIT {batch} FOR UPDATE SKIP LOCKED))
         RETURNING queue),
     hint AS (SELECT pg_notify('{channel}', q) FROM (SELECT DISTINCT queue AS q FROM promoted) d),
     picked AS (
@@ -264,7 +266,7 @@ CLAIM = """
         SET state = 'STARTED', owner = %(node)s, attempts = t.attempts + 1,
             lease_expires = {now} + %(lease)s, started_at = {now}, updated_at = {now},
             lost_by = NULLIF(array_remove(t.lost_by, %(node)s), '{{{{}}}}')
-        FROM picked WHERE t.id = picked.id
+        WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
         RETURNING {tcols}, t.due)
     SELECT c.*, p.n + (SELECT count(*) FROM gated) * 1000000 FROM (SELECT count(*) AS n FROM hint) h
         CROSS JOIN (SELECT count(*) AS n FROM promoted) p LEFT JOIN claimed c ON true
@@ -325,11 +327,11 @@ def unparking(source: str) -> str:
     return """freed AS (SELECT limit_bucket AS b, count(*) AS n FROM {source} WHERE limit_bucket IS NOT NULL
                        GROUP BY limit_bucket),
     unparked AS (
-        UPDATE greenqueue_tasks t SET hold = 'gate' FROM (
+        UPDATE greenqueue_tasks t SET hold = 'gate' WHERE t.id = ANY(ARRAY(
             SELECT p.id FROM freed f CROSS JOIN LATERAL (
                 SELECT id FROM greenqueue_tasks WHERE {parked} AND limit_bucket = f.b
-                ORDER BY priority DESC, due, created_at LIMIT f.n FOR UPDATE SKIP LOCKED) p) u
-        WHERE t.id = u.id RETURNING t.queue),
+                ORDER BY priority DESC, due, created_at LIMIT f.n FOR UPDATE SKIP LOCKED) p))
+        RETURNING t.queue),
     unhint AS (SELECT pg_notify('{channel}', q) FROM (SELECT DISTINCT queue AS q FROM unparked) d)""".format(
         source=source, parked=PARKED, channel=CHANNEL)
 
@@ -464,11 +466,11 @@ SWEEP = """WITH RECURSIVE keys(b) AS (
                        AND limit_bucket = k.b AND state = 'STARTED' AND lease_expires >= {now}) AS n
         FROM keys k WHERE k.b IS NOT NULL),
     swept AS (
-        UPDATE greenqueue_tasks t SET hold = 'gate' FROM (
+        UPDATE greenqueue_tasks t SET hold = 'gate' WHERE t.id = ANY(ARRAY(
             SELECT p.id FROM room r CROSS JOIN LATERAL (
                 SELECT id FROM greenqueue_tasks WHERE {parked} AND limit_bucket = r.b
-                ORDER BY priority DESC, due, created_at LIMIT greatest(r.n, 0) FOR UPDATE SKIP LOCKED) p) u
-        WHERE t.id = u.id RETURNING t.queue),
+                ORDER BY priority DESC, due, created_at LIMIT greatest(r.n, 0) FOR UPDATE SKIP LOCKED) p))
+        RETURNING t.queue),
     hint AS (SELECT pg_notify('{channel}', q) FROM (SELECT DISTINCT queue AS q FROM swept) d)
     SELECT count(*), (SELECT count(*) FROM hint) FROM swept""".format(parked=PARKED, now=NOW, channel=CHANNEL)
 
