@@ -25,6 +25,7 @@ from ._default import Default
 from .errors import ConfigError, StartupError
 from .journal import Store, new_row
 from .tasks import Runner, Task, TaskResult, get_runner, task
+from .tasks._limits import limits_of, with_buckets
 from .tasks._options import new_id
 
 if TYPE_CHECKING:
@@ -360,8 +361,10 @@ class Scheduler:
         # later than now; never later than the wall clock, which a test's clock may be ahead of.
         wall = datetime.datetime.now(UTC)
         eta = wall + datetime.timedelta(seconds=delay) if delay else min(scheduled_for, wall)
+        opts = job.task.opts
+        rate, limit = limits_of(with_buckets(job.task.name, opts, (), {})) if opts.limited else (None, None)
         row = new_row(new_id(), job.task.name, (), {}, job.task.serializer, job.task.queue, eta,
-                      max_attempts=job.task.opts.retries + 1)
+                      max_attempts=opts.retries + 1, priority=opts.priority, rate=rate, limit=limit)
         stored = runner.store.fire(job.name, scheduled_for, row)
         if stored is None:
             log.info("job %s: the run for %s was already fired, or this node stopped leading", job.name,

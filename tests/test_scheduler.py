@@ -303,3 +303,29 @@ def test_a_quiet_periodic_job_logs_its_routine_lines_at_debug(caplog):
             declare(every(seconds=2), log_level="chatty", name="tests.bad_level")(lambda: None)
     finally:
         eventlog.set_task_log_level("tests.quiet_job", None)
+
+
+def test_a_periodic_run_obeys_its_tasks_concurrency_limit():
+    release, started = Event(), []
+
+    def limited():
+        started.append(1)
+        release.wait(5)
+
+    clock = FakeClock(utc(2026, 1, 1))
+    s = Scheduler(clock=clock)
+    # @periodic(every(seconds=10), max_instances=5, concurrency_limit=1) says the same.
+    s.add(Job(limited, every(seconds=10), max_instances=5, name="sched.limited_%d" % random.randrange(10 ** 9),
+              task_options={"concurrency_limit": 1}))
+    s.tick()
+    clock.t += datetime.timedelta(seconds=10)
+    [first] = s.tick()
+    clock.t += datetime.timedelta(seconds=10)
+    [second] = s.tick()
+    wait_for(lambda: started, 5, message="the first run")
+    gevent.sleep(0.1)
+    assert len(started) == 1 and second.state == "PENDING", "the second run waits for the first to end"
+    release.set()
+    first.get(5)
+    second.get(5)
+    assert len(started) == 2

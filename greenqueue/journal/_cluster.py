@@ -218,6 +218,7 @@ class ClusterStore:
     def retrying(self, task_id: str, name: str, delay: float, exc: Optional[BaseException]) -> bool:
         """Give the row back as RETRY, due in ``delay`` s; any node claims it then. Always True."""
         attempt = self._attempts.pop(task_id, None)
+        self._keys.pop(task_id, None)  # the engine unparks from the row itself
         if attempt is None or not self._recording:
             return True
         if not self.engine.retry(task_id, self.node, attempt, delay, _error_type(exc), str(exc) if exc else None):
@@ -411,6 +412,7 @@ class ClusterStore:
         beat = self.engine.heartbeat(self.node, running)
         for task_id in beat.lost:
             self._attempts.pop(task_id, None)
+            self._keys.pop(task_id, None)
         return beat
 
     def reap(self) -> List[TaskRow]:
@@ -459,6 +461,7 @@ class ClusterStore:
             released = self.engine.release(held, self.node)
             log.info("journal %s: handed %d unfinished task(s) back to the cluster", self.display, released)
         self._attempts.clear()
+        self._keys.clear()
 
     def close(self) -> None:
         """Release held rows, leave the cluster and close the engine."""

@@ -76,8 +76,9 @@ def _secrets(dsn: str) -> List[str]:
 
 
 def _first(row: Optional[tuple]) -> Any:
-    """The first column of a row a statement always returns."""
-    assert row is not None
+    """The first column of a row a statement always returns (an aggregate, the clock)."""
+    if row is None:
+        raise JournalError("a statement that always returns a row returned none")
     return row[0]
 
 

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Runner", "DrainReport", "TaskOptions", "get_runner", "reset"]
 
 _UTC = datetime.timezone.utc
+# A spawn of a task without limits: no bucket to compute or store.
+_NO_LIMITS = (None, None)
 _monotonic = time.monotonic
 _time = time.time
 _subscribers = events.subscribers
@@ -368,7 +370,7 @@ class Runner:
         connection = options.get("connection")
         row = new_row(r.id, r.name, e.args, e.kwargs, e.serializer or "json", e.opts.queue, r.eta, r.retries,
                       e.opts.retries + 1, options.get("idempotency_key"), e.opts.start_by, e.opts.priority,
-                      *limits_of(e.opts))
+                      *(limits_of(e.opts) if e.opts.limited else _NO_LIMITS))
         # A limited task is never claimed as it is spawned: the store's gate judges its limits.
         claim = (r.state != SCHEDULED and not e.idle and connection is None and self.engine.has_free_slot()
                  and store.serves(e.opts.queue) and not e.opts.limited)
@@ -416,6 +418,10 @@ class Runner:
         e = Entry(r, t.target, tuple(data["args"]), data["kwargs"], t.opts, self.app)
         if row.queue != e.opts.queue or row.start_by != e.opts.start_by or row.priority != e.opts.priority:
             e.opts = replace(e.opts, queue=row.queue, start_by=row.start_by, priority=row.priority)
+        if e.opts.limited:
+            # The buckets this run counts in (a store's gate judged a claimed row; the memory store's
+            # rows, a scheduler's runs, meet this process's gate).
+            e.opts = replace(e.opts, rate_bucket=row.rate_bucket, limit_bucket=row.limit_bucket)
         if self.store.durable:
             e.serializer = row.serializer
         self._live[r.id] = e
