@@ -356,3 +356,19 @@ def test_a_key_function_that_raises_fails_the_spawn_naming_it():
 
     with pytest.raises(errors.ConfigError, match="rate_key.*customer_of.*KeyError"):
         ship.spawn({})
+
+
+def test_a_rate_backlog_gets_its_turns_reserved_not_one_wake_per_window(engines):
+    """50 rows under "10/s": 10 start, the other 40 are each held until a start reserved for them."""
+    e = engines()
+    e.enqueue([_limited("r%02d" % i, rate=("t", 10, 1.0)) for i in range(50)])
+    started = []
+    for _ in range(10):  # a node's claim rounds: each looks at up to its free slots' worth of rows
+        started += e.claim("A", None, 20)
+    assert len(started) == 10
+    turns = sorted(r[0] for r in engines.raw("SELECT due FROM greenqueue_tasks WHERE owner IS NULL AND hold = 'rate'"))
+    assert len(turns) == 40
+    # Ten turns per window, each window a period (and the margin) after the one before: every
+    # row wakes once, at its turn, instead of all forty at every window.
+    assert all(b - a >= 1.0 for a, b in zip(turns, turns[10:])), turns
+    assert turns[-1] - turns[0] < 4.0

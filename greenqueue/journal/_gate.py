@@ -12,6 +12,7 @@ the window has room again (sliding: at most N starts in any window of the
 period), so neither holds a slot nor is looked at again before then.
 """
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -66,20 +67,26 @@ class Verdict:
     take: List[str] = field(default_factory=list)
     park: List[str] = field(default_factory=list)
     hold: List[Tuple[str, float]] = field(default_factory=list)
-    starts: List[Tuple[str, float, float]] = field(default_factory=list)  # (bucket, at, until it leaves the window)
+    # (bucket, at, until it leaves the window, task id): a start now, or a start reserved for later.
+    starts: List[Tuple[str, float, float, str]] = field(default_factory=list)
 
 
-def decide(candidates: Sequence[Candidate], limit: int, now: float,
-           running_of: Callable[[str], int], starts_of: Callable[[str, float], List[float]]) -> Verdict:
+def decide(candidates: Sequence[Candidate], limit: int, now: float, running_of: Callable[[str], int],
+           starts_of: Callable[[str, float], List[Tuple[float, str]]]) -> Verdict:
     """Walk ``candidates`` in start order and take up to ``limit``; gated rows pass only within their limits.
 
     ``running_of(bucket)`` counts the bucket's runs whose lease is alive; ``starts_of(bucket, since)``
-    lists the bucket's recorded starts after ``since``, oldest first. Candidates past the
-    ``limit``-th taken row are left as they are.
+    lists the bucket's starts after ``since`` as (time, task id), oldest first: those made, and those
+    reserved for rows held until their turn. Candidates past the ``limit``-th taken row are left as
+    they are.
+
+    A row over its rate gets the next start the window allows, reserved in its name and behind every
+    reservation already made, and is held until then; when it comes back it starts on that
+    reservation. So a backlog of N rows is looked at about twice each, not once per window.
     """
     verdict = Verdict()
     running: Dict[str, int] = {}
-    starts: Dict[str, List[float]] = {}
+    starts: Dict[str, List[Tuple[float, str]]] = {}
     for c in sorted(candidates, key=Candidate.order):
         if len(verdict.take) >= limit:
             break
@@ -97,12 +104,16 @@ def decide(candidates: Sequence[Candidate], limit: int, now: float,
             window = starts.get(c.rate_bucket)
             if window is None:
                 window = starts[c.rate_bucket] = list(starts_of(c.rate_bucket, now - per))
-            if len(window) >= c.rate_n:
-                # Room again when the n-th latest start leaves the window.
-                verdict.hold.append((c.id, window[len(window) - c.rate_n] + per))
-                continue
-            window.append(now)
-            verdict.starts.append((c.rate_bucket, now, now + per))
+            if not any(task_id == c.id for _, task_id in window):  # else it starts on its reservation
+                if len(window) >= c.rate_n:
+                    # The n-th latest start (made or reserved) leaves the window then: reserve that.
+                    at = window[len(window) - c.rate_n][0] + per
+                    window.append((at, c.id))
+                    verdict.starts.append((c.rate_bucket, at, at + per, c.id))
+                    verdict.hold.append((c.id, at))
+                    continue
+                bisect.insort(window, (now, c.id))  # reservations may lie ahead of it
+                verdict.starts.append((c.rate_bucket, now, now + per, c.id))
         if c.limit_bucket is not None:
             running[c.limit_bucket] = running.get(c.limit_bucket, 0) + 1
         verdict.take.append(c.id)

@@ -332,8 +332,9 @@ class PostgresEngine:
                              "%s::float8[]) AS h(id, due) WHERE t.id = h.id",
                              ([i for i, _ in verdict.hold], [d for _, d in verdict.hold]))
             if verdict.starts:
-                conn.execute("INSERT INTO greenqueue_starts (bucket, at, until) SELECT * FROM unnest(%s::text[], "
-                             "%s::float8[], %s::float8[])", tuple(map(list, zip(*verdict.starts))))
+                conn.execute("INSERT INTO greenqueue_starts (bucket, at, until, task_id) SELECT * FROM "
+                             "unnest(%s::text[], %s::float8[], %s::float8[], %s::text[])",
+                             tuple(map(list, zip(*verdict.starts))))
             if not verdict.take:
                 return []
             got = conn.execute(CLAIM_IDS, dict(params, ids=verdict.take)).fetchall()
@@ -341,11 +342,11 @@ class PostgresEngine:
         return sorted((TaskRow(*r) for r in got), key=lambda r: order[r.id])
 
     @staticmethod
-    def _starts_in(conn: Any, bucket: str, since: float) -> List[float]:
-        """``bucket``'s recorded starts after ``since``, oldest first (older ones are dropped here)."""
+    def _starts_in(conn: Any, bucket: str, since: float) -> List[Tuple[float, str]]:
+        """``bucket``'s starts (made or reserved) after ``since`` as (time, task id), oldest first; older ones go."""
         conn.execute("DELETE FROM greenqueue_starts WHERE bucket = %s AND at <= %s", (bucket, since))
-        return [r[0] for r in conn.execute("SELECT at FROM greenqueue_starts WHERE bucket = %s ORDER BY at",
-                                           (bucket,)).fetchall()]
+        return [(r[0], r[1]) for r in conn.execute(
+            "SELECT at, task_id FROM greenqueue_starts WHERE bucket = %s ORDER BY at", (bucket,)).fetchall()]
 
     def finish(self, row_id: str, node: str, attempt: int, state: str, result: Optional[bytes] = None,
                error_type: Optional[str] = None, error: Optional[str] = None,

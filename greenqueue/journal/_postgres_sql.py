@@ -132,7 +132,8 @@ MIGRATIONS: Dict[int, List[str]] = {1: [
     "CREATE INDEX greenqueue_tasks_limited ON greenqueue_tasks (limit_bucket) "
     "WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL",
     "CREATE INDEX greenqueue_tasks_rated ON greenqueue_tasks (rate_bucket) WHERE owner IS NULL AND hold = 'rate'",
-    "CREATE TABLE greenqueue_starts (bucket text NOT NULL, at float8 NOT NULL, until float8 NOT NULL)",
+    "CREATE TABLE greenqueue_starts (bucket text NOT NULL, at float8 NOT NULL, until float8 NOT NULL, "
+    "task_id text NOT NULL)",
     "CREATE INDEX greenqueue_starts_bucket ON greenqueue_starts (bucket, at)",
 ]}
 
@@ -448,7 +449,8 @@ LIMITS = """
                              OR ({parked}) GROUP BY limit_bucket
     UNION ALL
     SELECT 'rate', b.bucket, max(r.rate_n), max(b.used), count(r.id)
-    FROM (SELECT bucket, count(*) AS used FROM greenqueue_starts WHERE until > {now} GROUP BY bucket) b
+    FROM (SELECT bucket, count(*) AS used FROM greenqueue_starts WHERE at <= {now} AND until > {now}
+          GROUP BY bucket) b
     LEFT JOIN greenqueue_tasks r ON r.rate_bucket = b.bucket AND r.owner IS NULL AND r.hold = 'rate'
     GROUP BY b.bucket""".format(parked=PARKED, now=NOW)
 

@@ -406,11 +406,11 @@ class SQLiteEngine(NodeRows):
                             "AND state = 'STARTED' AND lease_expires >= ?", (bucket, now)).fetchone()[0]
 
     @staticmethod
-    def _starts_in(conn: sqlite3.Connection, bucket: str, since: float) -> List[float]:
-        """``bucket``'s recorded starts after ``since``, oldest first (older ones are dropped here)."""
+    def _starts_in(conn: sqlite3.Connection, bucket: str, since: float) -> List[Tuple[float, str]]:
+        """``bucket``'s starts (made or reserved) after ``since`` as (time, task id), oldest first; older ones go."""
         conn.execute("DELETE FROM greenqueue_starts WHERE bucket = ? AND at <= ?", (bucket, since))
-        return [r[0] for r in conn.execute("SELECT at FROM greenqueue_starts WHERE bucket = ? ORDER BY at",
-                                           (bucket,))]
+        return conn.execute("SELECT at, task_id FROM greenqueue_starts WHERE bucket = ? ORDER BY at",
+                            (bucket,)).fetchall()
 
     def _gate(self, conn: sqlite3.Connection, verdict: Verdict) -> None:
         """Write what the gate decided besides the claim: parked rows, rows held for their window, starts."""
@@ -421,7 +421,8 @@ class SQLiteEngine(NodeRows):
             conn.executemany("UPDATE greenqueue_tasks SET hold = 'rate', due = ? WHERE id = ?",
                              [(due, row_id) for row_id, due in verdict.hold])
         if verdict.starts:
-            conn.executemany("INSERT INTO greenqueue_starts (bucket, at, until) VALUES (?, ?, ?)", verdict.starts)
+            conn.executemany("INSERT INTO greenqueue_starts (bucket, at, until, task_id) VALUES (?, ?, ?, ?)",
+                             verdict.starts)
 
     @staticmethod
     def _unpark(conn: sqlite3.Connection, buckets: Sequence[Optional[str]]) -> None:
@@ -705,8 +706,8 @@ class SQLiteEngine(NodeRows):
                  "GROUP BY limit_bucket", ()),
                 ("concurrency", "SELECT limit_bucket, max(limit_n), 0, count(*) FROM %s GROUP BY limit_bucket"
                  % PARKED, ()),
-                ("rate", "SELECT bucket, NULL, count(*), 0 FROM greenqueue_starts WHERE until > ? GROUP BY bucket",
-                 (time.time(),)),
+                ("rate", "SELECT bucket, NULL, count(*), 0 FROM greenqueue_starts WHERE at <= ?1 AND until > ?1 "
+                 "GROUP BY bucket", (time.time(),)),
                 ("rate", "SELECT rate_bucket, max(rate_n), 0, count(*) FROM greenqueue_tasks INDEXED BY "
                  "greenqueue_tasks_rated WHERE owner IS NULL AND hold = 'rate' GROUP BY rate_bucket", ())):
             for bucket, most, used, waiting in conn.execute(sql, params):

@@ -76,9 +76,10 @@ LIMITED_INDEX = ("CREATE INDEX greenqueue_tasks_limited ON greenqueue_tasks (lim
 # Rows waiting for their rate window, per bucket (the limits' gauges count them).
 RATED_INDEX = ("CREATE INDEX greenqueue_tasks_rated ON greenqueue_tasks (rate_bucket) "
                "WHERE owner IS NULL AND hold = 'rate'")
-# The starts a rate limit counts, per bucket; older than the longest period they are pruned.
+# The starts a rate limit counts, per bucket: made, or reserved for a held row (its task id); out
+# of their window (``until``) they are pruned.
 STARTS_TABLE = """CREATE TABLE greenqueue_starts (
-        bucket TEXT NOT NULL, at REAL NOT NULL, until REAL NOT NULL)"""
+        bucket TEXT NOT NULL, at REAL NOT NULL, until REAL NOT NULL, task_id TEXT NOT NULL)"""
 STARTS_INDEX = "CREATE INDEX greenqueue_starts_bucket ON greenqueue_starts (bucket, at)"
 # The index under max_instances' count of a task's waiting runs (its running ones are
 # counted through the owner index: a cluster runs few at a time).

@@ -5,6 +5,7 @@ that owns it; no lock. A durable store judges limits itself for the whole
 cluster (its claim), so the gate only sees entries nobody stores.
 """
 
+import bisect
 import collections
 import dataclasses
 import re
@@ -12,6 +13,7 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError
+from ..journal._gate import margin
 
 __all__ = ["parse_rate", "bucket_of", "with_buckets", "limits_of", "Gate", "PARKED"]
 
@@ -81,7 +83,8 @@ class Gate:
     def admit(self, e: Any) -> Optional[float]:
         """None: start ``e`` now (counted); PARKED: wait for a run of its key to end; else seconds to wait."""
         opts = e.opts
-        if e.waits is not None:
+        reserved = e.waits is not None
+        if reserved:
             self.unhold(e)
         if opts.limit_bucket is not None and opts.concurrency_limit is not None:
             self._most["concurrency", opts.limit_bucket] = opts.concurrency_limit
@@ -90,18 +93,24 @@ class Gate:
                 return PARKED
         if opts.rate_bucket is not None and opts.rate_limit is not None:
             n, per = opts.rate_limit
+            per += margin(per)  # as a store keeps it: a start is counted a moment before the first line runs
             self._most["rate", opts.rate_bucket] = n
             self._period[opts.rate_bucket] = per
             now = time.monotonic()
             starts = self._starts.setdefault(opts.rate_bucket, collections.deque())
             while starts and starts[0] <= now - per:
                 starts.popleft()
-            if len(starts) >= n:
-                # Sliding: the window allows one more when the n-th latest start leaves it.
-                e.waits = RATE
-                self._held[opts.rate_bucket] += 1
-                return max(0.0, starts[len(starts) - n] + per - now)
-            starts.append(now)
+            if not reserved:  # else it starts on the start reserved for it
+                if len(starts) >= n:
+                    # Sliding: the window allows one more when the n-th latest start (made or
+                    # reserved) leaves it. Reserve that, behind every reservation already made, so
+                    # a backlog is looked at once per entry, not once per window.
+                    at = starts[len(starts) - n] + per
+                    starts.append(at)
+                    e.waits = RATE
+                    self._held[opts.rate_bucket] += 1
+                    return max(0.0, at - now)
+                bisect.insort(starts, now)  # reservations may lie ahead of it
         if opts.limit_bucket is not None:
             self._running[opts.limit_bucket] += 1
         return None
@@ -145,7 +154,7 @@ class Gate:
                 used, waiting = self._running.get(bucket, 0), len(self._parked.get(bucket, ()))
             else:
                 per = self._period.get(bucket, 0.0)
-                used = sum(1 for t in self._starts.get(bucket, ()) if t > now - per)
+                used = sum(1 for t in self._starts.get(bucket, ()) if now - per < t <= now)
                 waiting = self._held.get(bucket, 0)
             if used or waiting:
                 out.append((kind, bucket, most, used, waiting))
