@@ -89,6 +89,9 @@ STARTS_INDEX = "CREATE INDEX greenqueue_starts_bucket ON greenqueue_starts (buck
 WAITING_INDEX = ("CREATE INDEX greenqueue_tasks_waiting ON greenqueue_tasks (name, state) WHERE "
                  + CLAIMABLE)
 
+# What version 6 adds besides columns: the claim's indexes, the limits' indexes, the starts.
+FLOW = [READY_INDEX, HELD_INDEX, GATED_INDEX, PARKED_INDEX, LIMITED_INDEX, RATED_INDEX, STARTS_TABLE, STARTS_INDEX]
+
 TABLES = [
     """CREATE TABLE greenqueue_tasks (
         id TEXT PRIMARY KEY,
@@ -125,14 +128,7 @@ TABLES = [
         limit_bucket TEXT,
         limit_n INTEGER)""",
     # A partial index serves only queries that repeat its WHERE terms verbatim (READY, HELD, WAITING_OF).
-    READY_INDEX,
-    HELD_INDEX,
-    GATED_INDEX,
-    PARKED_INDEX,
-    LIMITED_INDEX,
-    RATED_INDEX,
-    STARTS_TABLE,
-    STARTS_INDEX,
+] + FLOW + [
     WAITING_INDEX,
     "CREATE INDEX greenqueue_tasks_owner ON greenqueue_tasks (owner) WHERE owner IS NOT NULL",
     "CREATE UNIQUE INDEX greenqueue_tasks_idempotency ON greenqueue_tasks (idempotency_key) "
@@ -194,15 +190,7 @@ FROM_V5 = [
     "ALTER TABLE greenqueue_tasks ADD COLUMN limit_n INTEGER",
     "DROP INDEX IF EXISTS greenqueue_tasks_due",
     HOLD_LATER,
-    READY_INDEX,
-    HELD_INDEX,
-    GATED_INDEX,
-    PARKED_INDEX,
-    LIMITED_INDEX,
-    RATED_INDEX,
-    STARTS_TABLE,
-    STARTS_INDEX,
-]
+] + FLOW
 
 # Version 4 to 5 (then 6): a run's start-by time (expires=).
 FROM_V4 = ["ALTER TABLE greenqueue_tasks ADD COLUMN start_by REAL"] + FROM_V5
