@@ -16,6 +16,9 @@ _EXPORTS = {
     "task": "tasks", "spawn": "tasks", "spawn_later": "tasks", "spawn_at": "tasks",
     "spawn_idle": "tasks", "TaskResult": "tasks", "result": "tasks", "AsyncResult": "tasks",
     "shared_task": "tasks",
+    # workflows
+    "chain": "canvas", "group": "canvas", "chord": "canvas", "signature": "canvas", "Signature": "canvas",
+    "GroupResult": "canvas", "ChordError": "canvas",
     "cooperate": "tasks", "run_in_thread": "tasks", "progress": "tasks",
     # the runtime: limits, the journal, starting outside the server
     "configure": "runtime", "start": "runtime", "health": "runtime",
@@ -44,6 +47,13 @@ if TYPE_CHECKING:
     # Type checkers do not run __getattr__: without these imports every public
     # name would be Any to them. Keep in step with _EXPORTS and _ALIASES; the
     # "X as X" form marks each one as re-exported.
+    from .canvas import ChordError as ChordError
+    from .canvas import GroupResult as GroupResult
+    from .canvas import Signature as Signature
+    from .canvas import chain as chain
+    from .canvas import chord as chord
+    from .canvas import group as group
+    from .canvas import signature as signature
     from .consumers import consume as consume
     from .errors import CancelledError as CancelledError
     from .errors import ConfigError as ConfigError

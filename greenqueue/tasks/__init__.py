@@ -91,9 +91,17 @@ def spawn_idle(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Task
     return get_runner().spawn(fn, args, kwargs, idle=True)
 
 
-def result(task_id: str) -> Optional[TaskResult]:
-    """Look up a TaskResult by id (None when unknown or expired); asks the journal too."""
-    return get_runner().result(task_id)
+def result(task_id: str) -> Any:
+    """Look up a TaskResult (or a group's GroupResult) by id; None when unknown or expired. Asks the journal too."""
+    runner = get_runner()
+    found = runner.result(task_id)
+    if found is not None:
+        return found
+    members = runner.group_members(task_id)
+    if members is None:
+        return None
+    from ..canvas import GroupResult
+    return GroupResult(task_id, [runner.follow(member) for member in members])
 
 
 class _AsyncResultType(type):

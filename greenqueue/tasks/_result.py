@@ -66,7 +66,7 @@ class TaskResult(Generic[R]):
     # Slots keep a waiting task small: 100,000 scheduled tasks are a normal load.
     __slots__ = (
         "id", "name", "state", "result", "exception", "traceback", "retries", "progress",
-        "eta", "_started_ts", "_finished_ts", "duration", "_runner", "_done", "_callbacks",
+        "eta", "_started_ts", "_finished_ts", "duration", "_runner", "_done", "_callbacks", "parent",
         "__weakref__",
     )
 
@@ -81,6 +81,8 @@ class TaskResult(Generic[R]):
         #: The last ``greenqueue.progress()`` report: {"done", "total", "message"} or None.
         self.progress: Optional[Dict[str, Any]] = None
         self.eta: Optional[datetime.datetime] = None
+        #: The step before this one in a chain (Celery's ``r.parent``), else None.
+        self.parent: Optional["TaskResult[Any]"] = None
         # Wall-clock floats; the datetimes are built only when someone reads them.
         self._started_ts: Optional[float] = None
         self._finished_ts: Optional[float] = None

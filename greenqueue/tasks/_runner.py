@@ -24,7 +24,7 @@ import datetime
 import logging
 import time
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 
@@ -44,6 +44,10 @@ from ._options import (NO_OPTIONS, DrainReport, TaskOptions, callable_name, chec
                        new_id)
 from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, TaskResult,
                       mark_started, resolve)
+from ._workflow import TAKES_ID, Workflows
+
+if TYPE_CHECKING:
+    from ..canvas import Step
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,8 @@ class Runner:
         self._live: Dict[str, Entry] = {}           # id -> entry of an unfinished task held here
         #: Handles of tasks queued in (or running from) the store, not here.
         self.followed = Followed(self)
+        #: Workflow steps waiting for their parents, when no durable store holds them.
+        self.workflows = Workflows(self._start_step, self.kept.keep)
         #: The app whose context tasks claimed from a shared store run in (the server's Flask app).
         self.app: Any = None
         #: Results of tasks running inline now (eager mode), innermost last: what ``current()`` answers there.
@@ -261,7 +267,7 @@ class Runner:
               eta: Optional[datetime.datetime] = None, idle: bool = False, force: bool = False,
               on_done: Optional[Callable[[TaskResult[Any]], None]] = None, task_id: Optional[str] = None,
               retries: int = 0, serializer: Optional[str] = None,
-              options: Optional[Dict[str, Any]] = None) -> TaskResult[Any]:
+              options: Optional[Dict[str, Any]] = None, handle: Optional[TaskResult[Any]] = None) -> TaskResult[Any]:
         """Accept ``fn(*args, **kwargs)`` as a task and return its TaskResult at once.
 
         ``force`` skips the max_pending check (work already accepted in another
@@ -273,7 +279,8 @@ class Runner:
         """
         if self._closed:
             raise GreenqueueError("this task runner was reset; use greenqueue.tasks.get_runner()")
-        r: TaskResult[Any] = TaskResult(self, task_id or new_id(), name or callable_name(fn))
+        r: TaskResult[Any] = handle if handle is not None else TaskResult(self, task_id or new_id(),
+                                                                           name or callable_name(fn))
         r.retries = retries
         e = Entry(r, fn, args, kwargs or {}, opts or NO_OPTIONS, flask_app(), idle)
         if on_done is not None:
@@ -496,9 +503,56 @@ class Runner:
         run_attempt(self, e)
 
     def settled(self, e: Entry) -> None:
-        """``e`` reached its final state: stop holding it and keep its result."""
+        """``e`` reached its final state: stop holding it and keep its result, and give its children their turn."""
         self._live.pop(e.handle.id, None)
         self.kept.keep(e.handle)
+        if self.workflows.watches(e.handle.id):
+            self.workflows.ended(e.handle, self.result)
+
+    # -- workflows -------------------------------------------------------------------
+
+    def group_members(self, group_id: str) -> Optional[List[str]]:
+        """The member ids of the group ``group_id`` (None if unknown here and in the store)."""
+        if not self.on_hub_thread():
+            found: Optional[List[str]] = self.call(self.group_members, group_id)
+            return found
+        return self.workflows.groups.get(group_id)
+
+    def run_steps(self, steps: Sequence["Step"], groups: Dict[str, List[str]]) -> Dict[str, TaskResult[Any]]:
+        """Start a workflow's steps: those without parents now, the rest when their parents end; their handles."""
+        if not self.on_hub_thread():
+            started: Dict[str, TaskResult[Any]] = self.call(self.run_steps, steps, groups)
+            return started
+        handles: Dict[str, TaskResult[Any]] = {}
+        for step in steps:
+            r: TaskResult[Any] = TaskResult(self, step.id, step.sig.task.name)
+            if len(step.parents) == 1 and step.takes != TAKES_ID:
+                r.parent = handles.get(step.parents[0])
+            handles[step.id] = r
+        self.workflows.groups.update(groups)
+        self.workflows.add(steps, handles)
+        for step in steps:
+            if step.root:
+                self._start_step(step, handles[step.id], ())
+        return handles
+
+    def _start_step(self, step: "Step", handle: TaskResult[Any], first: tuple) -> None:
+        """Run a workflow step whose turn came, ``first`` in front of its own arguments."""
+        sig = step.sig
+        opts = dict(sig.options)
+        delay, eta = opts.pop("countdown", None), opts.pop("eta", None)
+        opts.pop("link", None), opts.pop("link_error", None)
+        options = {k: v for k, v in opts.items() if v is not None}
+        options.setdefault("queue", sig.task.queue)
+        t = sig.task
+        try:
+            self.spawn(t.target, first + sig.args, dict(sig.kwargs), name=t.name, opts=t.opts, delay=delay,
+                       eta=eta, force=True, serializer=t.serializer, options=options, handle=handle)
+        except Exception as exc:
+            # The step's turn came inside another task's end: its caller is gone, so it ends here.
+            log.exception("task %s[%s]: the workflow step could not start", t.name, handle.id)
+            resolve(handle, FAILURE, exc=exc)
+            self.kept.keep(handle)
 
     # -- used by batches -------------------------------------------------
 
@@ -535,6 +589,8 @@ class Runner:
             return False
         cancelled = CancelledError("task %s[%s] was cancelled" % (r.name, r.id))
         e = self._live.get(r.id)
+        if e is None and self.workflows.cancel(r.id):
+            return True
         if e is None:
             before = self.store.cancel(r.id)
             if before in (PENDING, SCHEDULED, RETRY):
@@ -557,7 +613,7 @@ class Runner:
         e = self._live.get(task_id)
         if e is not None:
             return e.handle
-        r = self.followed.get(task_id) or self.kept.lookup(task_id)
+        r = self.followed.get(task_id) or self.kept.lookup(task_id) or self.workflows.waiting(task_id)
         if r is not None:
             return r
         row = self.store.lookup(task_id)

@@ -13,7 +13,7 @@ import datetime
 import functools
 import logging
 import time
-from typing import (Any, Callable, Dict, Generic, Iterable, List, Literal, NoReturn, Optional, ParamSpec, Tuple, Type,
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, List, Literal, NoReturn, Optional, ParamSpec, Tuple, Type,
                     TypeVar, Union, cast, overload)
 
 import gevent
@@ -24,6 +24,9 @@ from ._limits import limits_of, parse_rate, with_buckets
 from ._options import TaskOptions, callable_name, check_number, check_priority, new_id
 from ._result import FAILURE, READY_STATES, STARTED, SUCCESS, TaskResult
 from ._runner import Runner, get_runner
+
+if TYPE_CHECKING:
+    from ..canvas import Signature
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,22 @@ class Task(Generic[P, R]):
     #: Celery's spelling of :meth:`spawn`.
     delay = spawn
 
+    def s(self, *args: Any, **kwargs: Any) -> "Signature":
+        """A signature of this task (Celery's ``task.s()``): a step of a workflow, or a run to start later."""
+        from ..canvas import Signature
+        return Signature(self, args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> "Signature":
+        """An immutable signature: as a step it does not receive its parent's result."""
+        from ..canvas import Signature
+        return Signature(self, args, kwargs, immutable=True)
+
+    def signature(self, args: Iterable[Any] = (), kwargs: Optional[dict] = None, **options: Any) -> "Signature":
+        """Celery's ``task.signature(args, kwargs, **options)``."""
+        from ..canvas import Signature
+        immutable = bool(options.pop("immutable", False))
+        return Signature(self, tuple(args), kwargs, options, immutable)
+
     def spawn_later(self, seconds: float, *args: P.args, **kwargs: P.kwargs) -> TaskResult[R]:
         """Run after ``seconds`` (monotonic clock)."""
         return self._spawn(args, kwargs, delay=seconds)
@@ -140,10 +159,14 @@ class Task(Generic[P, R]):
                     countdown: Optional[float] = None, eta: Optional[datetime.datetime] = None,
                     **options: Any) -> TaskResult[R]:
         """Celery-style spawn: ``countdown`` seconds or an ``eta`` datetime; options go here, never on spawn()."""
-        unknown = sorted(set(options) - set(APPLY_OPTIONS))
+        unknown = sorted(set(options) - set(APPLY_OPTIONS) - {"link", "link_error"})
         if unknown:
-            raise ConfigError("%s.apply_async(): unknown option(s) %s (known: args, kwargs, countdown, eta, %s)"
-                              % (self.name, ", ".join(unknown), ", ".join(APPLY_OPTIONS)))
+            raise ConfigError("%s.apply_async(): unknown option(s) %s (known: args, kwargs, countdown, eta, %s, "
+                              "link, link_error)" % (self.name, ", ".join(unknown), ", ".join(APPLY_OPTIONS)))
+        if options.get("link") is not None or options.get("link_error") is not None:
+            # Callbacks make this run the first step of a workflow.
+            return self.s(*tuple(args), **dict(kwargs or {})).set(
+                countdown=countdown, eta=eta, **{k: v for k, v in options.items() if v is not None}).apply_async()
         if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
             raise ConfigError("%s.apply_async(args=...) takes a tuple or list of arguments, got %r"
                               % (self.name, args))

@@ -1,0 +1,414 @@
+"""Workflows as Celery's canvas: ``Signature``, ``chain``, ``group``, ``chord`` and ``link``/``link_error``.
+
+Concurrency model: a canvas is a plain value built in the caller's greenlet;
+``.delay()`` turns it into steps (one per task run, ids allotted at once)
+and hands them to the runner, which starts the steps with no parent and
+keeps the rest waiting. A step's turn comes when its parents end: with a
+journal the store releases it in the transaction that records the last
+parent's finish (nothing polls, a kill -9 loses no step and runs no body
+twice); without one the runner does the same in memory.
+
+Rules (DESIGN "Workflows"): a step runs only after its parents succeeded;
+a chain stops at the first failure and its later steps end with that
+failure; a chord's body gets the header's results in header order and
+ends in ``ChordError`` when a member failed; ``link_error`` callbacks get
+the failed task's id first and run once.
+"""
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from .errors import ConfigError, GreenqueueError
+from .tasks._options import new_id
+from .tasks._workflow import TAKES_ID, TAKES_RESULT, TAKES_RESULTS
+
+if TYPE_CHECKING:
+    from .tasks import Task, TaskResult
+
+__all__ = ["Signature", "signature", "chain", "group", "chord", "GroupResult", "ChordError", "Step",
+           "TAKES_RESULT", "TAKES_RESULTS", "TAKES_ID"]
+
+
+# Options a signature may carry: apply_async's own, plus the timing and callbacks of a run.
+_OPTIONS = ("countdown", "eta", "queue", "priority", "expires", "idempotency_key", "link", "link_error")
+
+
+class ChordError(GreenqueueError):
+    """A chord's header member failed, so its body never ran (the message names the member)."""
+
+
+class Signature:
+    """A task with arguments and options, to run later or as a step of a workflow (Celery's ``task.s()``)."""
+
+    def __init__(self, task: "Task[..., Any]", args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                 options: Optional[Dict[str, Any]] = None, immutable: bool = False) -> None:
+        from .tasks import Task
+        if not isinstance(task, Task):
+            raise ConfigError("a signature needs an @task function, got %r; decorate it with @greenqueue.task"
+                              % (task,))
+        if task.batch_size is not None:
+            raise ConfigError("%s is a batch task: it cannot be a step of a workflow" % task.name)
+        self.task = task
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.options: Dict[str, Any] = {}
+        self.immutable = immutable
+        self.set(**(options or {}))
+        _check_carried(task, self.args, self.kwargs)
+
+    def set(self, **options: Any) -> "Signature":
+        """Set run options (countdown, eta, queue, priority, expires, link, link_error); returns the signature."""
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise ConfigError("%s.s().set(): unknown option(s) %s (known: %s)"
+                              % (self.task.name, ", ".join(unknown), ", ".join(_OPTIONS)))
+        for key in ("link", "link_error"):
+            if key in options:
+                options[key] = _signatures(key, options[key])
+        self.options.update(options)
+        return self
+
+    def clone(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None, **options: Any) -> "Signature":
+        """A copy with ``args`` in front of its own, ``kwargs`` over its own and ``options`` set."""
+        copy = Signature(self.task, tuple(args) + self.args, dict(self.kwargs, **(kwargs or {})),
+                         dict(self.options), self.immutable)
+        return copy.set(**options)
+
+    def link(self, callback: "Signature") -> "Signature":
+        """Run ``callback`` after this one succeeds (with its result first, unless immutable); returns it."""
+        self.options["link"] = self.options.get("link", []) + _signatures("link", callback)
+        return callback
+
+    def link_error(self, errback: "Signature") -> "Signature":
+        """Run ``errback`` once if this one fails (with the failed task's id first, unless immutable); returns it."""
+        self.options["link_error"] = self.options.get("link_error", []) + _signatures("link_error", errback)
+        return errback
+
+    on_error = link_error
+
+    def __or__(self, other: "Canvas") -> "chain":
+        return chain(self, other)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the task inline with ``args`` in front of the signature's own (Celery's ``sig()``)."""
+        return self.task(*(args + self.args), **dict(self.kwargs, **kwargs))
+
+    def delay(self, *args: Any, **kwargs: Any) -> "TaskResult[Any]":
+        """Run it, ``args`` in front of the signature's own."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                    **options: Any) -> "TaskResult[Any]":
+        """Run it with ``args`` in front of its own and ``options`` over its own; returns its TaskResult."""
+        sig = self.clone(args, kwargs, **options) if (args or kwargs or options) else self
+        return launch(sig)
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args] + ["%s=%r" % kv for kv in self.kwargs.items()]
+        return "%s%s(%s)" % (self.task.name, ".si" if self.immutable else ".s", ", ".join(parts))
+
+
+def signature(task: "Task[..., Any]", args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+              **options: Any) -> Signature:
+    """Celery's ``signature(task, args, kwargs, **options)``."""
+    return Signature(task, args, kwargs, options, options.pop("immutable", False))
+
+
+class chain:
+    """Steps one after the other, each given the previous one's result first (Celery's ``chain``)."""
+
+    def __init__(self, *tasks: Any) -> None:
+        if len(tasks) == 1 and not isinstance(tasks[0], (Signature, chain, group, chord)):
+            tasks = tuple(tasks[0])  # chain(generator) or chain([...]), as Celery takes
+        if not tasks:
+            raise ConfigError("chain() needs at least one signature")
+        steps: List[Canvas] = []
+        for t in tasks:
+            steps.extend(t.tasks if isinstance(t, chain) else [_canvas("chain", t)])
+        self.tasks: Tuple[Canvas, ...] = tuple(steps)
+
+    def __or__(self, other: "Canvas") -> "chain":
+        return chain(self, other)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "TaskResult[Any]":
+        return self.apply_async(args, kwargs)
+
+    def delay(self, *args: Any, **kwargs: Any) -> "TaskResult[Any]":
+        """Run the chain, ``args`` in front of the first step's own; returns the last step's TaskResult."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                    **options: Any) -> "TaskResult[Any]":
+        """Run the chain; ``r.get()`` is the last step's value and ``r.parent`` walks back."""
+        first = self.tasks[0]
+        if args or kwargs or options:
+            if not isinstance(first, Signature):
+                raise ConfigError("arguments for a chain go to its first step, which must be a signature here")
+            first = first.clone(args, kwargs, **options)
+        return launch(chain(first, *self.tasks[1:]))
+
+    def __repr__(self) -> str:
+        return " | ".join(map(repr, self.tasks))
+
+
+class group:
+    """Steps side by side (Celery's ``group``); ``.delay()`` returns a GroupResult."""
+
+    def __init__(self, *tasks: Any) -> None:
+        if len(tasks) == 1 and not isinstance(tasks[0], (Signature, chain, group, chord)):
+            tasks = tuple(tasks[0])
+        self.tasks: Tuple[Canvas, ...] = tuple(_canvas("group", t) for t in tasks)
+
+    def __or__(self, other: "Canvas") -> "chain":
+        return chain(self, other)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "GroupResult":
+        return self.apply_async(args, kwargs)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def delay(self, *args: Any, **kwargs: Any) -> "GroupResult":
+        """Run every member (``args`` in front of each one's own); returns their GroupResult."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                    **options: Any) -> "GroupResult":
+        """Run every member; ``g.get()`` is the list of their values in order."""
+        if not self.tasks:
+            raise ConfigError("group() is empty: nothing to run")
+        members = [_with_args(t, args, kwargs, options) for t in self.tasks]
+        plan, handles, made = _launch(group(members))
+        return GroupResult(made[1], [handles[i] for i in plan.groups[made[1]]])
+
+    def __repr__(self) -> str:
+        return "group(%s)" % ", ".join(map(repr, self.tasks))
+
+
+class chord:
+    """A header group, then a body given the list of their results (Celery's ``chord``)."""
+
+    def __init__(self, header: Any, body: Optional["Canvas"] = None) -> None:
+        self.header = header if isinstance(header, group) else group(header)
+        if not self.header.tasks:
+            raise ConfigError("chord() needs a header with at least one signature (its body would never run)")
+        self.body = None if body is None else _canvas("chord", body)
+
+    def __call__(self, body: Optional["Canvas"] = None, **options: Any) -> "TaskResult[Any]":
+        """``chord(header)(body)``: run it; returns the body's TaskResult."""
+        if body is not None:
+            return chord(self.header, body).apply_async(**options)
+        return self.apply_async(**options)
+
+    def __or__(self, other: "Canvas") -> "chain":
+        return chain(self, other)
+
+    def delay(self, *args: Any, **kwargs: Any) -> "TaskResult[Any]":
+        """Run it; returns the body's TaskResult."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                    **options: Any) -> "TaskResult[Any]":
+        """Run the header, then the body with their results; ``c.get()`` is the body's value."""
+        if self.body is None:
+            raise ConfigError("chord(header) needs a body: chord(header)(body) or chord(header, body)")
+        body = self.body.clone(args, kwargs, **options) if (args or kwargs or options) and isinstance(
+            self.body, Signature) else self.body
+        return launch(chord(self.header, body))
+
+    def __repr__(self) -> str:
+        return "chord(%r, %r)" % (self.header, self.body)
+
+
+#: What a workflow is built from.
+Canvas = Union[Signature, chain, group, chord]
+
+
+class GroupResult:
+    """The results of a group's members, in order (Celery's ``GroupResult``)."""
+
+    def __init__(self, group_id: str, results: Sequence["TaskResult[Any]"]) -> None:
+        self.id = group_id
+        self.results = list(results)
+
+    def get(self, timeout: Optional[float] = None) -> List[Any]:
+        """Every member's value in order; raises the first failure in order, or WaitTimeout."""
+        import time
+        deadline = None if timeout is None else time.monotonic() + timeout
+        values = []
+        for r in self.results:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            values.append(r.get(left))
+        return values
+
+    join = get
+
+    def ready(self) -> bool:
+        """True when every member is final."""
+        return all(r.ready() for r in self.results)
+
+    def successful(self) -> bool:
+        """True when every member succeeded."""
+        return all(r.successful() for r in self.results)
+
+    def failed(self) -> bool:
+        """True when a member failed (or was cancelled or expired)."""
+        return any(r.failed() for r in self.results)
+
+    def completed_count(self) -> int:
+        """How many members succeeded."""
+        return sum(1 for r in self.results if r.successful())
+
+    def waiting(self) -> bool:
+        """True while a member is not final."""
+        return not self.ready()
+
+    def revoke(self) -> None:
+        """Cancel every member not finished yet."""
+        for r in self.results:
+            r.cancel()
+
+    def __iter__(self) -> Any:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __repr__(self) -> str:
+        return "<GroupResult %s [%s]>" % (self.id, ", ".join(r.id for r in self.results))
+
+
+# -- from a canvas to steps ---------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One run of a workflow: its task and arguments, what it waits for, and who waits for it."""
+
+    id: str
+    sig: Signature
+    #: Parents whose end this step waits for (their results, in order, become its first argument).
+    parents: List[str] = field(default_factory=list)
+    #: What its arguments begin with once its parents ended (TAKES_*), or None.
+    takes: Optional[str] = None
+    #: Steps released when it succeeds, and when it fails (link_error).
+    then: List[str] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
+    #: The chord it is the body of (its failure names the member), for the error message.
+    chord: bool = False
+
+    @property
+    def root(self) -> bool:
+        """True when it starts at once (no parent)."""
+        return not self.parents
+
+
+class _Plan:
+    """The steps of one workflow, built by walking its canvas once."""
+
+    def __init__(self) -> None:
+        self.steps: Dict[str, Step] = {}
+        self.groups: Dict[str, List[str]] = {}
+        self._adding: List[int] = []  # the signatures being added, innermost last (a link cycle shows here)
+
+    def add(self, sig: Signature, parents: Sequence[str], takes: Optional[str], chord_body: bool = False,
+            errback: bool = False) -> Step:
+        if id(sig) in self._adding:
+            raise ConfigError("%r is linked to itself (a cycle): a workflow must end" % (sig,))
+        self._adding.append(id(sig))
+        step = Step(new_id(), sig, list(parents), None if sig.immutable else takes if parents else None,
+                    chord=chord_body)
+        self.steps[step.id] = step
+        for parent in parents:
+            (self.steps[parent].errors if errback else self.steps[parent].then).append(step.id)
+        for callback in sig.options.get("link", ()):
+            self.add(callback, [step.id], TAKES_RESULT)
+        for handler in sig.options.get("link_error", ()):
+            self.add(handler, [step.id], TAKES_ID, errback=True)
+        self._adding.pop()
+        return step
+
+    def walk(self, node: Canvas, parents: Sequence[str]) -> Tuple[List[str], Any]:
+        """Add ``node`` after ``parents``; its tail steps (what a next step waits for) and its result's ids."""
+        takes = TAKES_RESULT if len(parents) == 1 else TAKES_RESULTS
+        if isinstance(node, Signature):
+            step = self.add(node, parents, takes)
+            return [step.id], step.id
+        if isinstance(node, chain):
+            tails: List[str] = list(parents)
+            made: List[Any] = []
+            for part in node.tasks:
+                tails, out = self.walk(part, tails)
+                made.append(out)
+            return tails, ("chain", made)
+        if isinstance(node, group):
+            tails, made = [], []
+            for member in node.tasks:
+                member_tails, out = self.walk(member, parents)
+                tails += member_tails
+                made.append(out)
+            group_id = new_id()
+            self.groups[group_id] = [_last(m) for m in made]
+            return tails, ("group", group_id)
+        header_tails, header = self.walk(node.header, parents)
+        assert node.body is not None
+        if isinstance(node.body, Signature):
+            body = self.add(node.body, header_tails, TAKES_RESULTS, chord_body=True)
+            return [body.id], ("chord", header, body.id)
+        tails, out = self.walk(node.body, header_tails)
+        return tails, ("chord", header, out)
+
+
+def _last(made: Any) -> str:
+    """The step id whose result stands for a walked canvas (a chain's last step, a chord's body)."""
+    if isinstance(made, str):
+        return made
+    kind = made[0]
+    if kind == "chain":
+        return _last(made[1][-1])
+    if kind == "chord":
+        return _last(made[2])
+    raise ConfigError("a group inside a group or chain end has no single result here; wrap it in a chord")
+
+
+def launch(node: Canvas) -> "TaskResult[Any]":
+    """Plan ``node``'s steps, hand them to the runner, and return the TaskResult that stands for it."""
+    _, handles, made = _launch(node)
+    return handles[_last(made)]
+
+
+def _launch(node: Canvas) -> Tuple[_Plan, Dict[str, "TaskResult[Any]"], Any]:
+    from .tasks import get_runner
+    plan = _Plan()
+    _, made = plan.walk(node, [])
+    return plan, get_runner().run_steps(list(plan.steps.values()), plan.groups), made
+
+
+def _canvas(where: str, value: Any) -> "Canvas":
+    if isinstance(value, (Signature, chain, group, chord)):
+        return value
+    raise ConfigError("%s() takes signatures (task.s(...)), chains, groups or chords, got %r" % (where, value))
+
+
+def _signatures(label: str, value: Any) -> List[Signature]:
+    found = list(value) if isinstance(value, (list, tuple)) else [value]
+    for sig in found:
+        if not isinstance(sig, Signature):
+            raise ConfigError("%s takes a signature (task.s(...)) or a list of them, got %r" % (label, sig))
+    return found
+
+
+def _with_args(node: "Canvas", args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
+               options: Dict[str, Any]) -> "Canvas":
+    if not (args or kwargs or options):
+        return node
+    if isinstance(node, Signature):
+        return node.clone(args, kwargs, **options)
+    raise ConfigError("arguments for a group go to each member, which must be a signature here")
+
+
+def _check_carried(task: "Task[..., Any]", args: tuple, kwargs: Dict[str, Any]) -> None:
+    """SerializationError (a ConfigError) now, not a failure later on another node."""
+    from .journal import new_row
+    new_row("0" * 32, task.name, args, kwargs, task.serializer)
+
