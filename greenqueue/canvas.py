@@ -178,8 +178,8 @@ class group:
         if not self.tasks:
             raise ConfigError("group() is empty: nothing to run")
         members = [_with_args(t, args, kwargs, options) for t in self.tasks]
-        plan, handles, made = _launch(group(members))
-        return GroupResult(made[1], [handles[i] for i in plan.groups[made[1]]])
+        found: GroupResult = launch(group(members))
+        return found
 
     def __repr__(self) -> str:
         return "group(%s)" % ", ".join(map(repr, self.tasks))
@@ -328,59 +328,61 @@ class _Plan:
         self._adding.pop()
         return step
 
-    def walk(self, node: Canvas, parents: Sequence[str]) -> Tuple[List[str], Any]:
-        """Add ``node`` after ``parents``; its tail steps (what a next step waits for) and its result's ids."""
-        takes = TAKES_RESULT if len(parents) == 1 else TAKES_RESULTS
+    def walk(self, node: Canvas, parents: Sequence[str], many: bool = False) -> Tuple[List[str], Any, bool]:
+        """Add ``node`` after ``parents`` (a group's members when ``many``: their results come as a list).
+
+        Returns its tail steps (what a next step waits for), what stands for its result, and
+        whether the tails are a group's members.
+        """
+        takes = TAKES_RESULTS if many or len(parents) > 1 else TAKES_RESULT
         if isinstance(node, Signature):
-            step = self.add(node, parents, takes)
-            return [step.id], step.id
+            step = self.add(node, parents, takes, chord_body=many)
+            return [step.id], step.id, False
         if isinstance(node, chain):
             tails: List[str] = list(parents)
-            made: List[Any] = []
+            made: Any = None
             for part in node.tasks:
-                tails, out = self.walk(part, tails)
-                made.append(out)
-            return tails, ("chain", made)
+                tails, made, many = self.walk(part, tails, many)
+            return tails, made, many
         if isinstance(node, group):
-            tails, made = [], []
+            tails, members = [], []
             for member in node.tasks:
-                member_tails, out = self.walk(member, parents)
+                member_tails, out, _ = self.walk(member, parents, many)
                 tails += member_tails
-                made.append(out)
+                members.append(_last(out))
             group_id = new_id()
-            self.groups[group_id] = [_last(m) for m in made]
-            return tails, ("group", group_id)
-        header_tails, header = self.walk(node.header, parents)
+            self.groups[group_id] = members
+            return tails, ("group", group_id), True
+        header_tails, _, _ = self.walk(node.header, parents, many)
         assert node.body is not None
-        if isinstance(node.body, Signature):
-            body = self.add(node.body, header_tails, TAKES_RESULTS, chord_body=True)
-            return [body.id], ("chord", header, body.id)
-        tails, out = self.walk(node.body, header_tails)
-        return tails, ("chord", header, out)
+        return self.walk(node.body, header_tails, True)
 
 
 def _last(made: Any) -> str:
-    """The step id whose result stands for a walked canvas (a chain's last step, a chord's body)."""
+    """The step id whose result stands for a walked canvas: a step's, or a group's (its id)."""
+    return made if isinstance(made, str) else made[1]
+
+
+def launch(node: Canvas) -> Any:
+    """Plan ``node``'s steps, hand them to the runner, and return what stands for it.
+
+    A TaskResult (a chain's last step, a chord's body), or a GroupResult when it ends in a group.
+    """
+    plan, handles, made = _launch(node)
     if isinstance(made, str):
-        return made
-    kind = made[0]
-    if kind == "chain":
-        return _last(made[1][-1])
-    if kind == "chord":
-        return _last(made[2])
-    raise ConfigError("a group inside a group or chain end has no single result here; wrap it in a chord")
+        return handles[made]
+    return GroupResult(made[1], [_result_of(plan, handles, m) for m in plan.groups[made[1]]])
 
 
-def launch(node: Canvas) -> "TaskResult[Any]":
-    """Plan ``node``'s steps, hand them to the runner, and return the TaskResult that stands for it."""
-    _, handles, made = _launch(node)
-    return handles[_last(made)]
+def _result_of(plan: "_Plan", handles: Dict[str, "TaskResult[Any]"], member: str) -> Any:
+    return handles[member] if member in handles else GroupResult(member, [
+        _result_of(plan, handles, m) for m in plan.groups[member]])
 
 
 def _launch(node: Canvas) -> Tuple[_Plan, Dict[str, "TaskResult[Any]"], Any]:
     from .tasks import get_runner
     plan = _Plan()
-    _, made = plan.walk(node, [])
+    _, made, _ = plan.walk(node, [])
     return plan, get_runner().run_steps(list(plan.steps.values()), plan.groups), made
 
 

@@ -1,0 +1,54 @@
+"""Tasks of Celery's canvas integration tests (celery/t/integration/tasks.py), as greenqueue tasks.
+
+Environment: CANVAS_LEDGER (a file each run of ``noted`` appends a line to, so
+tests count runs from what really ran).
+"""
+
+import os
+
+from greenqueue import task
+
+
+class ExpectedException(Exception):
+    """What ``fail`` raises."""
+
+
+@task
+def add(x, y, z=None):
+    """x + y (+ z)."""
+    return x + y + (z or 0)
+
+
+@task
+def tsum(nums):
+    """The sum of a list of numbers."""
+    return sum(nums)
+
+
+@task
+def identity(x):
+    """x."""
+    return x
+
+
+@task
+def add_to_all(nums, val, z=None):
+    """Each number plus val (+ z)."""
+    return [n + val + (z or 0) for n in nums]
+
+
+@task
+def fail(*args):
+    """Always fails."""
+    raise ExpectedException("Task expected to fail", args)
+
+
+@task
+def noted(label, *args):
+    """Append a line naming ``label`` (and what it got) to the ledger; returns the label."""
+    fd = os.open(os.environ.get("CANVAS_LEDGER", "canvas-ledger.txt"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, ("%s %s\n" % (label, " ".join(map(str, args)))).encode())
+    finally:
+        os.close(fd)
+    return label
