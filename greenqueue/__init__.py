@@ -18,7 +18,7 @@ _EXPORTS = {
     "shared_task": "tasks",
     # workflows
     "chain": "canvas", "group": "canvas", "chord": "canvas", "signature": "canvas", "Signature": "canvas",
-    "GroupResult": "canvas", "ChordError": "canvas",
+    "GroupResult": "canvas", "ChordError": "errors",
     "cooperate": "tasks", "run_in_thread": "tasks", "progress": "tasks",
     # the runtime: limits, the journal, starting outside the server
     "configure": "runtime", "start": "runtime", "health": "runtime",
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     # Type checkers do not run __getattr__: without these imports every public
     # name would be Any to them. Keep in step with _EXPORTS and _ALIASES; the
     # "X as X" form marks each one as re-exported.
-    from .canvas import ChordError as ChordError
+    from .errors import ChordError as ChordError
     from .canvas import GroupResult as GroupResult
     from .canvas import Signature as Signature
     from .canvas import chain as chain

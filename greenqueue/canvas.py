@@ -18,7 +18,7 @@ the failed task's id first and run once.
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .errors import ConfigError, GreenqueueError
+from .errors import ChordError, ConfigError
 from .tasks._options import new_id
 from .tasks._workflow import TAKES_ID, TAKES_RESULT, TAKES_RESULTS
 
@@ -31,10 +31,6 @@ __all__ = ["Signature", "signature", "chain", "group", "chord", "GroupResult", "
 
 # Options a signature may carry: apply_async's own, plus the timing and callbacks of a run.
 _OPTIONS = ("countdown", "eta", "queue", "priority", "expires", "idempotency_key", "link", "link_error")
-
-
-class ChordError(GreenqueueError):
-    """A chord's header member failed, so its body never ran (the message names the member)."""
 
 
 class Signature:

@@ -45,6 +45,10 @@ class SoftTimeLimitExceeded(GreenqueueError):
     """Raised inside a task when its ``soft_timeout`` passes: clean up now, the hard ``timeout`` follows."""
 
 
+class ChordError(GreenqueueError):
+    """A chord's header member failed, so its body never ran (the message names the member)."""
+
+
 class TaskExpired(GreenqueueError):
     """The task was not started before its ``expires`` time, so it never ran (state EXPIRED)."""
 

@@ -170,13 +170,15 @@ def test_a_task_claimed_as_it_is_spawned_enters_no_index_of_waiting_rows(sqlite_
 
 
 def _without_priorities(engines):
-    """Take away priorities, holds and limits with their indexes and table, and put the due index back."""
+    """Take away priorities, holds, limits and workflow steps with their indexes and tables; the due index back."""
     for index in ("greenqueue_tasks_ready", "greenqueue_tasks_held", "greenqueue_tasks_gated",
                   "greenqueue_tasks_parked", "greenqueue_tasks_limited", "greenqueue_tasks_rated"):
         engines.raw("DROP INDEX %s" % index)
-    for column in ("priority", "hold", "rate_bucket", "rate_n", "rate_per", "limit_bucket", "limit_n"):
+    for column in ("priority", "hold", "rate_bucket", "rate_n", "rate_per", "limit_bucket", "limit_n", "parents",
+                   "waits", "takes", "then_ids", "error_ids", "chord", "wait"):
         engines.raw("ALTER TABLE greenqueue_tasks DROP COLUMN %s" % column)
     engines.raw("DROP TABLE greenqueue_starts")
+    engines.raw("DROP TABLE greenqueue_groups")
     engines.raw("CREATE INDEX greenqueue_tasks_due ON greenqueue_tasks (due) WHERE owner IS NULL AND "
                 "(state = 'PENDING' OR state = 'SCHEDULED' OR state = 'RETRY')")
 

@@ -25,7 +25,7 @@ its behaviour:
 
 import datetime
 import time
-from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from ..errors import ConfigError, GreenqueueError, SerializationError
 from ._codec import dumps
@@ -76,6 +76,9 @@ class Store(Protocol):
     display: str
     #: This process's node id (rows it runs carry it as ``owner``).
     node: str
+    #: Called when this process's own commit made work claimable (a workflow step released): the
+    #: node's claimer listens, as other nodes hear of it through the store.
+    on_work: Optional[Callable[[], None]]
 
     @property
     def lease_timeout(self) -> float:
@@ -103,6 +106,12 @@ class Store(Protocol):
 
     def spawned_many(self, rows: Sequence[TaskRow], connection: object = None) -> List[TaskRow]:
         """Record many rows in one commit (``task.map``); none is claimed on the way in."""
+
+    def spawned_workflow(self, rows: Sequence[TaskRow], groups: Dict[str, List[str]]) -> List[TaskRow]:
+        """Record a workflow's steps (those with parents held until they end) and its groups, in one commit."""
+
+    def group(self, group_id: str) -> Optional[List[str]]:
+        """The member ids of a group of a recorded workflow, or None."""
 
     def started(self, task_id: str) -> None:
         """An attempt of a row this node runs started."""
@@ -194,6 +203,7 @@ class MemoryStore:
 
     def __init__(self, node: str = "local") -> None:
         self.node = node
+        self.on_work: Optional[Callable[[], None]] = None
         self._periodic: Dict[str, datetime.datetime] = {}
 
     def check_options(self, task: str, options: Dict[str, object]) -> None:
@@ -221,6 +231,14 @@ class MemoryStore:
     def spawned_many(self, rows: Sequence[TaskRow], connection: object = None) -> List[TaskRow]:
         """Nothing to write: every row is this node's to run."""
         return [self.spawned(row, False, connection) for row in rows]
+
+    def spawned_workflow(self, rows: Sequence[TaskRow], groups: Dict[str, List[str]]) -> List[TaskRow]:
+        """Nothing to write: the runner holds a workflow's steps itself."""
+        return [self.spawned(row, False, None) for row in rows]
+
+    def group(self, group_id: str) -> Optional[List[str]]:
+        """No groups here: the runner keeps them."""
+        return None
 
     def started(self, task_id: str) -> None:
         """Nothing to record."""

@@ -28,7 +28,7 @@ import socket
 import os
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 from gevent import Timeout, get_hub
@@ -127,7 +127,10 @@ class ClusterStore:
         self.result_ttl = result_ttl
         self.max_lease_losses = max_lease_losses
         self._attempts: Dict[str, int] = {}   # task id -> the attempt this node holds
-        self._keys: Dict[str, str] = {}       # task id -> the concurrency key its run holds (limited runs only)
+        # task id -> (the concurrency key its run holds, whether workflow steps wait for it): for
+        # limited runs and workflow steps only, whose finish does more in the same commit.
+        self.on_work: Optional[Callable[[], None]] = None
+        self._keys: Dict[str, Tuple[Optional[str], bool]] = {}
         self._recording = True
         self.epoch: Optional[int] = None      # the scheduler leader's epoch while this node leads
         self.batch = batch
@@ -212,6 +215,14 @@ class ClusterStore:
         """Commit many rows at once (``task.map``); none is claimed here, any node takes them."""
         return self.engine.enqueue(rows, connection=connection)
 
+    def spawned_workflow(self, rows: Sequence[TaskRow], groups: Dict[str, List[str]]) -> List[TaskRow]:
+        """Commit a workflow's steps and groups at once; steps with parents wait in the store for them."""
+        return self.engine.enqueue_workflow(rows, groups)
+
+    def group(self, group_id: str) -> Optional[List[str]]:
+        """The member ids of a group of a recorded workflow, or None."""
+        return self.engine.group(group_id)
+
     def started(self, task_id: str) -> None:
         """Nothing to write: the claim already counted the attempt and started the lease."""
 
@@ -233,14 +244,14 @@ class ClusterStore:
             return True
         args: tuple = (row.id, self.node, attempt, row.state, row.result, row.error_type, row.error,
                        row.traceback, self.result_ttl)
-        key = self._keys.pop(row.id, None) if self._keys else None
-        if key is not None:
-            args += (key,)  # its end unparks the next run of that key, in the same commit
+        extra = self._keys.pop(row.id, None) if self._keys else None
+        if extra is not None:
+            args += extra  # its end unparks the next run of its key, and releases the steps after it
         if self._writer is not None:
             self._finishes.append((row.name, args))
             self._wake.set()
             return True
-        ok = self.engine.finish(*args)
+        ok = self.engine.finish_many([args])[0]
         if not ok:
             _discarded(row.name, row.id, attempt)
         return ok
@@ -345,9 +356,14 @@ class ClusterStore:
             batch.answer(0, claimed_at, stored_claimed)
             batch.answer(1, unclaimed_at, stored_unclaimed)
             batch.done()
+        released = False
         for (name, args), ok in zip(finishes, finished):
             if not ok:
                 _discarded(name, args[0], args[2])
+            elif len(args) > 10 and args[10]:
+                released = True
+        if released and self.on_work is not None:
+            self.on_work()  # steps waiting on these may be claimable now
 
     def cancel(self, task_id: str) -> Optional[str]:
         """Cancel a row wherever it is; returns its state before (None: no such row)."""
@@ -399,8 +415,8 @@ class ClusterStore:
         rows = self.engine.claim(self.node, self.queues, limit)
         for row in rows:
             self._attempts[row.id] = row.attempts
-            if row.limit_bucket is not None:
-                self._keys[row.id] = row.limit_bucket
+            if row.limit_bucket is not None or row.then_ids or row.error_ids:
+                self._keys[row.id] = (row.limit_bucket, bool(row.then_ids or row.error_ids))
         return rows
 
     def next_due(self) -> Optional[float]:

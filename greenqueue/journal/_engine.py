@@ -84,13 +84,26 @@ class TaskRow:
     priority: int = 0                     # -100..100; waiting rows start larger first
     # Why an unowned waiting row does not simply start: "eta" (due later), "gate" (due, limited: the
     # claim checks its limits), "rate" (its rate window is full until due), "limit" (its concurrency
-    # key is full until a run of it ends). None: ready.
+    # key is full until a run of it ends), "after" (a workflow step whose parents have not all
+    # ended). None: ready.
     hold: Optional[str] = None
     rate_bucket: Optional[str] = None     # the rate window this run counts in (task, or task|key)
     rate_n: Optional[int] = None          # at most rate_n starts in any rate_per seconds
     rate_per: Optional[float] = None
     limit_bucket: Optional[str] = None    # the concurrency count this run counts in
     limit_n: Optional[int] = None         # at most limit_n running at once
+    # A workflow step: the steps it waits for (JSON list, in the order their results come), how many
+    # of them have not ended (hold "after" until none), what its arguments begin with then
+    # ("result", "results", "id" or None), the steps its success and its failure release (JSON
+    # lists), whether it is a chord's body (a failed parent is a ChordError), and the seconds it
+    # waits once released (its countdown).
+    parents: Optional[str] = None
+    waits: Optional[int] = None
+    takes: Optional[str] = None
+    then_ids: Optional[str] = None
+    error_ids: Optional[str] = None
+    chord: bool = False
+    wait: Optional[float] = None
 
 
 def rows_query(cols: str, mark: str, state: Optional[str], name: Optional[str], limit: int) -> Tuple[str, list]:
@@ -147,6 +160,12 @@ class Engine(Protocol):
         """Release connections; rows keep their state."""
 
     # -- tasks -------------------------------------------------------------------
+
+    def enqueue_workflow(self, rows: Sequence[TaskRow], groups: Dict[str, List[str]]) -> List[TaskRow]:
+        """Insert a workflow's steps and its groups' member lists in one commit."""
+
+    def group(self, group_id: str) -> Optional[List[str]]:
+        """The member ids of a group a workflow recorded, or None."""
 
     def enqueue(self, rows: Sequence[TaskRow], owner: Optional[str] = None,
                 connection: Any = None) -> List[TaskRow]:

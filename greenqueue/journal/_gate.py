@@ -34,7 +34,9 @@ def margin(per: float) -> float:
 
 
 def hold_of(row: Any, now: float) -> Optional[str]:
-    """The ``hold`` a new unowned row starts with: due later, limited (the gate's), or ready (None)."""
+    """The ``hold`` a new unowned row starts with: waiting for parents, due later, limited (the gate's), or ready."""
+    if row.waits:
+        return "after"
     if row.eta is not None and row.eta > now:
         return "eta"
     return GATED if row.rate_bucket is not None or row.limit_bucket is not None else None

@@ -24,6 +24,7 @@ since: a ping on every borrow would double the round trips of a busy node,
 while this way a restart costs at most the calls already on their way.
 """
 
+import json
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..errors import JournalError
 from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow, rows_query
 from ._gate import Candidate, decide
+from ._links import follow
 from ._postgres_sql import (ANY_READY, CHANNEL, CLAIM, CLAIM_EVERY, CLAIM_IDS, CLAIM_QUEUES, CLAIMABLE, COLS, FIELDS,
                             FINISH, FINISH_FIELDS, FINISH_MANY, GATE_CANDIDATES, GATE_EVERY, GATE_EVERY_PREFIX, GATED,
                             GATED_ANYWHERE, GATED_FLAG, GATED_ON_QUEUES, HEARTBEAT, HELD, INSERT, INSERT_FIELDS, LEAD,
@@ -73,6 +75,29 @@ def _secrets(dsn: str) -> List[str]:
         if raw:
             found.update((raw, unquote(raw)))
     return sorted(found, key=len, reverse=True)
+
+
+class _Tx:
+    """The workflow rules' view of an open transaction (they write ``?`` placeholders)."""
+
+    ready_or_gated = READY_OR_GATED
+
+    def __init__(self, conn: Any, now: float, result_ttl: float) -> None:
+        self.conn, self.now, self.result_ttl = conn, now, result_ttl
+
+    def rows(self, sql: str, params: Sequence[Any]) -> List[tuple]:
+        """The rows of a statement."""
+        return list(self.conn.execute(sql.replace("?", "%s"), params).fetchall())
+
+    def run(self, sql: str, params: Sequence[Any]) -> int:
+        """Run a statement; the rows it changed."""
+        return int(self.conn.execute(sql.replace("?", "%s"), params).rowcount)
+
+
+def _linked(items: Sequence[tuple], done: Optional[List[bool]]) -> List[str]:
+    """Ids of finish items whose rows workflow steps wait for (finished ones, when ``done`` is given)."""
+    return [item[0] for n, item in enumerate(items)
+            if len(item) > 10 and item[10] and (done is None or done[n])]
 
 
 def _first(row: Optional[tuple]) -> Any:
@@ -366,13 +391,21 @@ class PostgresEngine:
             return done
         rounds = self._finish_rounds(items)
         with self._conn("finish") as conn:
-            if len(rounds) == 1:
+            if len(rounds) == 1 and not _linked(items, None):
                 self._finish_round(conn, items, rounds[0], done, retry=True)
             else:
                 with conn.transaction():
                     for part in rounds:
                         self._finish_round(conn, items, part, done, retry=False)
+                    self._follow(conn, _linked(items, done))
         return done
+
+    def _follow(self, conn: Any, ended: List[str]) -> None:
+        """Workflow steps waiting on ``ended`` rows get their turn or end, in the caller's transaction."""
+        if ended:
+            queues = follow(_Tx(conn, _first(conn.execute("SELECT " + NOW).fetchone()), self.result_ttl), ended)
+            for queue in sorted(queues):  # delivered at commit, like every other hint
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, queue))
 
     def _checked_finishes(self, items: Sequence[tuple]) -> List[tuple]:
         items = list(items)
@@ -445,6 +478,7 @@ class PostgresEngine:
                 if unclaimed else []
             for part in rounds:
                 self._finish_round(conn, items, part, done, retry=False)
+            self._follow(conn, _linked(items, done))
         return mine, others, done
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
@@ -472,9 +506,10 @@ class PostgresEngine:
             if state not in UNFINISHED:
                 return state
             if owner is None:
-                conn.execute("UPDATE greenqueue_tasks SET state = 'CANCELLED', finished_at = {now}, "
+                conn.execute("UPDATE greenqueue_tasks SET state = 'CANCELLED', finished_at = {now}, hold = NULL, "
                              "updated_at = {now}, expires_at = {now} + %s WHERE id = %s".format(now=NOW),
                              (self.result_ttl, row_id))
+                self._follow(conn, [row_id])
             else:
                 conn.execute("UPDATE greenqueue_tasks SET cancel_requested = true, updated_at = {now} "
                              "WHERE id = %s".format(now=NOW), (row_id,))
@@ -522,9 +557,29 @@ class PostgresEngine:
 
     def reap(self, max_lease_losses: int) -> List[TaskRow]:
         """Take back rows whose lease expired; returns them after the change."""
-        got = self._all("reap", REAP, {"max": int(max_lease_losses or 0), "ttl": self.result_ttl})
+        with self._conn("reap") as conn, conn.transaction():
+            got = conn.execute(REAP, {"max": int(max_lease_losses or 0), "ttl": self.result_ttl}).fetchall()
+            rows = [TaskRow(*r[:-1]) for r in got]
+            # A run that ended here (cancelled, poisoned) ends or releases the steps after it too.
+            self._follow(conn, [r.id for r in rows if r.state in FINAL and (r.then_ids or r.error_ids)])
         self._value("reap", SWEEP)
-        return [TaskRow(*r[:-1]) for r in got]
+        return rows
+
+    def enqueue_workflow(self, rows: Sequence[TaskRow], groups: Dict[str, List[str]]) -> List[TaskRow]:
+        """Insert a workflow's steps and its groups' member lists in one commit."""
+        rows = list(rows)
+        with self._conn("enqueue") as conn, conn.transaction():
+            stored = self._enqueue_on(conn, rows, _rows_as_arrays(rows, None, self.lease_timeout))
+            if groups:
+                conn.execute("INSERT INTO greenqueue_groups (id, members, created_at) SELECT g, m, {now} "
+                             "FROM unnest(%s::text[], %s::text[]) AS u(g, m) ON CONFLICT DO NOTHING".format(now=NOW),
+                             (list(groups), [json.dumps(m) for m in groups.values()]))
+        return stored
+
+    def group(self, group_id: str) -> Optional[List[str]]:
+        """The member ids of a group a workflow recorded, or None."""
+        found = self._one("group", "SELECT members FROM greenqueue_groups WHERE id = %s", (group_id,))
+        return list(json.loads(found[0])) if found else None
 
     def prune(self, periodic_ttl: float) -> int:
         """Delete finished rows past ``expires_at`` and periodic keys older than ``periodic_ttl``."""
@@ -541,6 +596,9 @@ class PostgresEngine:
                          (max(float(periodic_ttl), 10 * self.lease_timeout),))
             # Starts out of every window (a bucket's own gate drops its old ones as it goes).
             conn.execute("DELETE FROM greenqueue_starts WHERE until <= {now}".format(now=NOW))
+            # A group's members are pruned with their rows; its list a day after that.
+            conn.execute("DELETE FROM greenqueue_groups WHERE created_at < {now} - %s".format(now=NOW),
+                         (self.result_ttl + 86400,))
         return tasks + keys
 
     def limits(self) -> List[Tuple[str, str, Optional[int], int, int]]:

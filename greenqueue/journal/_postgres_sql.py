@@ -134,6 +134,11 @@ MIGRATIONS: Dict[int, List[str]] = {1: [
     "CREATE INDEX greenqueue_tasks_rated ON greenqueue_tasks (rate_bucket) WHERE owner IS NULL AND hold = 'rate'",
     "CREATE TABLE greenqueue_starts (bucket text NOT NULL, at float8 NOT NULL, until float8 NOT NULL, "
     "task_id text NOT NULL)",
+    # Workflow steps (what they wait for and what waits for them) and groups' member lists.
+    "ALTER TABLE greenqueue_tasks ADD COLUMN parents text, ADD COLUMN waits integer, ADD COLUMN takes text, "
+    "ADD COLUMN then_ids text, ADD COLUMN error_ids text, ADD COLUMN chord boolean NOT NULL DEFAULT false, "
+    "ADD COLUMN wait float8",
+    "CREATE TABLE greenqueue_groups (id text PRIMARY KEY, members text NOT NULL, created_at float8 NOT NULL)",
     "CREATE INDEX greenqueue_starts_bucket ON greenqueue_starts (bucket, at)",
 ]}
 
@@ -202,13 +207,17 @@ INSERT = """
                              %(eta)s::float8[], %(attempts)s::int[], %(max_attempts)s::int[],
                              %(idempotency_key)s::text[], %(note)s::text[], %(start_by)s::float8[],
                              %(priority)s::int[], %(rate_bucket)s::text[], %(rate_n)s::int[],
-                             %(rate_per)s::float8[], %(limit_bucket)s::text[], %(limit_n)s::int[])
+                             %(rate_per)s::float8[], %(limit_bucket)s::text[], %(limit_n)s::int[],
+                             %(parents)s::text[], %(waits)s::int[], %(takes)s::text[], %(then_ids)s::text[],
+                             %(error_ids)s::text[], %(chord)s::boolean[], %(wait)s::float8[])
             AS s(id, name, payload, serializer, queue, state, eta, attempts, max_attempts,
-                 idempotency_key, note, start_by, priority, rate_bucket, rate_n, rate_per, limit_bucket, limit_n)),
+                 idempotency_key, note, start_by, priority, rate_bucket, rate_n, rate_per, limit_bucket, limit_n,
+                 parents, waits, takes, then_ids, error_ids, chord, wait)),
     ins AS (
         INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts,
             max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at,
-            start_by, priority, hold, rate_bucket, rate_n, rate_per, limit_bucket, limit_n)
+            start_by, priority, hold, rate_bucket, rate_n, rate_per, limit_bucket, limit_n, parents, waits, takes,
+            then_ids, error_ids, chord, wait)
         SELECT id, name, payload, serializer, queue,
                CASE WHEN %(owner)s::text IS NULL THEN state ELSE 'STARTED' END,
                eta, coalesce(eta, {now}),
@@ -216,9 +225,10 @@ INSERT = """
                idempotency_key, note, %(owner)s::text,
                CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} + %(lease)s END,
                CASE WHEN %(owner)s::text IS NULL THEN NULL ELSE {now} END, {now}, {now}, start_by, priority,
-               CASE WHEN %(owner)s::text IS NOT NULL THEN NULL WHEN eta > {now} THEN 'eta'
+               CASE WHEN %(owner)s::text IS NOT NULL THEN NULL WHEN waits > 0 THEN 'after' WHEN eta > {now} THEN 'eta'
                     WHEN rate_bucket IS NOT NULL OR limit_bucket IS NOT NULL THEN 'gate' END,
-               rate_bucket, rate_n, rate_per, limit_bucket, limit_n
+               rate_bucket, rate_n, rate_per, limit_bucket, limit_n, parents, waits, takes, then_ids, error_ids,
+               chord, wait
         FROM src
         ON CONFLICT DO NOTHING
         RETURNING {cols}, due),
@@ -231,7 +241,7 @@ INSERT = """
 # Columns enqueue() passes as arrays, besides the payload.
 INSERT_FIELDS = ("id", "name", "serializer", "queue", "state", "eta", "attempts", "max_attempts",
                  "idempotency_key", "note", "start_by", "priority", "rate_bucket", "rate_n", "rate_per",
-                 "limit_bucket", "limit_n")
+                 "limit_bucket", "limit_n", "parents", "waits", "takes", "then_ids", "error_ids", "chord", "wait")
 
 # Rows to change are named as an array of ids (``id = ANY(ARRAY(...))``), never joined: a
 # generic plan cannot know how few there are and would hash-join the whole table.

@@ -53,6 +53,7 @@ indexed look for due, unowned rows.
 Schema: see ``_sqlite_sql``.
 """
 
+import json
 import logging
 import os
 import sqlite3
@@ -66,6 +67,7 @@ from gevent.monkey import get_original
 from ..errors import ConfigError, JournalError
 from ._engine import FINAL, UNFINISHED, TaskRow, rows_query
 from ._gate import START_ORDER, Candidate, Verdict, decide, hold_of
+from ._links import follow
 from ._sqlite_nodes import NodeRows
 from ._sqlite_sql import (BACK, COLS, FINISH, INSERT, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION,
                           FIELDS, GATED, HELD, PARKED, READY, READY_OR_GATED, SYNCHRONOUS, UPGRADES, WAITING, WAITING_OF, chunks, filesystem_of,
@@ -75,6 +77,23 @@ from ._sqlite_sql import write as transaction
 __all__ = ["SQLiteEngine", "SCHEMA_VERSION", "filesystem_of"]
 
 _PRIORITY, _CREATED = FIELDS.index("priority"), FIELDS.index("created_at")
+
+
+class _Tx:
+    """The workflow rules' view of an open transaction on the engine's connection."""
+
+    ready_or_gated = READY_OR_GATED
+
+    def __init__(self, conn: sqlite3.Connection, now: float, result_ttl: float) -> None:
+        self.conn, self.now, self.result_ttl = conn, now, result_ttl
+
+    def rows(self, sql: str, params: Sequence[Any]) -> List[tuple]:
+        """The rows of a statement."""
+        return self.conn.execute(sql, params).fetchall()
+
+    def run(self, sql: str, params: Sequence[Any]) -> int:
+        """Run a statement; the rows it changed."""
+        return self.conn.execute(sql, params).rowcount
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +320,22 @@ class SQLiteEngine(NodeRows):
             return self._batch("enqueue", owner, rows, (), ())[0]
         return self._batch("enqueue", "", (), rows, ())[1]
 
+    def enqueue_workflow(self, rows: Sequence[TaskRow], groups: Dict[str, List[str]]) -> List[TaskRow]:
+        """Insert a workflow's steps and its groups' member lists in one commit."""
+        return self._call("enqueue", self._workflow, list(rows), dict(groups))
+
+    def _workflow(self, conn: sqlite3.Connection, rows: List[TaskRow], groups: Dict[str, List[str]]) -> List[TaskRow]:
+        with transaction(conn) as now:
+            stored = self._insert(conn, now, rows, None)
+            conn.executemany("INSERT INTO greenqueue_groups (id, members, created_at) VALUES (?, ?, ?) "
+                             "ON CONFLICT DO NOTHING", [(g, json.dumps(m), now) for g, m in groups.items()])
+        return stored
+
+    def group(self, group_id: str) -> Optional[List[str]]:
+        """The member ids of a group a workflow recorded, or None."""
+        found = self._call("group", self._read, "SELECT members FROM greenqueue_groups WHERE id = ?", (group_id,))
+        return list(json.loads(found[0][0])) if found else None
+
     def write(self, node: str, claimed: Sequence[TaskRow], unclaimed: Sequence[TaskRow],
               finishes: Sequence[tuple]) -> Tuple[List[TaskRow], List[TaskRow], List[bool]]:
         """Insert ``claimed`` (owned by ``node``) and ``unclaimed`` rows and record ``finishes``, in one commit."""
@@ -333,7 +368,7 @@ class SQLiteEngine(NodeRows):
                    None if r.eta is None else float(r.eta), now if r.eta is None else r.eta, r.attempts + mine,
                    r.max_attempts, r.idempotency_key, r.note, owner, lease, started, now, now, r.start_by,
                    r.priority, None if mine else hold_of(r, now), r.rate_bucket, r.rate_n, r.rate_per,
-                   r.limit_bucket, r.limit_n)
+                   r.limit_bucket, r.limit_n, r.parents, r.waits, r.takes, r.then_ids, r.error_ids, r.chord, r.wait)
                   for r in rows]
         self._changes += 1
         if conn.executemany(INSERT, values).rowcount == len(rows):
@@ -483,27 +518,35 @@ class SQLiteEngine(NodeRows):
             if state not in FINAL:
                 raise self._fail("finish() takes a final state (%s), not %r" % (", ".join(FINAL), state))
             params.append((state, result, error_type, error, traceback, float(ttl), row_id, node, attempt,
-                           item[9] if len(item) > 9 else None))
+                           item[9] if len(item) > 9 else None, len(item) > 10 and bool(item[10])))
         return params
 
     def _finish_rows(self, conn: sqlite3.Connection, now: float, params: List[tuple]) -> List[bool]:
         done = self._finish_each(conn, now, params)
-        freed = [p[-1] for p, ok in zip(params, done) if ok and p[-1] is not None]
+        freed = [p[-2] for p, ok in zip(params, done) if ok and p[-2] is not None]
         if freed:
             self._unpark(conn, freed)
+        linked = [p[6] for p, ok in zip(params, done) if ok and p[-1]]
+        if linked:
+            self._follow(conn, now, linked)
         return done
+
+    def _follow(self, conn: sqlite3.Connection, now: float, ended: Sequence[str]) -> None:
+        """Workflow steps waiting on ``ended`` rows get their turn or end (same transaction)."""
+        if follow(_Tx(conn, now, self.result_ttl), ended):
+            self._changes += 1
 
     @staticmethod
     def _finish_each(conn: sqlite3.Connection, now: float, params: List[tuple]) -> List[bool]:
         if len(params) > 1:
             conn.execute("SAVEPOINT finish")
-            if conn.executemany(FINISH, [(now,) + p[:-1] for p in params]).rowcount == len(params):
+            if conn.executemany(FINISH, [(now,) + p[:-2] for p in params]).rowcount == len(params):
                 conn.execute("RELEASE finish")
                 return [True] * len(params)
             # One was fenced off, or a row comes twice: undo, and learn which one by one.
             conn.execute("ROLLBACK TO finish")
             conn.execute("RELEASE finish")
-        return [conn.execute(FINISH, (now,) + p[:-1]).rowcount == 1 for p in params]
+        return [conn.execute(FINISH, (now,) + p[:-2]).rowcount == 1 for p in params]
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
               error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
@@ -550,7 +593,8 @@ class SQLiteEngine(NodeRows):
             self._changes += 1
             if owner is None:
                 conn.execute("UPDATE greenqueue_tasks SET state = 'CANCELLED', finished_at = ?1, updated_at = ?1, "
-                             "expires_at = ?1 + ?2 WHERE id = ?3", (now, self.result_ttl, row_id))
+                             "expires_at = ?1 + ?2, hold = NULL WHERE id = ?3", (now, self.result_ttl, row_id))
+                self._follow(conn, now, [row_id])
             else:
                 conn.execute("UPDATE greenqueue_tasks SET cancel_requested = 1, updated_at = ? WHERE id = ?",
                              (now, row_id))
@@ -656,6 +700,7 @@ class SQLiteEngine(NodeRows):
             back = [task_row(r) for part in chunks(ids) for r in conn.execute(
                 "SELECT %s FROM greenqueue_tasks WHERE id IN (%s)" % (COLS, marks(part)), part)]
             self._unpark(conn, [r.limit_bucket for r in back])
+            self._follow(conn, now, [r.id for r in back if r.state in FINAL])
             return back
 
     def _sweep(self, conn: sqlite3.Connection, now: float) -> None:
@@ -690,6 +735,8 @@ class SQLiteEngine(NodeRows):
                          (now - max(periodic_ttl, 10 * self.lease_timeout),))
             # Starts out of every window (a bucket's own gate drops its old ones as it goes).
             conn.execute("DELETE FROM greenqueue_starts WHERE until <= ?", (now,))
+            # A group's members are pruned with their rows; its list a day after that.
+            conn.execute("DELETE FROM greenqueue_groups WHERE created_at < ?", (now - self.result_ttl - 86400,))
             self._changes += 1
         return tasks + keys
 

@@ -90,7 +90,9 @@ WAITING_INDEX = ("CREATE INDEX greenqueue_tasks_waiting ON greenqueue_tasks (nam
                  + CLAIMABLE)
 
 # What version 6 adds besides columns: the claim's indexes, the limits' indexes, the starts.
-FLOW = [READY_INDEX, HELD_INDEX, GATED_INDEX, PARKED_INDEX, LIMITED_INDEX, RATED_INDEX, STARTS_TABLE, STARTS_INDEX]
+FLOW = [READY_INDEX, HELD_INDEX, GATED_INDEX, PARKED_INDEX, LIMITED_INDEX, RATED_INDEX, STARTS_TABLE, STARTS_INDEX,
+        # A group's members, for greenqueue.result(group_id) on any node.
+        """CREATE TABLE greenqueue_groups (id TEXT PRIMARY KEY, members TEXT NOT NULL, created_at REAL NOT NULL)"""]
 
 TABLES = [
     """CREATE TABLE greenqueue_tasks (
@@ -126,7 +128,14 @@ TABLES = [
         rate_n INTEGER,
         rate_per REAL,
         limit_bucket TEXT,
-        limit_n INTEGER)""",
+        limit_n INTEGER,
+        parents TEXT,
+        waits INTEGER,
+        takes TEXT,
+        then_ids TEXT,
+        error_ids TEXT,
+        chord INTEGER NOT NULL DEFAULT 0,
+        wait REAL)""",
     # A partial index serves only queries that repeat its WHERE terms verbatim (READY, HELD, WAITING_OF).
 ] + FLOW + [
     WAITING_INDEX,
@@ -188,6 +197,13 @@ FROM_V5 = [
     "ALTER TABLE greenqueue_tasks ADD COLUMN rate_per REAL",
     "ALTER TABLE greenqueue_tasks ADD COLUMN limit_bucket TEXT",
     "ALTER TABLE greenqueue_tasks ADD COLUMN limit_n INTEGER",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN parents TEXT",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN waits INTEGER",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN takes TEXT",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN then_ids TEXT",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN error_ids TEXT",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN chord INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE greenqueue_tasks ADD COLUMN wait REAL",
     "DROP INDEX IF EXISTS greenqueue_tasks_due",
     HOLD_LATER,
 ] + FLOW
@@ -215,8 +231,9 @@ UPGRADES = {0: TABLES, 1: FROM_V1, 2: FROM_V2, 3: FROM_V3, 4: FROM_V4, 5: FROM_V
 
 INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts, "
            "max_attempts, idempotency_key, note, owner, lease_expires, started_at, created_at, updated_at, start_by, "
-           "priority, hold, rate_bucket, rate_n, rate_per, limit_bucket, limit_n) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+           "priority, hold, rate_bucket, rate_n, rate_per, limit_bucket, limit_n, parents, waits, takes, then_ids, "
+           "error_ids, chord, wait) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+           "?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
 
 # A row whose cancel was requested while it ran ends CANCELLED when it comes back
 # unowned (retry, release), instead of running again.

@@ -159,6 +159,17 @@ def _retry(runner: "Runner", e: Entry, exc: BaseException, duration: float, coun
         runner.engine.queue_behind(e)
 
 
+def error_type(exc: BaseException) -> str:
+    """How a store names an exception's class: a builtin's or greenqueue's by name, the app's by module and name.
+
+    The module lets a node where it is imported raise the same class from ``get()``.
+    """
+    cls = type(exc)
+    if cls.__module__ in ("builtins", "greenqueue.errors"):
+        return cls.__name__
+    return "%s.%s" % (cls.__module__, cls.__qualname__)
+
+
 def final_row(e: Entry) -> TaskRow:
     """The row a store records for ``e``'s final state (its result serialized, or its error)."""
     r = e.handle
@@ -172,7 +183,7 @@ def final_row(e: Entry) -> TaskRow:
     row = TaskRow(r.id, r.name, b"", e.serializer or "json", e.opts.queue, r.state)
     row.result = blob
     if exc is not None:
-        row.error_type = getattr(exc, "remote_type", None) or type(exc).__name__
+        row.error_type = getattr(exc, "remote_type", None) or error_type(exc)
         row.error = str(exc)
         row.traceback = r.traceback
     return row

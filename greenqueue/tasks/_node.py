@@ -90,6 +90,7 @@ class Node:
     def start(self) -> "Node":
         """Start the loops (on the task hub) and hook the runner's free-slot signal."""
         self.runner.engine.on_free_slot = self.wake
+        self.store.on_work = self.wake
         loops = [self._claim_loop, self._beat_loop, self._watch_loop]
         if self.listen:
             loops.append(self._listen_loop)
@@ -103,6 +104,7 @@ class Node:
     def stop(self) -> None:
         """Stop claiming; running tasks are the runner's to drain."""
         self.runner.engine.on_free_slot = None
+        self.store.on_work = None
         gevent.killall(self._greenlets, block=True, timeout=5)
         self._greenlets = []
 

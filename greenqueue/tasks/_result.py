@@ -14,6 +14,7 @@ record of its own.
 """
 
 import builtins
+import sys
 import datetime
 import logging
 import traceback as _traceback
@@ -196,9 +197,41 @@ class TaskResult(Generic[R]):
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 
 
+# RemoteErrors that are also the app's exception class, made once per class.
+_REMOTE_AS: Dict[type, type] = {}
+
+
+def _app_class(name: str) -> Optional[type]:
+    """The app's exception class ``module.QualName``, if that module is imported here (never imported for it)."""
+    module, _, qualname = name.rpartition(".")
+    found: Any = sys.modules.get(module)
+    for part in qualname.split(".") if found is not None else ():
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) and issubclass(found, Exception) else None
+
+
 def _rebuilt(type_name: Optional[str], message: str) -> Exception:
-    """The exception a stored failure describes: builtins and greenqueue errors by type, others as RemoteError."""
+    """The exception a stored failure describes: builtins and greenqueue errors by type, others as RemoteError.
+
+    A RemoteError of an app's class imported in this process is an instance of that class too,
+    so ``except PaymentError`` (and Celery ports' tests) catch it on any node.
+    """
     name = type_name or "Exception"
+    if "." in name:
+        cls = _app_class(name)
+        if cls is not None:
+            both = _REMOTE_AS.get(cls)
+            if both is None:
+                try:
+                    both = _REMOTE_AS[cls] = type(cls.__name__, (RemoteError, cls), {"__module__": cls.__module__})
+                except TypeError:
+                    both = None  # a layout Python cannot combine: a plain RemoteError below
+            if both is not None:
+                try:
+                    made: Exception = both(message, name, "")
+                    return made
+                except TypeError:
+                    pass
     cls = getattr(builtins, name, None)
     if isinstance(cls, type) and issubclass(cls, Exception):
         try:

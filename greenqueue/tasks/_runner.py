@@ -21,6 +21,7 @@ child drops the parent's default runner (its task thread does not exist there).
 """
 
 import datetime
+import json
 import logging
 import time
 from dataclasses import replace
@@ -516,7 +517,7 @@ class Runner:
         if not self.on_hub_thread():
             found: Optional[List[str]] = self.call(self.group_members, group_id)
             return found
-        return self.workflows.groups.get(group_id)
+        return self.workflows.groups.get(group_id) or self.store.group(group_id)
 
     def run_steps(self, steps: Sequence["Step"], groups: Dict[str, List[str]]) -> Dict[str, TaskResult[Any]]:
         """Start a workflow's steps: those without parents now, the rest when their parents end; their handles."""
@@ -524,17 +525,57 @@ class Runner:
             started: Dict[str, TaskResult[Any]] = self.call(self.run_steps, steps, groups)
             return started
         handles: Dict[str, TaskResult[Any]] = {}
+        if self.store.durable:
+            # One commit: the steps without parents are claimable at once, the others wait in the
+            # store, which releases each in the transaction that records its last parent's end.
+            for row in self.store.spawned_workflow([self._step_row(step) for step in steps], groups):
+                handles[row.id] = self.handle(row)
         for step in steps:
-            r: TaskResult[Any] = TaskResult(self, step.id, step.sig.task.name)
+            r = handles.get(step.id)
+            if r is None:
+                r = handles[step.id] = TaskResult(self, step.id, step.sig.task.name)
             if len(step.parents) == 1 and step.takes != TAKES_ID:
                 r.parent = handles.get(step.parents[0])
-            handles[step.id] = r
+        if self.store.durable:
+            return handles
         self.workflows.groups.update(groups)
         self.workflows.add(steps, handles)
         for step in steps:
             if step.root:
                 self._start_step(step, handles[step.id], ())
         return handles
+
+    def _step_row(self, step: "Step") -> TaskRow:
+        """The store row of a workflow step: its own arguments, what it waits for and who waits for it."""
+        sig, t = step.sig, step.sig.task
+        opts = sig.options
+        countdown, eta = opts.get("countdown"), opts.get("eta")
+        when: Optional[datetime.datetime] = None
+        if not step.parents:
+            when = eta if eta is not None else None if countdown is None else \
+                _now() + datetime.timedelta(seconds=float(countdown))
+            if when is not None and when.tzinfo is None:
+                when = when.replace(tzinfo=_UTC)
+        task_opts = t.opts
+        if opts.get("priority") is not None:
+            task_opts = replace(task_opts, priority=check_priority("%s: priority" % t.name, opts["priority"]))
+        if task_opts.limited:
+            task_opts = with_buckets(t.name, task_opts, sig.args, sig.kwargs)
+        expires = opts.get("expires", task_opts.expires)
+        rate, limit = limits_of(task_opts) if task_opts.limited else _NO_LIMITS
+        row = new_row(step.id, t.name, sig.args, sig.kwargs, t.serializer, opts.get("queue") or t.queue, when,
+                      max_attempts=task_opts.retries + 1, idempotency_key=opts.get("idempotency_key"),
+                      start_by=None if expires is None else _start_by(t.name, expires), priority=task_opts.priority,
+                      rate=rate, limit=limit)
+        if step.parents:
+            row.parents, row.waits, row.takes = json.dumps(step.parents), len(step.parents), step.takes
+            delay = float(countdown) if countdown is not None else \
+                max(0.0, (eta - _now()).total_seconds()) if eta is not None else 0.0
+            row.wait = delay or None
+        row.then_ids = json.dumps(step.then) if step.then else None
+        row.error_ids = json.dumps(step.errors) if step.errors else None
+        row.chord = step.chord
+        return row
 
     def _start_step(self, step: "Step", handle: TaskResult[Any], first: tuple) -> None:
         """Run a workflow step whose turn came, ``first`` in front of its own arguments."""

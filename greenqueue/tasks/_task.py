@@ -12,6 +12,7 @@ greenlet per open batch.
 import datetime
 import functools
 import logging
+import sys
 import time
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, List, Literal, NoReturn, Optional, ParamSpec, Tuple, Type,
                     TypeVar, Union, cast, overload)
@@ -375,8 +376,19 @@ def get_task(name: str) -> "Task[..., Any]":
 
 
 def find_task(name: str) -> "Optional[Task[..., Any]]":
-    """The registered Task called ``name``, or None."""
-    return _registry.get(name)
+    """The registered Task called ``name``, or None.
+
+    A default name is ``module.qualname``: a task whose module is imported in this process is
+    found there even when the registry forgot it (a runtime reset), and registered again. No
+    module is imported for it: a name in a row must not run import-time code.
+    """
+    found = _registry.get(name)
+    if found is None:
+        module, _, attr = name.rpartition(".")
+        candidate = getattr(sys.modules.get(module), attr, None) if module else None
+        if isinstance(candidate, Task) and candidate.name == name:
+            _registry[name] = found = candidate
+    return found
 
 
 def registered() -> "Dict[str, Task[..., Any]]":
