@@ -52,3 +52,29 @@ def noted(label, *args):
     finally:
         os.close(fd)
     return label
+
+
+@task
+def member(n, seconds):
+    """A chord member: sleep, record that member ``n`` ran, return n."""
+    import gevent
+    gevent.sleep(seconds)
+    noted("member", n)
+    return n
+
+
+@task
+def body(results):
+    """A chord body: record that it ran and over how many results; returns their sum."""
+    noted("body", len(results), sum(results))
+    return sum(results)
+
+
+@task
+def step(results, label, seconds):
+    """A chain step: record its start, sleep, record its end; pass its input on with the label added."""
+    import gevent
+    noted("start", label)
+    gevent.sleep(seconds)
+    noted("end", label)
+    return list(results) + [label]
