@@ -366,8 +366,40 @@ def launch(node: Canvas) -> Any:
     """
     plan, handles, made = _launch(node)
     if isinstance(made, str):
-        return handles[made]
-    return GroupResult(made[1], [_result_of(plan, handles, m) for m in plan.groups[made[1]]])
+        found: Any = handles[made]
+    else:
+        found = GroupResult(made[1], [_result_of(plan, handles, m) for m in plan.groups[made[1]]])
+    if len(plan.steps) > 1 or isinstance(node, (group, chord, chain)):
+        _announce(node, found, len(plan.steps))
+    return found
+
+
+def _announce(node: Canvas, found: Any, steps: int) -> None:
+    """Publish WorkflowStarted now and WorkflowFinished when what stands for it is final."""
+    from . import events
+    kind = "chord" if isinstance(node, chord) else "group" if isinstance(node, group) else "chain"
+    events.notify(events.WorkflowStarted(found, kind, steps))
+    if isinstance(found, GroupResult):
+        leaves = _leaves(found)
+        left = [len(leaves)]
+
+        def member_done(_: Any) -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                ok = all(r.successful() for r in leaves)
+                events.notify(events.WorkflowFinished(found, kind, "SUCCESS" if ok else "FAILURE"))
+        for r in leaves:
+            r.add_done_callback(member_done)
+        return
+    found.add_done_callback(lambda r: events.notify(events.WorkflowFinished(r, kind, r.state)))
+
+
+def _leaves(found: "GroupResult") -> List["TaskResult[Any]"]:
+    """The TaskResults of a group, its nested groups' included."""
+    out: List[Any] = []
+    for r in found.results:
+        out += _leaves(r) if isinstance(r, GroupResult) else [r]
+    return out
 
 
 def _result_of(plan: "_Plan", handles: Dict[str, "TaskResult[Any]"], member: str) -> Any:

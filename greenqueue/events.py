@@ -20,7 +20,8 @@ __all__ = [
     "Event", "TaskSpawned", "TaskStarted", "TaskSucceeded", "TaskFailed",
     "TaskRetrying", "TaskCancelled", "JobFired", "JobSkipped", "JobMissed",
     "WorkerStarted", "WorkerExited", "ServerStarting", "ServerStopping", "MessagesHandled", "MessagesFailed",
-    "RequestFinished", "PoolCallFinished", "notify", "subscribe", "wanted", "subscribers",
+    "RequestFinished", "PoolCallFinished", "WorkflowStarted", "WorkflowFinished", "notify", "subscribe", "wanted",
+    "subscribers",
 ]
 
 
@@ -185,6 +186,24 @@ class PoolCallFinished(Event):
     pool: Any
     kind: str = "call"
     seconds: float = 0.0
+
+
+@dataclass
+class WorkflowStarted(Event):
+    """A chain, group or chord (``kind``) of ``steps`` runs was started; ``result`` stands for it."""
+
+    result: Any
+    kind: str = "chain"
+    steps: int = 0
+
+
+@dataclass
+class WorkflowFinished(Event):
+    """A workflow started in this process ended: ``state`` is its result's (a group's: SUCCESS or FAILURE)."""
+
+    result: Any
+    kind: str = "chain"
+    state: str = "SUCCESS"
 
 
 def notify(event: Event) -> None:

@@ -308,7 +308,7 @@ class Runtime:
 _WAITING = {"pending": ("PENDING",), "scheduled": ("SCHEDULED", "RETRY")}
 # Why a store's waiting row waits, by its hold (a ready row waits for a slot, or behind a higher priority).
 _HOLDS = {"eta": "eta", "gate": "limits (checked at the next claim)", "rate": "rate limit",
-          "limit": "concurrency limit"}
+          "limit": "concurrency limit", "after": "its parent steps (workflow)"}
 
 _default: Default[Runtime] = Default(Runtime)
 

@@ -282,3 +282,19 @@ def test_cancelling_a_waiting_step_ends_it_and_the_steps_after_it(store):
     with pytest.raises(errors.CancelledError):
         c.get(timeout=TIMEOUT)
     gevent.sleep(0)
+
+
+def test_workflows_are_counted_as_they_start_and_end(store):
+    from greenqueue import events
+    seen = []
+    unsubscribe = events.subscribe(seen.append, events.WorkflowStarted, events.WorkflowFinished)
+    try:
+        chord([add.s(1, 1), add.s(2, 2)], tsum.s()).delay().get(timeout=TIMEOUT)
+        g = group(add.s(1, 1), fail.s()).delay()
+        wait_for(g.ready, TIMEOUT, message="the group")
+        wait_for(lambda: len(seen) >= 4 or None, TIMEOUT, message="the events")
+    finally:
+        unsubscribe()
+    got = sorted((type(e).__name__, e.kind, getattr(e, "state", None), getattr(e, "steps", None)) for e in seen)
+    assert got == [("WorkflowFinished", "chord", "SUCCESS", None), ("WorkflowFinished", "group", "FAILURE", None),
+                   ("WorkflowStarted", "chord", None, 3), ("WorkflowStarted", "group", None, 2)]

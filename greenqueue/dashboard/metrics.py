@@ -128,6 +128,10 @@ class Metrics:
             c["greenqueue_job_runs"][(e.job.name, "skipped")] += 1
         elif kind is events.JobMissed:
             c["greenqueue_job_runs"][(e.job.name, "missed")] += 1
+        elif kind is events.WorkflowStarted:
+            c["greenqueue_workflows"][(e.kind, "started")] += 1
+        elif kind is events.WorkflowFinished:
+            c["greenqueue_workflows"][(e.kind, e.state)] += 1
         elif kind is events.WorkerExited:
             c["greenqueue_worker_exits"][(getattr(e.pool, "name", "?"), e.reason or "?")] += 1
         elif kind is events.MessagesHandled or kind is events.MessagesFailed:
@@ -150,7 +154,8 @@ class Metrics:
 # Every event type _on_event counts; TaskStarted is not one of them, so it costs metrics nothing.
 _HANDLED = (events.TaskSucceeded, events.TaskFailed, events.TaskSpawned, events.TaskCancelled,
             events.TaskRetrying, events.JobFired, events.JobSkipped, events.JobMissed, events.WorkerExited,
-            events.MessagesHandled, events.MessagesFailed, events.RequestFinished, events.PoolCallFinished)
+            events.MessagesHandled, events.MessagesFailed, events.RequestFinished, events.PoolCallFinished,
+            events.WorkflowStarted, events.WorkflowFinished)
 
 _COUNTERS = [
     ("greenqueue_tasks_spawned", "Tasks accepted", ["task"]),
@@ -160,6 +165,7 @@ _COUNTERS = [
     ("greenqueue_http_requests", "HTTP requests by status", ["status"]),
     ("greenqueue_worker_exits", "Worker processes that ended, by reason", ["pool", "reason"]),
     ("greenqueue_consumer_messages", "Consumer messages by outcome", ["consumer", "outcome"]),
+    ("greenqueue_workflows", "Workflows started here, and how they ended", ["kind", "outcome"]),
 ]
 _HISTOGRAMS = [
     ("greenqueue_task_duration_seconds", "Duration of a task's last attempt", ["task"]),

@@ -35,7 +35,7 @@ def _short_paths(text: str) -> str:
 def _task(r: "TaskResult[Any]", full: bool = False) -> Dict[str, Any]:
     d: Dict[str, Any] = {"id": r.id, "name": r.name, "state": r.state, "retries": r.retries, "eta": _iso(r.eta),
          "started_at": _iso(r.started_at), "finished_at": _iso(r.finished_at), "duration": r.duration,
-         "progress": r.progress}
+         "progress": r.progress, "parent": r.parent.id if r.parent is not None else None}
     if full and r.exception is not None:
         d["error"] = "%s: %s" % (type(r.exception).__name__, r.exception)
         d["traceback"] = _short_paths(r.traceback or "")
