@@ -512,6 +512,20 @@ class Runner:
 
     # -- workflows -------------------------------------------------------------------
 
+    def arguments(self, task_id: str) -> Optional[Tuple[tuple, dict]]:
+        """The arguments a task was spawned with, while this process holds it or the store keeps its row."""
+        if not self.on_hub_thread():
+            found: Optional[Tuple[tuple, dict]] = self.call(self.arguments, task_id)
+            return found
+        e = self._live.get(task_id)
+        if e is not None and e.fn is not None:
+            return e.args, e.kwargs
+        row = self.store.lookup(task_id)
+        if row is None or not row.payload:
+            return None
+        data = loads(row.serializer, row.payload)
+        return tuple(data.get("args", ())), dict(data.get("kwargs", {}))
+
     def group_members(self, group_id: str) -> Optional[List[str]]:
         """The member ids of the group ``group_id`` (None if unknown here and in the store)."""
         if not self.on_hub_thread():

@@ -11,6 +11,7 @@ greenlet per open batch.
 
 import datetime
 import functools
+import importlib
 import logging
 import sys
 import time
@@ -385,6 +386,15 @@ def find_task(name: str) -> "Optional[Task[..., Any]]":
     found = _registry.get(name)
     if found is None:
         module, _, attr = name.rpartition(".")
+        if module.startswith("greenqueue.") and module not in sys.modules:
+            # greenqueue's own tasks (the Django backend's runner): its modules are safe to import.
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                return None
+            found = _registry.get(name)
+            if found is not None:
+                return found
         candidate = getattr(sys.modules.get(module), attr, None) if module else None
         if isinstance(candidate, Task) and candidate.name == name:
             _registry[name] = found = candidate
