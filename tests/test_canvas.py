@@ -22,6 +22,11 @@ TIMEOUT = 20
 def store(request, tmp_path, monkeypatch):
     """Where the workflow's steps live: this process (memory), an SQLite journal, or PostgreSQL."""
     monkeypatch.setenv("CANVAS_LEDGER", str(tmp_path / "ledger.txt"))
+    # Each test's reset forgets the registry: this module's tasks are declared again, as an import would.
+    from .apps import canvas_tasks
+    for t in vars(canvas_tasks).values():
+        if isinstance(t, greenqueue.tasks.Task):
+            greenqueue.task(name=t.name)(t.fn)
     if request.param == "sqlite":
         greenqueue.configure(journal=str(tmp_path / "j.db"))
     elif request.param == "postgres":

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, ParamSpec, TypeVar
 
 import gevent
 
+from ._canvas import GroupResult
 from ._options import TaskOptions
 from ._result import (CANCELLED, EXPIRED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED,
                       SUCCESS, TaskResult)
@@ -100,7 +101,6 @@ def result(task_id: str) -> Any:
     members = runner.group_members(task_id)
     if members is None:
         return None
-    from ..canvas import GroupResult
     return GroupResult(task_id, [runner.follow(member) for member in members])
 
 

@@ -14,7 +14,6 @@ record of its own.
 """
 
 import builtins
-import sys
 import datetime
 import logging
 import traceback as _traceback
@@ -199,15 +198,19 @@ _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 
 # RemoteErrors that are also the app's exception class, made once per class.
 _REMOTE_AS: Dict[type, type] = {}
+#: ``finder("module.QualName")`` -> the app's exception class, or None: where the classes a stored
+#: failure names are looked up (the task registry adds its own: the modules of registered tasks).
+#: Never by importing a module a row names, which could run import-time code.
+class_finders: List[Callable[[str], Optional[type]]] = []
 
 
 def _app_class(name: str) -> Optional[type]:
-    """The app's exception class ``module.QualName``, if that module is imported here (never imported for it)."""
-    module, _, qualname = name.rpartition(".")
-    found: Any = sys.modules.get(module)
-    for part in qualname.split(".") if found is not None else ():
-        found = getattr(found, part, None)
-    return found if isinstance(found, type) and issubclass(found, Exception) else None
+    """The app's exception class ``module.QualName`` if a finder knows it here."""
+    for finder in class_finders:
+        found = finder(name)
+        if found is not None:
+            return found
+    return None
 
 
 def _rebuilt(type_name: Optional[str], message: str) -> Exception:

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 
@@ -45,10 +45,7 @@ from ._options import (NO_OPTIONS, DrainReport, TaskOptions, callable_name, chec
                        new_id)
 from ._result import (CANCELLED, FAILURE, PENDING, READY_STATES, RETRY, SCHEDULED, STARTED, TaskResult,
                       mark_started, resolve)
-from ._workflow import TAKES_ID, Workflows
-
-if TYPE_CHECKING:
-    from ..canvas import Step
+from ._workflow import TAKES_ID, Step, Workflows
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +530,7 @@ class Runner:
             return found
         return self.workflows.groups.get(group_id) or self.store.group(group_id)
 
-    def run_steps(self, steps: Sequence["Step"], groups: Dict[str, List[str]]) -> Dict[str, TaskResult[Any]]:
+    def run_steps(self, steps: Sequence[Step], groups: Dict[str, List[str]]) -> Dict[str, TaskResult[Any]]:
         """Start a workflow's steps: those without parents now, the rest when their parents end; their handles."""
         if not self.on_hub_thread():
             started: Dict[str, TaskResult[Any]] = self.call(self.run_steps, steps, groups)
@@ -559,7 +556,7 @@ class Runner:
                 self._start_step(step, handles[step.id], ())
         return handles
 
-    def _step_row(self, step: "Step") -> TaskRow:
+    def _step_row(self, step: Step) -> TaskRow:
         """The store row of a workflow step: its own arguments, what it waits for and who waits for it."""
         sig, t = step.sig, step.sig.task
         opts = sig.options
@@ -591,7 +588,7 @@ class Runner:
         row.chord = step.chord
         return row
 
-    def _start_step(self, step: "Step", handle: TaskResult[Any], first: tuple) -> None:
+    def _start_step(self, step: Step, handle: TaskResult[Any], first: tuple) -> None:
         """Run a workflow step whose turn came, ``first`` in front of its own arguments."""
         sig = step.sig
         opts = dict(sig.options)

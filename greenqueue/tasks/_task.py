@@ -13,22 +13,20 @@ import datetime
 import functools
 import importlib
 import logging
-import sys
 import time
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, List, Literal, NoReturn, Optional, ParamSpec, Tuple, Type,
+from typing import (Any, Callable, Dict, Generic, Iterable, List, Literal, NoReturn, Optional, ParamSpec, Tuple, Type,
                     TypeVar, Union, cast, overload)
 
 import gevent
 
 from ..errors import ConfigError, Retry
 from ..journal import new_row
+from ._canvas import Signature
 from ._limits import limits_of, parse_rate, with_buckets
 from ._options import TaskOptions, callable_name, check_number, check_priority, new_id
-from ._result import FAILURE, READY_STATES, STARTED, SUCCESS, TaskResult
+from ._result import FAILURE, READY_STATES, STARTED, SUCCESS, TaskResult, class_finders
 from ._runner import Runner, get_runner
 
-if TYPE_CHECKING:
-    from ..canvas import Signature
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +127,16 @@ class Task(Generic[P, R]):
     #: Celery's spelling of :meth:`spawn`.
     delay = spawn
 
-    def s(self, *args: Any, **kwargs: Any) -> "Signature":
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature of this task (Celery's ``task.s()``): a step of a workflow, or a run to start later."""
-        from ..canvas import Signature
         return Signature(self, args, kwargs)
 
-    def si(self, *args: Any, **kwargs: Any) -> "Signature":
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
         """An immutable signature: as a step it does not receive its parent's result."""
-        from ..canvas import Signature
         return Signature(self, args, kwargs, immutable=True)
 
-    def signature(self, args: Iterable[Any] = (), kwargs: Optional[dict] = None, **options: Any) -> "Signature":
+    def signature(self, args: Iterable[Any] = (), kwargs: Optional[dict] = None, **options: Any) -> Signature:
         """Celery's ``task.signature(args, kwargs, **options)``."""
-        from ..canvas import Signature
         immutable = bool(options.pop("immutable", False))
         return Signature(self, tuple(args), kwargs, options, immutable)
 
@@ -379,26 +374,38 @@ def get_task(name: str) -> "Task[..., Any]":
 def find_task(name: str) -> "Optional[Task[..., Any]]":
     """The registered Task called ``name``, or None.
 
-    A default name is ``module.qualname``: a task whose module is imported in this process is
-    found there even when the registry forgot it (a runtime reset), and registered again. No
-    module is imported for it: a name in a row must not run import-time code.
+    greenqueue's own tasks (the Django backend's runner) are found in their module even before
+    it was imported, or after a runtime reset forgot them: those modules are safe to import. An
+    app's module is never imported for a name read from a row (it could run import-time code).
     """
     found = _registry.get(name)
-    if found is None:
+    if found is None and name.startswith("greenqueue."):
         module, _, attr = name.rpartition(".")
-        if module.startswith("greenqueue.") and module not in sys.modules:
-            # greenqueue's own tasks (the Django backend's runner): its modules are safe to import.
-            try:
-                importlib.import_module(module)
-            except ImportError:
-                return None
-            found = _registry.get(name)
-            if found is not None:
-                return found
-        candidate = getattr(sys.modules.get(module), attr, None) if module else None
+        try:
+            candidate = getattr(importlib.import_module(module), attr, None)
+        except ImportError:
+            return None
         if isinstance(candidate, Task) and candidate.name == name:
             _registry[name] = found = candidate
     return found
+
+
+def _class_in_task_modules(name: str) -> Optional[type]:
+    """The exception class ``module.QualName`` as the module of a registered task sees it, or None."""
+    module, _, qualname = name.rpartition(".")
+    for t in list(_registry.values()):
+        fn = t.fn
+        if getattr(fn, "__module__", None) != module:
+            continue
+        found: Any = getattr(fn, "__globals__", {}).get(qualname.split(".")[0])
+        for part in qualname.split(".")[1:]:
+            found = getattr(found, part, None)
+        if isinstance(found, type) and issubclass(found, Exception):
+            return found
+    return None
+
+
+class_finders.append(_class_in_task_modules)
 
 
 def registered() -> "Dict[str, Task[..., Any]]":

@@ -6,15 +6,12 @@ transaction of a parent's finish; this part does it for the memory store,
 when a parent's result becomes final here.
 """
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ._result import CANCELLED, FAILURE, SUCCESS, TaskResult, resolve
 
-if TYPE_CHECKING:
-    from ..canvas import Step
-
-__all__ = ["Workflows", "first_args", "TAKES_RESULT", "TAKES_RESULTS", "TAKES_ID"]
+__all__ = ["Workflows", "Step", "first_args", "TAKES_RESULT", "TAKES_RESULTS", "TAKES_ID"]
 
 #: How a step's arguments begin once its parents ended: with the parent's result (a chain step, a
 #: ``link``), with the list of its parents' results in order (a chord's body), with the failed
@@ -25,10 +22,33 @@ TAKES_ID = "id"
 
 
 @dataclass
+class Step:
+    """One run of a workflow: its task and arguments, what it waits for, and who waits for it."""
+
+    id: str
+    #: The Signature it runs (task, arguments, options).
+    sig: Any
+    #: Parents whose end this step waits for (their results, in order, become its first argument).
+    parents: List[str] = field(default_factory=list)
+    #: What its arguments begin with once its parents ended (TAKES_*), or None.
+    takes: Optional[str] = None
+    #: Steps released when it succeeds, and when it fails (link_error).
+    then: List[str] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
+    #: The chord it is the body of (its failure names the member), for the error message.
+    chord: bool = False
+
+    @property
+    def root(self) -> bool:
+        """True when it starts at once (no parent)."""
+        return not self.parents
+
+
+@dataclass
 class _Waiting:
     """A step whose parents have not all ended yet."""
 
-    step: "Step"
+    step: Step
     handle: TaskResult[Any]
     left: int
 
@@ -36,18 +56,18 @@ class _Waiting:
 class Workflows:
     """Steps waiting for parents, the links of steps that have children, and groups' member ids."""
 
-    def __init__(self, start: Callable[["Step", TaskResult[Any], tuple], None],
+    def __init__(self, start: Callable[[Step, TaskResult[Any], tuple], None],
                  settle: Callable[[TaskResult[Any]], None]) -> None:
         #: ``start(step, handle, first_args)``: run a step whose turn came.
         self._start = start
         #: ``settle(handle)``: keep the result of a step that ended without running.
         self._settle = settle
         self._waiting: Dict[str, _Waiting] = {}
-        self._links: Dict[str, "Step"] = {}      # step id -> the step, while it has children to tell
+        self._links: Dict[str, Step] = {}      # step id -> the step, while it has children to tell
         self._handles: Dict[str, TaskResult[Any]] = {}
         self.groups: Dict[str, List[str]] = {}
 
-    def add(self, steps: Sequence["Step"], handles: Dict[str, TaskResult[Any]]) -> None:
+    def add(self, steps: Sequence[Step], handles: Dict[str, TaskResult[Any]]) -> None:
         """Hold ``steps`` (their handles made): the ones with parents wait, the ones with children are watched."""
         for step in steps:
             if step.parents:
@@ -94,7 +114,7 @@ class Workflows:
         self._start(held.step, held.handle, first_args(held.step, handle_of, failed))
 
     def _fail(self, child_id: str, parent: TaskResult[Any]) -> None:
-        from ..canvas import ChordError
+        from ..errors import ChordError
         held = self._waiting.get(child_id)
         if held is None:
             return
@@ -137,7 +157,7 @@ class Workflows:
         self.groups.clear()
 
 
-def first_args(step: "Step", handle_of: Callable[[str], Optional[TaskResult[Any]]],
+def first_args(step: Step, handle_of: Callable[[str], Optional[TaskResult[Any]]],
                failed: Optional[str] = None) -> tuple:
     """What a released step's arguments begin with: its parent's result, its parents' results, a failed id."""
     if step.takes == TAKES_ID:
