@@ -69,7 +69,7 @@ from ._engine import FINAL, UNFINISHED, TaskRow, rows_query
 from ._gate import START_ORDER, Candidate, Verdict, decide, hold_of
 from ._links import follow
 from ._sqlite_nodes import NodeRows
-from ._sqlite_sql import (BACK, COLS, FINISH, INSERT, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION,
+from ._sqlite_sql import (BACK, COLS, FINISH, INSERT, finish_params, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION,
                           FIELDS, GATED, HELD, PARKED, READY, READY_OR_GATED, SYNCHRONOUS, UPGRADES, WAITING, WAITING_OF, chunks, filesystem_of,
                           marks, queue_filter, task_row)
 from ._sqlite_sql import write as transaction
@@ -540,13 +540,13 @@ class SQLiteEngine(NodeRows):
     def _finish_each(conn: sqlite3.Connection, now: float, params: List[tuple]) -> List[bool]:
         if len(params) > 1:
             conn.execute("SAVEPOINT finish")
-            if conn.executemany(FINISH, [(now,) + p[:-2] for p in params]).rowcount == len(params):
+            if conn.executemany(FINISH, [finish_params(now, p) for p in params]).rowcount == len(params):
                 conn.execute("RELEASE finish")
                 return [True] * len(params)
             # One was fenced off, or a row comes twice: undo, and learn which one by one.
             conn.execute("ROLLBACK TO finish")
             conn.execute("RELEASE finish")
-        return [conn.execute(FINISH, (now,) + p[:-2]).rowcount == 1 for p in params]
+        return [conn.execute(FINISH, finish_params(now, p)).rowcount == 1 for p in params]
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
               error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
@@ -592,8 +592,8 @@ class SQLiteEngine(NodeRows):
                 return state
             self._changes += 1
             if owner is None:
-                conn.execute("UPDATE greenqueue_tasks SET state = 'CANCELLED', finished_at = ?1, updated_at = ?1, "
-                             "expires_at = ?1 + ?2, hold = NULL WHERE id = ?3", (now, self.result_ttl, row_id))
+                conn.execute("UPDATE greenqueue_tasks SET state = 'CANCELLED', finished_at = ?, updated_at = ?, "
+                             "expires_at = ?, hold = NULL WHERE id = ?", (now, now, now + self.result_ttl, row_id))
                 self._follow(conn, now, [row_id])
             else:
                 conn.execute("UPDATE greenqueue_tasks SET cancel_requested = 1, updated_at = ? WHERE id = ?",
@@ -753,8 +753,8 @@ class SQLiteEngine(NodeRows):
                  "GROUP BY limit_bucket", ()),
                 ("concurrency", "SELECT limit_bucket, max(limit_n), 0, count(*) FROM %s GROUP BY limit_bucket"
                  % PARKED, ()),
-                ("rate", "SELECT bucket, NULL, count(*), 0 FROM greenqueue_starts WHERE at <= ?1 AND until > ?1 "
-                 "GROUP BY bucket", (time.time(),)),
+                ("rate", "SELECT bucket, NULL, count(*), 0 FROM greenqueue_starts WHERE at <= ? AND until > ? "
+                 "GROUP BY bucket", (time.time(),) * 2),
                 ("rate", "SELECT rate_bucket, max(rate_n), 0, count(*) FROM greenqueue_tasks INDEXED BY "
                  "greenqueue_tasks_rated WHERE owner IS NULL AND hold = 'rate' GROUP BY rate_bucket", ())):
             for bucket, most, used, waiting in conn.execute(sql, params):
@@ -788,11 +788,11 @@ class SQLiteEngine(NodeRows):
     def _requeue(self, conn: sqlite3.Connection, row_id: Optional[str]) -> int:
         with transaction(conn) as now:
             back = conn.execute(
-                "UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = ?1, hold = %s, attempts = 0, "
+                "UPDATE greenqueue_tasks SET state = 'PENDING', eta = NULL, due = :now, hold = %s, attempts = 0, "
                 "lease_losses = 0, cancel_requested = 0, finished_at = NULL, expires_at = NULL, result = NULL, "
-                "error_type = NULL, error = NULL, traceback = NULL, updated_at = ?1 "
-                "WHERE state IN ('FAILURE', 'CANCELLED') %s RETURNING id" % (READY_OR_GATED, "AND id = ?2" if row_id else ""),
-                (now, row_id) if row_id else (now,)).fetchall()
+                "error_type = NULL, error = NULL, traceback = NULL, updated_at = :now "
+                "WHERE state IN ('FAILURE', 'CANCELLED') %s RETURNING id" % (READY_OR_GATED, "AND id = :id" if row_id else ""),
+                {"now": now, "id": row_id}).fetchall()
             ids = [r[0] for r in back]
             for part in chunks(ids):
                 conn.execute("DELETE FROM greenqueue_lost WHERE task_id IN (%s)" % marks(part), part)

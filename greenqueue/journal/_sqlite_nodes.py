@@ -54,9 +54,9 @@ class NodeRows:
                                    "SET lease_expires = ? WHERE owner = ? AND state = 'STARTED' "
                                    "RETURNING id, cancel_requested",
                                    (now + self.lease_timeout, node)).fetchall()
-            lost = conn.execute("DELETE FROM greenqueue_lost WHERE node = ?1 AND NOT EXISTS (SELECT 1 FROM "
-                                "greenqueue_tasks t WHERE t.id = task_id AND t.owner = ?1) RETURNING task_id",
-                                (node,)).fetchall()
+            lost = conn.execute("DELETE FROM greenqueue_lost WHERE node = :node AND NOT EXISTS (SELECT 1 FROM "
+                                "greenqueue_tasks t WHERE t.id = task_id AND t.owner = :node) RETURNING task_id",
+                                {"node": node}).fetchall()
             conn.execute("UPDATE greenqueue_nodes SET heartbeat_at = ?, running = ? WHERE id = ?",
                          (now, running, node))
             self._changes += 1

@@ -297,6 +297,13 @@ def write(conn: sqlite3.Connection) -> Iterator[float]:
         raise
 
 
-FINISH = ("UPDATE greenqueue_tasks SET state = ?2, result = ?3, error_type = ?4, error = ?5, "
-           "traceback = ?6, owner = NULL, lease_expires = NULL, finished_at = ?1, updated_at = ?1, "
-           "expires_at = ?1 + ?7 WHERE id = ?8 AND owner = ?9 AND attempts = ?10")
+# Plain ? placeholders: Python's sqlite3 takes ?NNN for names (a sequence for them is an error
+# from Python 3.14). Parameters: finish_params()'s.
+FINISH = ("UPDATE greenqueue_tasks SET state = ?, result = ?, error_type = ?, error = ?, traceback = ?, "
+          "owner = NULL, lease_expires = NULL, finished_at = ?, updated_at = ?, expires_at = ? "
+          "WHERE id = ? AND owner = ? AND attempts = ?")
+
+
+def finish_params(now: float, p: Sequence[Any]) -> tuple:
+    """FINISH's parameters at ``now`` for a finish item (state, result, error_type, error, traceback, ttl, id, node, attempt, ...)."""
+    return (p[0], p[1], p[2], p[3], p[4], now, now, now + p[5], p[6], p[7], p[8])
