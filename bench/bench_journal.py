@@ -14,10 +14,18 @@ journaled spawn->complete >= 0.4x in-memory and >= 10,000/s. It runs in a
 child process so the pinning (``os.sched_setaffinity``) binds nothing else;
 pinned, the engine's SQLite thread and the hub share the core, so every
 microsecond either spends shows.
+
+Full bench only, the claim at scale: the same spawn->complete run on a node
+serving only queue "default", on an empty file vs one holding 200,000 rows
+due in a day on "default" and 200,000 on a queue no node serves (pinned,
+best of three each); then two server processes on one file, a web node
+(``--queues ""``) enqueueing and a worker node claiming, empty vs backlog.
+Target: the backlog's rate >= 0.7x the empty file's.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gevent  # noqa: E402
 
 from bench._common import PY, ROOT, bench_main, free_port, row, server, wrk  # noqa: E402
+from bench.bench_cluster import WEB_DRAIN_TASKS, Collector, Procs, claim_row, fill_backlog, web_drain  # noqa: E402
 from greenqueue import runtime, tasks  # noqa: E402
 
 
@@ -102,6 +111,119 @@ def _pinned(n, repeats):
                                                           "met" if met else "not met"))
 
 
+CLAIM_TASKS = 20_000
+# Fewer slots than spawners: most spawns find none free, so their tasks wait in the file and
+# reach the node through its claim (with a free slot a spawn runs its task without one).
+CLAIM_CONCURRENCY = 10
+_CLAIM = ("import sys; sys.path.insert(0, %r); import bench.bench_journal as b; "
+          "b._claim_child(%d, %d, %d, %r)")
+
+
+def _claim_throughput(n, spawners, path):
+    """Like _throughput, journaled, on a node serving only "default"; returns (tasks/s, share of them claimed)."""
+    runtime.reset()
+    tasks.configure(hub="current", max_pending=10_000_000, max_concurrency=CLAIM_CONCURRENCY)
+    t = tasks.task(name="bench.noop")(_noop)
+    engine = runtime.get_runtime().open_store(path, queues=["default"]).engine
+    claim, claimed = engine.claim, [0]
+
+    def counted(node, queues, limit):
+        rows = claim(node, queues, limit)
+        claimed[0] += len(rows)
+        return rows
+
+    engine.claim = counted
+    results = []
+
+    def spawner(k):
+        for i in range(k, n, spawners):
+            results.append(t.spawn(i))
+
+    t0 = time.perf_counter()
+    gevent.joinall([gevent.spawn(spawner, k) for k in range(spawners)])
+    for r in results:
+        r.wait(60)
+    elapsed = time.perf_counter() - t0
+    runtime.reset()
+    assert all(r.successful() for r in results)
+    return n / elapsed, claimed[0] / n
+
+
+def _copy_journal(src, dst):
+    """Copy a closed journal file (and its WAL, should one be left) to ``dst``."""
+    shutil.copyfile(src, dst)
+    if os.path.exists(src + "-wal"):
+        shutil.copyfile(src + "-wal", dst + "-wal")
+
+
+def _claim_child(n, repeats, core, backlog):
+    """In a child process: pin to ``core``, then print each run's rate on an empty file and on a copy of ``backlog``."""
+    os.sched_setaffinity(0, {core})
+    got = {"empty": [], "backlog": [], "claimed": []}
+    with tempfile.TemporaryDirectory() as d:
+        for k in range(repeats):
+            # Alternate, so a slow spell of the machine costs both sides alike.
+            rate, share = _claim_throughput(n, PINNED_SPAWNERS, "%s/empty%d.db" % (d, k))
+            got["empty"].append(rate)
+            got["claimed"].append(share)
+            _copy_journal(backlog, "%s/backlog%d.db" % (d, k))
+            rate, share = _claim_throughput(n, PINNED_SPAWNERS, "%s/backlog%d.db" % (d, k))
+            got["backlog"].append(rate)
+            got["claimed"].append(share)
+    print(json.dumps(got))
+
+
+def _claim_pinned(n, repeats, backlog):
+    """One process pinned to one core serving "default": best of ``repeats``, empty file vs the backlog's."""
+    metric = "claim at scale: journaled spawn->complete, pinned, node serves \"default\" (%d tasks, %d spawners, " \
+        "max_concurrency %d, best of %d)" % (n, PINNED_SPAWNERS, CLAIM_CONCURRENCY, repeats)
+    if not hasattr(os, "sched_setaffinity"):
+        return row("journal", metric, None, "tasks/s", "same, empty store", None,
+                   note="this OS cannot pin a process (no sched_setaffinity)")
+    core = max(os.sched_getaffinity(0))
+    proc = subprocess.run([PY, "-c", _CLAIM % (str(ROOT), n, repeats, core, backlog)], capture_output=True,
+                          text=True, timeout=300, cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise RuntimeError("the pinned claim run failed: %s"
+                           % (proc.stderr.strip().splitlines() or ["no output"])[-1])
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return claim_row("journal", metric, max(got["empty"]), max(got["backlog"]),
+                     note="%.0f%%-%.0f%% of the tasks reached the node through its claim"
+                     % (100 * min(got["claimed"]), 100 * max(got["claimed"])))
+
+
+def _claim_two_nodes(n, backlog):
+    """Two server processes on one file, web node enqueueing and worker node claiming: empty vs backlog."""
+    procs, collector = Procs(), Collector()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            empty, empty_s = web_drain(procs, collector, d + "/empty.db", n)
+            _copy_journal(backlog, d + "/backlog.db")
+            full, full_s = web_drain(procs, collector, d + "/backlog.db", n)
+    finally:
+        procs.close()
+        collector.close()
+    return claim_row("journal", "claim at scale: web node enqueues %d tasks, worker node claims, one file" % n,
+                     empty, full, note="drained in %.1f s vs %.1f s" % (full_s, empty_s))
+
+
+def claim_at_scale(n, web_n=WEB_DRAIN_TASKS):
+    """The claim-at-scale rows: one pinned process (``n`` tasks), then two server processes (``web_n``)."""
+    from greenqueue.journal._sqlite import SQLiteEngine
+
+    with tempfile.TemporaryDirectory() as d:
+        backlog = d + "/backlog.db"
+        fill_backlog(SQLiteEngine(backlog), batch=5_000)
+        rows = []
+        for measure in (lambda: _claim_pinned(n, 3, backlog), lambda: _claim_two_nodes(web_n, backlog)):
+            try:
+                rows.append(measure())
+            except Exception as exc:  # one failing must not hide the other's figures
+                rows.append(row("journal", "(bench)", None, "", "-", None, note="claim at scale failed: %s: %s"
+                                % (type(exc).__name__, str(exc)[-300:])))
+    return rows
+
+
 def _http(seconds, journal_path=None):
     """wrk against a view that spawns one task per request; the server journals if given a path."""
     port = free_port()
@@ -139,7 +261,7 @@ def run(quick: bool = False, smoke: bool = False) -> list:
         ]
     except FileNotFoundError as exc:  # no wrk
         rows = [row("journal", "view spawning a task", None, "", "-", None, note=str(exc))]
-    return rows + [
+    rows += [
         pinned,
         row("journal", "journaled spawn->complete (%d concurrent spawners, unpinned)" % spawners, journaled,
             "tasks/s", "in-memory tasks", memory, True, note="the target's measure is the pinned row"),
@@ -151,6 +273,10 @@ def run(quick: bool = False, smoke: bool = False) -> list:
         row("journal", "--journal-sync full, 1 spawner", full_sequential, "tasks/s",
             "--journal-sync normal", sequential, True),
     ]
+    # Full bench only: the backlog's fill and the runs on an empty file and on it take about a minute.
+    if not (quick or smoke):
+        rows += claim_at_scale(CLAIM_TASKS)
+    return rows
 
 
 def main(argv=None):
