@@ -82,6 +82,8 @@ def load_app(spec: str) -> Callable[..., Any]:
     if not callable(app):
         attr = spec.partition(":")[2]
         raise StartupError("app %r: %s is a %s, not a WSGI callable" % (spec, attr, type(app).__name__))
+    from ._djangoapp import prepare
+    prepare(app)
     return cast(Callable[..., Any], app)
 
 

@@ -33,8 +33,10 @@ def run(module_name: str, settings: "Settings") -> int:
     """Start a node for ``module_name`` and serve until a signal; returns the exit status."""
     from .runtime import get_runtime
 
+    from ._djangoapp import prepare
     prepare_process(settings)
-    import_spec(module_name, "module")
+    # mysite.wsgi runs a Django node without HTTP: its apps' tasks known, its connections closed.
+    prepare(import_spec(module_name, "module"))
     rt = get_runtime()
     lifecycle = Lifecycle(rt, settings, log)
     lifecycle.start()

@@ -946,3 +946,16 @@ def test_the_filesystem_of_a_path_comes_from_its_longest_mount(path, kind):
     from greenqueue.journal._sqlite import filesystem_of
 
     assert filesystem_of(path, MOUNTINFO) == kind
+
+
+def test_a_row_given_back_uncounted_keeps_its_attempts(engines):
+    # A node that claimed a task it does not know gives it back without using up a retry.
+    e = engines()
+    e.enqueue([row(id="u", max_attempts=1)])
+    claimed, = e.claim("A", None, 1)
+    assert claimed.attempts == 1
+    assert e.retry("u", "A", 1, 0.0, "GreenqueueError", "not registered here", counted=False)
+    back = e.get("u")
+    assert (back.attempts, back.owner, back.state) == (0, None, "RETRY")
+    again, = e.claim("B", None, 1)
+    assert again.attempts == 1, "the node that knows it gets its first attempt"

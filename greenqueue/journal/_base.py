@@ -119,6 +119,9 @@ class Store(Protocol):
     def retrying(self, task_id: str, name: str, delay: float, exc: Optional[BaseException]) -> bool:
         """An attempt failed and another follows after ``delay`` s; True when the store took it over."""
 
+    def offer_again(self, task_id: str, name: str, delay: float, why: str) -> None:
+        """A claimed row this node cannot run (an unknown task): back to the others in ``delay`` s, no attempt counted."""
+
     def finished(self, row: TaskRow) -> bool:
         """A row this node ran reached its final state; False when the result was fenced off."""
 
@@ -246,6 +249,9 @@ class MemoryStore:
     def retrying(self, task_id: str, name: str, delay: float, exc: Optional[BaseException]) -> bool:
         """The runner keeps the retry: there is no other node to hand it to."""
         return False
+
+    def offer_again(self, task_id: str, name: str, delay: float, why: str) -> None:
+        """Nothing claims here: no row to give back."""
 
     def finished(self, row: TaskRow) -> bool:
         """Nothing to record; never fenced off."""

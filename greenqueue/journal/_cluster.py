@@ -237,6 +237,13 @@ class ClusterStore:
                         "decides", name, task_id)
         return True
 
+    def offer_again(self, task_id: str, name: str, delay: float, why: str) -> None:
+        """A claimed row this node cannot run: back to the others in ``delay`` s, its attempt not counted."""
+        attempt = self._attempts.pop(task_id, None)
+        self._keys.pop(task_id, None)
+        if attempt is not None and self._recording:
+            self.engine.retry(task_id, self.node, attempt, delay, "GreenqueueError", why, counted=False)
+
     def finished(self, row: TaskRow) -> bool:
         """Write the final state, fenced by attempt; False when another node took the task over."""
         attempt = self._attempts.pop(row.id, None)

@@ -203,8 +203,11 @@ class Engine(Protocol):
         """
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
-              error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
-        """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off."""
+              error_type: Optional[str] = None, error: Optional[str] = None, counted: bool = True) -> bool:
+        """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off.
+
+        ``counted=False`` takes back the attempt the claim counted (the node could not run it at all).
+        """
 
     def release(self, row_ids: Iterable[str], node: str) -> int:
         """Hand rows this node holds back unowned (graceful shutdown), keeping their attempt count."""

@@ -482,10 +482,10 @@ class PostgresEngine:
         return mine, others, done
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
-              error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
-        """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off."""
+              error_type: Optional[str] = None, error: Optional[str] = None, counted: bool = True) -> bool:
+        """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off (``counted``: see Engine)."""
         params = {"id": row_id, "node": node, "attempt": attempt, "delay": max(0.0, float(delay)),
-                  "error_type": error_type, "error": error, "ttl": self.result_ttl}
+                  "error_type": error_type, "error": error, "ttl": self.result_ttl, "uncount": 0 if counted else 1}
         return bool(self._value("retry", RETRY, params) == 1)
 
     def release(self, row_ids: Iterable[str], node: str) -> int:

@@ -399,7 +399,7 @@ BACK = """state = CASE WHEN t.cancel_requested THEN 'CANCELLED' ELSE {state} END
 RETRY = """WITH back AS (
         UPDATE greenqueue_tasks t SET {back}, eta = {now} + %(delay)s, due = {now} + %(delay)s,
             hold = CASE WHEN %(delay)s > 0 THEN 'eta' ELSE {ready_or_gated} END,
-            error_type = %(error_type)s, error = %(error)s
+            attempts = t.attempts - %(uncount)s, error_type = %(error_type)s, error = %(error)s
         WHERE id = %(id)s AND owner = %(node)s AND attempts = %(attempt)s
         RETURNING t.queue, t.state, t.due, t.limit_bucket),
     hint AS (SELECT pg_notify('{channel}', queue) FROM back WHERE state = 'RETRY' AND %(delay)s <= 0),

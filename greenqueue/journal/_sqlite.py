@@ -549,11 +549,12 @@ class SQLiteEngine(NodeRows):
         return [conn.execute(FINISH, finish_params(now, p)).rowcount == 1 for p in params]
 
     def retry(self, row_id: str, node: str, attempt: int, delay: float,
-              error_type: Optional[str] = None, error: Optional[str] = None) -> bool:
-        """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off."""
+              error_type: Optional[str] = None, error: Optional[str] = None, counted: bool = True) -> bool:
+        """Give the row back as RETRY, due in ``delay`` seconds; False when fenced off (``counted``: see Engine)."""
         params = {"id": row_id, "node": node, "attempt": attempt, "delay": max(0.0, float(delay)),
-                  "error_type": error_type, "error": error, "state": "RETRY"}
+                  "error_type": error_type, "error": error, "state": "RETRY", "uncount": 0 if counted else 1}
         return self._call("retry", self._back, "eta = :now + :delay, due = :now + :delay, "
+                          "attempts = attempts - :uncount, "
                           "hold = CASE WHEN :delay > 0 THEN 'eta' ELSE %s END, " % READY_OR_GATED +
                           "error_type = :error_type, error = :error", "id = :id AND attempts = :attempt",
                           params) == 1

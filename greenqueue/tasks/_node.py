@@ -141,8 +141,9 @@ class Node:
                 log.warning("task %s[%s]: no task of that name is registered on this node; kept in the journal "
                             "and offered again every %gs (see python -m greenqueue.journal %s list)",
                             row.name, row.id, UNKNOWN_RETRY, self.store.display)
-            self.store.retrying(row.id, row.name, UNKNOWN_RETRY, GreenqueueError(
-                "task %r is not registered on node %s" % (row.name, self.store.node)))
+            # Not an attempt: a node that cannot run it must not use up its retries (another can).
+            self.store.offer_again(row.id, row.name, UNKNOWN_RETRY,
+                                   "task %r is not registered on node %s" % (row.name, self.store.node))
             return
         self.runner.adopt(row, t)
 
