@@ -73,48 +73,56 @@ class Verdict:
     starts: List[Tuple[str, float, float, str]] = field(default_factory=list)
 
 
-def decide(candidates: Sequence[Candidate], limit: int, now: float, running_of: Callable[[str], int],
-           starts_of: Callable[[str, float], List[Tuple[float, str]]]) -> Verdict:
+def decide(candidates: Sequence[Candidate], limit: int, now: float,
+           running_of: Callable[[List[str]], Dict[str, int]],
+           starts_of: Callable[[str, float, int], List[Tuple[float, str]]],
+           reserved: Callable[[str, float, str], bool]) -> Verdict:
     """Walk ``candidates`` in start order and take up to ``limit``; gated rows pass only within their limits.
 
-    ``running_of(bucket)`` counts the bucket's runs whose lease is alive; ``starts_of(bucket, since)``
-    lists the bucket's starts after ``since`` as (time, task id), oldest first: those made, and those
-    reserved for rows held until their turn. Candidates past the ``limit``-th taken row are left as
-    they are.
+    ``running_of(buckets)`` counts each bucket's runs whose lease is alive (one query for all);
+    ``starts_of(bucket, since, n)`` lists the bucket's latest ``n`` starts after ``since`` as (time,
+    task id), oldest first: those made, and those reserved for rows held until their turn (the
+    window's only other fact needed is whether it holds ``n``); ``reserved(bucket, at, id)`` says
+    whether a start at ``at`` is reserved for that row. Candidates past the ``limit``-th taken row
+    are left as they are.
 
     A row over its rate gets the next start the window allows, reserved in its name and behind every
     reservation already made, and is held until then; when it comes back it starts on that
     reservation. So a backlog of N rows is looked at about twice each, not once per window.
     """
     verdict = Verdict()
-    running: Dict[str, int] = {}
-    starts: Dict[str, List[Tuple[float, str]]] = {}
+    gated = [c for c in candidates if c.gated]
+    buckets = sorted({c.limit_bucket for c in gated if c.limit_bucket is not None and c.limit_n is not None})
+    running: Dict[str, int] = running_of(buckets) if buckets else {}
+    recent: Dict[str, List[Tuple[float, str]]] = {}
     for c in sorted(candidates, key=Candidate.order):
         if len(verdict.take) >= limit:
             break
         if not c.gated:
             verdict.take.append(c.id)
             continue
-        if c.limit_bucket is not None and c.limit_n is not None:
-            if c.limit_bucket not in running:
-                running[c.limit_bucket] = running_of(c.limit_bucket)
-            if running[c.limit_bucket] >= c.limit_n:
-                verdict.park.append(c.id)
-                continue
+        if c.limit_bucket is not None and c.limit_n is not None and running.get(c.limit_bucket, 0) >= c.limit_n:
+            verdict.park.append(c.id)
+            continue
         if c.rate_bucket is not None and c.rate_n is not None and c.rate_per is not None:
             per = c.rate_per + margin(c.rate_per)
-            window = starts.get(c.rate_bucket)
+            n = c.rate_n
+            window = recent.get(c.rate_bucket)
             if window is None:
-                window = starts[c.rate_bucket] = list(starts_of(c.rate_bucket, now - per))
-            if not any(task_id == c.id for _, task_id in window):  # else it starts on its reservation
-                if len(window) >= c.rate_n:
+                window = recent[c.rate_bucket] = list(starts_of(c.rate_bucket, now - per, n))
+            mine = c.due > now - per and (any(task_id == c.id for _, task_id in window)
+                                          or reserved(c.rate_bucket, c.due, c.id))
+            if not mine:  # else it starts on the start reserved for it
+                if len(window) >= n:
                     # The n-th latest start (made or reserved) leaves the window then: reserve that.
-                    at = window[len(window) - c.rate_n][0] + per
+                    at = window[len(window) - n][0] + per
                     window.append((at, c.id))
+                    del window[:-n]
                     verdict.starts.append((c.rate_bucket, at, at + per, c.id))
                     verdict.hold.append((c.id, at))
                     continue
                 bisect.insort(window, (now, c.id))  # reservations may lie ahead of it
+                del window[:-n]
                 verdict.starts.append((c.rate_bucket, now, now + per, c.id))
         if c.limit_bucket is not None:
             running[c.limit_bucket] = running.get(c.limit_bucket, 0) + 1

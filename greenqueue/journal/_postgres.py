@@ -348,8 +348,11 @@ class PostgresEngine:
                 conn.execute(LOCK_BUCKETS, (buckets,))
             now = _first(conn.execute("SELECT " + NOW).fetchone())
             verdict = decide(candidates, params["limit"], now,
-                             lambda bucket: int(_first(conn.execute(RUNNING_IN, (bucket,)).fetchone())),
-                             lambda bucket, since: self._starts_in(conn, bucket, since))
+                             lambda buckets: dict(conn.execute(RUNNING_IN, (buckets,)).fetchall()),
+                             lambda bucket, since, n: self._starts_in(conn, bucket, since, n),
+                             lambda bucket, at, task_id: conn.execute(
+                                 "SELECT 1 FROM greenqueue_starts WHERE bucket = %s AND at = %s AND task_id = %s",
+                                 (bucket, at, task_id)).fetchone() is not None)
             if verdict.park:
                 conn.execute("UPDATE greenqueue_tasks SET hold = 'limit' WHERE id = ANY(%s)", (verdict.park,))
             if verdict.hold:
@@ -367,11 +370,12 @@ class PostgresEngine:
         return sorted((TaskRow(*r) for r in got), key=lambda r: order[r.id])
 
     @staticmethod
-    def _starts_in(conn: Any, bucket: str, since: float) -> List[Tuple[float, str]]:
-        """``bucket``'s starts (made or reserved) after ``since`` as (time, task id), oldest first; older ones go."""
+    def _starts_in(conn: Any, bucket: str, since: float, n: int) -> List[Tuple[float, str]]:
+        """``bucket``'s latest ``n`` starts (made or reserved) after ``since``, oldest first; older ones go."""
         conn.execute("DELETE FROM greenqueue_starts WHERE bucket = %s AND at <= %s", (bucket, since))
         return [(r[0], r[1]) for r in conn.execute(
-            "SELECT at, task_id FROM greenqueue_starts WHERE bucket = %s ORDER BY at", (bucket,)).fetchall()]
+            "SELECT at, task_id FROM greenqueue_starts WHERE bucket = %s ORDER BY at DESC LIMIT %s",
+            (bucket, n)).fetchall()][::-1]
 
     def finish(self, row_id: str, node: str, attempt: int, state: str, result: Optional[bytes] = None,
                error_type: Optional[str] = None, error: Optional[str] = None,

@@ -321,8 +321,9 @@ GATE_EVERY = "(SELECT name FROM r WHERE name IS NOT NULL UNION SELECT name FROM 
 # Other nodes' gates wait for these (in one order: no deadlock) until this transaction ends.
 LOCK_BUCKETS = ("SELECT count(pg_advisory_xact_lock(hashtextextended(b, 0))) FROM "
                 "(SELECT DISTINCT b FROM unnest(%s::text[]) AS u(b) ORDER BY b) s")
-RUNNING_IN = ("SELECT count(*) FROM greenqueue_tasks WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL "
-              "AND limit_bucket = %s AND state = 'STARTED' AND lease_expires >= {now}".format(now=NOW))
+RUNNING_IN = ("SELECT limit_bucket, count(*) FROM greenqueue_tasks WHERE owner IS NOT NULL "
+              "AND limit_bucket IS NOT NULL AND limit_bucket = ANY(%s) AND state = 'STARTED' "
+              "AND lease_expires >= {now} GROUP BY limit_bucket".format(now=NOW))
 CLAIM_IDS = """UPDATE greenqueue_tasks t
     SET state = 'STARTED', owner = %(node)s, attempts = t.attempts + 1, hold = NULL,
         lease_expires = {now} + %(lease)s, started_at = {now}, updated_at = {now},

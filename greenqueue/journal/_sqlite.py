@@ -418,7 +418,7 @@ class SQLiteEngine(NodeRows):
                     "SELECT id, priority, due, created_at, rate_bucket, rate_n, rate_per, limit_bucket, limit_n "
                     "FROM %s AND queue = ? ORDER BY %s LIMIT ?" % (GATED, START_ORDER), (name, limit))]
             verdict = decide(candidates, limit, now, partial(self._running_in, conn, now),
-                             partial(self._starts_in, conn))
+                             partial(self._starts_in, conn), partial(self._reserved, conn))
             self._gate(conn, verdict)
             ids = verdict.take
             if not ids:
@@ -434,18 +434,26 @@ class SQLiteEngine(NodeRows):
         return sorted(map(task_row, got), key=lambda r: order[r.id])
 
     @staticmethod
-    def _running_in(conn: sqlite3.Connection, now: float, bucket: str) -> int:
-        """Runs of ``bucket`` whose lease is alive (a dead node's share ends with its lease)."""
-        return conn.execute("SELECT count(*) FROM greenqueue_tasks INDEXED BY greenqueue_tasks_limited "
-                            "WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL AND limit_bucket = ? "
-                            "AND state = 'STARTED' AND lease_expires >= ?", (bucket, now)).fetchone()[0]
+    def _running_in(conn: sqlite3.Connection, now: float, buckets: List[str]) -> Dict[str, int]:
+        """Runs of each of ``buckets`` whose lease is alive (a dead node's share ends with its lease)."""
+        return dict(conn.execute(
+            "SELECT limit_bucket, count(*) FROM greenqueue_tasks INDEXED BY greenqueue_tasks_limited "
+            "WHERE owner IS NOT NULL AND limit_bucket IS NOT NULL AND limit_bucket IN (%s) "
+            "AND state = 'STARTED' AND lease_expires >= ? GROUP BY limit_bucket" % marks(buckets),
+            list(buckets) + [now]).fetchall())
 
     @staticmethod
-    def _starts_in(conn: sqlite3.Connection, bucket: str, since: float) -> List[Tuple[float, str]]:
-        """``bucket``'s starts (made or reserved) after ``since`` as (time, task id), oldest first; older ones go."""
+    def _starts_in(conn: sqlite3.Connection, bucket: str, since: float, n: int) -> List[Tuple[float, str]]:
+        """``bucket``'s latest ``n`` starts (made or reserved) after ``since``, oldest first; older ones go."""
         conn.execute("DELETE FROM greenqueue_starts WHERE bucket = ? AND at <= ?", (bucket, since))
-        return conn.execute("SELECT at, task_id FROM greenqueue_starts WHERE bucket = ? ORDER BY at",
-                            (bucket,)).fetchall()
+        return conn.execute("SELECT at, task_id FROM greenqueue_starts WHERE bucket = ? ORDER BY at DESC LIMIT ?",
+                            (bucket, n)).fetchall()[::-1]
+
+    @staticmethod
+    def _reserved(conn: sqlite3.Connection, bucket: str, at: float, task_id: str) -> bool:
+        """True when a start at ``at`` is reserved for ``task_id``."""
+        return conn.execute("SELECT 1 FROM greenqueue_starts WHERE bucket = ? AND at = ? AND task_id = ?",
+                            (bucket, at, task_id)).fetchone() is not None
 
     def _gate(self, conn: sqlite3.Connection, verdict: Verdict) -> None:
         """Write what the gate decided besides the claim: parked rows, rows held for their window, starts."""
@@ -714,7 +722,7 @@ class SQLiteEngine(NodeRows):
             if found is None:
                 return
             bucket, most = found
-            room = (most or 1) - self._running_in(conn, now, bucket)
+            room = (most or 1) - self._running_in(conn, now, [bucket]).get(bucket, 0)
             if room > 0:
                 self._unpark(conn, [bucket] * room)
                 self._changes += 1
