@@ -21,9 +21,13 @@ except ImportError:
 if os.environ.get("DJANGO_PG"):
     url = urlsplit(os.environ["DJANGO_PG"])
     DATABASES = {"default": {"ENGINE": "django.db.backends.postgresql", "NAME": url.path.lstrip("/"),
-                             "USER": url.username, "HOST": url.hostname, "PORT": url.port}}
+                             "USER": url.username, "HOST": url.hostname, "PORT": url.port,
+                             # Tells Django's connections from the journal's in pg_stat_activity.
+                             "OPTIONS": {"application_name": "django-site"}}}
 else:
     DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3",
                              "NAME": os.environ.get("DJANGO_DB", "django-tests.db")}}
 
-TASKS = {"default": {"BACKEND": "greenqueue.django.GreenqueueBackend", "QUEUES": []}}
+TASKS = {"default": {"BACKEND": "greenqueue.django.GreenqueueBackend", "QUEUES": []},
+         # Writes the task in Django's own transaction (PostgreSQL: the journal is Django's database).
+         "tx": {"BACKEND": "greenqueue.django.GreenqueueBackend", "QUEUES": [], "OPTIONS": {"transactional": True}}}

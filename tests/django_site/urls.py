@@ -1,3 +1,11 @@
-"""No views yet: the backend tests drive tasks directly."""
+"""The test site's URLs."""
 
-urlpatterns: list = []
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("enqueue", views.enqueue),
+    path("tx", views.in_transaction),
+    path("result/<str:result_id>", views.result),
+]
