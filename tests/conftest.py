@@ -175,6 +175,19 @@ def server_factory(tmp_path):
 gevent.get_hub()
 
 
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=[pytest.mark.postgres,
+                                                                           pytest.mark.realproc])])
+def store(request, tmp_path):
+    """The store a test's tasks run on, each in turn: none (memory), an SQLite journal, or PostgreSQL."""
+    if request.param == "sqlite":
+        greenqueue.configure(journal=str(tmp_path / "j.db"))
+    elif request.param == "postgres":
+        greenqueue.configure(journal=request.getfixturevalue("pg_dsn"))
+    yield request.param
+    if request.param != "memory":
+        greenqueue.runtime.get_runtime().close_store()
+
+
 @pytest.fixture(autouse=True)
 def _reset_greenqueue_state():
     """Give every test a fresh default runtime: runner, scheduler, pools, consumers, hooks, store."""

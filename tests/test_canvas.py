@@ -17,23 +17,14 @@ from .pg_support import pg, pg_dsn  # noqa: F401  (fixtures)
 TIMEOUT = 20
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=[pytest.mark.postgres,
-                                                                           pytest.mark.realproc])])
-def store(request, tmp_path, monkeypatch):
-    """Where the workflow's steps live: this process (memory), an SQLite journal, or PostgreSQL."""
+@pytest.fixture(autouse=True)
+def canvas(tmp_path, monkeypatch):
+    """This module's tasks declared again (each test's reset forgets the registry), and their ledger."""
     monkeypatch.setenv("CANVAS_LEDGER", str(tmp_path / "ledger.txt"))
-    # Each test's reset forgets the registry: this module's tasks are declared again, as an import would.
     from .apps import canvas_tasks
     for t in vars(canvas_tasks).values():
         if isinstance(t, greenqueue.tasks.Task):
             greenqueue.task(name=t.name)(t.fn)
-    if request.param == "sqlite":
-        greenqueue.configure(journal=str(tmp_path / "j.db"))
-    elif request.param == "postgres":
-        greenqueue.configure(journal=request.getfixturevalue("pg_dsn"))
-    yield request.param
-    if request.param != "memory":
-        runtime.get_runtime().close_store()
 
 
 def ledger(tmp_path):

@@ -276,18 +276,6 @@ def test_a_dead_nodes_share_of_a_concurrency_limit_ends_with_its_lease(engines):
 
 # -- limits as a task declares them, on every store -----------------------------------------
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.realproc])])
-def store(request, tmp_path):
-    """The store a test's tasks run on: none (memory), an SQLite journal, or PostgreSQL."""
-    if request.param == "sqlite":
-        greenqueue.configure(journal=str(tmp_path / "j.db"))
-    elif request.param == "postgres":
-        greenqueue.configure(journal=request.getfixturevalue("pg_dsn"))
-    yield request.param
-    if request.param != "memory":
-        runtime.get_runtime().close_store()
-
-
 def test_a_concurrency_limit_is_never_exceeded_and_is_reached(store):
     running, peak, lock = set(), [], gevent.lock.Semaphore()
 

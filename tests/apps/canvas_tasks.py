@@ -8,6 +8,8 @@ import os
 
 from greenqueue import task
 
+from .ledger import append
+
 
 class ExpectedException(Exception):
     """What ``fail`` raises."""
@@ -46,11 +48,7 @@ def fail(*args):
 @task
 def noted(label, *args):
     """Append a line naming ``label`` (and what it got) to the ledger; returns the label."""
-    fd = os.open(os.environ.get("CANVAS_LEDGER", "canvas-ledger.txt"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, ("%s %s\n" % (label, " ".join(map(str, args)))).encode())
-    finally:
-        os.close(fd)
+    append(os.environ.get("CANVAS_LEDGER", "canvas-ledger.txt"), "%s %s" % (label, " ".join(map(str, args))))
     return label
 
 

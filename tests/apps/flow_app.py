@@ -14,17 +14,14 @@ from flask import Flask, jsonify, request
 
 from greenqueue import task
 
+from .ledger import append
+
 app = Flask(__name__)
 LEDGER = os.environ.get("FLOW_LEDGER", "ledger.txt")
 
 
 def _write(line):
-    # O_APPEND writes of one short line are atomic, so nodes can share the file.
-    fd = os.open(LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
+    append(LEDGER, line)
 
 
 def _run(kind, label, seconds):
