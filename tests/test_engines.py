@@ -521,18 +521,25 @@ def test_prune_deletes_expired_rows_and_old_periodic_keys_but_each_jobs_latest(e
 
 def test_wait_for_work_wakes_on_due_work_from_another_node(engines):
     a, b = engines(), engines()
-    assert a.wait_for_work(0.1) is True, "a new LISTEN connection makes the caller look"
+    assert a.wait_for_work(0.1) == "work", "a new LISTEN connection makes the caller look"
     started = time.monotonic()
-    assert a.wait_for_work(0.3) is False
+    assert a.wait_for_work(0.3) == ""
     assert time.monotonic() - started >= 0.25
     b.enqueue([row(state="SCHEDULED", eta=db_now(b) + 3600)])
-    b.enqueue([row()], owner="B")
-    assert a.wait_for_work(0.3) is False, "future or self-claimed rows are no hint"
+    b.enqueue([row(id="mine")], owner="B")
+    assert a.wait_for_work(0.3) != "work", "future or self-claimed rows are no work to claim"
     b.enqueue([row(), row()])
     started = time.monotonic()
-    assert a.wait_for_work(10) is True
+    assert a.wait_for_work(10) == "work"
     assert time.monotonic() - started < 5
-    assert a.wait_for_work(0.2) is False, "hints already answered are drained"
+    assert a.wait_for_work(0.2) == "", "hints already answered are drained"
+    # A task finished elsewhere is news for whoever follows it: results changed, nothing to claim.
+    assert len(a.claim("A", None, 5)) == 2
+    a.wait_for_work(0.2)  # SQLite: its own claim changed the file
+    assert b.finish_many([("mine", "B", 1, "SUCCESS", b"1", None, None, None, 60)]) == [True]
+    started = time.monotonic()
+    assert a.wait_for_work(10) == "news"
+    assert time.monotonic() - started < 5
 
 
 # -- schema and versions -----------------------------------------------------------------------
@@ -618,7 +625,7 @@ def test_a_stopped_server_fails_calls_fast_and_the_same_engine_recovers(pg_engin
     e = engines(dsn=with_password(pg_dsn), lease_timeout=5)
     listener = engines()
     e.enqueue([row(id="before")])
-    assert listener.wait_for_work(0.1) is True
+    assert listener.wait_for_work(0.1) == "work"
     pg.stop()
     try:
         for call in (lambda: e.enqueue([row()]), lambda: e.claim("A", None, 1), lambda: e.heartbeat("A", 0)):
@@ -631,16 +638,16 @@ def test_a_stopped_server_fails_calls_fast_and_the_same_engine_recovers(pg_engin
         # after it must not raise either, only wait out their timeout.
         listener.wait_for_work(0.5)
         started = time.monotonic()
-        assert listener.wait_for_work(0.5) is False, "no server: degrade to polling, don't raise"
+        assert listener.wait_for_work(0.5) == "", "no server: degrade to polling, don't raise"
         assert time.monotonic() - started >= 0.4
     finally:
         pg.start()
     wait_for(lambda: _works(e), 20, interval=0.1, message="the engine to reconnect")
     assert e.get("before").state == "PENDING"
     assert [r.id for r in e.claim("A", None, 5)] == ["before"]
-    assert listener.wait_for_work(5) is True, "the re-opened LISTEN connection makes the caller look"
+    assert listener.wait_for_work(5) == "work", "the re-opened LISTEN connection makes the caller look"
     e.enqueue([row(id="after")])
-    assert listener.wait_for_work(10) is True
+    assert listener.wait_for_work(10) == "work"
 
 
 def _works(engine):

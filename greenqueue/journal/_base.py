@@ -171,8 +171,12 @@ class Store(Protocol):
     def prune(self) -> int:
         """Delete finished rows and periodic keys past their time."""
 
-    def wait_for_work(self, timeout: float) -> bool:
-        """Block this greenlet until another node enqueued work (a hint) or ``timeout`` passes."""
+    def wait_for_work(self, timeout: float) -> str:
+        """Block this greenlet until another node wrote (a hint) or ``timeout`` passes.
+
+        "work": something may be claimable now; "news": only results changed (a task finished);
+        "": nothing in that time.
+        """
 
     # -- the scheduler -------------------------------------------------------------------
 
@@ -313,9 +317,9 @@ class MemoryStore:
         """Nothing kept to prune."""
         return 0
 
-    def wait_for_work(self, timeout: float) -> bool:
-        """No other node enqueues here."""
-        return False
+    def wait_for_work(self, timeout: float) -> str:
+        """No other node writes here."""
+        return ""
 
     def lead(self) -> bool:
         """A process alone always leads."""

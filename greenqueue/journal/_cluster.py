@@ -446,7 +446,7 @@ class ClusterStore:
         """Delete finished rows and periodic keys past their time."""
         return self.engine.prune(max(self.result_ttl, 86400.0))
 
-    def wait_for_work(self, timeout: float) -> bool:
+    def wait_for_work(self, timeout: float) -> str:
         """Block this greenlet until another node enqueued work (a hint) or ``timeout`` passes."""
         return self.engine.wait_for_work(timeout)
 

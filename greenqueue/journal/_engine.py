@@ -290,5 +290,9 @@ class Engine(Protocol):
 
     # -- wake-ups --------------------------------------------------------------------
 
-    def wait_for_work(self, timeout: float) -> bool:
-        """Block this greenlet until another node enqueued work (a hint) or ``timeout`` passes."""
+    def wait_for_work(self, timeout: float) -> str:
+        """Block this greenlet until another node wrote (a hint) or ``timeout`` passes.
+
+        "work": something may be claimable now; "news": only results changed (a task finished);
+        "": nothing in that time.
+        """

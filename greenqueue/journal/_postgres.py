@@ -45,7 +45,7 @@ from ._postgres_sql import (ANY_READY, CHANNEL, CLAIM, CLAIM_EVERY, CLAIM_IDS, C
                             FINISH, FINISH_FIELDS, FINISH_MANY, GATE_CANDIDATES, GATE_EVERY, GATE_EVERY_PREFIX, GATED,
                             GATED_ANYWHERE, GATED_FLAG, GATED_ON_QUEUES, HEARTBEAT, HELD, INSERT, INSERT_FIELDS, LEAD,
                             LOCK_BUCKETS, MIGRATION_LOCK, MIN_SERVER, NEXT_DUE, NOW, PARKED, READY, READY_OR_GATED,
-                            LIMITS, REAP, RELEASE, RETRY, RUNNING_IN, SCHEMA_VERSION, SWEEP,
+                            LIMITS, REAP, RELEASE, RESULTS_HINT, RETRY, RUNNING_IN, SCHEMA_VERSION, SWEEP,
                             UNFINISHED as UNFINISHED_SQL, mask_dsn, migrate)
 
 __all__ = ["PostgresEngine", "SCHEMA_VERSION", "mask_dsn"]
@@ -717,30 +717,32 @@ class PostgresEngine:
 
     # -- wake-ups ------------------------------------------------------------------------------------
 
-    def wait_for_work(self, timeout: float) -> bool:
-        """Block this greenlet until another node enqueued work (a hint) or ``timeout`` passes."""
+    def wait_for_work(self, timeout: float) -> str:
+        """Block this greenlet until a hint ("work": a queue's name; "news": results, ``*``) or ``timeout``."""
         timeout = max(0.0, float(timeout))
         with self._listen_lock:
             conn, fresh = self._listening()
             if conn is None:
                 # PostgreSQL is away: degrade to polling (the claimer's own calls report the outage).
                 self._closed.wait(timeout)
-                return False
+                return ""
             if fresh:
                 # Hints sent while nobody listened are lost; make the caller look now.
-                return True
+                return "work"
             try:
                 got = list(conn.notifies(timeout=timeout, stop_after=1))
                 if got:
                     # One look at the table answers every hint already here.
-                    list(conn.notifies(timeout=0))
-                return bool(got)
+                    got += list(conn.notifies(timeout=0))
+                if not got:
+                    return ""
+                return "work" if any(n.payload != RESULTS_HINT for n in got) else "news"
             except psycopg.Error as exc:
                 if not self._closed.is_set():
                     log.warning("journal %s: the LISTEN connection broke (%s); re-opening it",
                                 self.display, self._scrub(str(exc)))
                 self._drop_listener()
-                return not self._closed.is_set()
+                return "" if self._closed.is_set() else "work"
 
     def _listening(self) -> Tuple[Optional[psycopg.Connection], bool]:
         """The LISTEN connection and whether it was (re)opened just now; (None, False) when unreachable."""

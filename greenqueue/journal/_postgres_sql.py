@@ -363,6 +363,10 @@ NEXT_DUE = """SELECT CASE WHEN EXISTS (SELECT 1 FROM {{queues}} AS q(name) CROSS
 ANY_READY = ("((SELECT queue FROM greenqueue_tasks WHERE %s ORDER BY queue LIMIT 1) UNION ALL "
              "(SELECT queue FROM greenqueue_tasks WHERE %s ORDER BY queue LIMIT 1))" % (READY, GATED))
 
+# The payload of a hint that only results changed (a queue's name says work arrived): nodes that
+# follow tasks running elsewhere look at once, instead of at their next round.
+RESULTS_HINT = "*"
+
 # Fenced: only the owner's current attempt may write the final state. A run that ends gives
 # the next parked run of its concurrency key to the gate, in the same statement.
 FINISH = """WITH done AS (UPDATE greenqueue_tasks
@@ -384,8 +388,10 @@ FINISH_MANY = """WITH done AS (UPDATE greenqueue_tasks t
         AS s(id, node, attempt, state, result, error_type, error, traceback, ttl)
     WHERE t.id = s.id AND t.owner = s.node AND t.attempts = s.attempt
     RETURNING t.id, t.limit_bucket),
-    {unparking}
-    SELECT id, (SELECT count(*) FROM unhint) FROM done""".format(now=NOW, unparking=unparking("done"))
+    {unparking},
+    told AS (SELECT pg_notify('{channel}', '{results}') WHERE EXISTS (SELECT 1 FROM done))
+    SELECT id, (SELECT count(*) FROM unhint) + (SELECT count(*) FROM told) FROM done""".format(
+    now=NOW, unparking=unparking("done"), channel=CHANNEL, results=RESULTS_HINT)
 
 # Columns of FINISH_MANY's arrays, in finish()'s argument order.
 FINISH_FIELDS = ("id", "node", "attempt", "state", "result", "error_type", "error", "traceback", "ttl")

@@ -819,30 +819,31 @@ class SQLiteEngine(NodeRows):
 
     # -- wake-ups -----------------------------------------------------------------------------
 
-    def wait_for_work(self, timeout: float) -> bool:
-        """Block this greenlet until another node enqueued work (a hint) or ``timeout`` passes."""
+    def wait_for_work(self, timeout: float) -> str:
+        """Block this greenlet until the file changed ("work" when something is claimable, else "news") or ``timeout``."""
         deadline = time.monotonic() + max(0.0, float(timeout))
         while self._pool is not None:
             try:
-                if self._call("wait_for_work", self._look):
-                    return True
+                seen = self._call("wait_for_work", self._look)
+                if seen:
+                    return seen
             except JournalError as exc:
                 # The claimer's own calls report the trouble; this one only stops hinting.
                 log.warning("%s; no wake-up hints until it works again", exc)
                 gevent.sleep(max(0.0, deadline - time.monotonic()))
-                return False
+                return ""
             left = deadline - time.monotonic()
             if left <= 0:
-                return False
+                return ""
             gevent.sleep(min(self.poll_interval, left))
-        return False
+        return ""
 
-    def _look(self, conn: sqlite3.Connection) -> bool:
+    def _look(self, conn: sqlite3.Connection) -> str:
         mark = (conn.execute("PRAGMA data_version").fetchone()[0], self._changes)
         if mark == self._seen:
-            return False
+            return ""
         first, self._seen = self._seen is None, mark
         if first:
             # This engine has seen nothing yet: whatever is due, the caller should look.
-            return True
-        return self._claimable(conn, None, time.time())
+            return "work"
+        return "work" if self._claimable(conn, None, time.time()) else "news"

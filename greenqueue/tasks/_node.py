@@ -151,9 +151,11 @@ class Node:
         trouble = _Trouble("listening for new work", self.store.display)
         while True:
             try:
-                if self.store.wait_for_work(5.0):
+                seen = self.store.wait_for_work(5.0)
+                if seen:
+                    self._news.set()  # results changed: handles followed here look now
+                if seen == "work":
                     self._wake.set()
-                    self._news.set()
                 trouble.ok()
             except GreenqueueError as exc:
                 gevent.sleep(trouble.failed(exc))
