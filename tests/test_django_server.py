@@ -77,3 +77,24 @@ def test_a_rolled_back_view_never_runs_its_task(site):
     wait_for(lambda: status(srv, kept, "tx")["status"] == "SUCCESSFUL" or None, 30, message="the committed task")
     assert status(srv, kept, "tx")["return_value"] == 42
     assert status(srv, dropped, "tx") == {"status": None}, "the rolled-back task was never written"
+
+
+def test_a_django_worker_node_runs_what_the_web_node_enqueues(site, pg_dsn, tmp_path):
+    import signal
+    web = site("--queues", "")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DJANGO_SETTINGS_MODULE="tests.django_site.settings",
+               DJANGO_PG=pg_dsn)
+    log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen([sys.executable, "-m", "greenqueue.worker", "--journal", pg_dsn, "tests.django_site.wsgi"],
+                              cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        ids = requests.post(web.url + "/enqueue", params={"n": 10}, timeout=30).json()["ids"]
+        wait_for(lambda: all(status(web, i)["status"] == "SUCCESSFUL" for i in ids) or None, 30,
+                 message="the worker to run the web node's tasks")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, 9)
+            worker.wait(5)
+        log.close()
