@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 APP    ?= examples.streaming_chat.app:app
 DIRTY  ?= examples.streaming_chat.chat_app:ChatApp
 
-.PHONY: run test bench clean
+.PHONY: run run-django test bench clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) scripts/bootstrap.sh
@@ -15,6 +15,12 @@ $(STAMP): setup.cfg setup.py pyproject.toml scripts/bootstrap.sh
 run: $(STAMP)
 	$(BIN)/python -m greenqueue.server --bind 127.0.0.1:8000 --dirty-app $(DIRTY) \
 		--dashboard-path /_greenqueue --metrics-path /metrics $(APP)
+
+# The Django example: its tasks run in the server, its journal is an SQLite file, mail is printed.
+run-django: $(STAMP)
+	$(BIN)/python examples/django_app/manage.py migrate --noinput -v 0
+	$(BIN)/python -m greenqueue.server --bind 127.0.0.1:8000 --journal examples/django_app/journal.db \
+		--dashboard-path /_greenqueue examples.django_app.mysite.wsgi:application
 
 test: $(STAMP)
 	$(BIN)/python -m mypy greenqueue
