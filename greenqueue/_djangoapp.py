@@ -24,6 +24,11 @@ def prepare(loaded: Any) -> bool:
     and close tasks' connections as requests do. True when it was one."""
     global _installed
     handler = getattr(loaded, "application", None) if isinstance(loaded, types.ModuleType) else loaded
+    # Middleware such as WhiteNoise's or Sentry's wraps Django's handler: look a few layers in.
+    for _ in range(4):
+        if handler is None or type(handler).__module__.startswith("django."):
+            break
+        handler = next((getattr(handler, a) for a in ("application", "app", "wsgi_app") if hasattr(handler, a)), None)
     if handler is None or not type(handler).__module__.startswith("django."):
         return False
     from django.utils.module_loading import autodiscover_modules
@@ -35,6 +40,8 @@ def prepare(loaded: Any) -> bool:
     return True
 
 
-def _close_old_connections(_: Any) -> None:
+def _close_old_connections(event: Any) -> None:
+    if getattr(event.result, "name", None) == "greenqueue.django.run":
+        return  # the Django backend's runs close their own, around the task itself
     from django.db import close_old_connections
     close_old_connections()

@@ -213,13 +213,15 @@ def _arguments(task_id: str) -> Optional[Tuple[str, list, dict, str]]:
     return str(args[0]), list(args[1]), dict(args[2]), str(args[4]) if len(args) > 4 else "default"
 
 
+try:  # Django 6's, else the backport's: looked up once (a failed import is not cached, and costs each run)
+    from django.utils.json import normalize_json as _normalize_json
+except ImportError:
+    from django_tasks.utils import normalize_json as _normalize_json  # type: ignore[no-redef]
+
+
 def _normalized(value: Any) -> Any:
     """A return value as Django keeps it (JSON types)."""
-    try:
-        from django.utils.json import normalize_json
-    except ImportError:  # the backport's
-        from django_tasks.utils import normalize_json  # type: ignore[no-redef]
-    return normalize_json(value)
+    return _normalize_json(value)
 
 
 def _invalid() -> type:
