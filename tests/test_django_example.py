@@ -16,11 +16,13 @@ pytest.importorskip("django")
 pytestmark = [pytest.mark.realproc, pytest.mark.slow]
 
 APP = "examples.django_app.mysite.wsgi:application"
+# Named outright: this process may have set up another Django project for other tests.
+SETTINGS = {"DJANGO_SETTINGS_MODULE": "examples.django_app.mysite.settings"}
 MANAGE = str(ROOT / "examples" / "django_app" / "manage.py")
 
 
 def test_the_examples_own_tests_pass_with_djangos_test_client(tmp_path):
-    env = dict(os.environ, DATABASE_URL="")
+    env = dict(os.environ, DATABASE_URL="", **SETTINGS)
     run = subprocess.run([sys.executable, MANAGE, "test", "examples.django_app.signup", "-v", "1"], cwd=str(ROOT),
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -30,7 +32,7 @@ def test_the_examples_own_tests_pass_with_djangos_test_client(tmp_path):
 @pytest.mark.postgres
 def test_a_signup_on_the_real_site_sends_its_welcome_through_a_task(server_factory, pg_dsn, tmp_path):
     smtp = SMTPServer(tmp_path).start()
-    env = {"DATABASE_URL": pg_dsn, "EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(smtp.port)}
+    env = dict(SETTINGS, DATABASE_URL=pg_dsn, EMAIL_HOST="127.0.0.1", EMAIL_PORT=str(smtp.port))
     try:
         migrate = subprocess.run([sys.executable, MANAGE, "migrate", "--noinput", "-v", "0"], cwd=str(ROOT),
                                  env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
