@@ -1,5 +1,6 @@
 """``python -m greenqueue.journal``: summary, list, retry and purge on SQLite files and PostgreSQL."""
 
+import dataclasses
 import subprocess
 import sys
 import uuid
@@ -23,7 +24,7 @@ def stored(path, task_id):
     engine.open()
     try:
         row = engine.get(task_id)
-        return None if row is None else vars(row)
+        return None if row is None else dataclasses.asdict(row)
     finally:
         engine.close()
 
