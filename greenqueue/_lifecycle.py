@@ -86,8 +86,10 @@ class Lifecycle:
     """Start the runtime, serve until a signal, then drain and stop it: the server's and the worker's one sequence."""
 
     def __init__(self, runtime: "Runtime", settings: "Settings", log: logging.Logger,
-                 front: Optional[Front] = None) -> None:
+                 front: Optional[Front] = None, alone: bool = False) -> None:
         self.runtime = runtime
+        #: True for a server with no supervisor: SIGHUP, a reload elsewhere, stops it gracefully here.
+        self.alone = alone
         self.settings = settings
         self.log = log
         self.front = front if front is not None else Front()
@@ -137,7 +139,8 @@ class Lifecycle:
         """Install the SIGTERM/SIGINT handlers: the first wakes :meth:`wait`, the second exits at once."""
         import gevent
 
-        self._handlers = [gevent.signal_handler(signum, self.signals.on_signal, signum) for signum in STOP_SIGNALS]
+        signums = STOP_SIGNALS + ((signal.SIGHUP,) if self.alone else ())
+        self._handlers = [gevent.signal_handler(signum, self.signals.on_signal, signum) for signum in signums]
         self._watcher = gevent.spawn(self._exit_on_second_signal)
 
     def _exit_on_second_signal(self) -> None:
@@ -157,6 +160,9 @@ class Lifecycle:
         timeout = self.settings.graceful_timeout
         deadline = time.monotonic() + timeout
         left = self.front.stop_accepting(reason)
+        if reason == "SIGHUP":
+            self.log.info("SIGHUP stops a server that runs alone (it drains as for SIGTERM); for reloads that "
+                          "keep serving, start it with --workers N (1 included) and send SIGHUP to the supervisor")
         self.log.info("%s: %s, graceful timeout %.0fs", reason, left, timeout)
         rt.stop(deadline - time.monotonic(), drain_front=self.front.drain)
         rt.hooks.run_shutdown()

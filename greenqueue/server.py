@@ -75,7 +75,8 @@ class Server(Front):
         app = self._observed(user_app)
         listeners = self.listeners if self.listeners is not None else self._bind()
         self._stream_servers(app, listeners)
-        lifecycle = Lifecycle(rt, s, log, front=self)
+        # Alone (no supervisor handed us the sockets): SIGHUP is a graceful stop, not a kill.
+        lifecycle = Lifecycle(rt, s, log, front=self, alone=self.listeners is None)
         try:
             lifecycle.start()
         except StartupError:

@@ -181,6 +181,17 @@ def test_sigterm_drains_running_tasks(server_factory, tmp_path):
     assert "1 task(s) finished" in srv.log()
 
 
+def test_sighup_stops_a_lone_server_gracefully_and_says_how_to_reload(server_factory, tmp_path):
+    srv = server_factory(APP)
+    path = tmp_path / "drained"
+    requests.post(srv.url + "/spawn", data={"path": str(path), "seconds": "1"})
+    srv.send_signal(signal.SIGHUP)
+    assert srv.proc.wait(20) == 0, "a graceful stop, not a kill (exit 129)"
+    assert path.read_text() == "done", "the running task was drained"
+    log = srv.log()
+    assert "--workers" in log and "shutdown complete" in log
+
+
 def test_second_signal_exits_at_once(server_factory, tmp_path):
     srv = server_factory(APP, "--graceful-timeout", "60")
     marker = tmp_path / "in-flight"
