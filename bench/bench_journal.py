@@ -51,6 +51,11 @@ def _throughput(n, spawners, path=None, sync="normal"):
     t = tasks.task(name="bench.noop")(_noop)
     if path:
         runtime.get_runtime().open_store(path, sync=sync)
+    return n / _spawn_all(t, n, spawners)
+
+
+def _spawn_all(t, n, spawners):
+    """Spawn ``t(i)`` for i < n from ``spawners`` greenlets, wait for every result, reset; the seconds it took."""
     results = []
 
     def spawner(k):
@@ -64,7 +69,7 @@ def _throughput(n, spawners, path=None, sync="normal"):
     elapsed = time.perf_counter() - t0
     runtime.reset()
     assert all(r.successful() for r in results)
-    return n / elapsed
+    return elapsed
 
 
 TARGET_RATIO = 0.4
@@ -133,20 +138,7 @@ def _claim_throughput(n, spawners, path):
         return rows
 
     engine.claim = counted
-    results = []
-
-    def spawner(k):
-        for i in range(k, n, spawners):
-            results.append(t.spawn(i))
-
-    t0 = time.perf_counter()
-    gevent.joinall([gevent.spawn(spawner, k) for k in range(spawners)])
-    for r in results:
-        r.wait(60)
-    elapsed = time.perf_counter() - t0
-    runtime.reset()
-    assert all(r.successful() for r in results)
-    return n / elapsed, claimed[0] / n
+    return n / _spawn_all(t, n, spawners), claimed[0] / n
 
 
 def _copy_journal(src, dst):

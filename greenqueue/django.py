@@ -17,8 +17,11 @@ after), so tasks never leak connections.
 """
 
 import collections
+import dataclasses
 import datetime
 import logging
+import sys
+import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import GreenqueueError, RemoteError
@@ -64,8 +67,6 @@ def run(path: str, args: list, kwargs: dict, takes_context: bool = False, backen
 
     Sends Django's ``task_started`` and ``task_finished`` signals (its log lines come from them).
     """
-    import dataclasses
-    import sys
     django_task = import_string(path)
     me = get_runner().current()
     result = _as_django(django_task, me, path, args, kwargs, backend) if me is not None else None
@@ -105,7 +106,6 @@ def _now() -> datetime.datetime:
 
 
 def _traceback(exc: BaseException) -> str:
-    import traceback
     return "".join(traceback.format_exception(exc))
 
 

@@ -8,7 +8,7 @@ need Celery's task replacement or a Redis backend are left out.
 import pytest
 
 import greenqueue
-from greenqueue import ChordError, GroupResult, chain, chord, errors, group, runtime
+from greenqueue import ChordError, GroupResult, chain, chord, errors, group
 
 from .apps.canvas_tasks import ExpectedException, add, add_to_all, fail, identity, noted, tsum
 from .conftest import wait_for

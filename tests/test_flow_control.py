@@ -151,7 +151,7 @@ def test_sqlite_claim_and_next_due_read_one_index_range_whatever_waits(sqlite_en
 
 def test_a_backlog_of_held_and_unserved_rows_does_not_slow_the_claim(engines):
     """Relative timing: claims with 20,000 rows waiting elsewhere cost about what they cost on an empty store."""
-    def claims_per_second(e, n=60):
+    def claims_per_second(e, n=200):
         t0 = time.perf_counter()
         for i in range(n):
             e.enqueue([row(id="t%d-%f" % (i, t0))])
@@ -164,6 +164,9 @@ def test_a_backlog_of_held_and_unserved_rows_does_not_slow_the_claim(engines):
     for k in range(0, 10000, 2500):
         empty.enqueue([row(id="d%d" % i, state="SCHEDULED", eta=later + i) for i in range(k, k + 2500)])
         empty.enqueue([row(id="o%d" % i, queue="elsewhere") for i in range(k, k + 2500)])
+    if engines.kind == "sqlite":
+        # The fill's own pages leave the WAL now, not in the middle of the claims being timed.
+        engines.raw("PRAGMA wal_checkpoint(TRUNCATE)")
     loaded = max(claims_per_second(empty) for _ in range(3))
     assert loaded >= 0.5 * base, "claims slowed from %.0f/s to %.0f/s with 20,000 rows waiting" % (base, loaded)
 

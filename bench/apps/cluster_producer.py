@@ -151,15 +151,20 @@ def procrastinate(mode, args):
     return asyncio.run(main())
 
 
-def main(argv):
-    """Command-line entry point."""
+def main(argv, stacks=None, failed=FAILED):
+    """Command-line entry point: ``STACK MODE ARGS...``; prints the line Stack.produce() reads.
+
+    ``stacks`` maps gq/celery/pq to ``produce(mode, args) -> enqueued`` (this module's by default);
+    ``failed[0]`` counts the enqueues that failed.
+    """
     stack, mode, args = argv[0], argv[1], argv[2:]
     if stack in ("gq", "celery"):
         from gevent import monkey
         monkey.patch_all()
     started = time.monotonic()
-    n = {"gq": greenqueue, "celery": celery, "pq": procrastinate}[stack](mode, args)
-    print("enqueued %d in %.3f s, %d failed" % (n, time.monotonic() - started, FAILED[0]), flush=True)
+    table = stacks or {"gq": greenqueue, "celery": celery, "pq": procrastinate}
+    n = table[stack](mode, args)
+    print("enqueued %d in %.3f s, %d failed" % (n, time.monotonic() - started, failed[0]), flush=True)
     return 0
 
 

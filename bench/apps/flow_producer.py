@@ -16,7 +16,6 @@ one line when done, as cluster_producer does: ``enqueued N in S s, 0 failed``.
 import os
 import random
 import sys
-import time
 
 DSN = os.environ.get("BENCH_DSN", "")
 BATCH = 1000
@@ -103,15 +102,9 @@ def procrastinate(mode, args):
 
 
 def main(argv):
-    """Command-line entry point."""
-    stack, mode, args = argv[0], argv[1], argv[2:]
-    if stack in ("gq", "celery"):
-        from gevent import monkey
-        monkey.patch_all()
-    started = time.monotonic()
-    n = {"gq": greenqueue, "celery": celery, "pq": procrastinate}[stack](mode, args)
-    print("enqueued %d in %.3f s, 0 failed" % (n, time.monotonic() - started), flush=True)
-    return 0
+    """Command-line entry point (the cluster producer's, with this module's stacks)."""
+    from bench.apps import cluster_producer
+    return cluster_producer.main(argv, {"gq": greenqueue, "celery": celery, "pq": procrastinate}, [0])
 
 
 if __name__ == "__main__":

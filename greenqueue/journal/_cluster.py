@@ -130,7 +130,7 @@ class ClusterStore:
         # task id -> (the concurrency key its run holds, whether workflow steps wait for it): for
         # limited runs and workflow steps only, whose finish does more in the same commit.
         self.on_work: Optional[Callable[[], None]] = None
-        self._keys: Dict[str, Tuple[Optional[str], bool]] = {}
+        self._extras: Dict[str, Tuple[Optional[str], bool]] = {}
         self._recording = True
         self.epoch: Optional[int] = None      # the scheduler leader's epoch while this node leads
         self.batch = batch
@@ -229,7 +229,7 @@ class ClusterStore:
     def retrying(self, task_id: str, name: str, delay: float, exc: Optional[BaseException]) -> bool:
         """Give the row back as RETRY, due in ``delay`` s; any node claims it then. Always True."""
         attempt = self._attempts.pop(task_id, None)
-        self._keys.pop(task_id, None)  # the engine unparks from the row itself
+        self._extras.pop(task_id, None)  # the engine unparks from the row itself
         if attempt is None or not self._recording:
             return True
         if not self.engine.retry(task_id, self.node, attempt, delay, _error_type(exc), str(exc) if exc else None):
@@ -240,7 +240,7 @@ class ClusterStore:
     def offer_again(self, task_id: str, name: str, delay: float, why: str) -> None:
         """A claimed row this node cannot run: back to the others in ``delay`` s, its attempt not counted."""
         attempt = self._attempts.pop(task_id, None)
-        self._keys.pop(task_id, None)
+        self._extras.pop(task_id, None)
         if attempt is not None and self._recording:
             self.engine.retry(task_id, self.node, attempt, delay, "GreenqueueError", why, counted=False)
 
@@ -251,7 +251,7 @@ class ClusterStore:
             return True
         args: tuple = (row.id, self.node, attempt, row.state, row.result, row.error_type, row.error,
                        row.traceback, self.result_ttl)
-        extra = self._keys.pop(row.id, None) if self._keys else None
+        extra = self._extras.pop(row.id, None) if self._extras else None
         if extra is not None:
             args += extra  # its end unparks the next run of its key, and releases the steps after it
         if self._writer is not None:
@@ -423,7 +423,7 @@ class ClusterStore:
         for row in rows:
             self._attempts[row.id] = row.attempts
             if row.limit_bucket is not None or row.then_ids or row.error_ids:
-                self._keys[row.id] = (row.limit_bucket, bool(row.then_ids or row.error_ids))
+                self._extras[row.id] = (row.limit_bucket, bool(row.then_ids or row.error_ids))
         return rows
 
     def next_due(self) -> Optional[float]:
@@ -435,7 +435,7 @@ class ClusterStore:
         beat = self.engine.heartbeat(self.node, running)
         for task_id in beat.lost:
             self._attempts.pop(task_id, None)
-            self._keys.pop(task_id, None)
+            self._extras.pop(task_id, None)
         return beat
 
     def reap(self) -> List[TaskRow]:
@@ -484,7 +484,7 @@ class ClusterStore:
             released = self.engine.release(held, self.node)
             log.info("journal %s: handed %d unfinished task(s) back to the cluster", self.display, released)
         self._attempts.clear()
-        self._keys.clear()
+        self._extras.clear()
 
     def close(self) -> None:
         """Release held rows, leave the cluster and close the engine."""

@@ -15,8 +15,7 @@ ends in ``ChordError`` when a member failed; ``link_error`` callbacks get
 the failed task's id first and run once.
 """
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import ChordError, ConfigError
 from ._options import new_id

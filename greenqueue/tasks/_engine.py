@@ -346,8 +346,9 @@ class TaskEngine:
 
     def waiting_entries(self) -> List[Entry]:
         """Entries waiting for a slot, normal ones first, in the order they will start; then parked ones."""
-        lines = [line for _, line in sorted(self._ranked.items(), reverse=True) if _ > 0] + [self._pending] \
-            + [line for _, line in sorted(self._ranked.items(), reverse=True) if _ < 0] + [self._idle_q]
+        ranked = sorted(self._ranked.items(), reverse=True)
+        lines = [line for p, line in ranked if p > 0] + [self._pending] + [line for p, line in ranked if p < 0] \
+            + [self._idle_q]
         return [e for line in lines for e in line if e.where in (PENDING_LINE, IDLE_LINE)] \
             + [e for e in self.gate.parked_entries() if e.where == LIMITED]
 

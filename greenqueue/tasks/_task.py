@@ -24,7 +24,7 @@ from ..journal import new_row
 from ._canvas import Signature
 from ._limits import limits_of, parse_rate, with_buckets
 from ._options import TaskOptions, callable_name, check_number, check_priority, new_id
-from ._result import FAILURE, READY_STATES, STARTED, SUCCESS, TaskResult, class_finders
+from ._result import FAILURE, READY_STATES, SUCCESS, TaskResult, class_finders
 from ._runner import Runner, get_runner
 
 
