@@ -51,7 +51,7 @@ import gevent
 import httptools
 from gevent import getcurrent
 
-from . import events
+from . import _websocket, events
 from ._request import (_KEYS, _METHODS, _NO_BODY, _PROTOCOLS, HTTPSettings, Input, RequestError, _environ_key,
                        _NoBody, _Parser, _Request)
 from ._response import _REASONS, ClientDisconnected, _http_date, _Response
@@ -93,7 +93,7 @@ class Connection:
     __slots__ = ("sock", "address", "settings", "registry", "parser", "idle", "expect_continue", "body_timeout",
                  "tcp", "_nagle", "_burst_end", "_raw", "_hub", "_rio", "_dio", "_streamer", "_deadline",
                  "_waiter", "_parked", "_timer", "_timer_at", "_peer_addr", "_peer_port", "_trusted", "_out",
-                 "_queued", "_wake")
+                 "_queued", "_wake", "ws")
 
     def __init__(self, sock: Any, address: Any, settings: HTTPSettings, registry: Any) -> None:
         self.sock = sock
@@ -119,6 +119,7 @@ class Connection:
         self._parked = False      # that greenlet is parked in _wait_readable (a flush may wake it)
         self._out: Optional[bytes] = None  # response bytes not sent yet (queued, or what a flush could not send)
         self._queued = False      # this connection is in _PENDING
+        self.ws: Any = None       # what took the socket over (a WebSocket), if anything did
         self._timer: Any = None   # one-shot timer at _timer_at; it moves on when the deadline moved
         self._timer_at = inf
         # Decided once per connection, not per request: the peer does not change.
@@ -425,6 +426,33 @@ class Connection:
             except OSError:
                 pass  # already closed by the peer
 
+    # WebSocket takeover (see _websocket) ---------------------------------------------
+    def take_over(self, taker: Any) -> None:
+        """The app takes the socket (a WebSocket): it owns every read and write from now on."""
+        if self.ws is None:
+            self.ws = taker
+            # The app's own reads wait as long as its protocol says (pings), not our keep-alive timeout.
+            self.sock.settimeout(None)
+            log.debug("WebSocket %s taken over by the app", self._peer())
+
+    def end_websocket(self) -> None:
+        """The app returned after a takeover: close what it left open, write nothing else."""
+        if isinstance(self.ws, _websocket.WebSocket):
+            self.ws.close()  # gevent-websocket's object left open: a 1000 close, as gevent-websocket does
+
+    def going_away(self) -> None:
+        """The graceful timeout ended: close this WebSocket with 1001 so its handler returns."""
+        ws = self.ws
+        try:
+            if isinstance(ws, _websocket.WebSocket):
+                ws.close(1001, "server shutting down")
+            else:
+                self.sock.sendall(_websocket.GOING_AWAY_FRAME)
+        except OSError:
+            pass  # the client is gone: its handler hears so from its own read
+        except _websocket.WebSocketError:
+            pass  # closed already
+
     def _send_error(self, status: int, reason: str) -> None:
         body = ("%d %s: %s\n" % (status, _REASONS.get(status, "Error"), reason)).encode("latin-1", "replace")
         head = ("HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
@@ -485,6 +513,8 @@ class Connection:
         expect = environ.get("HTTP_EXPECT")
         self.expect_continue = isinstance(expect, str) and version == "1.1" and expect.lower() == "100-continue"
         environ["wsgi.input"] = _NO_BODY if req.complete and not req.body else Input(self, req)
+        if req.upgrade and _websocket.wants_websocket(environ):
+            _websocket.offer(self, environ)
         return environ
 
     def _trusted_proxy(self, remote_addr: str) -> bool:

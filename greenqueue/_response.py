@@ -227,7 +227,13 @@ class _Response:
         try:
             result = app(self.environ, self.start_response)
         except _APP_ERRORS as exc:
-            self._internal_error(exc)
+            if self.conn.ws is not None:
+                self._taken_over(exc)
+            else:
+                self._internal_error(exc)
+            return
+        if self.conn.ws is not None:
+            self._taken_over(None, result)
             return
         try:
             self._send_result(result)
@@ -295,6 +301,23 @@ class _Response:
             conn.send_raw(b"0\r\n\r\n")
         elif self.length is not None and self.sent_body != self.length and not self.no_body:
             self._lied()
+
+    def _taken_over(self, exc: Optional[BaseException], result: Any = None) -> None:
+        """The app took the socket over (a WebSocket) and is done with it: write nothing more."""
+        self.keep_alive = False
+        self.headers_sent = True
+        self.status_code = 101
+        # StopIteration and ConnectionError are how simple-websocket and python-engineio say
+        # "the socket is finished" under gunicorn and Werkzeug; OSError is a client gone.
+        if exc is not None and not isinstance(exc, (StopIteration, OSError)):
+            log.error("error in WebSocket %s after the takeover", self.environ["PATH_INFO"], exc_info=exc)
+        self.conn.end_websocket()
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("error closing the response iterable of WebSocket %s", self.environ["PATH_INFO"])
 
     def _lied(self) -> None:
         # The app's Content-Length and its body disagree: the connection cannot carry another response.

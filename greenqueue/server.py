@@ -37,6 +37,8 @@ log = logging.getLogger("greenqueue.server")
 #: A ``--bind`` address and the socket listening on it.
 Listener = Tuple[str, "gsocket.socket"]
 WSGIApp = Callable[..., Any]
+# Seconds WebSocket handlers get to return after their 1001 close before they are killed.
+_GOING_AWAY_WAIT = 2.0
 
 
 class Server(Front):
@@ -176,6 +178,14 @@ class Server(Front):
         for conn in list(self.connections):
             conn.close_if_idle()
         self.pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        sockets = [c for c in self.connections if c.ws is not None]
+        if sockets:
+            # WebSockets served on through the drain; now they hear "going away" (1001), and
+            # their handlers get a moment to return on their own before what is left is killed.
+            log.info("graceful timeout: closing %d WebSocket(s) with 1001", len(sockets))
+            for conn in sockets:
+                conn.going_away()
+            self.pool.join(timeout=_GOING_AWAY_WAIT)
         left = len(self.pool)
         if left:
             log.warning("graceful timeout: closing %d connection(s) still busy", left)

@@ -4,7 +4,7 @@
 ``--dashboard-path`` are served; the server calls it when either is set.
 """
 
-from typing import TYPE_CHECKING, Optional, Sequence, Sized, Tuple
+from typing import TYPE_CHECKING, Any, Collection, Optional, Sequence, Tuple
 
 from .metrics import Metrics
 from .web import LOOPBACK, Observability, _Network
@@ -19,7 +19,7 @@ __all__ = ["Metrics", "Observability", "install"]
 
 def install(app: "WSGIApplication", metrics_path: Optional[str] = None, dashboard_path: Optional[str] = None,
             allow_ips: Optional[Sequence[_Network]] = LOOPBACK, token: Optional[str] = None,
-            connections: Optional[Sized] = None, runtime: Optional["Runtime"] = None) -> Tuple[Observability, Metrics]:
+            connections: Optional[Collection[Any]] = None, runtime: Optional["Runtime"] = None) -> Tuple[Observability, Metrics]:
     """Start collecting metrics and return ``(wrapped app, metrics)``."""
     metrics = Metrics(connections, runtime).install()
     return Observability(app, metrics, metrics_path, dashboard_path, allow_ips, token), metrics

@@ -11,7 +11,7 @@ import collections
 import os
 import time
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sized, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, Iterator, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -57,8 +57,9 @@ class Metrics:
     That keeps the cost per task to a few hundred nanoseconds.
     """
 
-    def __init__(self, connections: Optional[Sized] = None, runtime: Optional["Runtime"] = None) -> None:
+    def __init__(self, connections: Optional[Collection[Any]] = None, runtime: Optional["Runtime"] = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        self.connections = connections
         # metric -> label tuple -> count; a hot task cell is a one-element list instead (_task).
         self.counters: Dict[str, Dict[Any, Any]] = {name: collections.Counter() for name, _, _ in _COUNTERS}
         self.hists: Dict[str, Dict[Any, _Hist]] = {
@@ -274,10 +275,15 @@ def _limit_gauges(runtime: "Runtime") -> Iterator[Metric]:
     yield waiting
 
 
+def open_websockets(connections: Collection[Any]) -> int:
+    """How many of the server's connections are WebSockets."""
+    return sum(1 for c in connections if getattr(c, "ws", None) is not None)
+
+
 class _StateCollector:
     """Gauges read at scrape time: tasks waiting/running, worker processes, open connections."""
 
-    def __init__(self, connections: Optional[Sized], runtime: Optional["Runtime"] = None) -> None:
+    def __init__(self, connections: Optional[Collection[Any]], runtime: Optional["Runtime"] = None) -> None:
         self.connections = connections
         self.runtime = runtime
 
@@ -312,6 +318,9 @@ class _StateCollector:
         conns = GaugeMetricFamily("greenqueue_http_connections", "Open client connections")
         conns.add_metric([], len(self.connections) if self.connections is not None else 0)
         yield conns
+        sockets = GaugeMetricFamily("greenqueue_websockets", "Open WebSockets (connections the app took over)")
+        sockets.add_metric([], open_websockets(self.connections) if self.connections is not None else 0)
+        yield sockets
         store = runtime.store
         if runtime.node is not None:
             # Which node this scrape came from, and whether it leads the scheduler: Prometheus

@@ -10,6 +10,8 @@ import sysconfig
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from .metrics import open_websockets
+
 if TYPE_CHECKING:
     from ..runtime import Runtime
     from ..tasks import TaskResult
@@ -63,4 +65,7 @@ def snapshot(metrics: Optional["Metrics"] = None, runtime: Optional["Runtime"] =
                       for k, b, m, u, w in sorted(snap.get("limits", []), key=lambda x: (-x[4], -x[3]))[:LIMIT]]}
     if metrics is not None:
         out["history"] = metrics.history.series()
+        conns = metrics.connections
+        if conns is not None:
+            out["http"] = {"connections": len(conns), "websockets": open_websockets(conns)}
     return out
