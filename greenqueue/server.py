@@ -171,7 +171,9 @@ class Server(Front):
                 pass  # already closed
         self._remove_unix_sockets()
         busy = sum(1 for c in self.connections if not c.idle)
-        return "stopped accepting; draining %d busy connection(s)" % busy
+        sockets = sum(1 for c in self.connections if c.ws is not None)
+        return "stopped accepting; draining %d busy connection(s)%s" % (
+            busy, " (%d WebSocket(s), kept open until the graceful timeout)" % sockets if sockets else "")
 
     def drain(self, deadline: float) -> None:
         """Let busy connections finish until ``deadline``, close idle ones now, then close what is left."""
