@@ -342,7 +342,11 @@ class Connection:
                         raise RequestError(408, "request headers not received within %ss"
                                            % settings.header_timeout)
             elif settings.shutting_down:
-                return None
+                if settings.retire_grace is None:
+                    return None
+                # Retiring: a client may be sending its next request right now; wait a little
+                # for it (it gets Connection: close) rather than close the connection under it.
+                timeout = settings.retire_grace
             else:
                 timeout = settings.keepalive_timeout
             try:
@@ -415,6 +419,15 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+    def retire(self, grace: float) -> None:
+        """A retiring process: an idle connection waits at most ``grace`` more seconds for a request."""
+        if self.idle and self._parked:
+            deadline = _monotonic() + grace
+            if self._deadline is None or deadline < self._deadline:
+                self._deadline = deadline
+                if deadline < self._timer_at:
+                    self._arm(grace, deadline)
 
     def close_if_idle(self) -> None:
         """Wake an idle keep-alive connection so it closes (graceful shutdown)."""
@@ -549,6 +562,9 @@ class Connection:
         environ = self._build_environ(req)
         resp = _Response(self, environ, req)
         settings = self.settings
+        budget = settings.budget
+        if budget is not None:
+            budget.spend()
         try:
             resp.run(settings.app)
         finally:

@@ -37,14 +37,14 @@ if TYPE_CHECKING:
     from .config import Settings
     from .runtime import Runtime
 
-__all__ = ["StopSignals", "Front", "Lifecycle", "Ready", "STOP_SIGNALS", "run_main", "prepare_process",
+__all__ = ["StopSignals", "Front", "Lifecycle", "STOP_SIGNALS", "RETIRE", "run_main", "prepare_process",
            "startup_failed"]
 
 #: The signals that stop a process: the first gracefully, the second at once.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-#: What a server process calls once it serves: the pool worker processes it started, by dirty app.
-Ready = Callable[[Dict[str, int]], None]
+#: The stop reason of a supervised process asked to retire (SIGUSR2 from its supervisor).
+RETIRE = "SIGUSR2"
 
 
 def _nothing() -> None:
@@ -86,10 +86,14 @@ class Lifecycle:
     """Start the runtime, serve until a signal, then drain and stop it: the server's and the worker's one sequence."""
 
     def __init__(self, runtime: "Runtime", settings: "Settings", log: logging.Logger,
-                 front: Optional[Front] = None, alone: bool = False) -> None:
+                 front: Optional[Front] = None, alone: bool = False,
+                 scheduler_after: Optional[Callable[[], None]] = None) -> None:
         self.runtime = runtime
         #: True for a server with no supervisor: SIGHUP, a reload elsewhere, stops it gracefully here.
+        #: False for a supervised one, which retires on SIGUSR2.
         self.alone = alone
+        #: Blocks until this process may fire schedules (its predecessor exited); None: at once.
+        self.scheduler_after = scheduler_after
         self.settings = settings
         self.log = log
         self.front = front if front is not None else Front()
@@ -114,12 +118,24 @@ class Lifecycle:
         try:
             rt.start(dirty_apps=s.dirty_apps, dirty_workers=s.dirty_workers, dirty_timeout=s.dirty_timeout,
                      journal=s.journal or None, lease_timeout=s.lease_timeout, queues=s.queues,
-                     journal_sync=s.journal_sync)
+                     journal_sync=s.journal_sync, scheduler=self.scheduler_after is None)
         except Exception as exc:
             # Whatever did start must not outlive the process that is about to exit 2.
             rt.pools.stop(5)
             rt.close_store()
             raise _start_error(exc, bool(s.dirty_apps)) from None
+        if self.scheduler_after is not None and len(rt.scheduler):
+            import gevent
+            gevent.spawn(self._start_scheduler_later, self.scheduler_after)
+
+    def _start_scheduler_later(self, wait: Callable[[], None]) -> None:
+        # Without a journal two processes would both fire each run: the one being replaced fires
+        # until it exits, this one from then on.
+        self.log.info("the scheduler starts once the process this one replaces has exited")
+        wait()
+        if not self._stopping.is_set():
+            self.runtime.start_scheduler()
+            self.log.info("scheduler started: the process this one replaced has exited")
 
     def describe(self) -> List[str]:
         """What the start-up line says besides the addresses: the dirty apps and the journal."""
@@ -139,7 +155,7 @@ class Lifecycle:
         """Install the SIGTERM/SIGINT handlers: the first wakes :meth:`wait`, the second exits at once."""
         import gevent
 
-        signums = STOP_SIGNALS + ((signal.SIGHUP,) if self.alone else ())
+        signums = STOP_SIGNALS + ((signal.SIGHUP,) if self.alone else (signal.SIGUSR2,))
         self._handlers = [gevent.signal_handler(signum, self.signals.on_signal, signum) for signum in signums]
         self._watcher = gevent.spawn(self._exit_on_second_signal)
 
@@ -160,7 +176,9 @@ class Lifecycle:
         timeout = self.settings.graceful_timeout
         deadline = time.monotonic() + timeout
         left = self.front.stop_accepting(reason)
-        if reason == "SIGHUP":
+        if reason == RETIRE:
+            reason = "retiring (a replacement serves)"
+        elif reason == "SIGHUP":
             self.log.info("SIGHUP stops a server that runs alone (it drains as for SIGTERM); for reloads that "
                           "keep serving, start it with --workers N (1 included) and send SIGHUP to the supervisor")
         self.log.info("%s: %s, graceful timeout %.0fs", reason, left, timeout)
@@ -229,3 +247,38 @@ def prepare_process(settings: "Settings") -> None:
     eventlog.install()
     if settings.max_blocking_ms:
         watch_blocking(settings.max_blocking_ms)
+
+
+class HookServer:
+    """What a gunicorn server hook gets as ``server``: the parts of gunicorn's arbiter hooks use."""
+
+    def __init__(self, settings: "Settings", app_spec: str) -> None:
+        self.cfg = settings
+        self.app_spec = app_spec
+        self.pid = os.getpid()
+        self.log = logging.getLogger("greenqueue.server")
+
+
+class HookWorker:
+    """What a gunicorn server hook gets as ``worker``: one server process."""
+
+    def __init__(self, settings: "Settings", app_spec: str, age: int = 0) -> None:
+        self.cfg = settings
+        self.app_spec = app_spec
+        self.pid = os.getpid()
+        self.ppid = os.getppid()
+        self.age = age
+        self.alive = True
+        self.log = logging.getLogger("greenqueue.server")
+
+
+def run_hook(settings: "Settings", name: str, *args: object) -> None:
+    """Call the gunicorn hook ``name`` from the --config file, if it has one; log (not raise) its failure."""
+    hook = settings.server_hooks.get(name)
+    if hook is None:
+        return
+    try:
+        hook(*args)
+    except Exception as exc:
+        logging.getLogger("greenqueue.server").exception("the %s hook of %s failed: %s: %s (at %s)", name,
+                                                         settings.config, type(exc).__name__, exc, where(exc))

@@ -54,6 +54,11 @@ class HTTPSettings:
         self.server_port = str(server_port)
         self.access_log_enabled = access_log_enabled
         self.shutting_down = False
+        #: Set while a retiring process drains: how long an idle kept-alive connection may still
+        #: send its next request (answered with Connection: close) before it is closed.
+        self.retire_grace: Optional[float] = None
+        #: Counts requests down to a recycling (--max-requests); None when off.
+        self.budget: Any = None
         #: What every environ of this server starts from (a connection adds its peer).
         self.base_environ: Dict[str, Any] = {
             "SCRIPT_NAME": "", "SERVER_NAME": server_name, "SERVER_PORT": self.server_port,

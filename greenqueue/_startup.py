@@ -223,7 +223,7 @@ def setup_logging(settings: "Settings") -> None:
     level = getattr(logging, settings.log_level.upper())
     handler = logging.StreamHandler(sys.stderr)
     # Several processes write to one stderr under --workers: each line says which one.
-    pid = " [%(process)d]" if settings.workers > 1 else ""
+    pid = " [%(process)d]" if settings.supervised else ""
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s" + pid + " %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

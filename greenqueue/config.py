@@ -19,7 +19,7 @@ import runpy
 import sys
 import traceback
 import types
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .errors import ConfigError
@@ -45,6 +45,22 @@ def _queues(text: Any) -> List[str]:
     if isinstance(text, (list, tuple)):
         return [str(q) for q in text]
     return [q.strip() for q in str(text).split(",") if q.strip()]
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more, got %r" % text)
+    return value
+
+
+def _boolean(text: str) -> bool:
+    word = str(text).strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false, got %r" % text)
 
 
 def _non_negative_float(text: str) -> float:
@@ -165,8 +181,17 @@ SETTINGS = [
     Setting("journal_sync", "normal", "SQLite journal durability: normal (a power cut may lose the last "
             "commits, never corrupts) or full (fsync every commit, about twice the cost); PostgreSQL follows "
             "the server's synchronous_commit", _journal_sync, metavar="normal|full"),
-    Setting("workers", 1, "server processes on this host sharing the listening sockets", _positive_int,
-            metavar="N"),
+    Setting("workers", None, "server processes on this host sharing the listening sockets; given (1 included), "
+            "a supervisor runs them, replaces them and reloads them on SIGHUP", _positive_int, metavar="N",
+            shown="1, no supervisor"),
+    Setting("max_requests", 0, "replace a server process after it served this many requests (0 = never; "
+            "starts the supervisor)", _non_negative_int, metavar="N"),
+    Setting("max_requests_jitter", 0, "add up to this many requests (random, per process) to --max-requests, "
+            "so processes are not replaced together", _non_negative_int, metavar="N"),
+    Setting("timeout", 0.0, "replace a server process whose hub has not turned for this many seconds, logging "
+            "the stack that held it (0 = off; starts the supervisor)", _non_negative_float, metavar="S"),
+    Setting("reload", False, "development: restart the server processes when a Python file under the app's "
+            "directory changes (starts the supervisor)", _boolean, flag=True, shown="off"),
     Setting("lease_timeout", 30.0, "seconds before a dead node's tasks run elsewhere (and the scheduler "
             "leader's lease)", _positive_float, metavar="S"),
     Setting("queues", None, "queues this node claims tasks from, comma-separated ('' = none: only enqueue)",
@@ -217,7 +242,11 @@ class Settings:
     dirty_timeout: Optional[float]
     journal: Optional[str]
     journal_sync: str
-    workers: int
+    workers: Optional[int]
+    max_requests: int
+    max_requests_jitter: int
+    timeout: float
+    reload: bool
     lease_timeout: float
     queues: Optional[Sequence[str]]
     metrics_path: Optional[str]
@@ -226,6 +255,18 @@ class Settings:
     dashboard_token: Optional[str]
     max_concurrency: Optional[int]
     max_pending: Optional[int]
+    #: gunicorn's server hooks found in a ``--config`` file, by name (not an option of its own).
+    server_hooks: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+
+    @property
+    def processes(self) -> int:
+        """How many server processes run on this host (``--workers``, 1 when not given)."""
+        return self.workers or 1
+
+    @property
+    def supervised(self) -> bool:
+        """True when a supervisor runs the server processes: ``--workers`` given, or an option that needs one."""
+        return self.workers is not None or bool(self.max_requests or self.timeout or self.reload)
 
     def __getitem__(self, name: str) -> Any:
         """``settings["backlog"]``: the same value as ``settings.backlog``, for code that reads settings by name."""
@@ -234,9 +275,13 @@ class Settings:
         return getattr(self, name)
 
 
+#: Settings fields that are no option (no flag, no environment variable): what a config file brings besides.
+_NOT_OPTIONS = ("server_hooks",)
+
+
 def _check_settings_class() -> None:
     # A setting added to the table but not to the class (or the reverse) fails at import, not at run time.
-    declared = [f.name for f in fields(Settings)]
+    declared = [f.name for f in fields(Settings) if f.name not in _NOT_OPTIONS]
     if declared != [s.name for s in SETTINGS]:
         raise TypeError("config.Settings and config.SETTINGS disagree: %s"
                         % ", ".join(sorted(set(declared) ^ set(_BY_NAME)) or "the order differs"))
@@ -248,7 +293,8 @@ _check_settings_class()
 #: Settings that mean nothing to a node without HTTP (python -m greenqueue.worker).
 HTTP_ONLY = ("bind", "max_connections", "backlog", "header_timeout", "keepalive_timeout", "max_request_line",
              "max_header_size", "max_headers", "forwarded_allow_ips", "access_log", "metrics_path",
-             "dashboard_path", "dashboard_allow_ips", "dashboard_token", "workers")
+             "dashboard_path", "dashboard_allow_ips", "dashboard_token", "workers", "max_requests",
+             "max_requests_jitter", "timeout", "reload")
 
 
 def build_parser(prog: str = "greenqueue", worker: bool = False) -> argparse.ArgumentParser:
@@ -274,6 +320,10 @@ def build_parser(prog: str = "greenqueue", worker: bool = False) -> argparse.Arg
                                   "help": "%s (default: %s)" % (s.help, s.shown_default)}
         if s.multiple:
             kwargs["action"] = "append"
+        if s.flag:
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
+            del kwargs["metavar"]
         parser.add_argument(flag, **kwargs)
     return parser
 
@@ -299,8 +349,32 @@ def _from_env(environ: Mapping[str, str]) -> Dict[str, Any]:
     return values
 
 
-# Names a config file may also use for a setting (the CLI flag's spelling).
-_ALIASES = {"dirty_app": "dirty_apps"}
+# Names a config file may also use for a setting: the CLI flag's spelling, and gunicorn's
+# names for what greenqueue also does, so a gunicorn.conf.py works as it is.
+_ALIASES = {"dirty_app": "dirty_apps", "keepalive": "keepalive_timeout", "worker_connections": "max_connections",
+            "accesslog": "access_log", "loglevel": "log_level", "limit_request_line": "max_request_line",
+            "limit_request_fields": "max_headers", "limit_request_field_size": "max_header_size"}
+#: gunicorn's server hooks greenqueue calls (with stand-ins for gunicorn's arbiter and worker objects).
+GUNICORN_HOOKS = ("on_starting", "when_ready", "post_worker_init", "worker_exit")
+#: gunicorn settings with no meaning here: named once, in one warning, rather than one "did you mean" each.
+_GUNICORN_ONLY = frozenset((
+    "access_log_format", "asgi_disconnect_grace_period", "asgi_lifespan", "asgi_loop", "ca_certs",
+    "capture_output", "casefold_http_method", "cert_reqs", "certfile", "chdir", "check_config", "child_exit",
+    "ciphers", "control_socket", "control_socket_disable", "control_socket_mode", "daemon", "default_proc_name",
+    "dirty_graceful_timeout", "dirty_post_fork", "dirty_threads", "dirty_worker_exit", "dirty_worker_init",
+    "disable_redirect_access_to_syslog", "do_handshake_on_connect", "dogstatsd_tags", "enable_backlog_metric",
+    "enable_stdio_inheritance", "errorlog", "forwarder_headers", "group", "header_map", "http2_cleartext",
+    "http2_initial_window_size", "http2_max_concurrent_streams", "http2_max_frame_size",
+    "http2_max_header_list_size", "http_parser", "http_protocols", "initgroups", "keyfile", "logconfig",
+    "logconfig_dict", "logconfig_json", "logger_class", "nworkers_changed", "on_dirty_starting", "on_exit",
+    "on_reload", "paste", "permit_obsolete_folding", "permit_unconventional_http_method",
+    "permit_unconventional_http_version", "pidfile", "post_fork", "post_request", "pre_exec", "pre_fork",
+    "pre_request", "preload_app", "print_config", "proc_name", "protocol", "proxy_allow_ips", "proxy_protocol",
+    "pythonpath", "raw_env", "raw_paste_global_conf", "reload_engine", "reload_extra_files", "reuse_port",
+    "root_path", "secure_scheme_headers", "sendfile", "spew", "ssl_context", "ssl_version", "statsd_host",
+    "statsd_prefix", "strip_header_spaces", "suppress_ragged_eofs", "syslog", "syslog_addr", "syslog_facility",
+    "syslog_prefix", "threads", "tmp_upload_dir", "umask", "user", "uwsgi_allow_ips",
+    "websocket_max_message_size", "worker_abort", "worker_class", "worker_int", "worker_tmp_dir", "wsgi_app"))
 # Values that are the file's machinery, not settings: a typo cannot produce these.
 _NOT_SETTINGS = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
 
@@ -318,15 +392,33 @@ def _from_file(path: str, warn: Callable[[str], None]) -> Dict[str, Any]:
                           % (path, exc.lineno, exc.msg, _source_hint(exc.text))) from None
     except Exception as exc:
         raise ConfigError("config file %s: %s: %s" % (_where_in(path, exc), type(exc).__name__, exc)) from None
-    values = {}
+    values: Dict[str, Any] = {}
+    hooks = {}
+    ignored = []
     for key, value in names.items():
+        if key in GUNICORN_HOOKS and callable(value):
+            hooks[key] = value
+            continue
         if key.startswith("_") or key in imported or isinstance(value, _NOT_SETTINGS):
+            if key in _GUNICORN_ONLY and isinstance(value, types.FunctionType):
+                ignored.append(key)  # a gunicorn hook greenqueue does not call
             continue
         name = _ALIASES.get(key, key)
         if name in _BY_NAME and name != "config":
+            if name == "max_request_line" and value in (0, "0") or name == "max_headers" and value in (0, "0"):
+                warn("config file %s:%d: %s = 0 (gunicorn's 'no limit') is kept at greenqueue's default %s"
+                     % (path, assigned.get(key, 0), key, _BY_NAME[name].shown_default))
+                continue
             values[name] = _coerce(_BY_NAME[name], value, "config file %s:" % path)
+        elif key in _GUNICORN_ONLY:
+            ignored.append(key)
         elif key in assigned:
             warn(_unknown_name(path, key, assigned[key]))
+    if ignored:
+        warn("config file %s: gunicorn settings with no meaning under greenqueue, ignored: %s"
+             % (path, ", ".join(sorted(ignored))))
+    if hooks:
+        values["server_hooks"] = hooks
     return values
 
 

@@ -121,11 +121,20 @@ class Runtime:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    def start_scheduler(self) -> None:
+        """Start the scheduler on the task hub when it has jobs and is not running yet."""
+        if len(self.scheduler) and not self.scheduler.running:
+            self.runner.call(self.scheduler.start)
+
     def start(self, dirty_apps: Sequence[str] = (), dirty_workers: Optional[int] = None,
               dirty_timeout: Optional[float] = None, journal: Optional[str] = None,
               lease_timeout: float = 30.0, queues: Optional[Sequence[str]] = None,
-              journal_sync: str = "normal") -> "Runtime":
-        """Start what the process declared: pools, the journal, the scheduler (when it has jobs), consumers."""
+              journal_sync: str = "normal", scheduler: bool = True) -> "Runtime":
+        """Start what the process declared: pools, the journal, the scheduler (when it has jobs), consumers.
+
+        ``scheduler=False`` leaves the scheduler for :meth:`start_scheduler` (a process replacing
+        another without a journal starts it once the other has exited).
+        """
         if dirty_apps and not monkey.is_module_patched("os"):
             raise ConfigError("process pools need the main thread's gevent loop (gipc watches its children "
                               "there): call gevent.monkey.patch_all() first, or run the greenqueue server "
@@ -141,8 +150,8 @@ class Runtime:
                 pool.stop(5)
             raise
         runner = self.runner
-        if len(self.scheduler):
-            runner.call(self.scheduler.start)
+        if scheduler:
+            self.start_scheduler()
         if self.consumers():
             runner.call(_consumers.start_all)
         self.started = True
@@ -330,7 +339,10 @@ def health() -> Dict[str, Any]:
 
 def start(dirty_apps: Sequence[str] = (), journal: Optional[str] = None) -> Runtime:
     """Start the scheduler and consumers outside the server (Celery's beat is explicit too)."""
-    return get_runtime().start(dirty_apps=dirty_apps, journal=journal)
+    rt = get_runtime()
+    if rt.started and not dirty_apps and journal is None:
+        return rt  # under greenqueue's own server (a gunicorn.conf.py's post_worker_init, say): started already
+    return rt.start(dirty_apps=dirty_apps, journal=journal)
 
 
 def configure(max_concurrency: Optional[int] = None, max_pending: Optional[int] = None,

@@ -20,7 +20,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
-from ._lifecycle import Front, Lifecycle, Ready, prepare_process, run_main, startup_failed
+from ._lifecycle import (RETIRE, Front, HookServer, HookWorker, Lifecycle, prepare_process, run_hook, run_main,
+                         startup_failed)
 from ._startup import StartupError, display, listen, load_app, parse_bind
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from gevent.server import StreamServer
 
     from ._http import Connection, HTTPSettings
+    from ._supervisor import ChildLink
     from .config import Settings
 
 __all__ = ["main", "serve", "load_app", "parse_bind"]
@@ -39,13 +41,15 @@ Listener = Tuple[str, "gsocket.socket"]
 WSGIApp = Callable[..., Any]
 # Seconds WebSocket handlers get to return after their 1001 close before they are killed.
 _GOING_AWAY_WAIT = 2.0
+#: Seconds a retiring process keeps an idle kept-alive connection open for a request already on its way.
+RETIRE_IDLE = 1.0
 
 
 class Server(Front):
     """Owns the listeners and the connections; the lifecycle drives it."""
 
     def __init__(self, app_spec: str, settings: "Settings", listeners: Optional[Sequence[Listener]] = None,
-                 ready: Optional[Ready] = None) -> None:
+                 link: Optional["ChildLink"] = None) -> None:
         from gevent.pool import Pool
 
         from .runtime import get_runtime
@@ -60,7 +64,9 @@ class Server(Front):
         self.pool = Pool(settings.max_connections)
         # Under --workers the supervisor binds and owns the sockets; this process serves them.
         self.listeners = listeners
-        self.ready = ready
+        #: This process's side of its supervisor (None: it runs alone).
+        self.link = link
+        self.retiring = False
 
     def run(self) -> int:
         """Start everything, serve until a signal, shut down; return the exit status."""
@@ -70,21 +76,29 @@ class Server(Front):
             # Tasks claimed from a shared store were spawned in another process: they run in
             # this server's Flask app context, as a task spawned in a request here would.
             rt.runner.app = user_app
-        if s.workers > 1 and not s.journal and len(rt.scheduler):
+        if s.processes > 1 and not s.journal and len(rt.scheduler):
             raise StartupError("--workers %d without --journal: every process would fire the @periodic jobs "
                                "of %s; give them a shared journal (a file or postgresql://...) so one leader "
-                               "fires each run" % (s.workers, self.app_spec))
+                               "fires each run" % (s.processes, self.app_spec))
         app = self._observed(user_app)
         listeners = self.listeners if self.listeners is not None else self._bind()
         self._stream_servers(app, listeners)
         # Alone (no supervisor handed us the sockets): SIGHUP is a graceful stop, not a kill.
-        lifecycle = Lifecycle(rt, s, log, front=self, alone=self.listeners is None)
+        link = self.link
+        # Without a journal a replacement must not fire schedules while its predecessor still does.
+        after = link.wait_for_predecessor if link is not None and link.predecessor and not s.journal else None
+        lifecycle = Lifecycle(rt, s, log, front=self, alone=link is None, scheduler_after=after)
         try:
             lifecycle.start()
         except StartupError:
             self._remove_unix_sockets()
             raise
-        return lifecycle.serve(lambda: self._announce(lifecycle, [bind for bind, _ in listeners]))
+        worker = HookWorker(s, self.app_spec)
+        run_hook(s, "post_worker_init", worker)
+        status = lifecycle.serve(lambda: self._announce(lifecycle, [bind for bind, _ in listeners]))
+        worker.alive = False
+        run_hook(s, "worker_exit", HookServer(s, self.app_spec), worker)
+        return status
 
     def _bind(self) -> List[Listener]:
         """Listen on every --bind address; StartupError (and nothing left bound) if one fails."""
@@ -123,6 +137,10 @@ class Server(Front):
 
         s = self.settings
         forwarded = parse_ips(s.forwarded_allow_ips)
+        budget = None
+        if self.link is not None and self.link.max_requests:
+            from ._supervisor import RequestBudget
+            budget = RequestBudget(self.link)  # one count for every listener of this process
         for bind, sock in listeners:
             _, address = parse_bind(bind)
             name, port = (address[0], address[1]) if isinstance(address, tuple) else ("localhost", "")
@@ -131,6 +149,7 @@ class Server(Front):
                 max_headers=s.max_headers, header_timeout=s.header_timeout,
                 keepalive_timeout=s.keepalive_timeout, forwarded_allow=forwarded,
                 server_name=name, server_port=port, access_log_enabled=bool(s.access_log))
+            http.budget = budget
 
             def handle(client: Any, address: Any, http: "HTTPSettings" = http) -> None:
                 _http.Connection(client, address, http, self.connections).handle()
@@ -154,17 +173,22 @@ class Server(Front):
             extras.append("metrics: %s%s" % (first, s.metrics_path))
         log.info("greenqueue %s serving %s on %s (pid %d%s)", __version__, self.app_spec,
                  ", ".join(addresses), os.getpid(), "".join(", " + e for e in extras))
-        if self.ready is not None:
-            self.ready(lifecycle.started_pools())
+        if self.link is not None:
+            self.link.ready(lifecycle.started_pools())
+        else:
+            run_hook(s, "when_ready", HookServer(s, self.app_spec))
 
     def stop_accepting(self, reason: str) -> str:
         """Close the listeners and refuse new requests on kept-alive connections."""
         from . import events
 
         events.notify(events.ServerStopping(reason=reason))
+        self.retiring = reason == RETIRE
         for srv, http in self.servers:
             srv.stop_accepting()
             http.shutting_down = True
+            if self.retiring:
+                http.retire_grace = RETIRE_IDLE
             try:
                 srv.socket.close()
             except OSError:
@@ -178,7 +202,10 @@ class Server(Front):
     def drain(self, deadline: float) -> None:
         """Let busy connections finish until ``deadline``, close idle ones now, then close what is left."""
         for conn in list(self.connections):
-            conn.close_if_idle()
+            if self.retiring:
+                conn.retire(RETIRE_IDLE)  # its client may be sending; it gets Connection: close, or a moment
+            else:
+                conn.close_if_idle()
         self.pool.join(timeout=max(0.0, deadline - time.monotonic()))
         sockets = [c for c in self.connections if c.ws is not None]
         if sockets:
@@ -210,18 +237,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _serve_or_supervise(app_spec: str, settings: "Settings") -> int:
-    if settings.workers > 1:
+    run_hook(settings, "on_starting", HookServer(settings, app_spec))
+    if settings.supervised:
         from ._supervisor import Supervisor
         return Supervisor(app_spec, settings, serve).run()
     return serve(app_spec, settings)
 
 
 def serve(app_spec: str, settings: "Settings", listeners: Optional[Sequence[Listener]] = None,
-          ready: Optional[Ready] = None) -> int:
+          link: Optional["ChildLink"] = None) -> int:
     """Run one server process until it is told to stop; returns its exit status."""
     prepare_process(settings)
     try:
-        return Server(app_spec, settings, listeners, ready).run()
+        return Server(app_spec, settings, listeners, link).run()
     except StartupError as exc:
         return startup_failed("greenqueue", exc)
 

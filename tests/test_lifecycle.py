@@ -49,7 +49,8 @@ def test_load_gives_frozen_settings_read_by_attribute_or_by_name():
 
 def test_the_worker_gets_every_setting_even_those_it_has_no_flag_for():
     _, settings = config.load(["mod"], environ={}, worker=True)
-    assert settings.access_log is None and settings.workers == 1
+    assert settings.access_log is None and settings.workers is None and settings.processes == 1
+    assert not settings.supervised
 
 
 # -- the loader -------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_start_passes_the_settings_to_the_runtime():
     _lifecycle.Lifecycle(rt, settings, logging.getLogger("gq.test")).start()
     assert rt.configured == {"max_concurrency": 4, "max_pending": None}
     assert rt.options == {"dirty_apps": [], "dirty_workers": 3, "dirty_timeout": None, "journal": "j.db",
-                          "lease_timeout": 30.0, "queues": ["a", "b"], "journal_sync": "normal"}
+                          "lease_timeout": 30.0, "queues": ["a", "b"], "journal_sync": "normal", "scheduler": True}
 
 
 def test_start_leaves_the_runner_limits_alone_when_none_are_given():

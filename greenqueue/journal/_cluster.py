@@ -171,20 +171,36 @@ class ClusterStore:
         the same host knows sooner, so a restart after a crash does not wait for it.
         """
         me = socket.gethostname()
-        dead = [n for n in self.engine.nodes() if n.host == me and n.id != self.node and not _alive(n.pid)]
-        if not dead:
-            return 0
+        nodes = [n for n in self.engine.nodes() if n.id != self.node]
+        dead = [n for n in nodes if n.host == me and not _alive(n.pid)]
         held: Dict[str, List[str]] = {}
-        for row in self.engine.rows("STARTED", 1000000):
-            if row.owner is not None:
-                held.setdefault(row.owner, []).append(row.id)
+        if nodes:
+            for row in self.engine.rows("STARTED", 1000000):
+                if row.owner is not None:
+                    held.setdefault(row.owner, []).append(row.id)
         total = 0
         for node in dead:
-            total += self.engine.release(held.get(node.id, []), node.id) if held.get(node.id) else 0
+            released = self.engine.release(held.get(node.id, []), node.id) if held.get(node.id) else 0
+            total += released
+            # Unregistering also ends its scheduler leader lease, if it held it: leadership moves now.
             self.engine.unregister(node.id)
-        if total:
-            log.info("journal %s: %d task(s) of a process that died on this host run again", self.display, total)
+            log.info("journal %s: node %s (pid %d) on this host is gone: its %d running task(s) run again and "
+                     "its leases (the scheduler's too, if it led) end now instead of in %.0fs", self.display,
+                     node.id, node.pid, released, self.engine.lease_timeout)
+        self._say_what_waits([n for n in nodes if n not in dead], held)
         return total
+
+    def _say_what_waits(self, others: Sequence[NodeInfo], held: Dict[str, List[str]]) -> None:
+        """Log the tasks held by nodes that look gone but cannot be judged from here, and when they move."""
+        now = time.time()
+        timeout = self.engine.lease_timeout
+        for node in others:
+            beat = node.heartbeat_at or node.started_at or now
+            quiet = now - beat
+            if quiet > min(timeout / 3, 10.0) and held.get(node.id):
+                log.info("journal %s: node %s on %s has not been heard from for %.0fs; its %d running task(s) "
+                         "run elsewhere when its lease ends, in at most %.0fs", self.display, node.id,
+                         node.host or "another host", quiet, len(held[node.id]), max(0.0, timeout - quiet))
 
     # -- options -------------------------------------------------------------------------
 
