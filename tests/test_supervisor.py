@@ -277,3 +277,34 @@ def test_a_restart_after_kill_9_takes_over_at_once_and_says_so(server_factory, t
     wait_for(lambda: any(f[-1] == str(second.proc.pid) for f in lines("beat 7")), 10,
              message="the dead process's task running again in the new one")
     assert second.stop() == 0
+
+
+def test_a_reloaded_process_finishes_its_running_journaled_tasks_and_leaves_the_rest(server_factory, tmp_path):
+    """What a retiring process does with journaled tasks, counted from the ledger the tasks write."""
+    ledger = tmp_path / "ledger.txt"
+    env = {"CLUSTER_LEDGER": str(ledger)}
+    srv = server_factory("tests.apps.cluster_app:app", "--workers", "1", "--journal", str(tmp_path / "j.db"),
+                         "--max-concurrency", "2", env=env)
+    wait_for(lambda: "greenqueue supervisor" in srv.log(), 20, message="the supervisor serving")
+    requests.post(srv.url + "/spawn?n=20&seconds=0.3", timeout=5)
+
+    def ran():
+        try:
+            return [line.split() for line in ledger.read_text().splitlines() if line.startswith("task ")]
+        except FileNotFoundError:
+            return []
+    wait_for(lambda: len(ran()) >= 2, 10, message="the first tasks done")
+    started = time.monotonic()
+    srv.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(ran()) >= 20, 30, message="all 20 tasks")
+    wait_for(lambda: "retired (exit 0)" in srv.log(), 10, message="the old process gone")
+    tasks = ran()
+    assert sorted(int(f[1]) for f in tasks) == list(range(20))  # each ran exactly once
+    pids = [f[3] for f in tasks]
+    old, new = pids[0], pids[-1]
+    assert old != new and set(pids) == {old, new}
+    retired_after = time.monotonic() - started
+    # The old process finished what it was running (at most two 0.3 s tasks) and left the waiting
+    # ones to its replacement: it did not sit on them until the graceful timeout.
+    assert retired_after < 10
+    assert srv.stop() == 0
