@@ -1,19 +1,25 @@
-"""The streaming_chat web app: gunicorn's chat API (/chat, /chat/sync, /health) and a chat page.
+"""The streaming_chat web app: gunicorn's chat API (/chat, /chat/sync, /health), a WebSocket, a chat page.
 
 Run it with the ChatApp pool:
     python -m greenqueue.server --dirty-app examples.streaming_chat.chat_app:ChatApp \
         examples.streaming_chat.app:app
 
 Concurrency model: each request runs in its own greenlet and waits on the
-ChatApp worker that streams its answer; finished exchanges are recorded by a
-greenqueue task on the same hub, so the dashboard shows the traffic.
+ChatApp worker that streams its answer; an open WebSocket (/chat/ws) holds its
+greenlet for as long as it is open and answers its prompts one after the
+other. Finished exchanges are recorded by a greenqueue task on the same hub,
+so the dashboard shows the traffic.
 """
 
 import collections
 import json
 import time
+from typing import Any, Deque, Dict, Generator, Tuple
 
+import gevent
 from flask import Flask, jsonify, render_template, request
+from flask_sock import Sock
+from simple_websocket import Server as WebSocket
 
 from greenqueue import Overloaded, WorkerError, procpool, task
 from greenqueue.flask import prime, sse_response
@@ -23,7 +29,15 @@ from .chat_app import tokens as split_tokens
 POOL = "examples.streaming_chat.chat_app:ChatApp"
 MAX_PROMPT_CHARS = 4000
 
+NOT_JSON = 'send a JSON object like {"prompt": "hello"}'
+NO_POOL = "the chat model is not running: start the server with --dirty-app %s" % POOL
+BUSY = "the model is busy; try again in a moment"
+
 app = Flask(__name__)
+# Pings keep an idle chat socket under nginx's proxy_read_timeout and notice dead
+# peers; a message far over MAX_PROMPT_CHARS closes the socket (1009) unread.
+app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25, "max_message_size": 64 * 1024}
+sock = Sock(app)
 
 #: The latest finished exchanges, newest last (what /stats shows).
 exchanges = collections.deque(maxlen=50)
@@ -41,7 +55,14 @@ class NoPool(Exception):
 def _chat_request():
     data = request.get_json(silent=True)
     if not isinstance(data, dict):
-        raise BadInput('send a JSON object like {"prompt": "hello"} with Content-Type: application/json')
+        raise BadInput(NOT_JSON + " with Content-Type: application/json")
+    return _parse_chat(data)
+
+
+def _parse_chat(data: Any) -> Tuple[str, bool]:
+    """The prompt and thinking flag of a chat request's JSON, or BadInput naming what to fix."""
+    if not isinstance(data, dict):
+        raise BadInput(NOT_JSON)
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadInput('"prompt" must be a non-empty string')
@@ -97,6 +118,15 @@ def _recorded(source, prompt, thinking, started):
         _record(prompt, thinking, count, started, outcome)
 
 
+def _answer(prompt: str, thinking: bool) -> Generator[Dict[str, Any], None, None]:
+    """The answer's token items from the ChatApp pool, recorded when the stream ends or is closed."""
+    started = time.monotonic()
+    # prime() waits for the first token here, so "busy" or a crash is raised
+    # before anything is sent: a proper HTTP status, or an error message on a socket.
+    source = prime(_pool().stream("generate", prompt, thinking))
+    return _recorded(source, prompt, thinking, started)
+
+
 @app.errorhandler(BadInput)
 def bad_input(exc):
     """A request the chat cannot use: 400 with a JSON error."""
@@ -106,14 +136,13 @@ def bad_input(exc):
 @app.errorhandler(NoPool)
 def no_pool(exc):
     """The model's worker pool was not started: say which flag starts it."""
-    message = "the chat model is not running: start the server with --dirty-app %s" % POOL
-    return jsonify(error=message, detail=message), 503
+    return jsonify(error=NO_POOL, detail=NO_POOL), 503
 
 
 @app.errorhandler(Overloaded)
 def overloaded(exc):
     """Every worker busy and the queue full."""
-    resp = jsonify(error="the model is busy; try again in a moment")
+    resp = jsonify(error=BUSY)
     resp.status_code = 503
     resp.headers["Retry-After"] = "1"
     return resp
@@ -136,11 +165,92 @@ def index():
 def chat():
     """Stream the answer as server-sent events: one ``{"token": ...}`` per event, then ``[DONE]``."""
     prompt, thinking = _chat_request()
-    started = time.monotonic()
-    # prime() waits for the first token here, so "busy" or a crash is a proper
-    # HTTP status rather than an error event inside a 200 stream.
-    source = prime(_pool().stream("generate", prompt, thinking))
-    return sse_response(_recorded(source, prompt, thinking, started))
+    return sse_response(_answer(prompt, thinking))
+
+
+@sock.route("/chat/ws")
+def chat_ws(ws: WebSocket) -> None:
+    """Answer each ``{"prompt": ...}`` message with ``token`` messages, then ``done``; the socket stays open.
+
+    ``{"type": "stop"}`` ends the answer being streamed (``stopped``); bad
+    input, a missing or busy pool and a failing model get an ``error`` message.
+    """
+    pending: Deque[Any] = collections.deque()  # prompts that arrived while an answer streamed
+    while True:
+        message = _decode(pending.popleft() if pending else ws.receive())
+        if _is_stop(message):
+            continue  # the answer it meant to stop has ended already
+        try:
+            prompt, thinking = _parse_chat(message)
+            source = _answer(prompt, thinking)
+        except (BadInput, NoPool, Overloaded, WorkerError) as exc:
+            _send(ws, type="error", message=_problem(exc))
+            continue
+        _send(ws, **_stream_to(ws, source, pending))
+
+
+def _decode(raw: Any) -> Any:
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError):
+        return None  # _parse_chat says what to send instead
+
+
+def _is_stop(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("type") == "stop"
+
+
+def _problem(exc: Exception) -> str:
+    """What the HTTP routes' error handlers say for ``exc``, for an error message on the socket."""
+    if isinstance(exc, NoPool):
+        return NO_POOL
+    if isinstance(exc, Overloaded):
+        return BUSY
+    if isinstance(exc, WorkerError):
+        return "the model failed: %s" % exc
+    return str(exc)
+
+
+def _send(ws: WebSocket, **fields: Any) -> None:
+    ws.send(json.dumps(fields))
+
+
+def _stream_to(ws: WebSocket, source: Generator[Dict[str, Any], None, None],
+               pending: Deque[Any]) -> Dict[str, Any]:
+    """Send each token of ``source`` as it comes; return the message that ends the answer."""
+    count = 0
+    # Closing the source stops the worker's generator and records the outcome,
+    # including when the client goes away (ws.send or ws.receive raise ConnectionClosed).
+    try:
+        while True:
+            try:
+                item = next(source)
+            except StopIteration:
+                return {"type": "done", "tokens": count}
+            except (Exception, gevent.Timeout) as exc:
+                # Tokens went out already: say so in-band, as the SSE route's error event does.
+                app.logger.warning("chat worker failed mid-answer: %s: %s", type(exc).__name__, exc)
+                return {"type": "error", "message": "the model failed: %s" % exc, "tokens": count}
+            token = {"type": "token", "text": item["token"]}
+            if "phase" in item:
+                token["phase"] = item["phase"]
+            _send(ws, **token)
+            count += 1
+            if _stop_requested(ws, pending):
+                return {"type": "stopped", "tokens": count}
+    finally:
+        source.close()
+
+
+def _stop_requested(ws: WebSocket, pending: Deque[Any]) -> bool:
+    """Read what the client sent meanwhile without waiting: true on a stop, other messages kept for later."""
+    while True:
+        raw = ws.receive(timeout=0)
+        if raw is None:
+            return False
+        if _is_stop(_decode(raw)):
+            return True
+        pending.append(raw)
 
 
 @app.post("/chat/sync")
