@@ -11,6 +11,14 @@ lost connection is retried with backoff, each attempt logged. ``stop()``
 stops reading, finishes the batch in hand and closes; with RabbitMQ, what was
 delivered but not acknowledged goes back to the queue.
 
+A RabbitMQ connection negotiates AMQP heartbeats and sets TCP keepalive: the
+reader checks the heartbeat between batches and a helper greenlet keeps
+sending heartbeats while a handler runs, so a silently dropped connection is
+noticed (and reconnected) within about two heartbeat intervals instead of
+stalling the consumer forever. A message sent back to its queue is republished
+with its delivery count in a header; past ``max_deliveries`` it goes to the
+durable queue ``<queue>.dead`` with its last traceback, instead of looping.
+
 Handlers always get a list (as asyncworker's do, even for batch_size=1) of
 :class:`Message`; a handler may ``ack()``/``reject()`` single messages;
 the rest are settled by ``on_success`` when it returns and by ``on_error``
@@ -20,8 +28,13 @@ when it raises.
 import json
 import logging
 import os
+import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union, cast
+import traceback
+import uuid
+from contextlib import contextmanager
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar,
+                    Union, cast)
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
@@ -32,6 +45,8 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import http.client
 
+    from amqp import Channel as _AMQPChannel  # type: ignore[import-untyped]
+    from amqp import Connection as _AMQPConnection
     from gevent.queue import Queue
     from kombu import Connection
     from kombu.message import Message as _RawMessage
@@ -45,23 +60,46 @@ SETTLE = ("ack", "reject", "requeue")
 _EOF = object()
 _BACKOFF_MAX = 10.0
 
+#: Header names greenqueue writes on RabbitMQ messages it sends back or dead-letters.
+DELIVERIES_HEADER = "x-greenqueue-deliveries"  # deliveries so far, carried by the republished copy
+TRACEBACK_HEADER = "x-greenqueue-traceback"
+EXCEPTION_HEADER = "x-greenqueue-exception"
+QUEUE_HEADER = "x-greenqueue-queue"  # the queue a dead letter came from
+#: RabbitMQ's own count of earlier deliveries (quorum queues only).
+BROKER_COUNT_HEADER = "x-delivery-count"
+DEAD_SUFFIX = ".dead"
+
+#: Defaults: seconds between heartbeats, and TCP keepalive (idle seconds, probe interval, probe count).
+HEARTBEAT = 30.0
+KEEPALIVE = (60, 10, 6)
+MAX_DELIVERIES = 5
+# Checks per heartbeat interval, as Celery's broker_heartbeat_checkrate: a beat is
+# sent when nothing else went out for heartbeat/2 seconds.
+_HEARTBEAT_RATE = 2
+_TRACEBACK_MAX = 8000  # characters kept (the end): a header must fit in one AMQP frame
+_CONFIRM_TIMEOUT = 10.0
+
 #: A handler takes the batch; what it returns is ignored.
 _Handler = TypeVar("_Handler", bound=Callable[[List["Message"]], object])
 
 
 class Message:
-    """One message handed to a handler: ``body`` (decoded), ``id``, ``headers``, ``ack()``, ``reject(requeue)``."""
+    """One message for a handler: ``body``, ``id``, ``headers``, ``deliveries``, ``ack()``, ``reject(requeue)``."""
 
-    __slots__ = ("body", "id", "event", "headers", "settled", "_raw")
+    __slots__ = ("body", "id", "event", "headers", "deliveries", "settled", "_raw", "_redeliver")
 
     def __init__(self, body: Any, id: Union[int, str, None] = None, event: Optional[str] = None,
-                 headers: Optional[Dict[str, Any]] = None, raw: Optional["_RawMessage"] = None) -> None:
+                 headers: Optional[Dict[str, Any]] = None, raw: Optional["_RawMessage"] = None,
+                 deliveries: int = 1,
+                 redeliver: Optional[Callable[["Message", Optional[BaseException]], str]] = None) -> None:
         self.body = body
         self.id = id  # RabbitMQ's delivery tag (an int), or an SSE event's id
         self.event = event
         self.headers = headers or {}
-        self.settled: Optional[str] = None
+        self.deliveries = deliveries  # this delivery's number, 1 the first time
+        self.settled: Optional[str] = None  # "ack", "reject", "requeue", or "dead" (sent to <queue>.dead)
         self._raw = raw
+        self._redeliver = redeliver
 
     def ack(self) -> None:
         """Confirm the message (RabbitMQ removes it from the queue)."""
@@ -71,7 +109,7 @@ class Message:
         """Refuse the message; with ``requeue`` it is delivered again."""
         self._settle("requeue" if requeue else "reject")
 
-    def _settle(self, how: str) -> None:
+    def _settle(self, how: str, error: Optional[BaseException] = None) -> None:
         if self.settled is not None:
             return
         self.settled = how
@@ -80,6 +118,8 @@ class Message:
             return
         if how == "ack":
             raw.ack()
+        elif how == "requeue" and self._redeliver is not None:
+            self.settled = self._redeliver(self, error)
         else:
             raw.reject(requeue=(how == "requeue"))
 
@@ -92,7 +132,9 @@ class Consumer:
 
     def __init__(self, fn: Callable[[List[Message]], object], source: str, queues: Optional[Sequence[str]] = None,
                  batch_size: int = 1, batch_interval: Optional[float] = None, on_success: str = "ack",
-                 on_error: str = "requeue", prefetch: Optional[int] = None, name: Optional[str] = None) -> None:
+                 on_error: str = "requeue", prefetch: Optional[int] = None, name: Optional[str] = None,
+                 heartbeat: Optional[float] = HEARTBEAT, keepalive: Optional[Tuple[int, int, int]] = KEEPALIVE,
+                 max_deliveries: Optional[int] = MAX_DELIVERIES) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("batch_size must be an integer >= 1, got %r" % (batch_size,))
         if batch_interval is not None and batch_interval <= 0:
@@ -100,6 +142,15 @@ class Consumer:
         for label, value in (("on_success", on_success), ("on_error", on_error)):
             if value not in SETTLE:
                 raise ConfigError("%s must be one of %s, got %r" % (label, ", ".join(SETTLE), value))
+        if heartbeat is not None and (not isinstance(heartbeat, (int, float)) or heartbeat < 0):
+            raise ConfigError("heartbeat must be seconds >= 0 (0 or None: off), got %r" % (heartbeat,))
+        if keepalive is not None and (not isinstance(keepalive, (tuple, list)) or len(keepalive) != 3
+                                      or not all(isinstance(v, int) and v >= 1 for v in keepalive)):
+            raise ConfigError("keepalive must be (idle seconds, probe interval seconds, probe count), all integers "
+                              ">= 1, or None for py-amqp's own; got %r" % (keepalive,))
+        if max_deliveries is not None and (not isinstance(max_deliveries, int) or max_deliveries < 1):
+            raise ConfigError("max_deliveries must be an integer >= 1, or None to requeue forever; got %r"
+                              % (max_deliveries,))
         scheme = urlsplit(source).scheme
         if scheme in ("amqp", "amqps"):
             if not queues:
@@ -122,9 +173,13 @@ class Consumer:
         self.batch_interval = batch_interval
         self.on_success = on_success
         self.on_error = on_error
+        self.heartbeat = heartbeat or 0
+        self.keepalive = tuple(keepalive) if keepalive is not None else None
+        self.max_deliveries = max_deliveries
         self.running = False
         self.greenlet: Optional["gevent.Greenlet[[], None]"] = None
         self.handled = self.failed = self.requeued = self.rejected = 0
+        self.dead_lettered = 0  # also counted in ``rejected``: they left the queue for good
 
     def start(self) -> "Consumer":
         """Start reading in a greenlet."""
@@ -166,14 +221,18 @@ class Consumer:
             seconds = time.monotonic() - started
             left = [m for m in batch if m.settled is None]
             for m in left:
-                m._settle(self.on_error)
+                m._settle(self.on_error, exc)
             self.failed += len(batch)
-            requeued, rejected = _count(batch, "requeue"), _count(batch, "reject")
+            requeued, rejected = _count(batch, "requeue"), _count(batch, "reject", "dead")
             self.requeued += requeued
             self.rejected += rejected
-            log.warning("consumer %s: batch of %d failed (%s: %s); %d message(s) %s", self.name, len(batch),
-                        type(exc).__name__, exc, len(left), {"requeue": "requeued", "reject": "rejected",
-                                                              "ack": "acknowledged"}[self.on_error])
+            dead = _count(left, "dead")
+            outcomes = ["%d message(s) %s" % (len(left) - dead, {"requeue": "requeued", "reject": "rejected",
+                                                                  "ack": "acknowledged"}[self.on_error])]
+            if dead:
+                outcomes = outcomes[:1 if len(left) > dead else 0] + ["%d sent to the dead-letter queue" % dead]
+            log.warning("consumer %s: batch of %d failed (%s: %s); %s", self.name, len(batch), type(exc).__name__,
+                        exc, ", ".join(outcomes))
             events.notify(events.MessagesFailed(self, count=len(batch), seconds=seconds, exception=exc,
                                                 requeued=requeued, rejected=rejected))
             return False
@@ -181,7 +240,7 @@ class Consumer:
         for m in batch:
             if m.settled is None:
                 m._settle(self.on_success)
-        requeued, rejected = _count(batch, "requeue"), _count(batch, "reject")
+        requeued, rejected = _count(batch, "requeue"), _count(batch, "reject", "dead")
         self.handled += len(batch)
         self.requeued += requeued
         self.rejected += rejected
@@ -190,12 +249,12 @@ class Consumer:
         return True
 
 
-def _count(batch: Iterable[Message], how: str) -> int:
-    return sum(1 for m in batch if m.settled == how)
+def _count(batch: Iterable[Message], *how: str) -> int:
+    return sum(1 for m in batch if m.settled in how)
 
 
 class _AMQPReader:
-    """RabbitMQ through kombu: QoS bounded by the batch, ack/requeue per message, reconnect with backoff."""
+    """RabbitMQ through kombu: QoS bounded by the batch, heartbeats, counted redelivery, reconnect with backoff."""
 
     def __init__(self, consumer: Consumer, url: str, queues: List[str], prefetch: int) -> None:
         self.consumer = consumer
@@ -203,6 +262,8 @@ class _AMQPReader:
         self.queues = queues
         self.prefetch = prefetch
         self.connected = False  # set once a session is consuming; a later failure restarts the backoff
+        self.connection: Optional["Connection"] = None  # the live session's connection (for inspection)
+        self.publisher: Optional["_AMQPChannel"] = None  # the session's channel for republishing, in confirm mode
 
     def run(self) -> None:
         c = self.consumer
@@ -221,6 +282,15 @@ class _AMQPReader:
                             c.name, _safe_url(self.url), type(exc).__name__, exc, attempt, delay)
                 _sleep_while(c, delay)
 
+    def transport_options(self) -> Dict[str, Any]:
+        """kombu transport options for py-amqp: the TCP keepalive settings, if any."""
+        keepalive = self.consumer.keepalive
+        if keepalive is None:
+            return {}
+        names = ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")
+        # py-amqp sets SO_KEEPALIVE itself; these tune when a dead peer is given up on.
+        return {"socket_settings": {getattr(socket, n): v for n, v in zip(names, keepalive) if hasattr(socket, n)}}
+
     def _session(self) -> None:
         from kombu import Connection, Queue
         from kombu import Consumer as KombuConsumer
@@ -229,47 +299,179 @@ class _AMQPReader:
         batch: List[Message] = []
         first_at = 0.0
 
-        def on_message(body: Any, raw: "_RawMessage") -> None:
-            nonlocal first_at
-            if not batch:
-                first_at = time.monotonic()
-            batch.append(Message(body, id=raw.delivery_tag, headers=raw.headers, raw=raw))
+        def receiver(queue: str) -> Tuple[Callable[[Any, "_RawMessage"], None],
+                                          Callable[["_RawMessage", Exception], None]]:
+            def on_message(body: Any, raw: "_RawMessage") -> None:
+                nonlocal first_at
+                if not batch:
+                    first_at = time.monotonic()
+                batch.append(self._message(queue, body, raw))
 
-        def on_undecodable(raw: "_RawMessage", exc: Exception) -> None:
-            # A body kombu cannot decode (unknown content type, bad JSON) reaches the
-            # handler as bytes rather than failing the connection forever.
-            log.warning("consumer %s: message %s not decoded (%s: %s); handing over its raw bytes",
-                        c.name, raw.delivery_tag, type(exc).__name__, exc)
-            on_message(raw.body, raw)
+            def on_undecodable(raw: "_RawMessage", exc: Exception) -> None:
+                # A body kombu cannot decode (unknown content type, bad JSON) reaches the
+                # handler as bytes rather than failing the connection forever.
+                log.warning("consumer %s: message %s not decoded (%s: %s); handing over its raw bytes",
+                            c.name, raw.delivery_tag, type(exc).__name__, exc)
+                on_message(raw.body, raw)
+            return on_message, on_undecodable
 
-        with Connection(self.url, connect_timeout=5) as conn:
+        conn = Connection(self.url, connect_timeout=5, heartbeat=c.heartbeat,
+                          transport_options=self.transport_options())
+        finished = False
+        kombu_consumers = []
+        try:
             conn.ensure_connection(max_retries=1)
             channel = conn.channel()
             channel.basic_qos(0, self.prefetch, False)
-            queues = [Queue(q, durable=True, channel=channel) for q in self.queues]
-            consumer = KombuConsumer(channel, queues, callbacks=[on_message], on_decode_error=on_undecodable,
-                                     accept=["json", "text/plain", "application/octet-stream"])
-            consumer.consume()
+            if c.max_deliveries is not None:
+                publisher = conn.channel()  # basic_publish_confirm puts it in confirm mode on first use
+                for q in self.queues:
+                    Queue(q + DEAD_SUFFIX, durable=True, channel=publisher).declare()
+                self.publisher = publisher
+            for q in self.queues:
+                on_message, on_undecodable = receiver(q)
+                # One kombu consumer per queue, so each message knows the queue to go back to.
+                kc = KombuConsumer(channel, [Queue(q, durable=True, channel=channel)], callbacks=[on_message],
+                                   on_decode_error=on_undecodable,
+                                   accept=["json", "text/plain", "application/octet-stream"])
+                kc.consume()
+                kombu_consumers.append(kc)
+            self.connection = conn
             self.connected = True
-            log.info("consumer %s: reading %s from %s (prefetch %d)", c.name, ", ".join(self.queues),
-                     _safe_url(self.url), self.prefetch)
-            try:
-                while c.running or batch:
-                    if c.due(batch, first_at):
-                        current, batch[:] = list(batch), []
+            beat = float(conn.get_heartbeat_interval() or 0)  # negotiated with the broker; 0: off
+            log.info("consumer %s: reading %s from %s (prefetch %d, heartbeat %s, max deliveries %s)", c.name,
+                     ", ".join(self.queues), _safe_url(self.url), self.prefetch,
+                     "%gs" % beat if beat else "off", c.max_deliveries or "unlimited")
+            tick_every = beat / _HEARTBEAT_RATE
+            next_tick = time.monotonic() + tick_every
+            while c.running or batch:
+                if c.due(batch, first_at):
+                    current, batch[:] = list(batch), []
+                    with _beating(conn.connection, tick_every):
                         c.handle(current)
-                        continue
-                    if not c.running:
-                        break
-                    try:
-                        conn.drain_events(timeout=c.wait_time(batch, first_at) or 0.001)
-                    except TimeoutError:
-                        pass  # no message within the wait: check the batch timer and stop()
-            finally:
+                    continue
+                if not c.running:
+                    break
+                wait = c.wait_time(batch, first_at)
+                if beat:
+                    wait = min(wait, next_tick - time.monotonic())
                 try:
-                    consumer.cancel()
-                except Exception:
-                    pass  # the connection may already be gone; unacked messages return to the queue anyway
+                    conn.drain_events(timeout=max(wait, 0.001))
+                except socket.timeout:
+                    pass  # no message within the wait: check heartbeats, the batch timer and stop()
+                if beat and time.monotonic() >= next_tick:
+                    # After a drain, so what the broker sent during a long handler counts as heard.
+                    _heartbeat_check(conn, beat)
+                    next_tick = time.monotonic() + tick_every
+            finished = True
+        finally:
+            self.connection = None
+            self.publisher = None
+            if finished:
+                for kc in kombu_consumers:
+                    try:
+                        kc.cancel()
+                    except Exception:
+                        pass  # the connection may already be gone; unacked messages return to the queue anyway
+                conn.release()
+            else:
+                # No goodbye handshake: on a silently dropped connection it would wait forever.
+                conn.collect()
+
+    def _message(self, queue: str, body: Any, raw: "_RawMessage") -> Message:
+        headers = raw.headers or {}
+        before = _int_header(headers, DELIVERIES_HEADER) + _int_header(headers, BROKER_COUNT_HEADER)
+        redeliver = None
+        if self.consumer.max_deliveries is not None:
+            def redeliver(m: Message, error: Optional[BaseException]) -> str:
+                return self.redeliver(queue, m, error)
+        return Message(body, id=raw.delivery_tag, headers=headers, raw=raw, deliveries=before + 1,
+                       redeliver=redeliver)
+
+    def redeliver(self, queue: str, m: Message, error: Optional[BaseException]) -> str:
+        """Send ``m`` back to ``queue`` with its delivery count, or past max_deliveries to ``<queue>.dead``."""
+        import amqp
+
+        c = self.consumer
+        raw = cast("_RawMessage", m._raw)
+        publisher = self.publisher
+        if publisher is None:
+            raise ConnectionError("consumer %s: no publishing channel to send message %s back" % (c.name, m.id))
+        props = dict(raw.properties)
+        headers = dict(props.get("application_headers") or {})
+        headers.pop(BROKER_COUNT_HEADER, None)  # the copy starts the broker's count afresh; ours carries the total
+        headers[DELIVERIES_HEADER] = m.deliveries
+        if not props.get("message_id"):
+            props["message_id"] = uuid.uuid4().hex  # so the log line and the dead letter name the same message
+        dead = c.max_deliveries is not None and m.deliveries >= c.max_deliveries
+        target = queue
+        if dead:
+            target = queue + DEAD_SUFFIX
+            props["delivery_mode"] = 2
+            headers[QUEUE_HEADER] = queue
+            if error is not None:
+                headers[EXCEPTION_HEADER] = type(error).__name__
+                text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            else:
+                headers[EXCEPTION_HEADER] = ""
+                text = "(no exception: the handler sent it back with reject(requeue=True))"
+            headers[TRACEBACK_HEADER] = text[-_TRACEBACK_MAX:]
+        props["application_headers"] = headers
+        # The copy is confirmed by the broker before the original is acknowledged: at worst
+        # a crash in between leaves both, a duplicate, never neither.
+        publisher.basic_publish_confirm(amqp.Message(raw.body, **props), exchange="", routing_key=target,
+                                        confirm_timeout=_CONFIRM_TIMEOUT)
+        raw.ack()
+        if not dead:
+            return "requeue"
+        c.dead_lettered += 1
+        log.error("consumer %s: message %s dead-lettered to %s after %d deliveries (last error: %s); its traceback "
+                  "is in header %s. Fix the cause, then move it back to %s (e.g. with a shovel) or delete it",
+                  c.name, props["message_id"], target, m.deliveries,
+                  "%s: %s" % (type(error).__name__, error) if error is not None else "requeued by the handler",
+                  TRACEBACK_HEADER, queue)
+        return "dead"
+
+
+def _int_header(headers: Dict[str, Any], name: str) -> int:
+    try:
+        return max(0, int(headers.get(name) or 0))
+    except (TypeError, ValueError):
+        return 0  # a header someone else wrote, not a count
+
+
+def _heartbeat_check(conn: "Connection", beat: float) -> None:
+    """Send a heartbeat if due; raise ConnectionError when the broker has been silent for two intervals."""
+    from amqp.exceptions import ConnectionForced  # type: ignore[import-untyped]
+
+    try:
+        conn.heartbeat_check(rate=_HEARTBEAT_RATE)
+    except ConnectionForced as exc:
+        raise ConnectionError("nothing from the broker for over %gs, not even a heartbeat (%s); the connection is "
+                              "presumed dropped" % (2 * beat, exc)) from exc
+
+
+@contextmanager
+def _beating(connection: "_AMQPConnection", every: float) -> Iterator[None]:
+    """Keep sending heartbeats every ``every`` seconds while the block (a handler) runs, so the broker keeps us."""
+    if not every:
+        yield
+        return
+
+    def beat() -> None:
+        # Frames of 8 bytes, written whole; Celery's green pools do the same from a timer.
+        while True:
+            gevent.sleep(every)
+            try:
+                connection.send_heartbeat()
+            except Exception:
+                return  # the reader finds out after the handler, and reconnects
+
+    helper = gevent.spawn(beat)
+    try:
+        yield
+    finally:
+        helper.kill(block=False)
 
 
 class _SSEReader:
@@ -419,10 +621,18 @@ _consumers: List[Consumer] = []
 
 def consume(source: str, queues: Optional[List[str]] = None, batch_size: int = 1,
             batch_interval: Optional[float] = None, on_success: str = "ack", on_error: str = "requeue",
-            prefetch: Optional[int] = None, name: Optional[str] = None) -> Callable[[_Handler], _Handler]:
-    """Register the decorated ``handler(messages)`` to consume ``source`` (amqp://... or sse+http://...)."""
+            prefetch: Optional[int] = None, name: Optional[str] = None, heartbeat: Optional[float] = HEARTBEAT,
+            keepalive: Optional[Tuple[int, int, int]] = KEEPALIVE,
+            max_deliveries: Optional[int] = MAX_DELIVERIES) -> Callable[[_Handler], _Handler]:
+    """Register the decorated ``handler(messages)`` to consume ``source`` (amqp://... or sse+http://...).
+
+    RabbitMQ only: ``heartbeat`` seconds (0 or None: off), TCP ``keepalive`` as
+    (idle, interval, count) (None: py-amqp's), and ``max_deliveries`` before
+    a message goes to ``<queue>.dead`` (None: requeue forever).
+    """
     def decorate(fn: _Handler) -> _Handler:
-        c = Consumer(fn, source, queues, batch_size, batch_interval, on_success, on_error, prefetch, name)
+        c = Consumer(fn, source, queues, batch_size, batch_interval, on_success, on_error, prefetch, name,
+                     heartbeat=heartbeat, keepalive=keepalive, max_deliveries=max_deliveries)
         _consumers.append(c)
         # The handler stays the user's own function; its type declares no ``consumer`` attribute.
         setattr(fn, "consumer", c)
