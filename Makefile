@@ -2,34 +2,46 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# What each command needs installed: the chat alone for `make run`, everything for tests and benches.
+RUN_STAMP  := $(VENV)/.installed-run
+FULL_STAMP := $(VENV)/.installed-full
 APP    ?= examples.streaming_chat.app:app
 DIRTY  ?= examples.streaming_chat.chat_app:ChatApp
 
-.PHONY: run run-django test bench clean
+.PHONY: run run-django test bench dist clean
 
-$(STAMP): setup.cfg setup.py pyproject.toml scripts/bootstrap.sh
-	PYTHON=$(PYTHON) scripts/bootstrap.sh
-	touch $(STAMP)
+$(RUN_STAMP): setup.cfg setup.py pyproject.toml scripts/bootstrap.sh
+	PYTHON=$(PYTHON) EXTRAS=chat scripts/bootstrap.sh
+	touch $(RUN_STAMP)
 
-run: $(STAMP)
+$(FULL_STAMP): setup.cfg setup.py pyproject.toml scripts/bootstrap.sh
+	PYTHON=$(PYTHON) EXTRAS=examples,test,bench scripts/bootstrap.sh
+	touch $(FULL_STAMP) $(RUN_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/python -m greenqueue.server --bind 127.0.0.1:8000 --dirty-app $(DIRTY) \
 		--dashboard-path /_greenqueue --metrics-path /metrics $(APP)
 
 # The Django example: its tasks run in the server, its journal is an SQLite file, mail is printed.
-run-django: $(STAMP)
+run-django: $(FULL_STAMP)
 	$(BIN)/python examples/django_app/manage.py migrate --noinput -v 0
 	$(BIN)/python -m greenqueue.server --bind 127.0.0.1:8000 --journal examples/django_app/journal.db \
 		--dashboard-path /_greenqueue examples.django_app.mysite.wsgi:application
 
-test: $(STAMP)
+test: $(FULL_STAMP)
 	$(BIN)/python -m mypy greenqueue
 	scripts/system-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(FULL_STAMP)
 	scripts/system-deps.sh
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
+
+# An sdist and a wheel in dist/, checked as a package index would check them.
+dist: $(FULL_STAMP)
+	rm -rf dist build
+	$(BIN)/python -m build --sdist --wheel --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info test-artifacts

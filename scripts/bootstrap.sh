@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install greenqueue (editable) with the examples', tests' and benches' extras.
+# Create .venv and install greenqueue (editable) with the extras in $EXTRAS (default: all of them:
+# examples, tests and benches; `make run` asks for the chat's alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -11,5 +12,6 @@ if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c "import ensurepi
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[examples,test,bench]'
+EXTRAS=${EXTRAS:-examples,test,bench}
+.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 echo "bootstrap: .venv ready ($(.venv/bin/python --version))" >&2
