@@ -405,7 +405,7 @@ def _from_file(path: str, warn: Callable[[str], None]) -> Dict[str, Any]:
             continue
         name = _ALIASES.get(key, key)
         if name in _BY_NAME and name != "config":
-            if name == "max_request_line" and value in (0, "0") or name == "max_headers" and value in (0, "0"):
+            if key in ("limit_request_line", "limit_request_fields") and value in (0, "0"):
                 warn("config file %s:%d: %s = 0 (gunicorn's 'no limit') is kept at greenqueue's default %s"
                      % (path, assigned.get(key, 0), key, _BY_NAME[name].shown_default))
                 continue

@@ -17,6 +17,7 @@ class FakeConn:
     def __init__(self, shutting_down=False):
         self.settings = SimpleNamespace(shutting_down=shutting_down)
         self.log = []
+        self.ws = None  # no WebSocket took the connection over
 
     def send_raw(self, data):
         self.log.append(("send", data))

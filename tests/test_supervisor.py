@@ -308,3 +308,32 @@ def test_a_reloaded_process_finishes_its_running_journaled_tasks_and_leaves_the_
     # ones to its replacement: it did not sit on them until the graceful timeout.
     assert retired_after < 10
     assert srv.stop() == 0
+
+
+def test_without_a_journal_the_replacement_fires_schedules_only_after_the_old_process_exits(tmp_path):
+    ledger = tmp_path / "ticks.txt"
+    copy_app(tmp_path)
+    srv = ServerProcess("reloadable.app:app", "--workers", "1", "--graceful-timeout", "3", cwd=tmp_path,
+                        tmp_path=tmp_path, env={"PYTHONPATH": str(tmp_path), "TICK_LEDGER": str(ledger)})
+    srv.start(timeout=30)
+    try:
+        def ticks():
+            try:
+                return [(int(p), float(t)) for p, t in (ln.split() for ln in ledger.read_text().splitlines())]
+            except FileNotFoundError:
+                return []
+        wait_for(lambda: len(ticks()) >= 5, 20, message="ticks from the first process")
+        first = ticks()[0][0]
+        # A request in flight keeps the old process alive a little after the new one serves.
+        slow = threading.Thread(target=requests.get, args=(srv.url + "/slow",), kwargs={"timeout": 10})
+        slow.start()
+        srv.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(p != first for p, _ in ticks()), 20, message="ticks from the replacement")
+        slow.join(10)
+        all_ticks = ticks()
+        last_old = max(t for p, t in all_ticks if p == first)
+        first_new = min(t for p, t in all_ticks if p != first)
+        assert first_new > last_old, (last_old, first_new)  # never both firing
+        assert "the scheduler starts once the process this one replaces has exited" in srv.log()
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]
