@@ -52,6 +52,7 @@ DEFAULT_MAX_QUEUE = 1000
 CPU_CORES: Optional[int] = None
 
 _RELEASE_WAIT = 2.0   # seconds a cancelled stream may take to close before its worker is killed
+_REFILL = STREAM_CREDIT // 2  # a stream's consumer gives credit back in halves of the window
 
 
 class ProcessPool:
@@ -307,11 +308,15 @@ class ProcessPool:
         w.send(("call", call_id, action, args, kwargs, True))
         finished = False
         consumed = 0
+        refill = _REFILL
+        recv = w.recv
         try:
             while True:
                 self._arm(w)  # the timeout covers the wait for each chunk, not the consumer's time
                 try:
-                    msg = self._reply(w, call_id)
+                    msg = recv()
+                    while msg[0] != "exc" and msg[1] != call_id:  # a stale reply of an abandoned call
+                        msg = recv()
                 except _BadReply as exc:
                     w.deadline = None
                     raise WorkerError("%s.%s streamed a chunk the server cannot unpickle (%s); stream plain "
@@ -320,8 +325,9 @@ class ProcessPool:
                 kind = msg[0]
                 if kind == "chunk":
                     consumed += 1
-                    if consumed % (STREAM_CREDIT // 2) == 0:
-                        w.send(("credit", call_id, STREAM_CREDIT // 2))
+                    if consumed == refill:
+                        consumed = 0
+                        w.send(("credit", call_id, refill))
                     yield msg[2]
                 elif kind == "ok":
                     finished = True

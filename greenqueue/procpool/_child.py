@@ -124,12 +124,13 @@ def _serve_call(conn: Channel, app: DirtyApp, state: Dict[str, Any], call_id: in
         it = value
         if not streaming:
             raise GreenqueueError("%s is a generator; use pool.stream() to read it" % action)
+        put = conn.put
         for item in it:
             while state["credit"] <= 0:
                 state["credit_event"].clear()
                 state["credit_event"].wait()
             state["credit"] -= 1
-            conn.put(("chunk", call_id, item))
+            put(("chunk", call_id, item))
         conn.put(("end", call_id))
     except gevent.GreenletExit:
         cancelled = True

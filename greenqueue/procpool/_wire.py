@@ -14,6 +14,7 @@ and a frame is never interleaved with another.
 
 import os
 import pickle
+import struct
 import time
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from gipc.gipc import _GIPCDuplexHandle
 
 _READ_SIZE = 65536   # the Linux pipe capacity: a bigger read() is no faster (gipc measured it slower)
+_COPY_BELOW = 4096   # frames up to this size are copied out of the buffer: cheaper than a memoryview for them
+_HEADER = struct.Struct(">I")
 _DUMPS = pickle.dumps
 _LOADS = pickle.loads
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -58,22 +61,31 @@ class Channel:
         while True:
             have = len(buf)
             if have >= 4:
-                end = 4 + int.from_bytes(buf[:4], "big")
+                end = 4 + _HEADER.unpack_from(buf)[0]
                 if have >= end:
-                    view = memoryview(buf)
-                    frame = view[4:end]
-                    try:
-                        return _LOADS(frame)
-                    finally:
-                        # Consumed even if it does not unpickle: the next get() reads the next frame.
-                        frame.release()
-                        view.release()
-                        del buf[:end]  # bytearray drops a prefix without copying the rest
+                    if end > _COPY_BELOW:
+                        return self._take_view(end)
+                    frame = buf[4:end]  # a small frame: a copy is cheaper than a view and its release
+                    del buf[:end]  # consumed even if it does not unpickle: the next get() reads the next frame
+                    return _LOADS(frame)
                 want = max(_READ_SIZE, end - have)
             else:
                 want = _READ_SIZE
             self._fill(want, spin)
             spin = 0.0
+
+    def _take_view(self, end: int) -> Any:
+        # A big frame unpickles from a view of the buffer, not from a copy of it.
+        buf = self._buf
+        view = memoryview(buf)
+        frame = view[4:end]
+        try:
+            return _LOADS(frame)
+        finally:
+            # Consumed even if it does not unpickle: the next get() reads the next frame.
+            frame.release()
+            view.release()
+            del buf[:end]  # bytearray drops a prefix without copying the rest
 
     def _fill(self, want: int, spin: float = 0.0) -> None:
         deadline: Optional[float] = None
@@ -112,8 +124,19 @@ class Channel:
     def put(self, obj: object) -> None:
         """Send ``obj``; wait cooperatively while the pipe is full. OSError if the reader is gone."""
         data = _DUMPS(obj, _PROTOCOL)
-        frame: Union[bytes, memoryview] = len(data).to_bytes(4, "big") + data
-        with self._wlock:
+        frame: Union[bytes, memoryview] = _HEADER.pack(len(data)) + data
+        lock = self._wlock
+        if not lock.locked() and not self.closed:
+            # Nobody is part-way through a frame, and no other greenlet runs before this write
+            # returns: a frame the pipe takes whole needs no lock (most do; the lock cost as much).
+            try:
+                n = os.write(self.wfd, frame)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n == len(frame):
+                return
+            frame = memoryview(frame)[n:]
+        with lock:
             while True:
                 if self.closed:
                     raise EOFError("the channel is closed")
