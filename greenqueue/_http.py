@@ -1,12 +1,18 @@
 """A strict HTTP/1.1 connection handler for gevent's StreamServer, parsed by llhttp.
 
-Concurrency model: gevent's StreamServer accepts connections and runs
-:meth:`Connection.handle` in one greenlet per connection; the WSGI app runs
-in that same greenlet, so the app may block on I/O but a CPU loop blocks the
-hub. Each connection owns its parser, two I/O watchers
-(one to wait for requests and body bytes, one to notice a hang-up while a
-stream runs) and one timer for its deadlines; their callbacks run in the
-hub. Nothing is shared between connections except the read-only
+Concurrency model: gevent's StreamServer accepts connections in the hub and
+hands each to :meth:`Connection.adopt`, which starts no greenlet. An idle
+keep-alive connection is a watcher, a timer and this object; when its client
+sends something the watcher's callback (in the hub) queues it on the
+:class:`Dispatcher`, whose few runner greenlets serve the ready connections
+back to back (the WSGI app runs in the runner), switching to the hub only
+when an app blocks or the queue is empty, as a thread pool's workers would.
+A runner that blocks leaves the queue to another. The app may block on I/O
+but a CPU loop blocks the hub. Each connection owns its parser, two I/O
+watchers (one to wait for requests and body bytes, one to notice a hang-up
+while a stream runs) and one timer for its deadlines; their callbacks run in
+the hub. :meth:`Connection.handle` serves a connection in a greenlet of its
+own instead (tests, and embedding in another server). Nothing is shared between connections except the read-only
 :class:`HTTPSettings` (whose ``shutting_down`` flag the server sets), the
 server's set of live connections, a bounded cache of header names (in
 :mod:`greenqueue._request`) and the list of connections whose whole
@@ -43,8 +49,10 @@ import logging
 import socket
 import sys
 import time
+from collections import deque
+from contextvars import Context
 from math import inf
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Union
 from urllib.parse import unquote_to_bytes
 
 import gevent
@@ -57,7 +65,7 @@ from ._request import (_KEYS, _METHODS, _NO_BODY, _PROTOCOLS, HTTPSettings, Inpu
 from ._response import _REASONS, ClientDisconnected, _http_date, _Response
 
 # Part of this module's interface since before the request side had a module of its own.
-__all__ = ["Connection", "HTTPSettings", "Input", "RequestError"]
+__all__ = ["Connection", "ConnectionSet", "Dispatcher", "HTTPSettings", "Input", "RequestError"]
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("greenqueue.access")
@@ -93,7 +101,7 @@ class Connection:
     __slots__ = ("sock", "address", "settings", "registry", "parser", "idle", "expect_continue", "body_timeout",
                  "tcp", "_nagle", "_burst_end", "_raw", "_hub", "_rio", "_dio", "_streamer", "_deadline",
                  "_waiter", "_parked", "_timer", "_timer_at", "_peer_addr", "_peer_port", "_trusted", "_out",
-                 "_queued", "_wake", "ws")
+                 "_queued", "_wake", "ws", "dispatcher", "_on_ready_cb")
 
     def __init__(self, sock: Any, address: Any, settings: HTTPSettings, registry: Any) -> None:
         self.sock = sock
@@ -120,6 +128,8 @@ class Connection:
         self._out: Optional[bytes] = None  # response bytes not sent yet (queued, or what a flush could not send)
         self._queued = False      # this connection is in _PENDING
         self.ws: Any = None       # what took the socket over (a WebSocket), if anything did
+        self.dispatcher: Optional["Dispatcher"] = None  # set when runners serve it (the server), not a greenlet
+        self._on_ready_cb: Any = None  # its bound _on_ready, made once: the idle watcher's callback
         self._timer: Any = None   # one-shot timer at _timer_at; it moves on when the deadline moved
         self._timer_at = inf
         # Decided once per connection, not per request: the peer does not change.
@@ -185,6 +195,9 @@ class Connection:
             self._arm(left, deadline)
             return
         self._deadline = None
+        if self._waiter is None:
+            self._expire()  # idle, served by runners: no greenlet waits on it
+            return
         self._waiter.throw(socket.timeout("timed out"))
 
     def read_more(self, timeout: Optional[float]) -> None:
@@ -209,7 +222,8 @@ class Connection:
 
     def unwatch_disconnect(self) -> None:
         """Stop watching for a hang-up (the stream ended)."""
-        self._dio.stop()
+        if self._dio is not None:
+            self._dio.stop()
         self._streamer = None
 
     def _on_readable(self) -> None:
@@ -222,7 +236,10 @@ class Connection:
             data = b""
         self._dio.stop()
         if not data and self._streamer is not None:
-            self._streamer.kill(ClientDisconnected("client closed the connection"), block=False)
+            # Thrown now, from the hub (as a gevent.Timeout is), not from a later callback: by then
+            # a runner may have finished this stream and be serving another connection.
+            streamer, self._streamer = self._streamer, None
+            streamer.throw(ClientDisconnected("client closed the connection"))
         # Data means a pipelined request; we stop watching rather than consume it.
 
     def send_raw(self, data: bytes) -> None:
@@ -250,7 +267,9 @@ class Connection:
         for the other requests of its turn; responses to pipelined requests
         leave together in one send. With nothing else to run, it leaves now.
         """
-        if len(data) > _BATCH_MAX or not (_PENDING or self.parser.queue or _busy(self._hub.loop)):
+        dispatcher = self.dispatcher
+        if len(data) > _BATCH_MAX or not (_PENDING or self.parser.queue or (dispatcher is not None and dispatcher.ready)
+                                          or _busy(self._hub.loop)):
             # Nothing else will run in this turn (one busy client, say): waiting would only add latency.
             self.send_raw(data)
             return
@@ -283,6 +302,8 @@ class Connection:
         self._out = data[sent:]
         if self._parked:
             self._waiter.switch()
+        elif self.dispatcher is not None and self.idle and self._waiter is None:
+            self._on_ready()  # idle with no greenlet: a runner sends the rest (its serve() starts there)
 
     def send_chunk(self, data: bytes) -> None:
         """Send one chunk of a streamed body; chunks produced back to back may share packets.
@@ -404,6 +425,122 @@ class Connection:
             self.registry.discard(self)
             self._release()
 
+    # Served by runners (the server's model) ----------------------------------------
+    def adopt(self, dispatcher: "Dispatcher") -> None:
+        """Start serving this new connection with the dispatcher's runners (called in the hub: never blocks)."""
+        self.dispatcher = dispatcher
+        self.registry.add(self)
+        try:
+            self._raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.tcp = True
+        except OSError:
+            pass  # unix sockets have no Nagle to turn off
+        self.sock.settimeout(self.body_timeout)
+        self._on_ready_cb = self._on_ready
+        self.idle = False
+        dispatcher.push(self)  # a new connection's first request is usually in already
+
+    def _on_ready(self) -> None:
+        # Runs in the hub: the idle connection has bytes (or a hang-up); a runner takes it.
+        self._rio.stop()
+        self._deadline = None
+        self.idle = False
+        assert self.dispatcher is not None
+        self.dispatcher.push(self)
+
+    def serve(self, contexts: List[Context]) -> None:
+        """In a runner: serve every request that is ready without waiting for the client, then go idle or close.
+
+        ``contexts[0]`` is the runner's empty context (a context is entered by one greenlet at a time).
+        """
+        keep = False
+        try:
+            keep = self._serve_ready(contexts)
+        except RequestError as exc:
+            self._send_error(exc.status, exc.reason)
+        except (OSError, EOFError):
+            pass  # the client went away; nothing to answer
+        finally:
+            if not keep:
+                self.registry.discard(self)
+                self._release()
+
+    def _serve_ready(self, contexts: List[Context]) -> bool:
+        """Serve what is ready; True when the connection was left idle (watched), False to close it."""
+        if self._out is not None and not self._queued:
+            self.send_raw(b"")  # what a flush could not send leaves before anything else
+        queue = self.parser.queue
+        settings = self.settings
+        fresh = True  # the watcher fired (or the connection is new): a recv will find bytes or the hang-up
+        req: Optional[_Request]
+        while True:
+            if queue and queue[0].headers_done:
+                req = queue.popleft()
+            elif queue:
+                # Part of a request is in: wait in this runner for the rest, within the header timeout.
+                req = self._next_request(False)
+                if req is None:
+                    return False
+            elif settings.shutting_down and settings.retire_grace is None:
+                return False
+            elif fresh:
+                fresh = False
+                try:
+                    data = self._raw.recv(_READ_SIZE)
+                except BlockingIOError:
+                    return self._go_idle()
+                if not data:
+                    return False
+                self.parser.feed(data)
+                continue
+            else:
+                return self._go_idle()
+            self.idle = False
+            # Each request runs in an empty context, as under a thread-pool server: a context variable an
+            # app set and never reset does not reach the next request this runner serves. The context is
+            # reused while requests leave it empty (Flask resets what it sets), a new one made otherwise.
+            ctx = contexts[0]
+            if not ctx.run(self._handle_request, req):
+                if len(ctx):
+                    contexts[0] = Context()
+                return False
+            if len(ctx):
+                contexts[0] = Context()
+            req = None  # not kept while idle (see the module docstring)
+
+    def _go_idle(self) -> bool:
+        """Wait for the next request with a watcher and a timer, no greenlet; True (the connection stays)."""
+        if self.parser.queue:
+            return False  # callers serve the queue first; closing beats a request left unanswered
+        self.parser.current = None  # see the module docstring: parked connections hold no request
+        settings = self.settings
+        if settings.shutting_down:
+            if settings.retire_grace is None:
+                return False
+            timeout: Optional[float] = settings.retire_grace
+        else:
+            timeout = settings.keepalive_timeout
+        self.idle = True
+        self._waiter = self._wake = None
+        rio = self._rio
+        if rio is None:
+            rio = self._rio = self._hub.loop.io(self._raw.fileno(), 1)
+        if timeout is not None:
+            deadline = _monotonic() + timeout
+            self._deadline = deadline
+            if deadline < self._timer_at:
+                self._arm(timeout, deadline)
+        rio.start(self._on_ready_cb)
+        return True
+
+    def _expire(self) -> None:
+        # Runs in the hub: an idle connection's keep-alive (or retiring grace) ran out. Close quietly.
+        if self._rio is not None:
+            self._rio.stop()
+        self._out = None  # nothing can be queued on a connection idle that long; never block here
+        self.registry.discard(self)
+        self._release()
+
     def _release(self) -> None:
         if self._out is not None:
             try:
@@ -422,7 +559,7 @@ class Connection:
 
     def retire(self, grace: float) -> None:
         """A retiring process: an idle connection waits at most ``grace`` more seconds for a request."""
-        if self.idle and self._parked:
+        if self.idle and (self._parked or self.dispatcher is not None and self._waiter is None):
             deadline = _monotonic() + grace
             if self._deadline is None or deadline < self._deadline:
                 self._deadline = deadline
@@ -431,6 +568,20 @@ class Connection:
 
     def close_if_idle(self) -> None:
         """Wake an idle keep-alive connection so it closes (graceful shutdown)."""
+        if self.idle and self.dispatcher is not None and self._waiter is None:
+            # Served by runners and idle: no greenlet to wake; close it here, its answer sent first.
+            out, self._out = self._out, None
+            if out is not None:
+                try:
+                    self._raw.send(out)
+                except OSError:
+                    pass  # the client is gone, or its buffer is full: it was told nothing more
+            if self._rio is not None:
+                self._rio.stop()
+            self._deadline = None
+            self.registry.discard(self)
+            self._release()
+            return
         if self.idle:
             try:
                 # A response may still be queued: then only stop reading, and the
@@ -599,3 +750,110 @@ class Connection:
                         time.strftime("%d/%b/%Y:%H:%M:%S %z"), environ["REQUEST_METHOD"],
                         environ["RAW_URI"], environ["SERVER_PROTOCOL"], resp.status_code or "-",
                         resp.sent_body, duration)
+
+
+class ConnectionSet(Set[Connection]):
+    """The server's live connections: a set that reopens the doors when one closes below the limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        #: Called (in whatever greenlet closed a connection) when the count drops below the limit.
+        self.on_room: Callable[[], None] = _nothing
+        self._empty: Any = None
+
+    def discard(self, conn: object) -> None:
+        """Forget ``conn``; tell the servers there is room again, and anyone draining when it was the last."""
+        if conn not in self:
+            return
+        super().discard(conn)
+        n = len(self)
+        if n == self.limit - 1:
+            self.on_room()
+        if not n and self._empty is not None:
+            self._empty.set()
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Block the calling greenlet until no connection is left or ``timeout`` passes; True when empty."""
+        if not self:
+            return True
+        from gevent.event import Event
+        if self._empty is None:
+            self._empty = Event()
+        self._empty.clear()
+        return bool(self._empty.wait(timeout)) or not self
+
+
+def _nothing() -> None:
+    """The default: nobody is waiting for room."""
+
+
+class Dispatcher:
+    """Runs ready connections on a few runner greenlets, back to back; an idle connection holds no greenlet.
+
+    A connection's watcher (a hub callback) pushes it here when its client
+    sends something. One callback per turn of the hub then hands the queue to
+    a runner, which serves the ready connections one after the other without
+    going back to the hub in between, switching only when the app blocks. A
+    runner that takes a connection while others still wait makes sure the
+    hub will hand the rest to another runner if it blocks, so no connection
+    waits behind a blocked one; the queue is served in order (FIFO), so none
+    waits more than one round. Runners left idle park; a few are kept, the
+    rest end.
+    """
+
+    __slots__ = ("ready", "idle", "runners", "kick_pending", "hub", "max_idle")
+
+    def __init__(self, max_idle: int = 16) -> None:
+        self.ready: Deque[Connection] = deque()
+        self.idle: Set[Any] = set()       # parked runners
+        self.runners: Set[Any] = set()    # every runner alive
+        self.kick_pending = False
+        self.hub = gevent.get_hub()
+        self.max_idle = max_idle
+
+    def push(self, conn: Connection) -> None:
+        """Queue a connection that has something to serve; a runner takes it within this turn of the hub."""
+        self.ready.append(conn)
+        if not self.kick_pending:
+            self.kick_pending = True
+            self.hub.loop.run_callback(self._kick)
+
+    def _kick(self) -> None:
+        # Runs in the hub: every runner is parked or blocked; wake one (or start one) for the queue.
+        self.kick_pending = False
+        if not self.ready:
+            return
+        if self.idle:
+            self.idle.pop().switch()
+        else:
+            runner = gevent.Greenlet(self._run)
+            self.runners.add(runner)
+            runner.start()
+
+    def _run(self) -> None:
+        me = getcurrent()
+        ready = self.ready
+        contexts = [Context()]
+        try:
+            while True:
+                while ready:
+                    conn = ready.popleft()
+                    if ready and not self.kick_pending:
+                        # Should this request block, the hub hands the rest of the queue to another runner.
+                        self.kick_pending = True
+                        self.hub.loop.run_callback(self._kick)
+                    conn.serve(contexts)
+                    conn = None  # type: ignore[assignment]
+                if len(self.idle) >= self.max_idle:
+                    return
+                self.idle.add(me)
+                self.hub.switch()
+                self.idle.discard(me)  # a stray switch (not the kick's) left it listed
+        finally:
+            self.idle.discard(me)
+            self.runners.discard(me)
+
+    def kill_busy(self, timeout: float) -> None:
+        """End every runner still serving (the graceful timeout ended); parked ones end too."""
+        gevent.killall(list(self.runners), block=True, timeout=timeout)

@@ -50,8 +50,7 @@ class Server(Front):
 
     def __init__(self, app_spec: str, settings: "Settings", listeners: Optional[Sequence[Listener]] = None,
                  link: Optional["ChildLink"] = None) -> None:
-        from gevent.pool import Pool
-
+        from ._http import ConnectionSet, Dispatcher
         from .runtime import get_runtime
 
         self.app_spec = app_spec
@@ -60,8 +59,10 @@ class Server(Front):
         #: Each gevent server with the HTTP settings its connections share (shutdown flips them to refuse).
         self.servers: List[Tuple["StreamServer", "HTTPSettings"]] = []
         self.unix_paths: List[str] = []
-        self.connections: Set["Connection"] = set()
-        self.pool = Pool(settings.max_connections)
+        self.connections = ConnectionSet(settings.max_connections)
+        self.connections.on_room = self._room_again
+        # Idle connections hold a watcher; runner greenlets serve the ready ones (see _http.Dispatcher).
+        self.dispatcher = Dispatcher()
         # Under --workers the supervisor binds and owns the sockets; this process serves them.
         self.listeners = listeners
         #: This process's side of its supervisor (None: it runs alone).
@@ -151,10 +152,15 @@ class Server(Front):
                 server_name=name, server_port=port, access_log_enabled=bool(s.access_log))
             http.budget = budget
 
-            def handle(client: Any, address: Any, http: "HTTPSettings" = http) -> None:
-                _http.Connection(client, address, http, self.connections).handle()
+            def adopt(_run: Any, _handle: Any, _close: Any, args: Any, http: "HTTPSettings" = http) -> None:
+                # gevent's accept loop calls this in the hub for each new client: no greenlet per connection.
+                client, address = args
+                _http.Connection(client, address, http, self.connections).adopt(self.dispatcher)
 
-            self.servers.append((StreamServer(sock, handle, spawn=self.pool), http))
+            srv = StreamServer(sock, _unused_handle, spawn=adopt)  # type: ignore[call-overload]
+            # Past --max-connections gevent stops accepting; _room_again starts it when one closes.
+            srv.full = self._full
+            self.servers.append((srv, http))
 
     def _announce(self, lifecycle: Lifecycle, binds: Sequence[str]) -> None:
         """Start accepting, publish ServerStarting, log the start-up line and tell the supervisor."""
@@ -177,6 +183,14 @@ class Server(Front):
             self.link.ready(lifecycle.started_pools())
         else:
             run_hook(s, "when_ready", HookServer(s, self.app_spec))
+
+    def _full(self) -> bool:
+        return len(self.connections) >= self.settings.max_connections
+
+    def _room_again(self) -> None:
+        for srv, http in self.servers:
+            if not http.shutting_down:
+                srv._start_accepting_if_started()  # type: ignore[attr-defined]
 
     def stop_accepting(self, reason: str) -> str:
         """Close the listeners and refuse new requests on kept-alive connections."""
@@ -206,7 +220,7 @@ class Server(Front):
                 conn.retire(RETIRE_IDLE)  # its client may be sending; it gets Connection: close, or a moment
             else:
                 conn.close_if_idle()
-        self.pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.connections.wait_empty(max(0.0, deadline - time.monotonic()))
         sockets = [c for c in self.connections if c.ws is not None]
         if sockets:
             # WebSockets served on through the drain; now they hear "going away" (1001), and
@@ -214,11 +228,13 @@ class Server(Front):
             log.info("graceful timeout: closing %d WebSocket(s) with 1001", len(sockets))
             for conn in sockets:
                 conn.going_away()
-            self.pool.join(timeout=_GOING_AWAY_WAIT)
-        left = len(self.pool)
+            self.connections.wait_empty(_GOING_AWAY_WAIT)
+        left = len(self.connections)
         if left:
             log.warning("graceful timeout: closing %d connection(s) still busy", left)
-            self.pool.kill(block=True, timeout=5)
+            self.dispatcher.kill_busy(timeout=5)
+            for conn in list(self.connections):
+                conn.close_if_idle()
         else:
             log.info("connections drained")
 
@@ -229,6 +245,10 @@ class Server(Front):
             except FileNotFoundError:
                 pass  # never created, or already gone
         self.unix_paths = []
+
+
+def _unused_handle(*args: Any) -> None:
+    """gevent's servers need a handle; connections go to the dispatcher instead (see ``adopt``)."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
