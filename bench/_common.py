@@ -123,7 +123,7 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def wrk(url, connections, seconds, core=1, script=None):
-    """Run wrk; return {"rps", "p50_ms", "p99_ms", "errors"} or raise if wrk is missing."""
+    """Run wrk; return {"rps", "p50_ms", "p99_ms", "max_ms", "errors"} or raise if wrk is missing."""
     if not shutil.which("wrk"):
         raise FileNotFoundError("wrk is not installed (apt-get install wrk)")
     cmd = ["wrk", "-t1", "-c%d" % connections, "-d%ds" % max(1, int(seconds)), "--latency", url]
@@ -132,6 +132,9 @@ def wrk(url, connections, seconds, core=1, script=None):
     for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
         m = re.search(r"\s%s(?:\.0+)?%%\s+([\d.]+)(us|ms|s)" % pct, out)
         result[key] = float(m.group(1)) * _UNITS[m.group(2)] if m else None
+    # "Latency  avg  stdev  max  +/- stdev": the slowest request, the one fairness is about.
+    m = re.search(r"Latency\s+[\d.]+\w+\s+[\d.]+\w+\s+([\d.]+)(us|ms|s)", out)
+    result["max_ms"] = float(m.group(1)) * _UNITS[m.group(2)] if m else None
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         result["errors"] = sum(int(x) for x in m.groups())

@@ -72,7 +72,7 @@ def http_greenqueue(pg, procs, env, seconds):
     dsn = pg.new_database()
     port = free_port()
     node = _start(procs, [PY, "-m", "greenqueue.server", "--journal", dsn, "--bind", "127.0.0.1:%d" % port,
-                          "--log-level", "warning", "--workers", "1", "--max-concurrency",
+                          "--log-level", "warning", "--max-concurrency",
                           str(WORKER_CONCURRENCY), PROJECT + ".wsgi:application"],
                   dict(env, BENCH_DJANGO_QUEUE="greenqueue"), port)
     try:

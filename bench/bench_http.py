@@ -48,6 +48,10 @@ WORKER_CASES = (
     ("bare WSGI", BARE, "/", ("granian", "gunicorn -k gevent")),
     ("Flask hello", FLASK, "/", ("granian", "gunicorn -k gevent")),
 )
+#: The full run's largest connection count (bare callable and Flask hello only).
+HUGE = 5000
+#: --max-connections (gunicorn: --worker-connections) for every server: above HUGE.
+MAX_CONNS = 6000
 WORKERS = 2
 WORKER_CONNS = 50
 #: Cores of the --workers rows; wrk runs on the same ones (a two-core machine has no third).
@@ -68,8 +72,9 @@ def command(name, app, port, conns, workers=1):
     """The command line of server ``name`` serving ``app`` on ``port`` (None when it is not installed)."""
     bind = "127.0.0.1:%d" % port
     if name == "greenqueue":
-        return [PY, "-m", "greenqueue.server", "--bind", bind, "--log-level", "warning", "--workers", str(workers),
-                "--max-connections", "2000", "--backlog", "4096", app]
+        return [PY, "-m", "greenqueue.server", "--bind", bind, "--log-level", "warning"] + (
+            ["--workers", str(workers)] if workers > 1 else []) + [
+                "--max-connections", str(MAX_CONNS), "--backlog", "4096", app]
     if name == "gevent floor":
         return [PY, "-m", "bench.apps.http_floor", str(port)]
     if name == "gevent.pywsgi":
@@ -82,7 +87,7 @@ def command(name, app, port, conns, workers=1):
     if name == "gunicorn -k gevent":
         if not os.path.exists(GUNICORN):
             return None
-        return [GUNICORN, "-k", "gevent", "-w", str(workers), "--worker-connections", "2000", "--backlog", "4096",
+        return [GUNICORN, "-k", "gevent", "-w", str(workers), "--worker-connections", str(MAX_CONNS), "--backlog", "4096",
                 "-b", bind, "--log-level", "warning", app]
     raise ValueError(name)
 
@@ -112,8 +117,8 @@ def _best(runs):
     """Best of interleaved rounds: highest req/s, lowest p99 and CPU per request, errors of the best run."""
     top = max(runs, key=lambda r: r["rps"])
     pick = lambda key: min((r[key] for r in runs if r[key] is not None), default=None)  # noqa: E731
-    return {"rps": top["rps"], "p99_ms": pick("p99_ms"), "cpu_us": pick("cpu_us"), "errors": top["errors"],
-            "runs": [round(r["rps"]) for r in runs]}
+    return {"rps": top["rps"], "p99_ms": pick("p99_ms"), "cpu_us": pick("cpu_us"), "max_ms": pick("max_ms"),
+            "errors": top["errors"], "runs": [round(r["rps"]) for r in runs]}
 
 
 def measure_case(app, path, names, conn_counts, seconds, rounds, workers=1):
@@ -180,6 +185,9 @@ def _rows(label, results, conns, peers, workers=1):
         rows.append(row("http", name + " p99", mine["p99_ms"], "ms", peer, theirs["p99_ms"], False))
         if conns == 50:
             rows.append(row("http", name + " server CPU", mine["cpu_us"], "us/req", peer, theirs["cpu_us"], False))
+        if conns >= 500:
+            # Fairness: the slowest request of the run (granian's backpressure makes some wait long).
+            rows.append(row("http", name + " max latency", mine["max_ms"], "ms", peer, theirs["max_ms"], False))
     return rows
 
 
@@ -193,23 +201,98 @@ def run_workers(quick: bool = False) -> list:
     return rows
 
 
+def _rss_kib(pid):
+    """Resident memory of ``pid`` and its descendants, in KiB."""
+    total = 0
+    for p in [pid] + children(pid):
+        try:
+            with open("/proc/%d/status" % p) as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS"))
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def _ask(sock):
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    data = b""
+    while not data.endswith(b"Hello, World!"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        data += chunk
+
+
+def idle_memory(name, app, count):
+    """KiB of server memory per idle keep-alive connection: ``count`` held open, each served, then served again."""
+    import socket as _socket
+    import time as _time
+
+    port = free_port()
+    cmd = command(name, app, port, 1)
+    if cmd is None:
+        return None
+    with server(cmd, port, core=0) as proc:
+        warm = [_socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+        for c in warm:  # the server's first connections grow caches and pools that are not per connection
+            _ask(c)
+        for c in warm:
+            c.close()
+        _time.sleep(0.5)
+        before = _rss_kib(proc.pid)
+        conns = []
+        try:
+            for _ in range(count):
+                c = _socket.create_connection(("127.0.0.1", port))
+                _ask(c)
+                conns.append(c)
+            _time.sleep(0.5)  # the measure is of idle connections
+            held = _rss_kib(proc.pid)
+            for c in conns:  # every one is still served
+                _ask(c)
+        finally:
+            for c in conns:
+                c.close()
+    return (held - before) / count
+
+
+def run_memory(quick: bool = False) -> list:
+    """Memory per idle keep-alive connection: greenqueue beside the gevent floor and granian."""
+    import resource
+    count = 1000 if quick else 5000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 1000)), hard))
+    mine = idle_memory("greenqueue", BARE, count)
+    rows = []
+    for peer in ("gevent floor", "granian"):
+        theirs = idle_memory(peer, BARE, count)
+        rows.append(row("http", "idle keep-alive memory (%d held)" % count, mine, "KiB/conn", peer, theirs, False,
+                        "target <= 6 KiB" + (" met" if mine is not None and mine <= 6 else " MISSED")))
+    return rows
+
+
 def run(quick: bool = False, smoke: bool = False) -> list:
     """Measure and return result rows (ratio > 1: greenqueue better)."""
+    import resource
     seconds = 1 if smoke or quick else 5
     rounds = 1 if smoke or quick else 3
     conn_counts = (1, 50) if smoke else (1, 50, 500)
     cases = CASES[:2] if smoke or quick else CASES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # wrk and the servers inherit it
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, MAX_CONNS + 1000)), hard))
     rows = []
     try:
         for label, app, path, peers in cases:
             if smoke:
                 peers = peers[:1]
-            results = measure_case(app, path, ("greenqueue",) + peers, conn_counts, seconds,
+            counts = conn_counts + ((HUGE,) if not (smoke or quick) and path == "/" else ())
+            results = measure_case(app, path, ("greenqueue",) + peers, counts, seconds,
                                    1 if path == "/json" else rounds)
-            for conns in conn_counts:
+            for conns in counts:
                 rows.extend(_rows(label, results, conns, peers))
         if not smoke:  # the smoke test checks the bench still runs; one process per server shows that
             rows.extend(run_workers(quick))
+            rows.extend(run_memory(quick))
     except FileNotFoundError as exc:
         return [row("http", "all", None, "", "-", None, note=str(exc))]
     return rows
