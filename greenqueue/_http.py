@@ -101,7 +101,7 @@ class Connection:
     __slots__ = ("sock", "address", "settings", "registry", "parser", "idle", "expect_continue", "body_timeout",
                  "tcp", "_nagle", "_burst_end", "_raw", "_hub", "_rio", "_dio", "_streamer", "_deadline",
                  "_waiter", "_parked", "_timer", "_timer_at", "_peer_addr", "_peer_port", "_trusted", "_out",
-                 "_queued", "_wake", "ws", "dispatcher", "_on_ready_cb")
+                 "_queued", "_wake", "ws", "dispatcher", "_on_ready_cb", "_iio")
 
     def __init__(self, sock: Any, address: Any, settings: HTTPSettings, registry: Any) -> None:
         self.sock = sock
@@ -130,6 +130,7 @@ class Connection:
         self.ws: Any = None       # what took the socket over (a WebSocket), if anything did
         self.dispatcher: Optional["Dispatcher"] = None  # set when runners serve it (the server), not a greenlet
         self._on_ready_cb: Any = None  # its bound _on_ready, made once: the idle watcher's callback
+        self._iio: Any = None     # the idle watcher (runners): left running while it is served, see _on_ready
         self._timer: Any = None   # one-shot timer at _timer_at; it moves on when the deadline moved
         self._timer_at = inf
         # Decided once per connection, not per request: the peer does not change.
@@ -441,12 +442,21 @@ class Connection:
         dispatcher.push(self)  # a new connection's first request is usually in already
 
     def _on_ready(self) -> None:
-        # Runs in the hub: the idle connection has bytes (or a hang-up); a runner takes it.
-        self._rio.stop()
+        # Runs in the hub: the idle connection has bytes (or a hang-up); a runner takes it. The
+        # watcher keeps running: a runner usually reads the bytes within this turn, so stopping
+        # and restarting it per request would only cost time. Should it fire while the connection
+        # is being served (pipelined bytes, a runner blocked in the app), it stops until idle again.
+        if not self.idle:
+            self._iio.stop()
+            return
         self._deadline = None
         self.idle = False
-        assert self.dispatcher is not None
-        self.dispatcher.push(self)
+        dispatcher = self.dispatcher
+        assert dispatcher is not None
+        dispatcher.ready.append(self)  # Dispatcher.push, inlined: this runs once per request
+        if not dispatcher.kick_pending:
+            dispatcher.kick_pending = True
+            dispatcher.hub.loop.run_callback(dispatcher._kick)
 
     def serve(self, contexts: List[Context]) -> None:
         """In a runner: serve every request that is ready without waiting for the client, then go idle or close.
@@ -522,21 +532,23 @@ class Connection:
             timeout = settings.keepalive_timeout
         self.idle = True
         self._waiter = self._wake = None
-        rio = self._rio
-        if rio is None:
-            rio = self._rio = self._hub.loop.io(self._raw.fileno(), 1)
         if timeout is not None:
             deadline = _monotonic() + timeout
             self._deadline = deadline
             if deadline < self._timer_at:
                 self._arm(timeout, deadline)
-        rio.start(self._on_ready_cb)
+        iio = self._iio
+        if iio is None:
+            iio = self._iio = self._hub.loop.io(self._raw.fileno(), 1)
+            iio.start(self._on_ready_cb)
+        elif not iio.active:
+            iio.start(self._on_ready_cb)
         return True
 
     def _expire(self) -> None:
         # Runs in the hub: an idle connection's keep-alive (or retiring grace) ran out. Close quietly.
-        if self._rio is not None:
-            self._rio.stop()
+        if self._iio is not None:
+            self._iio.stop()
         self._out = None  # nothing can be queued on a connection idle that long; never block here
         self.registry.discard(self)
         self._release()
@@ -547,10 +559,10 @@ class Connection:
                 self.send_raw(b"")
             except OSError:
                 pass  # the client is gone; nothing left to tell it
-        for watcher in (self._timer, self._rio, self._dio):
+        for watcher in (self._timer, self._rio, self._dio, self._iio):
             if watcher is not None:
                 watcher.close()
-        self._timer = self._rio = self._dio = None
+        self._timer = self._rio = self._dio = self._iio = None
         self._waiter = self._wake = None
         try:
             self.sock.close()
@@ -576,8 +588,8 @@ class Connection:
                     self._raw.send(out)
                 except OSError:
                     pass  # the client is gone, or its buffer is full: it was told nothing more
-            if self._rio is not None:
-                self._rio.stop()
+            if self._iio is not None:
+                self._iio.stop()
             self._deadline = None
             self.registry.discard(self)
             self._release()
