@@ -293,8 +293,9 @@ class Greenqueue(Stack):
     def node_cmd(self, port, workers=1):
         """The command line of a node serving the bench app on ``port``."""
         return [PY, "-m", "greenqueue.server", "--journal", self.dsn, "--bind", "127.0.0.1:%d" % port,
-                "--log-level", "warning", "--workers", str(workers), "--max-concurrency",
-                str(WORKER_CONCURRENCY), self.app]
+                "--log-level", "warning", "--max-concurrency", str(WORKER_CONCURRENCY)] + (
+                    # --workers runs a supervisor (even for 1): one process per node unless asked.
+                    ["--workers", str(workers)] if workers > 1 else []) + [self.app]
 
     def start_workers(self, nodes):
         """Start the nodes; each listens once its store is open."""
