@@ -180,13 +180,18 @@ def test_a_blocked_hub_is_replaced_and_named(tmp_path):
     timeout = 2
     srv, _ = start(tmp_path, "--workers", "2", "--timeout", str(timeout))
     try:
+        marker = tmp_path / "hanging"
+
         def hang():
             try:
-                requests.get(srv.url + "/hang", timeout=30)
+                requests.get(srv.url + "/hang", params={"marker": str(marker)}, timeout=30)
             except requests.RequestException:
                 pass  # its process is killed under it
         started = time.monotonic()
         threading.Thread(target=hang, daemon=True).start()
+        # Connections the stuck process accepted before its hub stopped go down with it (as under
+        # any server); from the marker on it accepts none, and every new one goes to the other.
+        wait_for(marker.exists, 10, message="the hub stuck in the CPU loop")
         # The other process keeps answering while one is stuck.
         answered = 0
         deadline = time.monotonic() + timeout + 2

@@ -33,6 +33,11 @@ def spin_forever_in_a_cpu_loop():
 
 @app.get("/hang")
 def hang():
+    from flask import request
+    marker = request.args.get("marker")
+    if marker:
+        with open(marker, "w") as f:  # from here on this process's hub never turns again
+            f.write(str(os.getpid()))
     spin_forever_in_a_cpu_loop()
     return "unreachable"
 
