@@ -966,3 +966,24 @@ def test_a_row_given_back_uncounted_keeps_its_attempts(engines):
     assert (back.attempts, back.owner, back.state) == (0, None, "RETRY")
     again, = e.claim("B", None, 1)
     assert again.attempts == 1, "the node that knows it gets its first attempt"
+
+
+@pg_only
+def test_a_burst_into_a_fresh_table_gets_its_statistics_from_the_heartbeat(pg_engines, monkeypatch):
+    """The claim's generic plan follows the table: the heartbeat analyzes a table that outgrew its statistics."""
+    from greenqueue.journal import _postgres
+    monkeypatch.setattr(_postgres, "STATS_EVERY", 0.0)
+    e = pg_engines()
+    e.enqueue([row(id="few%d" % i) for i in range(5)])
+    e.heartbeat("A", 0)  # a small table: nothing to do
+
+    def planned():
+        return pg_engines.raw("SELECT reltuples FROM pg_class WHERE relname = 'greenqueue_tasks'")[0][0]
+    assert planned() < 1000
+    for k in range(0, 20000, 5000):
+        e.enqueue([row(id="burst%d" % i, queue="elsewhere") for i in range(k, k + 5000)])
+
+    def analyzed():
+        e.heartbeat("A", 0)
+        return planned() >= 15000
+    wait_for(analyzed, 10, interval=0.2, message="the heartbeat to analyze the grown table")

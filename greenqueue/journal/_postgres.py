@@ -51,6 +51,12 @@ from ._postgres_sql import (ANY_READY, CHANNEL, CLAIM, CLAIM_EVERY, CLAIM_IDS, C
 __all__ = ["PostgresEngine", "SCHEMA_VERSION", "mask_dsn"]
 
 log = logging.getLogger(__name__)
+#: Seconds between two looks at the task table's statistics (from the heartbeat).
+STATS_EVERY = 10.0
+#: The table is analyzed when it holds this many times the rows its statistics say ...
+GROWN_BY = 4
+#: ... counting a table the statistics call smaller than this as this size.
+GROWN_FROM = 1000
 
 _PRIORITY = FIELDS.index("priority")
 
@@ -147,6 +153,7 @@ class PostgresEngine:
         self._closed = threading.Event()
         self._listen_down = False
         self._generation = 0   # grows whenever a pooled connection fails
+        self._stats_checked = 0.0  # monotonic time of the last look at the task table's statistics
 
     def __repr__(self) -> str:
         return "PostgresEngine(%r)" % self.display
@@ -627,7 +634,32 @@ class PostgresEngine:
         if found is None:
             raise JournalError("journal %s: heartbeat failed: the statement returned no row" % self.display)
         renewed, cancel, lost, now, _ = found
+        self._analyze_if_grown()
         return Heartbeat(renewed=renewed, cancel=list(cancel), lost=list(lost), now=now)
+
+    def _analyze_if_grown(self) -> None:
+        """ANALYZE the task table when it holds several times the rows its statistics say.
+
+        A prepared statement's generic plan made while the table held a few rows updates
+        the claimed ids through a sequential scan, and keeps it until the statistics change:
+        claims run at half their rate after a burst into a fresh database until autoanalyze
+        comes round (a minute by default). The heartbeat looks at most every STATS_EVERY s.
+        """
+        now = time.monotonic()
+        if now - self._stats_checked < STATS_EVERY:
+            return
+        self._stats_checked = now
+        found = self._one("statistics", "SELECT greatest(c.reltuples, 0), coalesce(s.n_live_tup, 0) FROM pg_class c "
+                                        "LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid "
+                                        "WHERE c.oid = 'greenqueue_tasks'::regclass")
+        if found is None:
+            return
+        planned, live = found
+        if live > GROWN_BY * max(planned, GROWN_FROM):
+            log.info("journal %s: the task table holds %d rows against the %d its statistics say; analyzing it "
+                     "so the claim's plan follows", self.display, live, planned)
+            with self._conn("analyze") as conn:
+                conn.execute("ANALYZE greenqueue_tasks")
 
     def unregister(self, node: str) -> None:
         """Remove this node's row (clean exit)."""
