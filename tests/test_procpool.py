@@ -151,6 +151,21 @@ def test_closing_a_stream_early_closes_the_worker_generator_at_once(tmp_path):
     pool.stop()
 
 
+def test_a_stream_that_never_finishes_closing_costs_its_worker_and_the_pool_heals(monkeypatch):
+    monkeypatch.setattr(procpool, "_RELEASE_WAIT", 0.5)
+    pool = ProcessPool(ECHO, workers=1).start()
+    try:
+        old = pool.call("whoami")
+        stream = pool.stream("stuck_on_close")
+        assert next(stream) == "tick"
+        stream.close()  # the worker's clean-up sleeps a minute: the pool kills it after the release wait
+        wait_for(lambda: pool.stats()["restarts"] == 1, 10, message="the stuck worker replaced")
+        assert pool.call("whoami") != old
+        assert pool.call("echo", "healed") == "healed"
+    finally:
+        pool.stop()
+
+
 def test_stream_yields_every_chunk_in_order(pool):
     assert list(pool.stream("count", 500)) == list(range(500))
     assert list(pool.stream("echo", "not a generator")) == ["not a generator"]

@@ -373,7 +373,13 @@ class ProcessPool:
             log.warning("worker %d of %s did not close a cancelled stream in %ss; killing it",
                         w.index, self.spec, _RELEASE_WAIT)
             w.kill("timeout")
-            w.recv()  # reads the EOF and replaces the worker
+            # Read up to the EOF, which marks the worker dead and replaces it: whatever the child
+            # wrote before it died (an unpicklable chunk included) must not end this greenlet first.
+            while not w.dead:
+                try:
+                    w.recv()
+                except _BadReply:
+                    continue
         finally:
             timer.close()
 

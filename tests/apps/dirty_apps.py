@@ -57,6 +57,15 @@ class EchoApp(DirtyApp):
                 with open(marker, "w") as fh:
                     fh.write("closed")
 
+    def stuck_on_close(self):
+        """A stream whose clean-up never ends: closing it early makes the pool kill this worker."""
+        try:
+            while True:
+                yield "tick"
+                time.sleep(0.01)
+        finally:
+            time.sleep(60)
+
     def count_progress(self, n, path):
         """Yield 0..n-1, appending ``index monotonic-time`` to ``path`` as each is produced (flow control)."""
         for i in range(n):
