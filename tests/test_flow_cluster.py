@@ -118,8 +118,10 @@ def test_a_per_key_lock_across_nodes(nodes):
 
 def test_a_higher_priority_starts_first_on_whichever_node_frees_a_slot(nodes):
     a, b = nodes(2, "--max-concurrency", "1")
-    _spawn(a, "plain", n=1, seconds=1.0, label="block-a")
-    _spawn(b, "plain", n=1, seconds=1.0, label="block-b")
+    # The blockers must outlast the three spawns after them even on a loaded machine (with 1 s,
+    # a full suite once saw a slot free before "high" was spawned).
+    _spawn(a, "plain", n=1, seconds=2.0, label="block-a")
+    _spawn(b, "plain", n=1, seconds=2.0, label="block-b")
     _spawn(a, "plain", n=3, seconds=0.2, priority=-5, label="low")
     _spawn(b, "plain", n=1, seconds=0.2, priority=50, label="high")
     wait_for(lambda: len(runs(nodes.ledger, "plain")) >= 6 or None, 20, interval=0.1, message="6 plain tasks")
