@@ -22,7 +22,6 @@ import os
 import selectors
 import subprocess
 import sys
-import time
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import List, Optional

@@ -513,18 +513,18 @@ class Connection:
             # app set and never reset does not reach the next request this runner serves. The context is
             # reused while requests leave it empty (Flask resets what it sets), a new one made otherwise.
             ctx = contexts[0]
-            if not ctx.run(self._handle_request, req):
-                if len(ctx):
-                    contexts[0] = Context()
-                return False
+            keep = ctx.run(self._handle_request, req)
             if len(ctx):
                 contexts[0] = Context()
+            if not keep:
+                return False
             req = None  # not kept while idle (see the module docstring)
 
     def _go_idle(self) -> bool:
-        """Wait for the next request with a watcher and a timer, no greenlet; True (the connection stays)."""
-        if self.parser.queue:
-            return False  # callers serve the queue first; closing beats a request left unanswered
+        """Wait for the next request with a watcher and a timer, no greenlet; True (the connection stays).
+
+        Called with nothing left in the parser's queue (``_serve_ready`` serves it first).
+        """
         self.parser.current = None  # see the module docstring: parked connections hold no request
         settings = self.settings
         if settings.shutting_down:
@@ -549,10 +549,12 @@ class Connection:
         return True
 
     def _expire(self) -> None:
-        # Runs in the hub: an idle connection's keep-alive (or retiring grace) ran out. Close quietly.
+        # Runs in the hub (or the draining greenlet): an idle connection with no greenlet closes
+        # quietly; its keep-alive or retiring grace ran out, or the server shuts down.
         if self._iio is not None:
             self._iio.stop()
-        self._out = None  # nothing can be queued on a connection idle that long; never block here
+        self._deadline = None
+        self._out = None  # what is still queued was sent by close_if_idle, or lost with the client
         self.registry.discard(self)
         self._release()
 
@@ -585,17 +587,12 @@ class Connection:
         """Wake an idle keep-alive connection so it closes (graceful shutdown)."""
         if self.idle and self.dispatcher is not None and self._waiter is None:
             # Served by runners and idle: no greenlet to wake; close it here, its answer sent first.
-            out, self._out = self._out, None
-            if out is not None:
+            if self._out is not None:
                 try:
-                    self._raw.send(out)
+                    self._raw.send(self._out)
                 except OSError:
                     pass  # the client is gone, or its buffer is full: it was told nothing more
-            if self._iio is not None:
-                self._iio.stop()
-            self._deadline = None
-            self.registry.discard(self)
-            self._release()
+            self._expire()
             return
         if self.idle:
             try:
@@ -787,6 +784,10 @@ class ConnectionSet(Set[Connection]):
             self.on_room()
         if not n and self._empty is not None:
             self._empty.set()
+
+    def full(self) -> bool:
+        """True at the limit: gevent's accept loop stops until a connection closes."""
+        return len(self) >= self.limit
 
     def wait_empty(self, timeout: float) -> bool:
         """Block the calling greenlet until no connection is left or ``timeout`` passes; True when empty."""

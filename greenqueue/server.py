@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 from ._lifecycle import (RETIRE, Front, HookServer, HookWorker, Lifecycle, prepare_process, run_hook, run_main,
                          startup_failed)
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from gevent import socket as gsocket
     from gevent.server import StreamServer
 
-    from ._http import Connection, HTTPSettings
+    from ._http import HTTPSettings
     from ._supervisor import ChildLink
     from .config import Settings
 
@@ -159,7 +159,7 @@ class Server(Front):
 
             srv = StreamServer(sock, _unused_handle, spawn=adopt)  # type: ignore[call-overload]
             # Past --max-connections gevent stops accepting; _room_again starts it when one closes.
-            srv.full = self._full
+            srv.full = self.connections.full
             self.servers.append((srv, http))
 
     def _announce(self, lifecycle: Lifecycle, binds: Sequence[str]) -> None:
@@ -183,9 +183,6 @@ class Server(Front):
             self.link.ready(lifecycle.started_pools())
         else:
             run_hook(s, "when_ready", HookServer(s, self.app_spec))
-
-    def _full(self) -> bool:
-        return len(self.connections) >= self.settings.max_connections
 
     def _room_again(self) -> None:
         for srv, http in self.servers:

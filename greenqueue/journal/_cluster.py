@@ -173,8 +173,9 @@ class ClusterStore:
         me = socket.gethostname()
         nodes = [n for n in self.engine.nodes() if n.id != self.node]
         dead = [n for n in nodes if n.host == me and not _alive(n.pid)]
+        quiet = [n for n in nodes if n not in dead and self._quiet_for(n) > self._quiet_after()]
         held: Dict[str, List[str]] = {}
-        if nodes:
+        if dead or quiet:  # the running rows are read only when a node's fate depends on them
             for row in self.engine.rows("STARTED", 1000000):
                 if row.owner is not None:
                     held.setdefault(row.owner, []).append(row.id)
@@ -187,17 +188,25 @@ class ClusterStore:
             log.info("journal %s: node %s (pid %d) on this host is gone: its %d running task(s) run again and "
                      "its leases (the scheduler's too, if it led) end now instead of in %.0fs", self.display,
                      node.id, node.pid, released, self.engine.lease_timeout)
-        self._say_what_waits([n for n in nodes if n not in dead], held)
+        self._say_what_waits(quiet, held)
         return total
 
-    def _say_what_waits(self, others: Sequence[NodeInfo], held: Dict[str, List[str]]) -> None:
-        """Log the tasks held by nodes that look gone but cannot be judged from here, and when they move."""
+    @staticmethod
+    def _quiet_for(node: NodeInfo) -> float:
+        """Seconds since ``node`` was last heard from."""
         now = time.time()
+        return now - (node.heartbeat_at or node.started_at or now)
+
+    def _quiet_after(self) -> float:
+        """Silence after which a node looks gone (its heartbeats come every third of a lease)."""
+        return min(self.engine.lease_timeout / 3, 10.0)
+
+    def _say_what_waits(self, quiet_nodes: Sequence[NodeInfo], held: Dict[str, List[str]]) -> None:
+        """Log the tasks held by nodes that look gone but cannot be judged from here, and when they move."""
         timeout = self.engine.lease_timeout
-        for node in others:
-            beat = node.heartbeat_at or node.started_at or now
-            quiet = now - beat
-            if quiet > min(timeout / 3, 10.0) and held.get(node.id):
+        for node in quiet_nodes:
+            quiet = self._quiet_for(node)
+            if held.get(node.id):
                 log.info("journal %s: node %s on %s has not been heard from for %.0fs; its %d running task(s) "
                          "run elsewhere when its lease ends, in at most %.0fs", self.display, node.id,
                          node.host or "another host", quiet, len(held[node.id]), max(0.0, timeout - quiet))
