@@ -235,6 +235,12 @@ INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, s
            "error_ids, chord, wait) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
            "?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
 
+# INSERT for a row without an idempotency key, note, deadline, limit or workflow link: the
+# other columns keep their defaults. Parameters in this order.
+PLAIN_INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, queue, state, eta, due, attempts, "
+                "max_attempts, owner, lease_expires, started_at, created_at, updated_at, priority, hold) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+
 # A row whose cancel was requested while it ran ends CANCELLED when it comes back
 # unowned (retry, release), instead of running again.
 BACK = """state = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE :state END,
@@ -302,8 +308,15 @@ def write(conn: sqlite3.Connection) -> Iterator[float]:
 FINISH = ("UPDATE greenqueue_tasks SET state = ?, result = ?, error_type = ?, error = ?, traceback = ?, "
           "owner = NULL, lease_expires = NULL, finished_at = ?, updated_at = ?, expires_at = ? "
           "WHERE id = ? AND owner = ? AND attempts = ?")
+# FINISH for a success, the common end: Python's sqlite3 binds a None through its adapter lookup,
+# so the NULLs are written here instead (a fifth of a finish's cost).
+SUCCEED = ("UPDATE greenqueue_tasks SET state = 'SUCCESS', result = ?, error_type = NULL, error = NULL, "
+           "traceback = NULL, owner = NULL, lease_expires = NULL, finished_at = ?, updated_at = ?, expires_at = ? "
+           "WHERE id = ? AND owner = ? AND attempts = ?")
 
 
-def finish_params(now: float, p: Sequence[Any]) -> tuple:
-    """FINISH's parameters at ``now`` for a finish item (state, result, error_type, error, traceback, ttl, id, node, attempt, ...)."""
-    return (p[0], p[1], p[2], p[3], p[4], now, now, now + p[5], p[6], p[7], p[8])
+def finish_params(now: float, p: Sequence[Any]) -> Tuple[str, tuple]:
+    """The statement and its parameters at ``now`` for a finish item (state, result, error_type, error, traceback, ttl, id, node, attempt, ...)."""
+    if p[0] == "SUCCESS" and p[2] is None and p[3] is None and p[4] is None:
+        return SUCCEED, (p[1], now, now, now + p[5], p[6], p[7], p[8])
+    return FINISH, (p[0], p[1], p[2], p[3], p[4], now, now, now + p[5], p[6], p[7], p[8])
