@@ -28,7 +28,7 @@ import time
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from ..errors import ConfigError, GreenqueueError, SerializationError
-from ._codec import dumps
+from ._codec import dumps_call
 from ._engine import Heartbeat, NodeInfo, TaskRow
 
 __all__ = ["Store", "MemoryStore", "TaskRow", "new_row"]
@@ -43,7 +43,7 @@ def new_row(task_id: str, name: str, args: Sequence[object], kwargs: Dict[str, o
             limit: Optional[Tuple[str, int]] = None) -> TaskRow:
     """The row a spawn becomes; SerializationError when ``serializer`` cannot carry the arguments."""
     try:
-        payload = dumps(serializer, {"args": list(args), "kwargs": kwargs})
+        payload = dumps_call(serializer, args, kwargs)
     except (TypeError, ValueError) as exc:
         raise SerializationError("task %s: arguments cannot be journaled as %s (%s); pass ids instead of "
                                  "objects, or use @task(serializer='pickle')"

@@ -28,7 +28,7 @@ import socket
 import os
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import gevent
 from gevent import Timeout, get_hub
@@ -78,7 +78,7 @@ def _error_type(exc: Optional[BaseException]) -> Optional[str]:
 class _Batch:
     """Spawns waiting for one commit: their rows (claimed here or not), and what the commit answered."""
 
-    __slots__ = ("rows", "waiters", "sent", "stored", "error")
+    __slots__ = ("rows", "waiters", "sent", "stored", "error", "withdrawn")
 
     def __init__(self) -> None:
         # [claimed rows, unclaimed rows]; None: withdrawn by a spawn that gave up before it was sent.
@@ -89,9 +89,12 @@ class _Batch:
         self.sent = False
         self.stored: Tuple[List[Optional[TaskRow]], List[Optional[TaskRow]]] = ([], [])
         self.error: Optional[BaseException] = None
+        self.withdrawn = False  # a spawn gave up before the batch was sent
 
-    def sendable(self, part: int) -> Tuple[List[TaskRow], List[int]]:
-        """The rows of ``part`` still to send, and where each one's answer goes."""
+    def sendable(self, part: int) -> Tuple[List[TaskRow], Optional[List[int]]]:
+        """The rows of ``part`` still to send, and where each one's answer goes (None: in order, all sent)."""
+        if not self.withdrawn:
+            return cast(List[TaskRow], self.rows[part]), None
         kept = [(i, row) for i, row in enumerate(self.rows[part]) if row is not None]
         return [row for _, row in kept], [i for i, _ in kept]
 
@@ -104,11 +107,15 @@ class _Batch:
         """The commit answered (or failed): wake the spawns from the hub's next turn."""
         get_hub().loop.run_callback(self.wake)
 
-    def answer(self, part: int, places: List[int], stored: List[TaskRow]) -> None:
+    def answer(self, part: int, places: Optional[List[int]], stored: List[TaskRow]) -> None:
         """Put the commit's answers where their spawns look for them (a withdrawn row's place stays empty)."""
-        out: List[Optional[TaskRow]] = [None] * len(self.rows[part])
-        for i, got in zip(places, stored):
-            out[i] = got
+        out: List[Optional[TaskRow]]
+        if places is None:
+            out = cast(List[Optional[TaskRow]], stored)
+        else:
+            out = [None] * len(self.rows[part])
+            for i, got in zip(places, stored):
+                out[i] = got
         self.stored = (out, self.stored[1]) if part == 0 else (self.stored[0], out)
 
 
@@ -135,7 +142,8 @@ class ClusterStore:
         self.epoch: Optional[int] = None      # the scheduler leader's epoch while this node leads
         self.batch = batch
         self._batch: Optional[_Batch] = None  # spawns not sent yet
-        self._finishes: List[tuple] = []      # (task name, engine.finish arguments) not sent yet
+        self._finishes: List[tuple] = []      # engine.finish arguments not sent yet
+        self._finish_names: List[str] = []    # their task names, for the log of a fenced-off one
         self._wake: Any = None                # set when a spawn or a final state is queued
         self._writer: Any = None
         self._stopping = False
@@ -280,7 +288,8 @@ class ClusterStore:
         if extra is not None:
             args += extra  # its end unparks the next run of its key, and releases the steps after it
         if self._writer is not None:
-            self._finishes.append((row.name, args))
+            self._finishes.append(args)
+            self._finish_names.append(row.name)
             self._wake.set()
             return True
         ok = self.engine.finish_many([args])[0]
@@ -313,6 +322,7 @@ class ClusterStore:
                 if not batch.sent:
                     # Never sent, so never written: failing it now leaves nothing in doubt.
                     rows[index] = None
+                    batch.withdrawn = True
                     raise JournalError("journal %s: spawn of %s not written within %.1f s: the journal is "
                                        "unreachable or too slow; try again"
                                        % (self.display, row.id, self._queue_wait)) from None
@@ -352,19 +362,20 @@ class ClusterStore:
         """Commit what is queued now, spawns (their callers wait for this) and final states, in one transaction."""
         batch, self._batch = self._batch, None
         finishes, self._finishes = self._finishes, []
+        names, self._finish_names = self._finish_names, []
         if batch is None and not finishes:
             return
         claimed: List[TaskRow] = []
         unclaimed: List[TaskRow] = []
-        claimed_at: List[int] = []
-        unclaimed_at: List[int] = []
+        claimed_at: Optional[List[int]] = None
+        unclaimed_at: Optional[List[int]] = None
         if batch is not None:
             batch.sent = True
             claimed, claimed_at = batch.sendable(0)
             unclaimed, unclaimed_at = batch.sendable(1)
         try:
             stored_claimed, stored_unclaimed, finished = self.engine.write(
-                self.node, claimed, unclaimed, [args for _, args in finishes])
+                self.node, claimed, unclaimed, finishes)
         except BaseException as exc:
             # Every caller hears the outcome, even when the writer is killed mid-call (close()).
             failed = exc if isinstance(exc, Exception) else JournalError(
@@ -389,7 +400,7 @@ class ClusterStore:
             batch.answer(1, unclaimed_at, stored_unclaimed)
             batch.done()
         released = False
-        for (name, args), ok in zip(finishes, finished):
+        for name, args, ok in zip(names, finishes, finished):
             if not ok:
                 _discarded(name, args[0], args[2])
             elif len(args) > 10 and args[10]:

@@ -7,7 +7,7 @@ import json
 import pickle
 from typing import Any, Callable, Optional
 
-__all__ = ["dumps", "loads", "SERIALIZERS"]
+__all__ = ["dumps", "dumps_call", "loads", "SERIALIZERS"]
 
 SERIALIZERS = ("json", "pickle")
 
@@ -37,6 +37,14 @@ def dumps(serializer: str, value: Any) -> bytes:
     if serializer == "pickle":
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     return _json_encode(value).encode()
+
+
+def dumps_call(serializer: str, args: Any, kwargs: Any) -> bytes:
+    """A call's arguments as bytes, as ``dumps(serializer, {"args": list(args), "kwargs": kwargs})`` makes them."""
+    if kwargs or serializer == "pickle":
+        return dumps(serializer, {"args": list(args), "kwargs": kwargs})
+    # Most spawns pass no keywords: one encoder call on the arguments alone costs half as much.
+    return b'{"args":' + _json_encode(list(args)).encode() + b',"kwargs":{}}'
 
 
 def loads(serializer: str, blob: Optional[bytes]) -> Any:

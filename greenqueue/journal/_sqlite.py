@@ -69,7 +69,7 @@ from ._engine import FINAL, UNFINISHED, TaskRow, rows_query
 from ._gate import START_ORDER, Candidate, Verdict, decide, hold_of
 from ._links import follow
 from ._sqlite_nodes import NodeRows
-from ._sqlite_sql import (BACK, COLS, INSERT, PLAIN_INSERT, finish_params, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION,
+from ._sqlite_sql import (BACK, CLAIM_IDS, COLS, FORGET_LOST, INSERT, PLAIN_INSERT, finish_params, MAGIC, NETWORK_FS, RUNNING, SCHEMA_VERSION,
                           FIELDS, GATED, HELD, PARKED, READY, READY_OR_GATED, SYNCHRONOUS, UPGRADES, WAITING, WAITING_OF, chunks, filesystem_of,
                           marks, queue_filter, task_row)
 from ._sqlite_sql import write as transaction
@@ -372,9 +372,10 @@ class SQLiteEngine(NodeRows):
             if (r.idempotency_key is None and r.note is None and r.start_by is None and r.rate_bucket is None
                     and r.limit_bucket is None and r.parents is None and r.then_ids is None
                     and r.error_ids is None and r.wait is None):
+                eta = r.eta
                 plain.append((r.id, r.name, r.payload or b"", r.serializer, r.queue, state or r.state,
-                              None if r.eta is None else float(r.eta), now if r.eta is None else r.eta,
-                              r.attempts + mine, r.max_attempts, owner, lease, started, now, now, r.priority, hold))
+                              eta, now if eta is None else eta, r.attempts + mine, r.max_attempts, owner, lease,
+                              started, now, now, r.priority, hold))
             else:
                 full.append((r.id, r.name, r.payload or b"", r.serializer, r.queue, state or r.state,
                              None if r.eta is None else float(r.eta), now if r.eta is None else r.eta,
@@ -443,12 +444,11 @@ class SQLiteEngine(NodeRows):
             ids = verdict.take
             if not ids:
                 return []
-            got = conn.execute(
-                "UPDATE greenqueue_tasks SET state = 'STARTED', owner = ?, attempts = attempts + 1, hold = NULL, "
-                "lease_expires = ?, started_at = ?, updated_at = ? WHERE id IN (%s) RETURNING %s"
-                % (marks(ids), COLS), [node, now + self.lease_timeout, now, now] + ids).fetchall()
-            conn.execute("DELETE FROM greenqueue_lost WHERE node = ? AND task_id IN (%s)" % marks(ids),
-                         [node] + ids)
+            # The ids as one JSON parameter: one statement whatever their number, prepared once
+            # (a list of marks per count filled the statement cache and cost a compile per claim).
+            listed = json.dumps(ids)
+            got = conn.execute(CLAIM_IDS, (node, now + self.lease_timeout, now, now, listed)).fetchall()
+            conn.execute(FORGET_LOST, (node, listed))
             self._changes += 1
         order = {row_id: i for i, row_id in enumerate(ids)}
         return sorted(map(task_row, got), key=lambda r: order[r.id])
@@ -538,23 +538,21 @@ class SQLiteEngine(NodeRows):
         return self._batch("finish", "", (), (), items)[2]
 
     def _finish_params(self, items: Sequence[tuple]) -> List[tuple]:
-        """FINISH's parameters for ``finish()`` argument tuples (JournalError for a state that is not final)."""
-        params = []
+        """The ``finish()`` argument tuples to record, checked (JournalError for a state that is not final)."""
+        # Each item: row_id, node, attempt, state, result, error_type, error, traceback, ttl, and
+        # optionally the concurrency key its run held (its end unparks the next run of that key)
+        # and whether workflow steps wait for it.
         for item in items:
-            # A tenth item names the concurrency key a run held (its end unparks the next of that key).
-            row_id, node, attempt, state, result, error_type, error, traceback, ttl = item[:9]
-            if state not in FINAL:
-                raise self._fail("finish() takes a final state (%s), not %r" % (", ".join(FINAL), state))
-            params.append((state, result, error_type, error, traceback, float(ttl), row_id, node, attempt,
-                           item[9] if len(item) > 9 else None, len(item) > 10 and bool(item[10])))
-        return params
+            if item[3] not in FINAL:
+                raise self._fail("finish() takes a final state (%s), not %r" % (", ".join(FINAL), item[3]))
+        return list(items)
 
     def _finish_rows(self, conn: sqlite3.Connection, now: float, params: List[tuple]) -> List[bool]:
         done = self._finish_each(conn, now, params)
-        freed = [p[-2] for p, ok in zip(params, done) if ok and p[-2] is not None]
+        freed = [p[9] for p, ok in zip(params, done) if ok and len(p) > 9 and p[9] is not None]
         if freed:
             self._unpark(conn, freed)
-        linked = [p[6] for p, ok in zip(params, done) if ok and p[-1]]
+        linked = [p[0] for p, ok in zip(params, done) if ok and len(p) > 10 and p[10]]
         if linked:
             self._follow(conn, now, linked)
         return done

@@ -241,6 +241,12 @@ PLAIN_INSERT = ("INSERT INTO greenqueue_tasks (id, name, payload, serializer, qu
                 "max_attempts, owner, lease_expires, started_at, created_at, updated_at, priority, hold) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
 
+# The claim's writes, for the ids the gate took (a JSON list, so one prepared statement serves every count).
+CLAIM_IDS = ("UPDATE greenqueue_tasks SET state = 'STARTED', owner = ?, attempts = attempts + 1, hold = NULL, "
+             "lease_expires = ?, started_at = ?, updated_at = ? WHERE id IN (SELECT value FROM json_each(?)) "
+             "RETURNING " + COLS)
+FORGET_LOST = "DELETE FROM greenqueue_lost WHERE node = ? AND task_id IN (SELECT value FROM json_each(?))"
+
 # A row whose cancel was requested while it ran ends CANCELLED when it comes back
 # unowned (retry, release), instead of running again.
 BACK = """state = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE :state END,
@@ -316,7 +322,7 @@ SUCCEED = ("UPDATE greenqueue_tasks SET state = 'SUCCESS', result = ?, error_typ
 
 
 def finish_params(now: float, p: Sequence[Any]) -> Tuple[str, tuple]:
-    """The statement and its parameters at ``now`` for a finish item (state, result, error_type, error, traceback, ttl, id, node, attempt, ...)."""
-    if p[0] == "SUCCESS" and p[2] is None and p[3] is None and p[4] is None:
-        return SUCCEED, (p[1], now, now, now + p[5], p[6], p[7], p[8])
-    return FINISH, (p[0], p[1], p[2], p[3], p[4], now, now, now + p[5], p[6], p[7], p[8])
+    """The statement and its parameters at ``now`` for ``finish()``'s arguments (row_id, node, attempt, state, result, error_type, error, traceback, ttl, ...)."""
+    if p[3] == "SUCCESS" and p[5] is None and p[6] is None and p[7] is None:
+        return SUCCEED, (p[4], now, now, now + p[8], p[0], p[1], p[2])
+    return FINISH, (p[3], p[4], p[5], p[6], p[7], now, now, now + p[8], p[0], p[1], p[2])
