@@ -119,16 +119,17 @@ def test_a_per_key_lock_across_nodes(nodes):
 def test_a_higher_priority_starts_first_on_whichever_node_frees_a_slot(nodes):
     a, b = nodes(2, "--max-concurrency", "1")
     # The blockers must outlast the three spawns after them even on a loaded machine (with 1 s,
-    # a full suite once saw a slot free before "high" was spawned).
+    # a full suite once saw a slot free before "high" was spawned), and end a second apart: ended
+    # together, both nodes claim at once and "low-0" may start in the same millisecond as "high-0".
     _spawn(a, "plain", n=1, seconds=2.0, label="block-a")
-    _spawn(b, "plain", n=1, seconds=2.0, label="block-b")
+    _spawn(b, "plain", n=1, seconds=3.0, label="block-b")
     _spawn(a, "plain", n=3, seconds=0.2, priority=-5, label="low")
     _spawn(b, "plain", n=1, seconds=0.2, priority=50, label="high")
     wait_for(lambda: len(runs(nodes.ledger, "plain")) >= 6 or None, 20, interval=0.1, message="6 plain tasks")
     got = sorted(runs(nodes.ledger, "plain"), key=lambda r: r[1])
     blockers = [r for r in got if r[0].startswith("block")]
     after = [r for r in got if not r[0].startswith("block")]
-    assert after[0][0] == "high-0", [r[0] for r in got]
+    assert after[0][0] == "high-0", [(r[0], round(r[1] - got[0][1], 3), round(r[2] - got[0][1], 3), r[3]) for r in got]
     first_free = min(r[2] for r in blockers)
     assert after[0][1] - first_free < 0.2, "the freed slot's node claimed at once (%.3fs)" % (after[0][1] - first_free)
 
