@@ -43,6 +43,9 @@ CASES = (
     ("Flask hello", FLASK, "/", ("granian", "gunicorn -k gevent", "gevent.pywsgi")),
     ("Flask json 4KiB", FLASK, "/json", ("granian", "gunicorn -k gevent", "gevent.pywsgi")),
 )
+#: The peers a quick run races (the full run races every one of CASES): those the targets name,
+#: and gunicorn for Flask, the server most apps move from. Keeps `make bench QUICK=1` under 180 s.
+QUICK_PEERS = {"bare WSGI": ("gevent floor", "granian"), "Flask hello": ("granian", "gunicorn -k gevent")}
 #: The --workers rows: (label, app, path, peers), all at 50 connections on cores 0 and 1.
 WORKER_CASES = (
     ("bare WSGI", BARE, "/", ("granian", "gunicorn -k gevent")),
@@ -285,6 +288,8 @@ def run(quick: bool = False, smoke: bool = False) -> list:
         for label, app, path, peers in cases:
             if smoke:
                 peers = peers[:1]
+            elif quick:
+                peers = QUICK_PEERS.get(label, peers)
             counts = conn_counts + ((HUGE,) if not (smoke or quick) and path == "/" else ())
             results = measure_case(app, path, ("greenqueue",) + peers, counts, seconds,
                                    1 if path == "/json" else rounds)

@@ -89,6 +89,13 @@ _NAMES: Dict[str, str] = {}
 _MAX_NAMES = 512
 
 
+# Whole header lines an app sent before, by their (name, value) pair, already checked and
+# rendered: most responses repeat the same few (Content-Type: text/html; charset=utf-8). Framing
+# headers and SSE content types are never in it (their values decide something). Bounded.
+_LINES: Dict[Tuple[str, str], str] = {}
+_MAX_LINES = 1024
+
+
 def _checked_name(name: Any) -> str:
     """Validate a response header name; return its lower case (and remember it)."""
     if not isinstance(name, str):
@@ -145,7 +152,16 @@ class _Response:
         declared = None
         close_asked = sse = False
         names = _NAMES
-        for name, value in headers:
+        known_lines = _LINES
+        for pair in headers:
+            try:
+                line = known_lines.get(pair)
+            except TypeError:  # a list for a pair: checked the long way below
+                line = None
+            if line is not None:
+                lines.append(line)  # sent before, so checked before (never a framing header)
+                continue
+            name, value = pair
             low = names.get(name)
             if low is None:
                 low = _checked_name(name)
@@ -159,9 +175,15 @@ class _Response:
                 elif low == "connection":
                     close_asked = value.lower() == "close"
                 continue  # a Transfer-Encoding from the app is dropped: we frame the body ourselves
+            line = "%s: %s\r\n" % (name, value)
             if low == "content-type":
                 sse = value.startswith("text/event-stream")
-            lines.append("%s: %s\r\n" % (name, value))
+                if sse:
+                    lines.append(line)
+                    continue  # not remembered: a remembered line skips this check
+            if len(known_lines) < _MAX_LINES and type(pair) is tuple:
+                known_lines[pair] = line
+            lines.append(line)
         self.status = status
         self.status_code = code
         self.lines = lines

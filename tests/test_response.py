@@ -175,6 +175,25 @@ def test_a_refused_header_name_is_refused_every_time():
             resp.start_response("200 OK", [("X-Colon:", "1")])
 
 
+def test_a_header_line_sent_before_is_sent_again_as_it_was_and_its_meaning_still_counts():
+    # The second response finds its lines already checked and rendered; what the values decide
+    # (SSE, framing, Connection: close) is still decided for each response.
+    sse = [("Content-Type", "text/event-stream"), ["X-List", "pair"]]
+    for _ in range(2):
+        resp = _Response(FakeConn(), {}, SimpleNamespace(method=b"GET", version="1.1", keep_alive=True))
+        resp.start_response("200 OK", sse + [("Content-Length", "5"), ("Connection", "close")])
+        assert resp.sse and resp.declared == 5 and resp.close_asked
+        assert resp.lines == ["Content-Type: text/event-stream\r\n", "X-List: pair\r\n"]
+    for _ in range(2):
+        resp = _Response(FakeConn(), {}, SimpleNamespace(method=b"GET", version="1.1", keep_alive=True))
+        resp.start_response("200 OK", [("Content-Type", "text/plain")])
+        assert not resp.sse and resp.declared is None and not resp.close_asked
+        assert resp.lines == ["Content-Type: text/plain\r\n"]
+    with pytest.raises(ValueError):  # a known line does not vouch for an unknown one after it
+        resp = _Response(FakeConn(), {}, SimpleNamespace(method=b"GET", version="1.1", keep_alive=True))
+        resp.start_response("200 OK", [("Content-Type", "text/plain"), ("X-Evil", "a\r\nSet-Cookie: x=1")])
+
+
 def test_start_response_twice_needs_exc_info_and_exc_info_after_the_head_re_raises():
     resp = _Response(FakeConn(), {}, SimpleNamespace(method=b"GET", version="1.1", keep_alive=True))
     resp.start_response("200 OK", [])
