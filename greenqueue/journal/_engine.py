@@ -45,7 +45,9 @@ Rules every engine keeps (``DESIGN.md``, "Storage and clusters"):
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
-__all__ = ["TaskRow", "NodeInfo", "Heartbeat", "Engine", "UNFINISHED", "FINAL", "rows_query"]
+from ..errors import JournalError
+
+__all__ = ["TaskRow", "NodeInfo", "Heartbeat", "Engine", "UNFINISHED", "FINAL", "rows_query", "checked_finishes"]
 
 #: Row states that may still run.
 UNFINISHED = ("PENDING", "SCHEDULED", "STARTED", "RETRY")
@@ -106,6 +108,21 @@ class TaskRow:
     error_ids: Optional[str] = None
     chord: bool = False
     wait: Optional[float] = None
+
+
+def checked_finishes(display: str, items: Sequence[tuple]) -> List[tuple]:
+    """``finish()`` argument tuples as a list, each ending in a final state (JournalError naming ``display`` if not).
+
+    An item: row_id, node, attempt, state, result, error_type, error, traceback, ttl, and
+    optionally the concurrency key its run held (its end unparks the next run of that key)
+    and whether workflow steps wait for it.
+    """
+    items = list(items)
+    for item in items:
+        if item[3] not in FINAL:
+            raise JournalError("journal %s: finish() takes a final state (%s), not %r"
+                               % (display, ", ".join(FINAL), item[3]))
+    return items
 
 
 def rows_query(cols: str, mark: str, state: Optional[str], name: Optional[str], limit: int) -> Tuple[str, list]:

@@ -38,7 +38,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import JournalError
-from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow, rows_query
+from ._engine import FINAL, UNFINISHED, Heartbeat, NodeInfo, TaskRow, checked_finishes, rows_query
 from ._gate import Candidate, decide
 from ._links import follow
 from ._postgres_sql import (ANY_READY, CHANNEL, CLAIM, CLAIM_EVERY, CLAIM_IDS, CLAIM_QUEUES, CLAIMABLE, COLS, FIELDS,
@@ -396,7 +396,7 @@ class PostgresEngine:
 
     def finish_many(self, items: Sequence[tuple]) -> List[bool]:
         """``finish(*args)`` for each item in one statement and one commit (a node's group commit of results)."""
-        items = self._checked_finishes(items)
+        items = checked_finishes(self.display, items)
         done = [False] * len(items)
         if not items:
             return done
@@ -417,14 +417,6 @@ class PostgresEngine:
             queues = follow(_Tx(conn, _first(conn.execute("SELECT " + NOW).fetchone()), self.result_ttl), ended)
             for queue in sorted(queues):  # delivered at commit, like every other hint
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, queue))
-
-    def _checked_finishes(self, items: Sequence[tuple]) -> List[tuple]:
-        items = list(items)
-        for item in items:
-            if item[3] not in FINAL:
-                raise JournalError("journal %s: finish() takes a final state (%s), not %r"
-                                   % (self.display, ", ".join(FINAL), item[3]))
-        return items
 
     @staticmethod
     def _finish_rounds(items: List[tuple]) -> List[List[int]]:
@@ -460,7 +452,7 @@ class PostgresEngine:
               finishes: Sequence[tuple]) -> Tuple[List[TaskRow], List[TaskRow], List[bool]]:
         """Insert ``claimed`` (owned by ``node``) and ``unclaimed`` rows and record ``finishes``, in one commit."""
         claimed, unclaimed = list(claimed), list(unclaimed)
-        items = self._checked_finishes(finishes)
+        items = checked_finishes(self.display, finishes)
         # One part alone is one statement in autocommit: no BEGIN and COMMIT round trips.
         if not (claimed or unclaimed):
             return [], [], self.finish_many(items) if items else []

@@ -65,7 +65,7 @@ import gevent
 from gevent.monkey import get_original
 
 from ..errors import ConfigError, JournalError
-from ._engine import FINAL, UNFINISHED, TaskRow, rows_query
+from ._engine import FINAL, UNFINISHED, TaskRow, checked_finishes, rows_query
 from ._gate import START_ORDER, Candidate, Verdict, decide, hold_of
 from ._links import follow
 from ._sqlite_nodes import NodeRows
@@ -344,7 +344,7 @@ class SQLiteEngine(NodeRows):
     def _batch(self, doing: str, node: str, claimed: Sequence[TaskRow], unclaimed: Sequence[TaskRow],
                finishes: Sequence[tuple]) -> Tuple[List[TaskRow], List[TaskRow], List[bool]]:
         claimed, unclaimed = list(claimed), list(unclaimed)
-        params = self._finish_params(finishes)
+        params = checked_finishes(self.path, finishes)
         if not (claimed or unclaimed or params):
             return [], [], []
         # One hop to the engine's thread and one transaction for the whole batch.
@@ -369,16 +369,15 @@ class SQLiteEngine(NodeRows):
         for r in rows:
             hold = None if mine else hold_of(r, now)
             holds.append(hold)
+            eta = r.eta
+            due = now if eta is None else eta
             if (r.idempotency_key is None and r.note is None and r.start_by is None and r.rate_bucket is None
                     and r.limit_bucket is None and r.parents is None and r.then_ids is None
                     and r.error_ids is None and r.wait is None):
-                eta = r.eta
-                plain.append((r.id, r.name, r.payload or b"", r.serializer, r.queue, state or r.state,
-                              eta, now if eta is None else eta, r.attempts + mine, r.max_attempts, owner, lease,
-                              started, now, now, r.priority, hold))
+                plain.append((r.id, r.name, r.payload or b"", r.serializer, r.queue, state or r.state, eta, due,
+                              r.attempts + mine, r.max_attempts, owner, lease, started, now, now, r.priority, hold))
             else:
-                full.append((r.id, r.name, r.payload or b"", r.serializer, r.queue, state or r.state,
-                             None if r.eta is None else float(r.eta), now if r.eta is None else r.eta,
+                full.append((r.id, r.name, r.payload or b"", r.serializer, r.queue, state or r.state, eta, due,
                              r.attempts + mine, r.max_attempts, r.idempotency_key, r.note, owner, lease, started,
                              now, now, r.start_by, r.priority, hold, r.rate_bucket, r.rate_n, r.rate_per,
                              r.limit_bucket, r.limit_n, r.parents, r.waits, r.takes, r.then_ids, r.error_ids,
@@ -536,16 +535,6 @@ class SQLiteEngine(NodeRows):
     def finish_many(self, items: Sequence[tuple]) -> List[bool]:
         """``finish(*args)`` for each item, in one transaction (a node's group commit of results)."""
         return self._batch("finish", "", (), (), items)[2]
-
-    def _finish_params(self, items: Sequence[tuple]) -> List[tuple]:
-        """The ``finish()`` argument tuples to record, checked (JournalError for a state that is not final)."""
-        # Each item: row_id, node, attempt, state, result, error_type, error, traceback, ttl, and
-        # optionally the concurrency key its run held (its end unparks the next run of that key)
-        # and whether workflow steps wait for it.
-        for item in items:
-            if item[3] not in FINAL:
-                raise self._fail("finish() takes a final state (%s), not %r" % (", ".join(FINAL), item[3]))
-        return list(items)
 
     def _finish_rows(self, conn: sqlite3.Connection, now: float, params: List[tuple]) -> List[bool]:
         done = self._finish_each(conn, now, params)
