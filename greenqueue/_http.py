@@ -453,7 +453,7 @@ class Connection:
         assert dispatcher is not None
         dispatcher.ready.append(self)  # Dispatcher.push, inlined: this runs once per request
         loop = self._hub.loop
-        if dispatcher.idle and not getattr(loop, "pendingcnt", 1):
+        if dispatcher.idle and not _busy(loop):
             # No other watcher is pending in this turn: hand the queue to a runner now rather
             # than through a callback at the end of the turn (one client: a turn per request).
             dispatcher.idle.pop().switch()

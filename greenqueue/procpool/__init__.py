@@ -309,14 +309,11 @@ class ProcessPool:
         finished = False
         consumed = 0
         refill = _REFILL
-        recv = w.recv
         try:
             while True:
                 self._arm(w)  # the timeout covers the wait for each chunk, not the consumer's time
                 try:
-                    msg = recv()
-                    while msg[0] != "exc" and msg[1] != call_id:  # a stale reply of an abandoned call
-                        msg = recv()
+                    msg = self._reply(w, call_id)
                 except _BadReply as exc:
                     w.deadline = None
                     raise WorkerError("%s.%s streamed a chunk the server cannot unpickle (%s); stream plain "
