@@ -8,6 +8,11 @@ monkey-patched the standard library.
 import importlib
 from typing import TYPE_CHECKING, Any, List
 
+from . import _accel
+
+# Before anything imports the HTTP modules: their compiled builds load only from here.
+_accel.install()
+
 __version__ = "0.1.0"
 
 # name -> module that defines it; the one explicit list of the public API.

@@ -164,7 +164,7 @@ class Server(Front):
 
     def _announce(self, lifecycle: Lifecycle, binds: Sequence[str]) -> None:
         """Start accepting, publish ServerStarting, log the start-up line and tell the supervisor."""
-        from . import __version__, events
+        from . import __version__, _accel, events
 
         for srv, _ in self.servers:
             srv.start()
@@ -177,6 +177,7 @@ class Server(Front):
             extras.append("dashboard: %s%s/" % (first, s.dashboard_path.rstrip("/")))
         if s.metrics_path:
             extras.append("metrics: %s%s" % (first, s.metrics_path))
+        extras.append("request path: %s" % _accel.status())
         log.info("greenqueue %s serving %s on %s (pid %d%s)", __version__, self.app_spec,
                  ", ".join(addresses), os.getpid(), "".join(", " + e for e in extras))
         if self.link is not None:

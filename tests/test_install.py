@@ -54,6 +54,12 @@ def test_the_sdist_and_wheel_pass_twine_check_and_hold_the_package(dist):
                    "greenqueue/journal/_postgres.py"):
         assert needed in names, needed
     assert not any(n.startswith(("tests/", "examples/", "bench/")) for n in names)
+    if shutil.which("cc"):
+        # The compiled request path, its sources' digest, and the .pxd files an sdist build needs.
+        for module in ("_request", "_response", "_http"):
+            assert any(n.startswith("greenqueue/_compiled/%s." % module) and n.endswith(".so") for n in names), module
+            assert "greenqueue/%s.pxd" % module in names
+        assert "greenqueue/_compiled/BUILT_FROM" in names
     sdist = next(dist.glob("*.tar.gz"))
     with tarfile.open(sdist) as tar:
         assert any(n.endswith("/README.md") for n in tar.getnames())
@@ -101,6 +107,8 @@ def test_a_new_project_installs_the_wheel_into_its_own_venv_and_serves(dist, tmp
                 return None
         r = wait_for(up, 30, message="the installed server")
         assert r.status_code == 200 and r.text == "42"
+        if shutil.which("cc"):
+            assert "request path: compiled" in (tmp_path / "server.log").read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
