@@ -83,6 +83,8 @@ class OptionalBuildExt(build_ext):
         for path in self._built():
             if os.path.exists(path):
                 os.remove(path)  # a build left from other sources must not pass for this one's
+        if self.inplace:
+            (PACKAGE / "_compiled").mkdir(exist_ok=True)  # a fresh clone has none; the copy needs it
         super().run()
         if not self.extensions:
             return

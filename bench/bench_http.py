@@ -37,10 +37,12 @@ FLASK = "bench.apps.http_app:app"
 GRANIAN = str(Path(PY).with_name("granian"))
 GUNICORN = str(Path(PY).with_name("gunicorn"))
 GRANIAN_BACKPRESSURE = 64
+#: greenqueue running its request path's Python source (not its compiled build): what the build buys.
+PURE = "greenqueue (Python source)"
 #: (label, app, path, peers to race): the floor only answers a canned response, so only the bare app races it.
 CASES = (
-    ("bare WSGI", BARE, "/", ("gevent floor", "granian", "gunicorn -k gevent", "gevent.pywsgi")),
-    ("Flask hello", FLASK, "/", ("granian", "gunicorn -k gevent", "gevent.pywsgi")),
+    ("bare WSGI", BARE, "/", ("gevent floor", "granian", "gunicorn -k gevent", "gevent.pywsgi", PURE)),
+    ("Flask hello", FLASK, "/", ("granian", "gunicorn -k gevent", "gevent.pywsgi", PURE)),
     ("Flask json 4KiB", FLASK, "/json", ("granian", "gunicorn -k gevent", "gevent.pywsgi")),
 )
 #: The peers a quick run races (the full run races every one of CASES): those the targets name,
@@ -60,7 +62,7 @@ WORKER_CONNS = 50
 #: Cores of the --workers rows; wrk runs on the same ones (a two-core machine has no third).
 WORKER_CORES = "0,1"
 TARGETS = {("bare WSGI", 50, "gevent floor"): 0.5, ("Flask hello", 50, "granian"): 1.0,
-           ("Flask hello", 500, "granian"): 1.0}
+           ("Flask hello", 500, "granian"): 1.0, ("bare WSGI", 500, "gevent floor"): 1.0}
 
 
 def granian_flags(conns, workers=1):
@@ -78,6 +80,9 @@ def command(name, app, port, conns, workers=1):
         return [PY, "-m", "greenqueue.server", "--bind", bind, "--log-level", "warning"] + (
             ["--workers", str(workers)] if workers > 1 else []) + [
                 "--max-connections", str(MAX_CONNS), "--backlog", "4096", app]
+    if name == PURE:
+        # env execs the server in its own place: the pid measured is the server's.
+        return ["env", "GREENQUEUE_PURE_PYTHON=1"] + command("greenqueue", app, port, conns, workers)
     if name == "gevent floor":
         return [PY, "-m", "bench.apps.http_floor", str(port)]
     if name == "gevent.pywsgi":
@@ -305,7 +310,9 @@ def run(quick: bool = False, smoke: bool = False) -> list:
 
 def main(argv=None):
     """Command-line entry point."""
-    footer = ("load generator: wrk, 1 thread, keep-alive; best of 3 interleaved rounds (1 with --quick); "
+    from greenqueue import _accel
+    footer = ("greenqueue's request path: %s; " % _accel.status() +
+              "load generator: wrk, 1 thread, keep-alive; best of 3 interleaved rounds (1 with --quick); "
               "granian --backpressure %d at 500 connections; --workers %d rows: servers on cores %s and wrk "
               "shares those same cores" % (GRANIAN_BACKPRESSURE, WORKERS, WORKER_CORES))
     return bench_main(run, __doc__, argv, footer=footer)
