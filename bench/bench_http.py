@@ -273,9 +273,13 @@ def run_memory(quick: bool = False) -> list:
     mine = idle_memory("greenqueue", BARE, count)
     rows = []
     for peer in ("gevent floor", "granian"):
-        theirs = idle_memory(peer, BARE, count)
-        rows.append(row("http", "idle keep-alive memory (%d held)" % count, mine, "KiB/conn", peer, theirs, False,
-                        "target <= 6 KiB" + (" met" if mine is not None and mine <= 6 else " MISSED")))
+        note = "target <= 6 KiB" + (" met" if mine is not None and mine <= 6 else " MISSED")
+        try:
+            theirs = idle_memory(peer, BARE, count)
+        except ConnectionError:
+            # Measured, not skipped: a server that drops some of the held connections has no figure to show.
+            theirs, note = None, note + "; %s closed some of the %d held connections" % (peer, count)
+        rows.append(row("http", "idle keep-alive memory (%d held)" % count, mine, "KiB/conn", peer, theirs, False, note))
     return rows
 
 
