@@ -8,7 +8,7 @@ matches). Each extension is optional: without a C compiler or Python's
 headers the build says so and greenqueue runs the same modules as Python.
 """
 
-import hashlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -18,24 +18,22 @@ from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 PACKAGE = HERE / "greenqueue"
-# Kept in step with greenqueue._accel (not imported from it: the package may not import in a build env).
-MODULES = ("_request", "_response", "_http")
-DIGEST_FILE = "BUILT_FROM"
 
 
-def source_digest() -> str:
-    """The sha256 of the compiled modules' sources, as greenqueue._accel.source_digest computes it."""
-    digest = hashlib.sha256()
-    for name in MODULES:
-        for suffix in (".py", ".pxd"):
-            digest.update(name.encode() + suffix.encode() + b"\0")
-            digest.update((PACKAGE / (name + suffix)).read_bytes())
-    return digest.hexdigest()
+def _load_accel():
+    """greenqueue/_accel.py alone (stdlib only): the package itself may not import in a build env."""
+    spec = importlib.util.spec_from_file_location("_greenqueue_accel", PACKAGE / "_accel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ACCEL = _load_accel()
 
 
 def extensions() -> list:
     """The compiled modules' extensions, or none when Cython is missing or the build is turned off."""
-    if os.environ.get("GREENQUEUE_PURE_PYTHON", "") not in ("", "0"):
+    if os.environ.get(ACCEL.PURE_ENV, "") not in ("", "0"):
         return []
     try:
         from Cython.Build import cythonize
@@ -46,7 +44,7 @@ def extensions() -> list:
     # only the built file goes to _compiled/ (OptionalBuildExt), where nothing imports it by accident.
     # -g0: no debug sections (they would make up most of each file).
     exts = [Extension("greenqueue." + name, ["greenqueue/%s.py" % name], optional=True, extra_compile_args=["-g0"])
-            for name in MODULES]
+            for name in ACCEL.MODULES]
     compiled = cythonize(exts, build_dir="build/cython", quiet=True,
                          compiler_directives={"language_level": 3, "binding": True,
                                               # The sources' annotations are for readers and mypy, not C types.
@@ -96,7 +94,7 @@ class OptionalBuildExt(build_ext):
         if self.inplace:
             folders.add(str(PACKAGE / "_compiled"))
         for folder in folders:
-            Path(folder, DIGEST_FILE).write_text(source_digest() + "\n")
+            Path(folder, ACCEL.DIGEST_FILE).write_text(ACCEL.source_digest(PACKAGE) + "\n")
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
