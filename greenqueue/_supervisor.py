@@ -40,7 +40,7 @@ import random
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from gevent import monkey
 
@@ -66,6 +66,8 @@ READ_MAX = 65536
 RETIRE_SIGNAL = signal.SIGUSR2
 #: The signal that makes a child print its threads' stacks (faulthandler) before a watchdog kill.
 STACK_SIGNAL = signal.SIGUSR1
+#: Signals held back while a child is forked, until it has its own handlers.
+FORK_BLOCKED = STOP_SIGNALS + (signal.SIGHUP,)
 #: Seconds between the stack dump and the kill of a child whose hub stopped turning.
 DUMP_WAIT = 0.3
 
@@ -441,15 +443,22 @@ class Supervisor:
         parent = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = _fork()
-        if pid == 0:
-            os.close(read_fd)
-            self._child_main(child, write_fd, predecessor, parent)  # never returns
+        # A stop signal landing in the child before it drops the parent's handlers would only set the
+        # child's copy of our flags: it would then serve on, unstoppable. Blocked across the fork, the
+        # signal waits until the child's own handling is in place.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
+        try:
+            pid = _fork()
+            if pid == 0:
+                os.close(read_fd)
+                self._child_main(child, write_fd, predecessor, parent, mask)  # never returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_fd)
         child.pid, child.started, child.ready, child.fd = pid, time.monotonic(), False, read_fd
         child.buffer, child.recycling, child.dumped_at = b"", False, None
 
-    def _child_main(self, child: _Child, fd: int, predecessor: int, parent: int) -> None:
+    def _child_main(self, child: _Child, fd: int, predecessor: int, parent: int, mask: Iterable[int]) -> None:
         _die_with_parent(parent)
         for other in self.children + self.starting + self.retiring:
             if other.fd is not None:
@@ -462,6 +471,7 @@ class Supervisor:
             signal.signal(signum, signal.SIG_DFL)
         # A terminal's hangup reaches the whole process group; reloading is the supervisor's business.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop signal sent meanwhile acts now
         if self.settings.timeout:
             import faulthandler
             faulthandler.register(STACK_SIGNAL, file=sys.stderr, all_threads=True)

@@ -342,3 +342,38 @@ def test_without_a_journal_the_replacement_fires_schedules_only_after_the_old_pr
         assert "the scheduler starts once the process this one replaces has exited" in srv.log()
     finally:
         assert srv.stop() == 0, srv.log()[-3000:]
+
+
+def test_a_stop_signal_that_lands_while_a_child_is_forked_stops_that_child(tmp_path, monkeypatch):
+    """SIGTERM sent to a replacement before it drops the parent's handlers must still stop it."""
+    from types import SimpleNamespace
+
+    from greenqueue import _supervisor
+
+    forked = tmp_path / "forked"
+    served = tmp_path / "served"
+
+    def slow_start(parent):
+        forked.touch()
+        _supervisor._sleep(0.5)  # widens the window between fork() and the child's own handlers
+
+    def serve(app_spec, settings, listeners, link):
+        served.touch()
+        return 0
+
+    monkeypatch.setattr(_supervisor, "_die_with_parent", slow_start)
+    sup = _supervisor.Supervisor("unused:app", SimpleNamespace(timeout=0), serve)
+    before = signal.signal(signal.SIGTERM, sup.signals.on_signal)  # as Supervisor.run() installs it
+    try:
+        child = _supervisor._Child(0)
+        sup._spawn(child)
+        wait_for(forked.exists, message="the child to start")
+        os.kill(child.pid, signal.SIGTERM)
+        _, status = _supervisor._waitpid(child.pid, 0)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        if child.fd is not None:
+            os.close(child.fd)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGTERM
+    assert not served.exists(), "the child served on after SIGTERM"
+    assert sup.signals.first is None  # the parent's flags never saw the child's signal
