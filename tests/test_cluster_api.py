@@ -235,3 +235,22 @@ def test_spawn_keywords_named_like_options_belong_to_the_task_on_a_node(cluster)
     assert requests.get(a.url + "/wait/" + task_id, timeout=30).json() == {
         "value": {"queue": "nowhere", "countdown": 60, "idempotency_key": "k", "connection": "c"}}
     assert [f[2] for f in ledger(cluster.ledger) if f[0] == "echo"] == [str(b.proc.pid)]
+
+
+def test_a_row_read_before_this_node_took_the_task_does_not_rewind_its_handle():
+    """A watcher's read that raced this node's claim must not overwrite the handle the claim now runs."""
+    from greenqueue.journal import TaskRow
+    from greenqueue.tasks._followed import Followed
+
+    followed = Followed(None)
+    waiting = TaskRow("t1", "tests.flaky", state="RETRY", attempts=1)
+    r = followed.handle(waiting)          # it waits in the store for its retry
+    assert followed.unfinished() == [r]   # the watcher's round picks it, then reads its row...
+    followed.pop(r.id)                    # ...meanwhile this node claims attempt 2 and runs it
+    r.retries, r.state = 1, "STARTED"
+    assert followed.settle(r, waiting) is False
+    assert (r.retries, r.state) == (1, "STARTED")
+
+    other = followed.handle(TaskRow("t2", "tests.flaky", state="RETRY", attempts=1))
+    assert followed.settle(other, TaskRow("t2", "tests.flaky", state="STARTED", attempts=2)) is False
+    assert (other.retries, other.state) == (1, "STARTED")  # a handle still followed is brought up to date

@@ -72,6 +72,9 @@ class Followed:
 
     def settle(self, r: TaskResult[Any], row: TaskRow) -> bool:
         """Bring ``r`` up to date with its row; when that made it final, stop following it and say so."""
+        if self._handles.get(r.id) is not r and self._unknown.get(r.id) is not r:
+            # Taken to run here (or ended) while its row was read: the row is older than the handle.
+            return False
         if not follow_row(r, row):
             return False
         self.pop(r.id)
